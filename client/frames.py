@@ -1,0 +1,73 @@
+"""Reading frames and writing masks, probabilities and overlays."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+FRAME_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
+# Class colours of the overlay (class 0 is left uncoloured).
+CLASS_COLOURS = np.array(
+    [[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 240], [240, 200, 40], [200, 80, 220], [40, 210, 220]],
+    dtype=np.float32,
+)
+
+
+def read_frame(path: pathlib.Path) -> np.ndarray:
+    """A frame as ``[H, W]`` or ``[C, H, W]`` in its stored pixel type.
+
+    PNG colour images are converted to one grey channel (the networks here take one channel);
+    NPY and TIFF arrays are returned as stored.
+    """
+    path = pathlib.Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        frame = tifffile.imread(path)
+    elif suffix == ".npy":
+        frame = np.load(path, allow_pickle=False)
+    elif suffix == ".png":
+        with Image.open(path) as image:
+            if image.mode in ("RGB", "RGBA", "P", "LA"):
+                image = image.convert("L")
+            frame = np.asarray(image)
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FRAME_SUFFIXES)}")
+    if frame.ndim not in (2, 3):
+        raise ValueError(f"{path}: expected a 2D frame [H, W] or [C, H, W], got shape {list(frame.shape)}")
+    return frame
+
+
+def write_array(path: pathlib.Path, array: np.ndarray) -> pathlib.Path:
+    """Write ``array`` as TIFF (zlib-compressed) or NPY, by ``path``'s suffix."""
+    path = pathlib.Path(path)
+    if path.suffix == ".npy":
+        np.save(path, array)
+    else:
+        tifffile.imwrite(path, array, compression="zlib")
+    return path
+
+
+def display_range(frame: np.ndarray) -> np.ndarray:
+    """First channel of a frame scaled to uint8 between its 1st and 99th percentiles."""
+    grey = np.asarray(frame, dtype=np.float32)
+    grey = grey[0] if grey.ndim == 3 else grey
+    low, high = np.percentile(grey, [1, 99])
+    scaled = (grey - low) / max(high - low, 1e-12)
+    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def overlay(frame: np.ndarray, mask: np.ndarray, alpha: float = 0.45, max_size: int = 2048) -> Image.Image:
+    """RGB quick-look of ``mask`` [H, W] over ``frame``, shrunk so its longer side <= max_size."""
+    grey = display_range(frame).astype(np.float32)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    colours = CLASS_COLOURS[np.minimum(mask, len(CLASS_COLOURS) - 1)]
+    coloured = mask > 0
+    rgb[coloured] = (1 - alpha) * rgb[coloured] + alpha * colours[coloured]
+    image = Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+    if max(image.size) > max_size:
+        scale = max_size / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST)
+    return image

@@ -1,0 +1,1 @@
+"""Export a trained MONAI/PyTorch segmentation network into the Triton model repository."""

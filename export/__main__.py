@@ -1,0 +1,71 @@
+"""Export a MONAI segmentation network to ONNX and into the Triton model repository.
+
+Examples:
+    python -m export --spec training/checkpoints/unet2d_particles.json \\
+        --checkpoint training/checkpoints/unet2d_particles.pt --name unet2d_particles
+    python -m export --architecture BasicUNet \\
+        --arguments '{"spatial_dims": 2, "in_channels": 1, "out_channels": 3}' \\
+        --tile 128 128 --checkpoint my.pt --name my_basicunet
+
+Afterwards (server restarted) the network serves through ``segment_2d`` with the request
+parameter ``network=<name>`` (client: ``--network <name>``), or by default with ``--set-default``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import traceback
+
+from export.network_export import SUPPORTED_ARCHITECTURES, ExportError, ExportSettings, export_network, set_default_network
+
+DEFAULT_REPOSITORY = pathlib.Path(__file__).resolve().parent.parent / "model_repository"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", type=pathlib.Path, help="JSON with 'architecture', 'arguments', 'tile' (as written by training/)")
+    parser.add_argument("--architecture", choices=SUPPORTED_ARCHITECTURES, help="MONAI network class (overrides --spec)")
+    parser.add_argument("--arguments", type=json.loads, help="JSON object of the class's arguments (overrides --spec)")
+    parser.add_argument("--tile", type=int, nargs="+", help="tile size, one number per spatial dim (overrides --spec)")
+    parser.add_argument("--checkpoint", type=pathlib.Path, help="state dict file; omit to export untrained weights")
+    parser.add_argument("--name", required=True, help="model name in the repository")
+    parser.add_argument("--repository", type=pathlib.Path, default=DEFAULT_REPOSITORY, help="model repository (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="largest tile batch (default: %(default)s)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="bound on |onnxruntime - torch| (default: %(default)s)")
+    parser.add_argument("--set-default", action="store_true", help="make this the network segment_2d uses by default")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks")
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> ExportSettings:
+    spec = json.loads(args.spec.read_text()) if args.spec else {}
+    architecture = args.architecture or spec.get("architecture")
+    arguments = args.arguments if args.arguments is not None else spec.get("arguments")
+    tile = args.tile or spec.get("tile")
+    missing = [flag for flag, value in (("--architecture", architecture), ("--arguments", arguments), ("--tile", tile)) if value is None]
+    if missing:
+        raise ExportError(f"missing {', '.join(missing)} (give them or a --spec file)")
+    return ExportSettings(architecture, arguments, args.checkpoint, tuple(tile), args.name, args.max_batch_size, args.tolerance)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        export_network(settings, args.repository)
+        if args.set_default:
+            set_default_network(args.repository, settings.name)
+            print(f"segment_2d now uses {settings.name} by default (restart the server)")
+    except Exception as error:  # one-line errors; --debug for the traceback
+        if args.debug:
+            traceback.print_exc()
+        print(f"export: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

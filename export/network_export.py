@@ -1,0 +1,169 @@
+"""Build a MONAI network from its name and arguments, export it to ONNX, check it, and write
+it into a Triton model repository with a generated ``config.pbtxt``."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from google.protobuf import text_format
+from monai.networks import nets
+from tritonclient.grpc import model_config_pb2
+
+from segserve.network_spec import read_model_config
+
+SUPPORTED_ARCHITECTURES = ("UNet", "BasicUNet", "SegResNet", "AttentionUnet", "FlexibleUNet", "DynUNet")
+INPUT_NAME, OUTPUT_NAME = "INPUT__0", "OUTPUT__0"
+MODEL_PY = '''"""Network model {name}: onnxruntime runner (logic in segserve.backend.onnx_runner)."""
+
+from segserve.backend.onnx_runner import TritonPythonModel  # noqa: F401
+'''
+
+
+class ExportError(RuntimeError):
+    """The network cannot be exported or fails a check."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    """What to export and how to serve it.
+
+    Attributes:
+        architecture: class name in ``monai.networks.nets`` (see SUPPORTED_ARCHITECTURES).
+        arguments: keyword arguments of that class.
+        checkpoint: state dict file (``torch.save(net.state_dict())``), or None for untrained.
+        tile: spatial size of one tile, e.g. ``(128, 128)``.
+        name: model name in the repository.
+        max_batch_size: largest tile batch the network model accepts.
+        tolerance: largest allowed |onnxruntime - torch| on the check batch.
+    """
+
+    architecture: str
+    arguments: dict
+    checkpoint: pathlib.Path | None
+    tile: tuple[int, ...]
+    name: str
+    max_batch_size: int = 32
+    tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ExportError(f"architecture {self.architecture!r} not supported; choose one of {', '.join(SUPPORTED_ARCHITECTURES)}")
+        spatial_dims = self.arguments.get("spatial_dims", 3)
+        if len(self.tile) != spatial_dims:
+            raise ExportError(f"tile {list(self.tile)} has {len(self.tile)} dims but the network has spatial_dims={spatial_dims}")
+        if any(size < 1 for size in self.tile):
+            raise ExportError(f"tile sizes must be positive, got {list(self.tile)}")
+        if self.max_batch_size < 1:
+            raise ExportError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if not self.name or "/" in self.name:
+            raise ExportError(f"model name must be a plain directory name, got {self.name!r}")
+
+
+def build_network(settings: ExportSettings) -> torch.nn.Module:
+    """Instantiate the MONAI network and load its checkpoint, in eval mode."""
+    try:
+        network = getattr(nets, settings.architecture)(**settings.arguments)
+    except TypeError as error:
+        raise ExportError(f"bad arguments for {settings.architecture}: {error}") from None
+    if settings.checkpoint is not None:
+        state = torch.load(settings.checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as error:
+            raise ExportError(f"checkpoint {settings.checkpoint} does not fit {settings.architecture}: {str(error).splitlines()[0]}") from None
+    return network.eval()
+
+
+def export_onnx(network: torch.nn.Module, in_channels: int, tile: tuple[int, ...], path: pathlib.Path) -> None:
+    """Export with a dynamic batch axis; spatial axes are fixed to the tile."""
+    example = torch.zeros((2, in_channels, *tile), dtype=torch.float32)
+    with torch.no_grad():
+        torch.onnx.export(
+            network, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=17, dynamo=False,
+        )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def max_difference(network: torch.nn.Module, path: pathlib.Path, in_channels: int, tile: tuple[int, ...]) -> float:
+    """Largest |onnxruntime - torch| over a random batch of 3 tiles (a batch size unseen at export)."""
+    sample = torch.rand((3, in_channels, *tile), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = network(sample).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {session.get_inputs()[0].name: sample.numpy()})
+    if actual.shape != expected.shape:
+        raise ExportError(f"onnxruntime output shape {actual.shape} differs from torch {expected.shape}")
+    return float(np.max(np.abs(actual - expected)))
+
+
+def model_config(settings: ExportSettings, in_channels: int, num_classes: int) -> model_config_pb2.ModelConfig:
+    """``config.pbtxt`` of the network model: Python-backend onnxruntime runner, dynamic batching."""
+    config = model_config_pb2.ModelConfig(name=settings.name, backend="python", max_batch_size=settings.max_batch_size)
+    config.input.add(name=INPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[in_channels, *settings.tile])
+    config.output.add(name=OUTPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[num_classes, *settings.tile])
+    preferred = [size for size in (8, 16, 32) if size <= settings.max_batch_size]
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = 200
+    config.instance_group.add(count=1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    for key, value in {"FORCE_CPU_ONLY_INPUT_TENSORS": "no", "intra_op_threads": "0", "use_cuda": "true"}.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def graph_channels(path: pathlib.Path) -> tuple[int, int]:
+    """(input channels, output classes) read from the ONNX graph's declared shapes."""
+    graph = onnx.load(str(path)).graph
+    in_dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    out_dims = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    if in_dims[1] < 1 or out_dims[1] < 1:
+        raise ExportError(f"graph has undetermined channel dims: input {in_dims}, output {out_dims}")
+    if in_dims[2:] != out_dims[2:]:
+        raise ExportError(f"network changes the spatial size of a tile: {in_dims[2:]} -> {out_dims[2:]}")
+    return in_dims[1], out_dims[1]
+
+
+def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: pathlib.Path) -> pathlib.Path:
+    """Write ``<repository>/<name>/{config.pbtxt, 1/model.onnx, 1/model.py}``; returns the model dir."""
+    in_channels, num_classes = graph_channels(onnx_path)
+    model_dir = repository / settings.name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
+    (model_dir / "1" / "model.py").write_text(MODEL_PY.format(name=settings.name))
+    config = model_config(settings, in_channels, num_classes)
+    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+    return model_dir
+
+
+def set_default_network(repository: pathlib.Path, name: str, pipeline: str = "sliding_window_2d") -> None:
+    """Make ``name`` the network the pipeline uses when a request names none."""
+    config_path = repository / pipeline / "config.pbtxt"
+    config = read_model_config(config_path)
+    config.parameters["default_network"].string_value = name
+    config_path.write_text(text_format.MessageToString(config))
+
+
+def export_network(settings: ExportSettings, repository: pathlib.Path, log=print) -> pathlib.Path:
+    """The whole export: build, ONNX export, checker, onnxruntime-vs-torch check, write."""
+    network = build_network(settings)
+    in_channels = settings.arguments.get("in_channels", 1)
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_path = pathlib.Path(scratch) / "model.onnx"
+        export_onnx(network, in_channels, settings.tile, onnx_path)
+        log("onnx.checker: ok")
+        difference = max_difference(network, onnx_path, in_channels, settings.tile)
+        log(f"onnxruntime vs torch max abs difference: {difference:.3g} (bound {settings.tolerance:g})")
+        if not difference <= settings.tolerance:
+            raise ExportError(f"onnxruntime differs from torch by {difference:.3g} > {settings.tolerance:g}")
+        model_dir = write_model(settings, repository, onnx_path)
+    log(f"wrote {model_dir}")
+    return model_dir

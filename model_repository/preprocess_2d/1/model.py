@@ -1,0 +1,3 @@
+"""preprocess_2d: thin shim; the logic is segserve.backend.preprocess."""
+
+from segserve.backend.preprocess import TritonPythonModel  # noqa: F401

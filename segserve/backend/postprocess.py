@@ -1,0 +1,37 @@
+"""``postprocess_2d``: LOGITS [K, H, W] -> MASK [H, W], PROBABILITIES [K, H, W], CONTOUR [H, W].
+
+Triton asks a composing model for every output its ensemble maps, whatever the client
+requested, so PROBABILITIES and CONTOUR are computed only when the request parameters
+``probabilities`` / ``contour`` say so (the client sets them when it requests those outputs);
+otherwise they are sent empty with shape [0, ...].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from segserve.backend.tensors import error_response, input_tensor, to_triton
+from segserve.options import parse_options
+from segserve.postprocess import postprocess
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [self._execute_one(request) for request in requests]
+
+    def _execute_one(self, request):
+        try:
+            options = parse_options(request.parameters())
+            logits = input_tensor(request, "LOGITS")
+            result = postprocess(logits, options.probabilities, options.keep_largest, options.contour)
+            empty_probabilities = logits.new_empty((0, *logits.shape[1:]))
+            empty_contour = result.mask.new_empty((0, *result.mask.shape[1:]))
+            outputs = [
+                to_triton("MASK", result.mask),
+                to_triton("PROBABILITIES", result.probabilities if result.probabilities is not None else empty_probabilities),
+                to_triton("CONTOUR", result.contour if result.contour is not None else empty_contour),
+            ]
+            return pb_utils.InferenceResponse(output_tensors=outputs)
+        except Exception as error:
+            return error_response(error)

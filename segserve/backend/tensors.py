@@ -1,0 +1,47 @@
+"""Conversions between Triton Python-backend tensors and torch, through DLPack (CPU or GPU)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import to_dlpack
+
+from segserve.network_spec import NetworkConfigError
+from segserve.options import OptionError
+from segserve.preprocess import InputError
+
+# Errors caused by the request: reported to the client as INVALID_ARG.
+REQUEST_ERRORS = (InputError, OptionError, NetworkConfigError)
+
+
+def to_torch(tensor: "pb_utils.Tensor") -> torch.Tensor:
+    """Zero-copy view of a Triton tensor as a torch tensor on the same device."""
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def to_triton(name: str, tensor: torch.Tensor) -> "pb_utils.Tensor":
+    """Zero-copy Triton tensor named ``name`` from a torch tensor (made contiguous)."""
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))
+
+
+def input_tensor(request, name: str) -> torch.Tensor | None:
+    """The request's input ``name`` as torch, or None when the optional input is absent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else to_torch(tensor)
+
+
+def error_response(error: Exception) -> "pb_utils.InferenceResponse":
+    """Response carrying ``error``: INVALID_ARG for bad requests, INTERNAL otherwise."""
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(error, REQUEST_ERRORS) else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
+
+
+def model_parameters(model_config: dict) -> dict[str, str]:
+    """The ``parameters`` block of a model config as plain ``{key: string_value}``."""
+    return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+
+
+def parse_model_config(args: dict) -> dict:
+    return json.loads(args["model_config"])

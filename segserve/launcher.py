@@ -1,0 +1,226 @@
+"""Run the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel on our repository.
+
+The Python backend needs a stub built for the running Python next to ``libtriton_python.so``:
+we assemble that backend directory in a temporary folder. The stub finds its packages through
+the ``python3`` on ``PATH``, so this interpreter's ``bin/`` goes first on the server's PATH.
+
+    python -m segserve serve [--http-port 8000] [--grpc-port 8001] [--host 127.0.0.1]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+PYTHON_BACKEND_SHM_PREFIX = "triton_python_backend_shm_region"
+PR_SET_PDEATHSIG = 1
+
+
+class ServerError(RuntimeError):
+    """The server could not start, become ready, or stop."""
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Where and how to run Triton.
+
+    Port 0 picks a free port (read the chosen one from the config after ``start``).
+    ``host`` is the bind address of all endpoints: 127.0.0.1 keeps the server local.
+    """
+
+    model_repository: pathlib.Path = DEFAULT_REPOSITORY
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_verbose: int = 0
+    python_shm_bytes: int = 64 * 1024 * 1024
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonDistribution:
+    """Paths inside the installed ``nvidia-pytriton`` wheel."""
+
+    server_binary: pathlib.Path
+    python_backend: pathlib.Path
+    stub: pathlib.Path
+    libraries: pathlib.Path
+
+    @classmethod
+    def find(cls) -> "TritonDistribution":
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or spec.origin is None:
+            raise ServerError("nvidia-pytriton is not installed: run `make setup`")
+        package = pathlib.Path(spec.origin).parent
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        found = cls(
+            server_binary=package / "tritonserver" / "bin" / "tritonserver",
+            python_backend=package / "tritonserver" / "backends" / "python",
+            stub=package / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub",
+            libraries=package.parent / "nvidia_pytriton.libs",
+        )
+        for path in (found.server_binary, found.python_backend, found.stub):
+            if not path.exists():
+                raise ServerError(f"{path} is missing from the nvidia-pytriton install (Python {version})")
+        return found
+
+    def assemble_backends(self, directory: pathlib.Path) -> pathlib.Path:
+        """Copy the Python backend with the stub for this Python into ``directory/python``."""
+        backend = directory / "python"
+        shutil.copytree(self.python_backend, backend, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(self.stub, backend / "triton_python_backend_stub")
+        return directory
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launching process dies."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _python_backend_regions() -> set[str]:
+    shm = pathlib.Path("/dev/shm")
+    return {p.name for p in shm.glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")} if shm.is_dir() else set()
+
+
+class TritonServer:
+    """A ``tritonserver`` child process: ``start()`` waits for readiness, ``stop()`` shuts down.
+
+    Use as a context manager. Stop sends SIGINT (Triton finishes in-flight requests), waits,
+    then kills; after a kill it removes the Python-backend shared-memory regions it left.
+    """
+
+    def __init__(self, config: ServerConfig | None = None, log_path: pathlib.Path | None = None):
+        self.config = config or ServerConfig()
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        self._regions_before: set[str] = set()
+        self._log_file = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.config.host}:{self.config.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.config.host}:{self.config.grpc_port}"
+
+    def command(self, backend_directory: pathlib.Path, server_binary: pathlib.Path) -> list[str]:
+        c = self.config
+        return [
+            str(server_binary),
+            f"--model-repository={pathlib.Path(c.model_repository).resolve()}",
+            f"--backend-directory={backend_directory}",
+            f"--http-address={c.host}", f"--http-port={c.http_port}",
+            f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
+            f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=30",
+            f"--log-verbose={c.log_verbose}",
+            f"--backend-config=python,shm-default-byte-size={c.python_shm_bytes}",
+            f"--backend-config=python,shm-growth-byte-size={c.python_shm_bytes}",
+            *c.extra_args,
+        ]
+
+    def environment(self, distribution: TritonDistribution) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(distribution.libraries)]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        return env
+
+    def start(self, timeout_s: float = 120.0) -> "TritonServer":
+        for field in ("http_port", "grpc_port", "metrics_port"):
+            if getattr(self.config, field) == 0:
+                setattr(self.config, field, free_port(self.config.host))
+        distribution = TritonDistribution.find()
+        self._scratch = tempfile.TemporaryDirectory(prefix="segserve-backends-")
+        backends = distribution.assemble_backends(pathlib.Path(self._scratch.name))
+        self._regions_before = _python_backend_regions()
+        output = subprocess.DEVNULL
+        if self.log_path is not None:
+            self._log_file = open(self.log_path, "ab")
+            output = self._log_file
+        self.process = subprocess.Popen(
+            self.command(backends, distribution.server_binary), env=self.environment(distribution),
+            stdout=output, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True,
+        )
+        self.wait_ready(timeout_s)
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._cleanup()
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} before ready{self._log_hint()}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        return f"; see {self.log_path}" if self.log_path else "; rerun with a log file for details"
+
+    def stop(self, timeout_s: float = 40.0) -> int | None:
+        """SIGINT, wait up to ``timeout_s``, then SIGKILL. Returns the exit code."""
+        if self.process is None:
+            return None
+        killed = False
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+                killed = True
+        self._cleanup(remove_regions=killed or self.process.returncode != 0)
+        return self.process.returncode
+
+    def _cleanup(self, remove_regions: bool = True) -> None:
+        if remove_regions:
+            for name in _python_backend_regions() - self._regions_before:
+                pathlib.Path("/dev/shm", name).unlink(missing_ok=True)
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

@@ -1,0 +1,59 @@
+"""Postprocessing of blended logits: probabilities, class mask, optional cleanup and contour."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from monai.transforms import KeepLargestConnectedComponent, LabelToContour
+from monai.utils import convert_to_tensor
+
+
+@dataclasses.dataclass
+class Segmentation:
+    """Outputs of one frame; tensors stay on the logits' device.
+
+    Attributes:
+        mask: ``[*spatial]`` uint8 class index per pixel.
+        probabilities: ``[K, *spatial]`` float32 softmax, or None when not asked for.
+        contour: ``[*spatial]`` uint8 class index on object borders, 0 elsewhere, or None.
+    """
+
+    mask: torch.Tensor
+    probabilities: torch.Tensor | None = None
+    contour: torch.Tensor | None = None
+
+
+def class_mask(logits: torch.Tensor) -> torch.Tensor:
+    """``[K, *spatial]`` logits -> ``[*spatial]`` uint8 argmax (equal to argmax of softmax)."""
+    return torch.argmax(logits, dim=0).to(torch.uint8)
+
+
+def keep_largest_components(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Keep the largest connected component of each foreground class (1..K-1); others become 0."""
+    foreground = list(range(1, num_classes))
+    if not foreground:
+        return mask
+    keep = KeepLargestConnectedComponent(applied_labels=foreground, is_onehot=False, independent=True)
+    return convert_to_tensor(keep(mask.unsqueeze(0)), track_meta=False)[0].to(torch.uint8)
+
+
+def label_contour(mask: torch.Tensor) -> torch.Tensor:
+    """MONAI ``LabelToContour`` of the class mask: border pixels keep their class, inside is 0."""
+    contour = LabelToContour()(mask.unsqueeze(0).to(torch.float32))
+    edges = convert_to_tensor(contour, track_meta=False)[0] != 0
+    return torch.where(edges, mask, torch.zeros_like(mask))
+
+
+def postprocess(
+    logits: torch.Tensor, probabilities: bool = False, keep_largest: bool = False, contour: bool = False
+) -> Segmentation:
+    """Turn ``[K, *spatial]`` float32 blended logits into the pipeline's outputs."""
+    mask = class_mask(logits)
+    if keep_largest:
+        mask = keep_largest_components(mask, logits.shape[0])
+    return Segmentation(
+        mask=mask.contiguous(),
+        probabilities=torch.softmax(logits, dim=0).contiguous() if probabilities else None,
+        contour=label_contour(mask).contiguous() if contour else None,
+    )

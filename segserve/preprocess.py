@@ -1,0 +1,59 @@
+"""Frame preprocessing: dtype cast and intensity normalisation to [0, 1]."""
+
+from __future__ import annotations
+
+import torch
+from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
+from monai.utils import convert_to_tensor
+
+from segserve.options import PipelineOptions
+
+SUPPORTED_DTYPES = (torch.float32, torch.uint8, torch.uint16, torch.int16)
+LOWER_PERCENTILE = 1.0
+UPPER_PERCENTILE = 99.0
+
+
+class InputError(ValueError):
+    """The frame itself is unusable (shape, dtype or values)."""
+
+
+def validate_frame(frame: torch.Tensor, spatial_dims: int, max_pixels: int | None = None) -> None:
+    """Check a channel-first frame ``[C, *spatial]`` before any work is done on it.
+
+    Raises:
+        InputError: wrong rank, empty axis, too many pixels, unsupported dtype, NaN or Inf.
+    """
+    expected_rank = spatial_dims + 1
+    if frame.ndim != expected_rank:
+        raise InputError(
+            f"IMAGE must have {expected_rank} dimensions [C, {', '.join('DHW'[-spatial_dims:])}], "
+            f"got shape {list(frame.shape)}"
+        )
+    if frame.numel() == 0:
+        raise InputError(f"IMAGE is empty, shape {list(frame.shape)}")
+    if max_pixels is not None and frame[0].numel() > max_pixels:
+        raise InputError(f"IMAGE has {frame[0].numel()} pixels per channel, above the limit of {max_pixels}")
+    if frame.dtype not in SUPPORTED_DTYPES:
+        raise InputError(f"IMAGE dtype {frame.dtype} is not supported")
+    if frame.dtype.is_floating_point and not bool(torch.isfinite(frame).all()):
+        raise InputError("IMAGE contains NaN or Inf pixels")
+
+
+def normalize(frame: torch.Tensor, options: PipelineOptions) -> torch.Tensor:
+    """Cast a frame to float32 and scale its intensities to [0, 1] with clipping.
+
+    Args:
+        frame: ``[C, *spatial]`` float32, uint8, uint16 or int16, on any device.
+        options: ``intensity_min``/``intensity_max`` give a fixed range; without them the
+            frame's own 1st and 99th percentiles over all channels are used.
+
+    Returns:
+        ``[C, *spatial]`` float32 on the frame's device.
+    """
+    image = frame.to(torch.float32)
+    if options.intensity_min is not None:
+        scaler = ScaleIntensityRange(options.intensity_min, options.intensity_max, 0.0, 1.0, clip=True)
+    else:
+        scaler = ScaleIntensityRangePercentiles(LOWER_PERCENTILE, UPPER_PERCENTILE, 0.0, 1.0, clip=True)
+    scaled = scaler(image)
+    return convert_to_tensor(scaled, track_meta=False).contiguous()

@@ -1,0 +1,30 @@
+"""In-process reference: what the server must reproduce, MONAI ``sliding_window_inference``
+run directly on a network, after the same preprocessing."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from segserve.options import PipelineOptions
+from segserve.preprocess import normalize
+from segserve.sliding_window import DEFAULT_SW_BATCH_SIZE
+
+
+@torch.no_grad()
+def reference_probabilities(
+    frame: np.ndarray | torch.Tensor,
+    network: Callable[[torch.Tensor], torch.Tensor],
+    tile_size: tuple[int, ...],
+    options: PipelineOptions = PipelineOptions(),
+) -> torch.Tensor:
+    """``[C, *spatial]`` frame (any supported dtype) -> ``[K, *spatial]`` float32 softmax."""
+    image = normalize(torch.as_tensor(frame), options)
+    logits = sliding_window_inference(
+        image.unsqueeze(0), roi_size=tile_size, sw_batch_size=options.sw_batch_size or DEFAULT_SW_BATCH_SIZE,
+        predictor=network, overlap=options.overlap, mode=options.blend,
+    )
+    return torch.softmax(logits[0], dim=0)

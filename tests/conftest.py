@@ -1,0 +1,73 @@
+"""Shared fixtures. The real tritonserver starts once per session on a copy of the model
+repository that also holds a second exported network (BasicUNet), on free local ports."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from monai.networks import nets
+
+from export.network_export import ExportSettings, build_network, export_network
+from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
+
+CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "unet2d_particles"
+DEFAULT_NETWORK = "unet2d_particles"
+SECOND_NETWORK = "basicunet_test"
+SECOND_NETWORK_SETTINGS = dict(
+    architecture="BasicUNet",
+    arguments={"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "features": [8, 8, 16, 32, 64, 8]},
+    tile=(64, 48),
+)
+
+
+@pytest.fixture(scope="session")
+def default_network() -> torch.nn.Module:
+    """The default network in torch, from the committed checkpoint (the parity reference)."""
+    spec = json.loads(CHECKPOINT.with_suffix(".json").read_text())
+    settings = ExportSettings(spec["architecture"], spec["arguments"], CHECKPOINT.with_suffix(".pt"), tuple(spec["tile"]), DEFAULT_NETWORK)
+    return build_network(settings)
+
+
+@pytest.fixture(scope="session")
+def second_network_checkpoint(tmp_path_factory) -> pathlib.Path:
+    torch.manual_seed(3)
+    network = getattr(nets, SECOND_NETWORK_SETTINGS["architecture"])(**SECOND_NETWORK_SETTINGS["arguments"])
+    path = tmp_path_factory.mktemp("checkpoints") / "basicunet.pt"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory, second_network_checkpoint) -> pathlib.Path:
+    repository = tmp_path_factory.mktemp("server") / "model_repository"
+    shutil.copytree(REPO_ROOT / "model_repository", repository)
+    if not (repository / DEFAULT_NETWORK / "1" / "model.onnx").exists():
+        pytest.fail("default network not exported: run `make setup`")
+    settings = ExportSettings(checkpoint=second_network_checkpoint, name=SECOND_NETWORK, max_batch_size=8, **SECOND_NETWORK_SETTINGS)
+    export_network(settings, repository, log=lambda *_: None)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def server(model_repository, tmp_path_factory) -> TritonServer:
+    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    config = ServerConfig(model_repository=model_repository, http_port=0, grpc_port=0, metrics_port=0)
+    with TritonServer(config, log_path=log) as running:
+        yield running
+
+
+@pytest.fixture
+def grpc(server) -> grpcclient.InferenceServerClient:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

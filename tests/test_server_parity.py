@@ -1,0 +1,106 @@
+"""The server's PROBABILITIES equal softmax of MONAI sliding_window_inference run in-process on
+the same network (torch, from the checkpoint) within 1e-4, on odd sizes and every pixel type."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from client.api import INPUT_BY_DTYPE, SegmentationClient
+from segserve.options import PipelineOptions
+from segserve.reference import reference_probabilities
+from training.synthetic import synthetic_slice, to_detector_counts
+
+TILE = (128, 128)
+TOLERANCE = 1e-4
+
+
+def frame_of(shape, dtype, rng) -> np.ndarray:
+    image, _ = synthetic_slice(shape, rng)
+    pixels = image if dtype == np.float32 else to_detector_counts(image, dtype, rng)
+    return pixels[np.newaxis]
+
+
+def assert_matches_reference(result, frame, network, options):
+    expected = reference_probabilities(frame, network, TILE, options).numpy()
+    assert result.probabilities.shape == expected.shape
+    difference = np.abs(result.probabilities - expected).max()
+    assert difference <= TOLERANCE, f"max abs difference {difference:.3g}"
+    # MASK is the argmax; where two classes are within the tolerance either answer is right.
+    top2 = np.sort(expected, axis=0)[-2:]
+    decided = (top2[1] - top2[0]) > 2 * TOLERANCE
+    assert np.array_equal(result.mask[decided], expected.argmax(0)[decided])
+    assert np.array_equal(result.mask, result.probabilities.argmax(0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.uint16, np.int16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(777, 1001), (100, 60), (61, 47)], ids=lambda s: f"{s[1]}x{s[0]}")
+def test_parity_odd_sizes_every_dtype(server, default_network, rng, shape, dtype):
+    frame = frame_of(shape, dtype, rng)
+    with SegmentationClient(server.grpc_url) as client:
+        result = client.segment(frame, probabilities=True)
+    assert result.mask.shape == shape and result.mask.dtype == np.uint8
+    assert_matches_reference(result, frame, default_network, PipelineOptions())
+
+
+def test_parity_2048_square(server, default_network, rng):
+    frame = frame_of((2048, 2048), np.uint16, rng)
+    with SegmentationClient(server.grpc_url) as client:
+        result = client.segment(frame, probabilities=True)
+    assert_matches_reference(result, frame, default_network, PipelineOptions())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(overlap=0.5, blend="constant", sw_batch_size=3),
+        dict(overlap=0.0, sw_batch_size=32),
+        dict(intensity_min=0.0, intensity_max=0.9, overlap=0.6),
+    ],
+    ids=["overlap0.5-constant-batch3", "overlap0-batch32", "fixed-intensity-range"],
+)
+def test_parity_request_parameters(server, default_network, rng, options):
+    frame = frame_of((301, 517), np.float32, rng)
+    with SegmentationClient(server.grpc_url) as client:
+        result = client.segment(frame, probabilities=True, **options)
+    assert_matches_reference(result, frame, default_network, PipelineOptions(**options))
+
+
+def test_masks_are_meaningful(server, rng):
+    """The default network finds the synthetic pores and particles (not noise)."""
+    image, truth = synthetic_slice((512, 768), rng, noise=0.08)
+    with SegmentationClient(server.grpc_url) as client:
+        mask = client.segment(image).mask
+    for label in (1, 2):
+        dice = 2 * np.sum((mask == label) & (truth == label)) / (np.sum(mask == label) + np.sum(truth == label))
+        assert dice > 0.8, f"class {label} Dice {dice:.3f}"
+
+
+def test_probabilities_sent_empty_unless_asked(grpc, rng):
+    """Without probabilities=true the server skips the softmax and returns PROBABILITIES empty."""
+    frame = frame_of((90, 110), np.float32, rng)
+    image = grpcclient.InferInput("IMAGE", list(frame.shape), "FP32")
+    image.set_data_from_numpy(frame)
+    outputs = [grpcclient.InferRequestedOutput(name) for name in ("MASK", "PROBABILITIES", "CONTOUR")]
+    response = grpc.infer("segment_2d", [image], outputs=outputs)
+    assert response.as_numpy("MASK").shape == (90, 110)
+    assert response.as_numpy("PROBABILITIES").shape == (0, 90, 110)
+    assert response.as_numpy("CONTOUR").shape == (0, 110)
+
+
+def test_concurrent_frames_share_the_network(server, default_network, rng):
+    """Frames in flight together come back right (their tiles meet in dynamic batches)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    frames = [frame_of((200 + 17 * i, 300 - 13 * i), np.uint16, rng) for i in range(4)]
+
+    def segment(frame):
+        with SegmentationClient(server.grpc_url) as client:
+            return client.segment(frame, probabilities=True, sw_batch_size=4)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(segment, frames))
+    for frame, result in zip(frames, results):
+        assert_matches_reference(result, frame, default_network, PipelineOptions(sw_batch_size=4))
+
