@@ -46,7 +46,7 @@ def write_array(path: pathlib.Path, array: np.ndarray) -> pathlib.Path:
     if path.suffix == ".npy":
         np.save(path, array)
     else:
-        tifffile.imwrite(path, array, compression="zlib")
+        tifffile.imwrite(path, array, compression="zlib", photometric="minisblack")
     return path
 
 

@@ -79,8 +79,10 @@ def _as_float(name: str, value: Any) -> float:
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise OptionError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise OptionError(f"{name} must be an integer, got {value!r}")
     try:
         return int(value)
     except (TypeError, ValueError):
