@@ -24,13 +24,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--metrics-port", type=int, default=8002, help="default: %(default)s (0 picks a free port)")
     serve.add_argument("--log-file", type=pathlib.Path, help="write the server log here (default: this terminal)")
     serve.add_argument("--log-verbose", type=int, default=0, help="Triton log verbosity (default: %(default)s)")
+    serve.add_argument("--allocator", choices=("auto", "tcmalloc", "jemalloc", "glibc"), default="auto",
+                       help="memory allocator of the server processes; auto = tcmalloc when installed (default: %(default)s)")
     serve.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness (default: %(default)s)")
     serve.add_argument("--debug", action="store_true", help="print tracebacks")
     return parser.parse_args(argv)
 
 
 def serve(args: argparse.Namespace) -> int:
-    config = ServerConfig(args.model_repository, args.host, args.http_port, args.grpc_port, args.metrics_port, args.log_verbose)
+    config = ServerConfig(args.model_repository, args.host, args.http_port, args.grpc_port, args.metrics_port, args.log_verbose,
+                          allocator=args.allocator)
     server = TritonServer(config, log_path=args.log_file)
     stop_requested = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -10,6 +10,7 @@ the ``python3`` on ``PATH``, so this interpreter's ``bin/`` goes first on the se
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import dataclasses
 import importlib.util
 import os
@@ -28,6 +29,10 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 PYTHON_BACKEND_SHM_PREFIX = "triton_python_backend_shm_region"
 PR_SET_PDEATHSIG = 1
+# Preloaded into tritonserver and the stubs. Each frame moves tens of MB between the pipeline's
+# steps; glibc returns such buffers to the OS and faults them in again on every request, tcmalloc
+# keeps them (measured: docs/benchmarks.md). "auto" takes tcmalloc when installed.
+ALLOCATORS = {"auto": None, "tcmalloc": "tcmalloc_minimal", "jemalloc": "jemalloc", "glibc": None}
 
 
 class ServerError(RuntimeError):
@@ -49,7 +54,12 @@ class ServerConfig:
     metrics_port: int = 8002
     log_verbose: int = 0
     python_shm_bytes: int = 64 * 1024 * 1024
+    allocator: str = "auto"
     extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.allocator not in ALLOCATORS:
+            raise ServerError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {self.allocator!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,11 +154,27 @@ class TritonServer:
             *c.extra_args,
         ]
 
+    def allocator_library(self) -> str | None:
+        """Shared library to preload for the configured allocator, None for glibc's malloc."""
+        if self.config.allocator == "glibc":
+            return None
+        name = ALLOCATORS["tcmalloc" if self.config.allocator == "auto" else self.config.allocator]
+        library = ctypes.util.find_library(name)
+        if library is None and self.config.allocator != "auto":
+            raise ServerError(f"allocator {self.config.allocator} requested but lib{name} is not installed")
+        return library
+
     def environment(self, distribution: TritonDistribution) -> dict[str, str]:
         env = dict(os.environ)
+        allocator = self.allocator_library()
+        if allocator:
+            env["LD_PRELOAD"] = " ".join(filter(None, [allocator, env.get("LD_PRELOAD")]))
         env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(distribution.libraries)]))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        # The pipeline's steps run in separate stub processes that hand work to each other; an
+        # OpenMP thread spinning after its step steals the cores the next step needs.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return env
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":

@@ -1,0 +1,158 @@
+"""``make bench``: end-to-end time of a frame through the server vs MONAI in-process, as a
+ratio from one run, and the server's peak memory for a large frame.
+
+    python -m scripts.bench_2d [--size 2048] [--repeats 5] [--large-size 8192]
+
+(a) in-process: normalisation, MONAI ``sliding_window_inference`` on the same network, argmax,
+    with the torch model and with onnxruntime; the faster of the two is the reference.
+(b) server: ``segment_2d`` over gRPC, frame sent as uint16, MASK returned; one server per
+    ``--allocators`` entry (e.g. ``glibc,tcmalloc``), all running at once.
+Runs alternate (a)/(b) so machine noise hits both alike; medians are reported.
+Peak memory: proportional set size (PSS, shared pages split between processes) of tritonserver
+and its stub processes, sampled every 50 ms during one large-frame request, minus idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+from client.api import SegmentationClient
+from export.network_export import ExportSettings, build_network
+from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
+from segserve.onnx_network import OnnxNetwork
+from monai.inferers import sliding_window_inference
+
+from segserve.options import PipelineOptions
+from segserve.postprocess import class_mask
+from segserve.preprocess import normalize
+from training.synthetic import synthetic_slice, to_detector_counts
+
+CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "unet2d_particles"
+ONNX = REPO_ROOT / "model_repository" / "unet2d_particles" / "1" / "model.onnx"
+
+
+def machine_description() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}"
+
+
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def process_tree_pss(root: psutil.Process) -> int:
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def peak_memory_during(server: TritonServer, work) -> tuple[int, int]:
+    """(idle PSS, peak PSS) in bytes of the server's process tree while ``work()`` runs."""
+    root = psutil.Process(server.process.pid)
+    idle = process_tree_pss(root)
+    peak, done = idle, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process_tree_pss(root))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:
+        done.set()
+        sampler.join()
+    return idle, peak
+
+
+@torch.no_grad()
+def in_process_mask(frame: np.ndarray, network, tile: tuple[int, ...]) -> torch.Tensor:
+    """What a user's own script does: normalise, MONAI sliding window, argmax."""
+    image = normalize(torch.from_numpy(frame), PipelineOptions())
+    logits = sliding_window_inference(image[None], tile, 8, network, overlap=0.25, mode="gaussian")
+    return class_mask(logits[0])
+
+
+def load_torch_network() -> torch.nn.Module:
+    spec = json.loads(CHECKPOINT.with_suffix(".json").read_text())
+    return build_network(ExportSettings(spec["architecture"], spec["arguments"], CHECKPOINT.with_suffix(".pt"), tuple(spec["tile"]), "bench"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=2048, help="frame side for the timing (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (default: %(default)s)")
+    parser.add_argument("--large-size", type=int, default=8192, help="frame side for peak memory; 0 skips (default: %(default)s)")
+    parser.add_argument("--allocators", default="auto", help="server allocators to compare, comma-separated (default: %(default)s)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results"), help="default: %(default)s")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    image, _ = synthetic_slice((args.size, args.size), rng)
+    frame = to_detector_counts(image, np.uint16, rng)[np.newaxis]
+    tile = tuple(json.loads(CHECKPOINT.with_suffix(".json").read_text())["tile"])
+    torch_network, onnx_network = load_torch_network(), OnnxNetwork(ONNX, use_cuda=False)
+    paths = {"in-process torch": lambda: in_process_mask(frame, torch_network, tile),
+             "in-process onnxruntime": lambda: in_process_mask(frame, onnx_network, tile)}
+    memory = None
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for allocator in args.allocators.split(","):
+            config = ServerConfig(http_port=0, grpc_port=0, metrics_port=0, allocator=allocator)
+            server = stack.enter_context(TritonServer(config, log_path=args.out / f"server-{allocator}.log"))
+            client = stack.enter_context(SegmentationClient(server.grpc_url))
+            servers[allocator] = (server, client)
+            paths[f"server gRPC ({allocator} allocator)"] = functools.partial(client.segment, frame)
+        times = {name: [] for name in paths}
+        for run in paths.values():
+            run()  # warm-up: first calls load lazy state
+        for _ in range(args.repeats):
+            for name, run in paths.items():
+                times[name].append(timed(run))
+        if args.large_size:
+            server, client = next(iter(servers.values()))
+            large, _ = synthetic_slice((args.large_size, args.large_size), rng)
+            large = to_detector_counts(large, np.uint16, rng)
+            elapsed = []
+            idle, peak = peak_memory_during(server, lambda: elapsed.append(timed(lambda: client.segment(large))))
+            memory = (idle, peak, elapsed[0])
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    reference_name = min(("in-process torch", "in-process onnxruntime"), key=medians.get)
+    lines = [f"machine: {machine_description()}",
+             f"frame {args.size}x{args.size} uint16, tile {tile}, overlap 0.25, gaussian, sw_batch_size 8, {args.repeats} runs each",
+             "", "| path | median s | ratio to best in-process |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {value:.3f} | {value / medians[reference_name]:.3f} |" for name, value in medians.items()]
+    if memory:
+        idle, peak, seconds = memory
+        lines += ["", f"{args.large_size}x{args.large_size} uint16 frame ({args.allocators.split(",")[0]} allocator): {seconds:.1f} s end to end; server PSS idle "
+                  f"{idle / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB (+{(peak - idle) / 2**30:.2f} GiB)"]
+    report = "\n".join(lines)
+    (args.out / "bench_2d.md").write_text(report + "\n")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
