@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {name} | {value:.3f} | {value / medians[reference_name]:.3f} |" for name, value in medians.items()]
     if memory:
         idle, peak, seconds = memory
-        lines += ["", f"{args.large_size}x{args.large_size} uint16 frame ({args.allocators.split(",")[0]} allocator): {seconds:.1f} s end to end; server PSS idle "
+        first_allocator = args.allocators.split(",")[0]
+        lines += ["", f"{args.large_size}x{args.large_size} uint16 frame ({first_allocator} allocator): {seconds:.1f} s end to end; server PSS idle "
                   f"{idle / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB (+{(peak - idle) / 2**30:.2f} GiB)"]
     report = "\n".join(lines)
     (args.out / "bench_2d.md").write_text(report + "\n")
