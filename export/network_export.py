@@ -94,6 +94,13 @@ def export_onnx(network: torch.nn.Module, in_channels: int, tile: tuple[int, ...
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
+def export_torchscript(network: torch.nn.Module, in_channels: int, tile: tuple[int, ...], path: pathlib.Path) -> None:
+    """Traced TorchScript twin of the ONNX file, the GPU engine where onnxruntime has no CUDA."""
+    example = torch.zeros((2, in_channels, *tile), dtype=torch.float32)
+    with torch.no_grad():
+        torch.jit.trace(network, example, check_trace=False).save(str(path))
+
+
 def max_difference(network: torch.nn.Module, path: pathlib.Path, in_channels: int, tile: tuple[int, ...]) -> float:
     """Largest |onnxruntime - torch| over a random batch of 3 tiles (a batch size unseen at export)."""
     sample = torch.rand((3, in_channels, *tile), generator=torch.Generator().manual_seed(0))
@@ -115,7 +122,8 @@ def model_config(settings: ExportSettings, in_channels: int, num_classes: int) -
     config.dynamic_batching.preferred_batch_size.extend(preferred)
     config.dynamic_batching.max_queue_delay_microseconds = 200
     config.instance_group.add(count=1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
-    for key, value in {"FORCE_CPU_ONLY_INPUT_TENSORS": "no", "intra_op_threads": "0", "use_cuda": "true"}.items():
+    parameters = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no", "intra_op_threads": "0", "use_cuda": "true", "engine": "auto"}
+    for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config
 
@@ -132,12 +140,14 @@ def graph_channels(path: pathlib.Path) -> tuple[int, int]:
     return in_dims[1], out_dims[1]
 
 
-def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: pathlib.Path) -> pathlib.Path:
-    """Write ``<repository>/<name>/{config.pbtxt, 1/model.onnx, 1/model.py}``; returns the model dir."""
+def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: pathlib.Path,
+                torchscript_path: pathlib.Path) -> pathlib.Path:
+    """Write ``<repository>/<name>/{config.pbtxt, 1/model.onnx, 1/model.ts, 1/model.py}``; returns the model dir."""
     in_channels, num_classes = graph_channels(onnx_path)
     model_dir = repository / settings.name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
+    shutil.copyfile(torchscript_path, model_dir / "1" / "model.ts")
     (model_dir / "1" / "model.py").write_text(MODEL_PY.format(name=settings.name))
     config = model_config(settings, in_channels, num_classes)
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
@@ -164,6 +174,8 @@ def export_network(settings: ExportSettings, repository: pathlib.Path, log=print
         log(f"onnxruntime vs torch max abs difference: {difference:.3g} (bound {settings.tolerance:g})")
         if not difference <= settings.tolerance:
             raise ExportError(f"onnxruntime differs from torch by {difference:.3g} > {settings.tolerance:g}")
-        model_dir = write_model(settings, repository, onnx_path)
+        torchscript_path = pathlib.Path(scratch) / "model.ts"
+        export_torchscript(network, in_channels, settings.tile, torchscript_path)
+        model_dir = write_model(settings, repository, onnx_path, torchscript_path)
     log(f"wrote {model_dir}")
     return model_dir

@@ -55,6 +55,7 @@ class ServerConfig:
     log_verbose: int = 0
     python_shm_bytes: int = 64 * 1024 * 1024
     allocator: str = "auto"
+    cuda_pool_bytes: int = 2 * 1024**3
     extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -101,6 +102,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process can use (0 without a driver), asked of nvidia-smi to keep CUDA out of the launcher."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return 0
+    count = sum(line.startswith("GPU ") for line in listing.splitlines())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return count if visible is None else min(count, len([v for v in visible.split(",") if v.strip()]))
 
 
 def _die_with_parent() -> None:
@@ -151,8 +165,13 @@ class TritonServer:
             f"--log-verbose={c.log_verbose}",
             f"--backend-config=python,shm-default-byte-size={c.python_shm_bytes}",
             f"--backend-config=python,shm-growth-byte-size={c.python_shm_bytes}",
+            *self.gpu_args(),
             *c.extra_args,
         ]
+
+    def gpu_args(self) -> list[str]:
+        """A CUDA memory pool per GPU large enough for a big frame's logits between steps."""
+        return [f"--cuda-memory-pool-byte-size={gpu}:{self.config.cuda_pool_bytes}" for gpu in range(visible_gpu_count())]
 
     def allocator_library(self) -> str | None:
         """Shared library to preload for the configured allocator, None for glibc's malloc."""

@@ -1,5 +1,9 @@
 """Network model: runs ``<version>/model.onnx`` with onnxruntime on dynamically batched tiles.
 
+Engine: onnxruntime, on the GPU through its CUDA provider when both exist. With a GPU but a
+CPU-only onnxruntime, the TorchScript twin ``model.ts`` written by the export runs on the GPU
+instead (parameter ``engine``: auto | onnxruntime | torchscript).
+
 Each request carries ``[b, C, *tile]`` tiles; the requests Triton batched together run as one
 ``[sum(b), C, *tile]`` call and the logits are split back per request.
 """
@@ -12,7 +16,16 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import error_response, model_parameters, parse_model_config, to_torch, to_triton
-from segserve.onnx_network import OnnxNetwork
+from segserve.onnx_network import OnnxNetwork, cuda_provider_available
+from segserve.torchscript_network import TorchScriptNetwork
+
+
+def choose_engine(setting: str, use_cuda: bool, torchscript_path: pathlib.Path) -> str:
+    """``onnxruntime`` or ``torchscript`` for the ``engine`` parameter on this machine."""
+    if setting != "auto":
+        return setting
+    gpu_without_ort_cuda = use_cuda and torch.cuda.is_available() and not cuda_provider_available()
+    return "torchscript" if gpu_without_ort_cuda and torchscript_path.exists() else "onnxruntime"
 
 
 class TritonPythonModel:
@@ -21,13 +34,14 @@ class TritonPythonModel:
         parameters = model_parameters(config)
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
-        model_path = pathlib.Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.network = OnnxNetwork(
-            model_path,
-            intra_op_threads=int(parameters.get("intra_op_threads", "0")),
-            use_cuda=parameters.get("use_cuda", "true").lower() == "true",
-        )
-        pb_utils.Logger.log_info(f"{args['model_name']}: onnxruntime providers {self.network.providers}")
+        version_dir = pathlib.Path(args["model_repository"]) / args["model_version"]
+        use_cuda = parameters.get("use_cuda", "true").lower() == "true"
+        engine = choose_engine(parameters.get("engine", "auto"), use_cuda, version_dir / "model.ts")
+        if engine == "torchscript":
+            self.network = TorchScriptNetwork(version_dir / "model.ts", torch.device("cuda" if use_cuda else "cpu"))
+        else:
+            self.network = OnnxNetwork(version_dir / "model.onnx", int(parameters.get("intra_op_threads", "0")), use_cuda)
+        pb_utils.Logger.log_info(f"{args['model_name']}: {engine} engine, {self.network.providers}")
 
     def execute(self, requests):
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import error_response, input_tensor, model_parameters, parse_model_config, to_triton
@@ -11,11 +12,20 @@ from segserve.preprocess import InputError, normalize, validate_frame
 IMAGE_INPUTS = ("IMAGE", "IMAGE_UINT8", "IMAGE_UINT16", "IMAGE_INT16")
 
 
+def pipeline_device(setting: str) -> torch.device:
+    """``auto``: the GPU when there is one (the later steps follow the tensor), else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(parse_model_config(args))
         self.spatial_dims = int(parameters.get("spatial_dims", "2"))
         self.max_pixels = int(parameters["max_pixels"]) if "max_pixels" in parameters else None
+        self.device = pipeline_device(parameters.get("device", "auto"))
+        pb_utils.Logger.log_info(f"{args['model_name']}: pipeline tensors on {self.device}")
 
     def execute(self, requests):
         return [self._execute_one(request) for request in requests]
@@ -25,7 +35,7 @@ class TritonPythonModel:
             options = parse_options(request.parameters())
             frame = self._single_image(request)
             validate_frame(frame, self.spatial_dims, self.max_pixels)
-            normalized = normalize(frame, options)
+            normalized = normalize(frame.to(self.device), options)
             return pb_utils.InferenceResponse(output_tensors=[to_triton("NORMALIZED", normalized)])
         except Exception as error:  # every failure becomes this request's error response
             return error_response(error)

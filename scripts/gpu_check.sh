@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call, on a GPU machine with no package registry (the device tool):
+# installs the wheels carried in .whl/, exports the default network, runs the test suite with
+# the pipeline on the GPU, then the 2D benchmark, and prints a short table last.
+#
+#   .whl/ must hold: nvidia_pytriton-0.7.0 (manylinux, 55 MB), monai-1.6.1, tritonclient-2.73.0
+#   (py3-none-any); the rest (torch, onnx, onnxruntime, numpy, ...) comes with the GPU image.
+#   Results go to $OUT (the device tool's folder) or ./gpu_results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+results=${OUT:-gpu_results}
+mkdir -p "$results"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$results/gpu.txt"
+python3 -c "import torch, onnxruntime; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
+python3 -m export --spec training/checkpoints/unet2d_particles.json --checkpoint training/checkpoints/unet2d_particles.pt \
+    --name unet2d_particles 2>&1 | grep -v -i warn
+python3 -m pytest tests -q -p no:cacheprovider -x ${GPU_CHECK_PYTEST_ARGS:-} 2>&1 | tee "$results/tests.log" | tail -25
+tests_status=${PIPESTATUS[0]}
+python3 -m scripts.bench_2d --repeats 5 --large-size "${GPU_CHECK_LARGE:-8192}" --out "$results" 2>&1 | grep -v -i warn | tail -3
+echo "=== GPU check: tests exit $tests_status ==="
+cat "$results/bench_2d.md"
+exit "$tests_status"

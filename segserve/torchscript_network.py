@@ -1,0 +1,27 @@
+"""A network exported as TorchScript (``model.ts``), run on the GPU: the network engine used when
+onnxruntime has no CUDA provider (the CPU-only onnxruntime wheel) but a GPU is present."""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+
+class TorchScriptNetwork:
+    """Callable ``[B, C, *tile]`` float32 -> ``[B, K, *tile]`` float32 on the input's device.
+
+    TF32 is switched off: it would move logits by ~1e-3, past the pipeline's 1e-4 parity bound.
+    """
+
+    def __init__(self, model_path: str | pathlib.Path, device: torch.device):
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        self.device = device
+        self.module = torch.jit.load(str(model_path), map_location=device).eval()
+        self.providers = [f"TorchScript on {device}"]
+
+    @torch.inference_mode()
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        logits = self.module(tiles.to(self.device, torch.float32))
+        return logits.to(tiles.device)
