@@ -10,8 +10,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${OUT:-gpu_results}
 mkdir -p "$results"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# Into the image's own environment: the Python-backend stub finds packages through the python3
+# on PATH, not through PYTHONPATH.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$results/gpu.txt"
 python3 -c "import torch, onnxruntime; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 python3 -m export --spec training/checkpoints/unet2d_particles.json --checkpoint training/checkpoints/unet2d_particles.pt \

@@ -210,7 +210,7 @@ class TritonServer:
             output = self._log_file
         self.process = subprocess.Popen(
             self.command(backends, distribution.server_binary), env=self.environment(distribution),
-            stdout=output, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True,
+            stdout=output, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True, cwd=REPO_ROOT,
         )
         self.wait_ready(timeout_s)
         return self
