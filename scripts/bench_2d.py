@@ -95,6 +95,23 @@ def in_process_mask(frame: np.ndarray, network, tile: tuple[int, ...], device: s
     return class_mask(logits[0]).cpu()
 
 
+def stage_breakdown(server: TritonServer) -> list[str]:
+    """Mean seconds per request in each model (queue + compute), from Triton's statistics API."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as statistics_client:
+        statistics = statistics_client.get_inference_statistics(as_json=True)["model_stats"]
+    rows = []
+    for model in statistics:
+        stats, count = model["inference_stats"], int(model["inference_stats"]["success"].get("count", 0))
+        if count:
+            seconds = {key: int(stats[key].get("ns", 0)) / 1e9 / count for key in ("queue", "compute_input", "compute_infer", "compute_output")}
+            rows.append(f"| {model['name']} | {count} | {int(model.get('execution_count', 0))} | "
+                        + " | ".join(f"{value * 1e3:.1f}" for value in seconds.values()) + " |")
+    return ["| model | requests | executions | queue ms | input ms | infer ms | output ms |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]
+
+
 def load_torch_network() -> torch.nn.Module:
     spec = json.loads(CHECKPOINT.with_suffix(".json").read_text())
     return build_network(ExportSettings(spec["architecture"], spec["arguments"], CHECKPOINT.with_suffix(".pt"), tuple(spec["tile"]), "bench"))
@@ -135,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             for name, run in paths.items():
                 times[name].append(timed(run))
+        stages = stage_breakdown(next(iter(servers.values()))[0])
         if args.large_size:
             server, client = next(iter(servers.values()))
             large, _ = synthetic_slice((args.large_size, args.large_size), rng)
@@ -148,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
              f"frame {args.size}x{args.size} uint16, tile {tile}, overlap 0.25, gaussian, sw_batch_size 8, {args.repeats} runs each",
              "", "| path | median s | ratio to best in-process |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {value:.3f} | {value / medians[reference_name]:.3f} |" for name, value in medians.items()]
+    lines += ["", f"Per-request time in each model of the first server (all requests, warm-up included):", "", *stages]
     if memory:
         idle, peak, seconds = memory
         first_allocator = args.allocators.split(",")[0]

@@ -19,7 +19,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, onnxruntime; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 python3 -m export --spec training/checkpoints/unet2d_particles.json --checkpoint training/checkpoints/unet2d_particles.pt \
     --name unet2d_particles 2>&1 | grep -v -i warn
-python3 -m pytest tests -q -p no:cacheprovider -x ${GPU_CHECK_PYTEST_ARGS:-} 2>&1 | tee "$results/tests.log" | tail -25
+python3 -m scripts.gpu_network_probe 2>&1 | grep -v -i warn
+python3 -m pytest tests -q -p no:cacheprovider ${GPU_CHECK_PYTEST_ARGS:-} 2>&1 | tee "$results/tests.log" | tail -25
 tests_status=${PIPESTATUS[0]}
 python3 -m scripts.bench_2d --repeats 5 --large-size "${GPU_CHECK_LARGE:-8192}" --out "$results" 2>&1 | grep -v -i warn | tail -3
 echo "=== GPU check: tests exit $tests_status ==="

@@ -8,6 +8,18 @@ import pathlib
 import torch
 
 
+def disable_tf32() -> None:
+    """Full fp32 convolutions and matmuls on the GPU (old and, where present, new torch switches)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        conv.fp32_precision = "ieee"
+    matmul = getattr(torch.backends.cuda, "matmul", None)
+    if matmul is not None and hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "ieee"
+
+
 class TorchScriptNetwork:
     """Callable ``[B, C, *tile]`` float32 -> ``[B, K, *tile]`` float32 on the input's device.
 
@@ -15,8 +27,7 @@ class TorchScriptNetwork:
     """
 
     def __init__(self, model_path: str | pathlib.Path, device: torch.device):
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+        disable_tf32()
         self.device = device
         self.module = torch.jit.load(str(model_path), map_location=device).eval()
         self.providers = [f"TorchScript on {device}"]
