@@ -39,6 +39,26 @@ def validate_frame(frame: torch.Tensor, spatial_dims: int, max_pixels: int | Non
         raise InputError("IMAGE contains NaN or Inf pixels")
 
 
+def sorted_percentiles(values: torch.Tensor, percentiles: tuple[float, ...]) -> list[float]:
+    """Percentiles of all elements with numpy's default (linear) interpolation, by a full sort.
+
+    MONAI computes percentiles of tensors above 1M elements with numpy, which costs a GPU frame
+    a device-to-host copy (measured on an H100: 235 ms of preprocessing for a 2048x2048 frame);
+    a sort on the GPU avoids it. ``torch.quantile`` is not used: it refuses above 16M elements.
+    """
+    ordered = torch.sort(values.flatten()).values
+    last = ordered.numel() - 1
+    results = []
+    for percentile in percentiles:
+        position = percentile / 100.0 * last
+        below = int(position)
+        above = min(below + 1, last)
+        fraction = position - below
+        low, high = ordered[below].double(), ordered[above].double()
+        results.append(float(low + (high - low) * fraction))
+    return results
+
+
 def normalize(frame: torch.Tensor, options: PipelineOptions) -> torch.Tensor:
     """Cast a frame to float32 and scale its intensities to [0, 1] with clipping.
 
@@ -53,6 +73,9 @@ def normalize(frame: torch.Tensor, options: PipelineOptions) -> torch.Tensor:
     image = frame.to(torch.float32)
     if options.intensity_min is not None:
         scaler = ScaleIntensityRange(options.intensity_min, options.intensity_max, 0.0, 1.0, clip=True)
+    elif image.is_cuda:
+        low, high = sorted_percentiles(image, (LOWER_PERCENTILE, UPPER_PERCENTILE))
+        scaler = ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)
     else:
         scaler = ScaleIntensityRangePercentiles(LOWER_PERCENTILE, UPPER_PERCENTILE, 0.0, 1.0, clip=True)
     scaled = scaler(image)

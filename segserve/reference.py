@@ -20,11 +20,16 @@ def reference_probabilities(
     network: Callable[[torch.Tensor], torch.Tensor],
     tile_size: tuple[int, ...],
     options: PipelineOptions = PipelineOptions(),
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """``[C, *spatial]`` frame (any supported dtype) -> ``[K, *spatial]`` float32 softmax."""
-    image = normalize(torch.as_tensor(frame), options)
+    """``[C, *spatial]`` frame (any supported dtype) -> ``[K, *spatial]`` float32 softmax on the CPU.
+
+    ``device`` is where the network runs; compare a server with its own device (CPU and GPU
+    convolutions differ by ~1e-3 in the logits, past the 1e-4 parity bound).
+    """
+    image = normalize(torch.as_tensor(frame).to(device), options)
     logits = sliding_window_inference(
         image.unsqueeze(0), roi_size=tile_size, sw_batch_size=options.sw_batch_size or DEFAULT_SW_BATCH_SIZE,
         predictor=network, overlap=options.overlap, mode=options.blend,
     )
-    return torch.softmax(logits[0], dim=0)
+    return torch.softmax(logits[0], dim=0).cpu()

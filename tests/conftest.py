@@ -15,6 +15,10 @@ from monai.networks import nets
 
 from export.network_export import ExportSettings, build_network, export_network
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
+from segserve.torchscript_network import disable_tf32
+
+# Where the server's network runs, so the in-process reference runs there too.
+NETWORK_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "unet2d_particles"
 DEFAULT_NETWORK = "unet2d_particles"
@@ -31,7 +35,9 @@ def default_network() -> torch.nn.Module:
     """The default network in torch, from the committed checkpoint (the parity reference)."""
     spec = json.loads(CHECKPOINT.with_suffix(".json").read_text())
     settings = ExportSettings(spec["architecture"], spec["arguments"], CHECKPOINT.with_suffix(".pt"), tuple(spec["tile"]), DEFAULT_NETWORK)
-    return build_network(settings)
+    if NETWORK_DEVICE == "cuda":
+        disable_tf32()
+    return build_network(settings).to(NETWORK_DEVICE)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from export.network_export import ExportError, ExportSettings, build_network, ex
 from segserve.network_spec import load_network_spec
 from segserve.options import PipelineOptions
 from segserve.reference import reference_probabilities
-from tests.conftest import SECOND_NETWORK, SECOND_NETWORK_SETTINGS
+from tests.conftest import NETWORK_DEVICE, SECOND_NETWORK, SECOND_NETWORK_SETTINGS
 
 
 def test_export_writes_model_and_config(tmp_path):
@@ -51,10 +51,10 @@ def test_export_cli_reports_mismatched_checkpoint_in_one_line(tmp_path, second_n
 
 def test_exported_network_serves_through_segment_2d(server, second_network_checkpoint, rng):
     settings = ExportSettings(checkpoint=second_network_checkpoint, name=SECOND_NETWORK, **SECOND_NETWORK_SETTINGS)
-    network = build_network(settings)
+    network = build_network(settings).to(NETWORK_DEVICE)
     frame = rng.random((1, 150, 97), dtype=np.float32)
     with SegmentationClient(server.grpc_url, network=SECOND_NETWORK) as client:
         result = client.segment(frame, probabilities=True, sw_batch_size=5)
-    expected = reference_probabilities(frame, network, SECOND_NETWORK_SETTINGS["tile"], PipelineOptions(sw_batch_size=5))
+    expected = reference_probabilities(frame, network, SECOND_NETWORK_SETTINGS["tile"], PipelineOptions(sw_batch_size=5), NETWORK_DEVICE)
     assert result.probabilities.shape == (2, 150, 97)
     assert np.abs(result.probabilities - expected.numpy()).max() <= 1e-4

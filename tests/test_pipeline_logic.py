@@ -112,3 +112,12 @@ def test_contour_keeps_class_on_borders_only():
 def test_class_mask_is_uint8_argmax():
     logits = torch.tensor([[[0.0, 2.0]], [[1.0, 0.0]]])
     assert class_mask(logits).tolist() == [[1, 0]]
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 1000, 4097])
+def test_sorted_percentiles_equal_numpy(size):
+    values = torch.from_numpy(np.random.default_rng(size).normal(size=size).astype(np.float32))
+    expected = np.percentile(values.numpy().astype(np.float64), [1, 99])
+    from segserve.preprocess import sorted_percentiles
+
+    np.testing.assert_allclose(sorted_percentiles(values, (1.0, 99.0)), expected, rtol=1e-6, atol=1e-7)

@@ -10,6 +10,7 @@ import tritonclient.grpc as grpcclient
 from client.api import INPUT_BY_DTYPE, SegmentationClient
 from segserve.options import PipelineOptions
 from segserve.reference import reference_probabilities
+from tests.conftest import NETWORK_DEVICE
 from training.synthetic import synthetic_slice, to_detector_counts
 
 TILE = (128, 128)
@@ -23,7 +24,7 @@ def frame_of(shape, dtype, rng) -> np.ndarray:
 
 
 def assert_matches_reference(result, frame, network, options):
-    expected = reference_probabilities(frame, network, TILE, options).numpy()
+    expected = reference_probabilities(frame, network, TILE, options, NETWORK_DEVICE).numpy()
     assert result.probabilities.shape == expected.shape
     difference = np.abs(result.probabilities - expected).max()
     assert difference <= TOLERANCE, f"max abs difference {difference:.3g}"
