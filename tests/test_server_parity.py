@@ -90,11 +90,18 @@ def test_probabilities_sent_empty_unless_asked(grpc, rng):
     assert response.as_numpy("CONTOUR").shape == (0, 110)
 
 
-def test_concurrent_frames_share_the_network(server, default_network, rng):
-    """Frames in flight together come back right (their tiles meet in dynamic batches)."""
+def merged_executions(grpc, network: str, tiles_per_request: int) -> int:
+    """Executions of ``network`` that ran more tiles than one request carries."""
+    statistics = grpc.get_inference_statistics(network, as_json=True)["model_stats"][0]
+    return sum(int(b["compute_infer"]["count"]) for b in statistics.get("batch_stats", []) if int(b["batch_size"]) > tiles_per_request)
+
+
+def test_concurrent_frames_share_network_batches(server, grpc, default_network, rng):
+    """Frames in flight together come back right, and their tiles meet in dynamic batches."""
     from concurrent.futures import ThreadPoolExecutor
 
-    frames = [frame_of((200 + 17 * i, 300 - 13 * i), np.uint16, rng) for i in range(4)]
+    frames = [frame_of((300 + 17 * i, 400 - 13 * i), np.uint16, rng) for i in range(4)]
+    merged_before = merged_executions(grpc, "unet2d_particles", 4)
 
     def segment(frame):
         with SegmentationClient(server.grpc_url) as client:
@@ -104,4 +111,4 @@ def test_concurrent_frames_share_the_network(server, default_network, rng):
         results = list(pool.map(segment, frames))
     for frame, result in zip(frames, results):
         assert_matches_reference(result, frame, default_network, PipelineOptions(sw_batch_size=4))
-
+    assert merged_executions(grpc, "unet2d_particles", 4) > merged_before
