@@ -135,6 +135,7 @@ class TritonServer:
     """
 
     def __init__(self, config: ServerConfig | None = None, log_path: pathlib.Path | None = None):
+        """``log_path``: file the server's output is appended to; None leaves it on stdout/stderr."""
         self.config = config or ServerConfig()
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
@@ -204,7 +205,7 @@ class TritonServer:
         self._scratch = tempfile.TemporaryDirectory(prefix="segserve-backends-")
         backends = distribution.assemble_backends(pathlib.Path(self._scratch.name))
         self._regions_before = _python_backend_regions()
-        output = subprocess.DEVNULL
+        output = None  # without a log file the server writes to this process's terminal
         if self.log_path is not None:
             self._log_file = open(self.log_path, "ab")
             output = self._log_file
@@ -235,7 +236,7 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
 
     def _log_hint(self) -> str:
-        return f"; see {self.log_path}" if self.log_path else "; rerun with a log file for details"
+        return f"; see {self.log_path}" if self.log_path else "; see the server output above"
 
     def stop(self, timeout_s: float = 40.0) -> int | None:
         """SIGINT, wait up to ``timeout_s``, then SIGKILL. Returns the exit code."""

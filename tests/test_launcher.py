@@ -18,12 +18,12 @@ def shm_regions() -> set[str]:
     return {p.name for p in pathlib.Path("/dev/shm").glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")}
 
 
-def test_serve_then_sigterm_leaves_no_stub_and_no_shared_memory(model_repository):
+def test_serve_then_sigterm_leaves_no_stub_and_no_shared_memory(model_repository, tmp_path):
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     regions_before = shm_regions()
     launcher = subprocess.Popen(
         [sys.executable, "-m", "segserve", "serve", "--model-repository", str(model_repository), "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--log-file", str(tmp_path / "server.log")],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first_line = launcher.stdout.readline()

@@ -121,3 +121,8 @@ def test_sorted_percentiles_equal_numpy(size):
     from segserve.preprocess import sorted_percentiles
 
     np.testing.assert_allclose(sorted_percentiles(values, (1.0, 99.0)), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_class_mask_equals_argmax_with_ties():
+    logits = torch.randint(0, 3, (4, 30, 40)).float()  # many exact ties
+    assert torch.equal(class_mask(logits), torch.argmax(logits, dim=0).to(torch.uint8))
