@@ -15,7 +15,7 @@ from monai.networks import nets
 
 from export.network_export import ExportSettings, build_network, export_network
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
-from segserve.torchscript_network import disable_tf32
+from segserve.torchscript_network import TorchScriptNetwork
 
 # Where the server's network runs, so the in-process reference runs there too.
 NETWORK_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,8 +39,7 @@ def default_network() -> torch.nn.Module:
     so only the same kernels can be held to 1e-4.
     """
     if NETWORK_DEVICE == "cuda":
-        disable_tf32()
-        return torch.jit.load(str(REPO_ROOT / "model_repository" / DEFAULT_NETWORK / "1" / "model.ts"), map_location="cuda").eval()
+        return TorchScriptNetwork(REPO_ROOT / "model_repository" / DEFAULT_NETWORK / "1" / "model.ts", torch.device("cuda"))
     spec = json.loads(CHECKPOINT.with_suffix(".json").read_text())
     settings = ExportSettings(spec["architecture"], spec["arguments"], CHECKPOINT.with_suffix(".pt"), tuple(spec["tile"]), DEFAULT_NETWORK)
     return build_network(settings)
