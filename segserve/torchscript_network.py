@@ -33,7 +33,7 @@ class TorchScriptNetwork:
         self.module = torch.jit.load(str(model_path), map_location=device).eval()
         self.providers = [f"TorchScript on {device}"]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: MONAI's sliding window updates the outputs in place
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         # No JIT graph optimisation: after its profiling runs TorchScript fuses kernels, which
         # moves this network's probabilities by ~1e-4 from the first calls and from eager torch.

@@ -31,7 +31,15 @@ SECOND_NETWORK_SETTINGS = dict(
 
 
 @pytest.fixture(scope="session")
-def default_network() -> torch.nn.Module:
+def default_network_cpu() -> torch.nn.Module:
+    """The default network in torch on the CPU, from the committed checkpoint."""
+    spec = json.loads(CHECKPOINT.with_suffix(".json").read_text())
+    settings = ExportSettings(spec["architecture"], spec["arguments"], CHECKPOINT.with_suffix(".pt"), tuple(spec["tile"]), DEFAULT_NETWORK)
+    return build_network(settings)
+
+
+@pytest.fixture(scope="session")
+def default_network(default_network_cpu) -> torch.nn.Module:
     """The parity reference: on the CPU, the torch network built from the committed checkpoint.
 
     On a GPU, the TorchScript twin the server runs there: GPU kernels differ from each other
@@ -40,9 +48,7 @@ def default_network() -> torch.nn.Module:
     """
     if NETWORK_DEVICE == "cuda":
         return TorchScriptNetwork(REPO_ROOT / "model_repository" / DEFAULT_NETWORK / "1" / "model.ts", torch.device("cuda"))
-    spec = json.loads(CHECKPOINT.with_suffix(".json").read_text())
-    settings = ExportSettings(spec["architecture"], spec["arguments"], CHECKPOINT.with_suffix(".pt"), tuple(spec["tile"]), DEFAULT_NETWORK)
-    return build_network(settings)
+    return default_network_cpu
 
 
 @pytest.fixture(scope="session")

@@ -58,3 +58,15 @@ def test_exported_network_serves_through_segment_2d(server, second_network_check
     expected = reference_probabilities(frame, network, SECOND_NETWORK_SETTINGS["tile"], PipelineOptions(sw_batch_size=5), NETWORK_DEVICE)
     assert result.probabilities.shape == (2, 150, 97)
     assert np.abs(result.probabilities - expected.numpy()).max() <= 1e-4
+
+
+def test_torchscript_twin_matches_torch_inside_monai_sliding_window(default_network_cpu, rng):
+    """The GPU engine's artifact (model.ts, no JIT fusion) gives the network's probabilities."""
+    from segserve.launcher import REPO_ROOT
+    from segserve.torchscript_network import TorchScriptNetwork
+
+    twin = TorchScriptNetwork(REPO_ROOT / "model_repository" / "unet2d_particles" / "1" / "model.ts", torch.device("cpu"))
+    frame = rng.random((1, 300, 170), dtype=np.float32)
+    expected = reference_probabilities(frame, default_network_cpu, (128, 128))
+    actual = reference_probabilities(frame, twin, (128, 128))
+    assert float((actual - expected).abs().max()) <= 1e-5
