@@ -8,7 +8,9 @@ PYTRITON := nvidia-pytriton==0.7.0
 CHECKPOINT := training/checkpoints/unet2d_particles
 NETWORK_ONNX := model_repository/unet2d_particles/1/model.onnx
 
-.PHONY: setup serve demo test bench train clean help
+PERF_ANALYZER := .tools/bin/perf_analyzer
+
+.PHONY: setup serve demo test bench loadtest train clean help
 
 help:
 	@echo "make setup  - virtual env with every dependency, default network exported (idempotent)"
@@ -16,9 +18,14 @@ help:
 	@echo "make demo   - start the server, segment the sample frames into out/demo/, stop"
 	@echo "make test   - unit and integration tests against a real tritonserver"
 	@echo "make bench  - server vs in-process MONAI on a 2048x2048 frame; 8192x8192 peak memory"
+	@echo "make loadtest - perf_analyzer sweep (gRPC, shared memory) with real frames: CSV, PNG, table"
 	@echo "make train  - retrain the default network (writes $(CHECKPOINT).pt/.json)"
 
-setup: $(SETUP_STAMP) $(NETWORK_ONNX)
+setup: $(SETUP_STAMP) $(NETWORK_ONNX) $(PERF_ANALYZER)
+
+# perf_analyzer lives apart from the venv (tritonclient 2.48's binary; the venv keeps a current client).
+$(PERF_ANALYZER): scripts/install_perf_analyzer.sh
+	PYTHON=$(PY) bash scripts/install_perf_analyzer.sh
 
 $(SETUP_STAMP): requirements.txt
 	@# tcmalloc makes the server ~20% faster on the CPU (docs/benchmarks.md); optional.
@@ -49,8 +56,11 @@ test: setup
 bench: setup
 	$(PY) -m scripts.bench_2d
 
+loadtest: setup
+	$(PY) -m scripts.loadtest
+
 train: $(SETUP_STAMP)
 	$(PY) -m training.train_2d --out $(CHECKPOINT)
 
 clean:
-	rm -rf out samples bench_results model_repository/unet2d_particles
+	rm -rf out samples bench_results model_repository/unet2d_particles .tools
