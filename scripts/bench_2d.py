@@ -7,6 +7,8 @@ ratio from one run, and the server's peak memory for a large frame.
     with the torch model and with onnxruntime; the faster of the two is the reference.
 (b) server: ``segment_2d`` over gRPC, frame sent as uint16, MASK returned; one server per
     ``--allocators`` entry (e.g. ``glibc,tcmalloc``), all running at once.
+(c) client-side tiling: the sliding window in the client, one gRPC request per tile batch to
+    the network model (how MONAI Deploy's Triton integration works).
 Runs alternate (a)/(b) so machine noise hits both alike; medians are reported.
 Peak memory: proportional set size (PSS, shared pages split between processes) of tritonserver
 and its stub processes, sampled every 0.5 s during one large-frame request, minus idle.
@@ -112,6 +114,24 @@ def stage_breakdown(server: TritonServer) -> list[str]:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]
 
 
+class RemoteNetwork:
+    """Client-side tiling as MONAI Deploy's Triton integration does it: the sliding window runs
+    in the client and every tile batch is one gRPC request to the network model."""
+
+    def __init__(self, url: str, model: str = "unet2d_particles"):
+        import tritonclient.grpc as grpcclient
+
+        self.grpcclient, self.model = grpcclient, model
+        self.client = grpcclient.InferenceServerClient(url)
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        batch = tiles.numpy()
+        tensor = self.grpcclient.InferInput("INPUT__0", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch)
+        response = self.client.infer(self.model, [tensor], outputs=[self.grpcclient.InferRequestedOutput("OUTPUT__0")])
+        return torch.from_numpy(response.as_numpy("OUTPUT__0"))
+
+
 def load_torch_network() -> torch.nn.Module:
     spec = json.loads(CHECKPOINT.with_suffix(".json").read_text())
     return build_network(ExportSettings(spec["architecture"], spec["arguments"], CHECKPOINT.with_suffix(".pt"), tuple(spec["tile"]), "bench"))
@@ -146,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             client = stack.enter_context(SegmentationClient(server.grpc_url))
             servers[allocator] = (server, client)
             paths[f"server gRPC ({allocator} allocator)"] = functools.partial(client.segment, frame)
+        remote = RemoteNetwork(next(iter(servers.values()))[0].grpc_url)
+        paths["client-side tiling (gRPC per tile batch)"] = lambda: in_process_mask(frame, remote, tile)
         times = {name: [] for name in paths}
         for run in paths.values():
             run()  # warm-up: first calls load lazy state

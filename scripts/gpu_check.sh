@@ -5,7 +5,9 @@
 #
 #   .whl/ must hold: nvidia_pytriton-0.7.0 (manylinux, 55 MB), monai-1.6.1, tritonclient-2.73.0
 #   (py3-none-any); the rest (torch, onnx, onnxruntime, numpy, ...) comes with the GPU image.
-#   Results go to $OUT (the device tool's folder) or ./gpu_results.
+#   Results go to $OUT (the device tool's folder) or ./gpu_results. Carry .tools/ too for the
+#   short load test (perf_analyzer); the device tool's 64 MiB limit may force a separate call.
+#   GPU_CHECK_TESTS=<pytest -k expr>, GPU_CHECK_BENCH=0, GPU_CHECK_LOADTEST=0, GPU_CHECK_LARGE=<side>
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${OUT:-gpu_results}
@@ -23,6 +25,12 @@ python3 -m scripts.gpu_network_probe 2>&1 | grep -v -i warn
 python3 -m pytest tests -q -p no:cacheprovider ${GPU_CHECK_TESTS:+-k "$GPU_CHECK_TESTS"} 2>&1 | tee "$results/tests.log" | tail -25
 tests_status=${PIPESTATUS[0]}
 [ "${GPU_CHECK_BENCH:-1}" = 1 ] && python3 -m scripts.bench_2d --repeats 5 --large-size "${GPU_CHECK_LARGE:-8192}" --out "$results" 2>&1 | grep -v -i warn | tail -3
+# A short load test when perf_analyzer travelled along (.tools/, from `make setup`; about 21 MB).
+if [ "${GPU_CHECK_LOADTEST:-1}" = 1 ] && .tools/bin/perf_analyzer --version >/dev/null 2>&1; then
+    python3 -m scripts.loadtest --size 2048 --concurrency 1,4 --request-count 20 --out "$results/loadtest" 2>&1 | grep -v -i warn | tail -8
+else
+    echo "(load test skipped: .tools/bin/perf_analyzer not carried or GPU_CHECK_LOADTEST=0)"
+fi
 echo "=== GPU check: tests exit $tests_status ==="
 [ -f "$results/bench_2d.md" ] && cat "$results/bench_2d.md"
 exit "$tests_status"

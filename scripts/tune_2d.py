@@ -1,0 +1,66 @@
+"""Tuning sweeps behind the defaults, each as ratios within one run (docs/benchmarks.md).
+
+    python -m scripts.tune_2d [--size 2048] [--repeats 3]
+
+1. ``sw_batch_size`` (request parameter): end-to-end latency of one frame through the server.
+2. onnxruntime ``intra_op_num_threads`` and spinning: in-process tile batches of 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from client.api import SegmentationClient
+from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
+from segserve.onnx_network import OnnxNetwork
+from training.synthetic import synthetic_slice, to_detector_counts
+
+ONNX = REPO_ROOT / "model_repository" / "unet2d_particles" / "1" / "model.onnx"
+
+
+def median_seconds(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=2048, help="frame side (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (default: %(default)s)")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    image, _ = synthetic_slice((args.size, args.size), rng)
+    frame = to_detector_counts(image, np.uint16, rng)
+    lines = [f"sw_batch_size sweep, {args.size}x{args.size} uint16 frame through the server", "",
+             "| sw_batch_size | median s | ratio to 8 |", "| ---: | ---: | ---: |"]
+    with TritonServer(ServerConfig(http_port=0, grpc_port=0, metrics_port=0)) as server, SegmentationClient(server.grpc_url) as client:
+        client.segment(frame)
+        results = {size: median_seconds(lambda: client.segment(frame, sw_batch_size=size), args.repeats) for size in (2, 4, 8, 16, 32)}
+    lines += [f"| {size} | {seconds:.3f} | {seconds / results[8]:.3f} |" for size, seconds in results.items()]
+    tiles = torch.rand(8, 1, 128, 128)
+    lines += ["", "onnxruntime, batches of 8 tiles in-process", "", "| threads | spinning | ms per batch | ratio to default |",
+              "| ---: | --- | ---: | ---: |"]
+    timings = {}
+    for threads in (0, 1, 2):
+        for spin in (False, True):
+            network = OnnxNetwork(ONNX, intra_op_threads=threads, use_cuda=False, spin_wait=spin)
+            network(tiles)
+            timings[(threads, spin)] = median_seconds(lambda: network(tiles), 10 * args.repeats)
+    for (threads, spin), seconds in timings.items():
+        lines.append(f"| {threads or 'auto'} | {'yes' if spin else 'no'} | {seconds * 1e3:.1f} | {seconds / timings[(0, False)]:.3f} |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
