@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     frame = to_detector_counts(image, np.uint16, rng)
     lines = [f"sw_batch_size sweep, {args.size}x{args.size} uint16 frame through the server", "",
              "| sw_batch_size | median s | ratio to 8 |", "| ---: | ---: | ---: |"]
-    with TritonServer(ServerConfig(http_port=0, grpc_port=0, metrics_port=0)) as server, SegmentationClient(server.grpc_url) as client:
+    config = ServerConfig(http_port=0, grpc_port=0, metrics_port=0)
+    with TritonServer(config, log_path=pathlib.Path(tempfile.gettempdir()) / "tune_2d_server.log") as server, \
+            SegmentationClient(server.grpc_url) as client:
         client.segment(frame)
         results = {size: median_seconds(lambda: client.segment(frame, sw_batch_size=size), args.repeats) for size in (2, 4, 8, 16, 32)}
     lines += [f"| {size} | {seconds:.3f} | {seconds / results[8]:.3f} |" for size, seconds in results.items()]
