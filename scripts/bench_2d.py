@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
              f"frame {args.size}x{args.size} uint16, tile {tile}, overlap 0.25, gaussian, sw_batch_size 8, {args.repeats} runs each",
              "", "| path | median s | ratio to best in-process |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {value:.3f} | {value / medians[reference_name]:.3f} |" for name, value in medians.items()]
-    lines += ["", f"Per-request time in each model of the first server (all requests, warm-up included):", "", *stages]
+    lines += ["", "Per-request time in each model of the first server (all requests, warm-up included):", "", *stages]
     if memory:
         idle, peak, seconds = memory
         first_allocator = args.allocators.split(",")[0]

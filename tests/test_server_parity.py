@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from client.api import INPUT_BY_DTYPE, SegmentationClient
+from client.api import SegmentationClient
 from segserve.options import PipelineOptions
 from segserve.reference import reference_probabilities
 from tests.conftest import NETWORK_DEVICE

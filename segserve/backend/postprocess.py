@@ -8,7 +8,6 @@ otherwise they are sent empty with shape [0, ...].
 
 from __future__ import annotations
 
-import torch
 import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import error_response, input_tensor, to_triton
