@@ -24,7 +24,8 @@ class OnnxNetwork:
     Args:
         model_path: the ``.onnx`` file.
         intra_op_threads: onnxruntime threads per run; 0 lets onnxruntime choose.
-        spin_wait: let idle onnxruntime threads spin (onnxruntime's default) instead of sleeping.
+        spin_wait: let idle onnxruntime threads spin (onnxruntime's default) instead of sleeping;
+            on in the server's network model (its own process), off in-process.
         use_cuda: run on the GPU through the CUDA provider when it and a GPU are present.
     """
 
@@ -32,8 +33,8 @@ class OnnxNetwork:
                  spin_wait: bool = False):
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
-        # Spinning worker threads keep cores busy between tile batches, starving the blending
-        # that runs in between (measured: docs/benchmarks.md).
+        # In one process with MONAI's blending, spinning worker threads starve the blending that
+        # runs between tile batches; alone in a server stub they pay (docs/benchmarks.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         self.on_gpu = use_cuda and cuda_provider_available() and torch.cuda.is_available()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.on_gpu else ["CPUExecutionProvider"]

@@ -40,7 +40,8 @@ class TritonPythonModel:
         if engine == "torchscript":
             self.network = TorchScriptNetwork(version_dir / "model.ts", torch.device("cuda" if use_cuda else "cpu"))
         else:
-            self.network = OnnxNetwork(version_dir / "model.onnx", int(parameters.get("intra_op_threads", "0")), use_cuda)
+            self.network = OnnxNetwork(version_dir / "model.onnx", int(parameters.get("intra_op_threads", "0")), use_cuda,
+                                       spin_wait=parameters.get("spin_wait", "false").lower() == "true")
         pb_utils.Logger.log_info(f"{args['model_name']}: {engine} engine, {self.network.providers}")
 
     def execute(self, requests):
