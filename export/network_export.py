@@ -4,6 +4,7 @@ it into a Triton model repository with a generated ``config.pbtxt``."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import shutil
 import tempfile
@@ -64,6 +65,12 @@ class ExportSettings:
             raise ExportError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if not self.name or "/" in self.name:
             raise ExportError(f"model name must be a plain directory name, got {self.name!r}")
+
+
+def settings_from_spec(spec_path: pathlib.Path, checkpoint: pathlib.Path | None, name: str) -> ExportSettings:
+    """Settings from a training spec JSON (``architecture``, ``arguments``, ``tile``)."""
+    spec = json.loads(pathlib.Path(spec_path).read_text())
+    return ExportSettings(spec["architecture"], spec["arguments"], checkpoint, tuple(spec["tile"]), name)
 
 
 def build_network(settings: ExportSettings) -> torch.nn.Module:

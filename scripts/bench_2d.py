@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import pathlib
 import platform
 import statistics
@@ -32,14 +31,11 @@ import psutil
 import torch
 
 from client.api import SegmentationClient
-from export.network_export import ExportSettings, build_network
+from export.network_export import build_network, settings_from_spec
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
 from segserve.onnx_network import OnnxNetwork
-from monai.inferers import sliding_window_inference
-
-from segserve.options import PipelineOptions
+from segserve.reference import reference_logits
 from segserve.postprocess import class_mask
-from segserve.preprocess import normalize
 from training.synthetic import synthetic_slice, to_detector_counts
 
 CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "unet2d_particles"
@@ -89,12 +85,10 @@ def peak_memory_during(server: TritonServer, work) -> tuple[int, int]:
     return idle, peak
 
 
-@torch.no_grad()
 def in_process_mask(frame: np.ndarray, network, tile: tuple[int, ...], device: str = "cpu") -> torch.Tensor:
-    """What a user's own script does: normalise, MONAI sliding window, argmax, mask on the host."""
-    image = normalize(torch.from_numpy(frame).to(device), PipelineOptions())
-    logits = sliding_window_inference(image[None], tile, 8, network, overlap=0.25, mode="gaussian")
-    return class_mask(logits[0]).cpu()
+    """What a user's own script does: normalise, MONAI sliding window (the pipeline's defaults:
+    overlap 0.25, gaussian, 8 tiles per batch), argmax, mask on the host."""
+    return class_mask(reference_logits(frame, network, tile, device=device)).cpu()
 
 
 def stage_breakdown(server: TritonServer, end_to_end_s: float) -> list[str]:
@@ -103,9 +97,9 @@ def stage_breakdown(server: TritonServer, end_to_end_s: float) -> list[str]:
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(server.grpc_url) as statistics_client:
-        statistics = statistics_client.get_inference_statistics(as_json=True)["model_stats"]
+        model_statistics = statistics_client.get_inference_statistics(as_json=True)["model_stats"]
     rows, ensemble_s = [], None
-    for model in statistics:
+    for model in model_statistics:
         stats, count = model["inference_stats"], int(model["inference_stats"]["success"].get("count", 0))
         if count:
             seconds = {key: int(stats[key].get("ns", 0)) / 1e9 / count for key in ("queue", "compute_input", "compute_infer", "compute_output")}
@@ -140,8 +134,7 @@ class RemoteNetwork:
 
 
 def load_torch_network() -> torch.nn.Module:
-    spec = json.loads(CHECKPOINT.with_suffix(".json").read_text())
-    return build_network(ExportSettings(spec["architecture"], spec["arguments"], CHECKPOINT.with_suffix(".pt"), tuple(spec["tile"]), "bench"))
+    return build_network(settings_from_spec(CHECKPOINT.with_suffix(".json"), CHECKPOINT.with_suffix(".pt"), "bench"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     image, _ = synthetic_slice((args.size, args.size), rng)
     frame = to_detector_counts(image, np.uint16, rng)[np.newaxis]
-    tile = tuple(json.loads(CHECKPOINT.with_suffix(".json").read_text())["tile"])
+    tile = settings_from_spec(CHECKPOINT.with_suffix(".json"), None, "bench").tile
     torch_network, onnx_network = load_torch_network(), OnnxNetwork(ONNX, use_cuda=False)
     paths = {"in-process torch": lambda: in_process_mask(frame, torch_network, tile),
              "in-process onnxruntime": lambda: in_process_mask(frame, onnx_network, tile)}

@@ -17,7 +17,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from google.protobuf import text_format
 from client.api import SegmentationClient
 from segserve.network_spec import read_model_config
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
+from scripts.bench_2d import timed
 from segserve.onnx_network import OnnxNetwork
 from training.synthetic import synthetic_slice, to_detector_counts
 
@@ -34,12 +34,7 @@ ONNX = REPO_ROOT / "model_repository" / "unet2d_particles" / "1" / "model.onnx"
 
 
 def median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(function) for _ in range(repeats))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +88,7 @@ def compare_spin_wait(frame: np.ndarray, repeats: int) -> list[str]:
             clients[name].segment(frame)
         for _ in range(repeats):
             for name, client in clients.items():
-                times[name].append(median_seconds(lambda: client.segment(frame), 1))
+                times[name].append(timed(lambda: client.segment(frame)))
     shutil.rmtree(log_dir, ignore_errors=True)
     medians = {name: statistics.median(values) for name, values in times.items()}
     return ["network model spin_wait, two servers side by side", "", "| network threads | median s | ratio |", "| --- | ---: | ---: |",

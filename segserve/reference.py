@@ -15,6 +15,23 @@ from segserve.sliding_window import DEFAULT_SW_BATCH_SIZE
 
 
 @torch.no_grad()
+def reference_logits(
+    frame: np.ndarray | torch.Tensor,
+    network: Callable[[torch.Tensor], torch.Tensor],
+    tile_size: tuple[int, ...],
+    options: PipelineOptions = PipelineOptions(),
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """``[C, *spatial]`` frame -> ``[K, *spatial]`` float32 blended logits on ``device``:
+    the pipeline's normalisation, then MONAI ``sliding_window_inference`` with ``network``."""
+    image = normalize(torch.as_tensor(frame).to(device), options)
+    logits = sliding_window_inference(
+        image.unsqueeze(0), roi_size=tile_size, sw_batch_size=options.sw_batch_size or DEFAULT_SW_BATCH_SIZE,
+        predictor=network, overlap=options.overlap, mode=options.blend,
+    )
+    return logits[0]
+
+
 def reference_probabilities(
     frame: np.ndarray | torch.Tensor,
     network: Callable[[torch.Tensor], torch.Tensor],
@@ -27,9 +44,4 @@ def reference_probabilities(
     ``device`` is where the network runs; compare a server with its own device (CPU and GPU
     convolutions differ by ~1e-3 in the logits, past the 1e-4 parity bound).
     """
-    image = normalize(torch.as_tensor(frame).to(device), options)
-    logits = sliding_window_inference(
-        image.unsqueeze(0), roi_size=tile_size, sw_batch_size=options.sw_batch_size or DEFAULT_SW_BATCH_SIZE,
-        predictor=network, overlap=options.overlap, mode=options.blend,
-    )
-    return torch.softmax(logits[0], dim=0).cpu()
+    return torch.softmax(reference_logits(frame, network, tile_size, options, device), dim=0).cpu()

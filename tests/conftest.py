@@ -3,7 +3,6 @@ repository that also holds a second exported network (BasicUNet), on free local 
 
 from __future__ import annotations
 
-import json
 import pathlib
 import shutil
 
@@ -13,7 +12,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from monai.networks import nets
 
-from export.network_export import ExportSettings, build_network, export_network
+from export.network_export import ExportSettings, build_network, export_network, settings_from_spec
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
 from segserve.torchscript_network import TorchScriptNetwork
 
@@ -33,9 +32,7 @@ SECOND_NETWORK_SETTINGS = dict(
 @pytest.fixture(scope="session")
 def default_network_cpu() -> torch.nn.Module:
     """The default network in torch on the CPU, from the committed checkpoint."""
-    spec = json.loads(CHECKPOINT.with_suffix(".json").read_text())
-    settings = ExportSettings(spec["architecture"], spec["arguments"], CHECKPOINT.with_suffix(".pt"), tuple(spec["tile"]), DEFAULT_NETWORK)
-    return build_network(settings)
+    return build_network(settings_from_spec(CHECKPOINT.with_suffix(".json"), CHECKPOINT.with_suffix(".pt"), DEFAULT_NETWORK))
 
 
 @pytest.fixture(scope="session")
