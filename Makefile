@@ -10,7 +10,7 @@ NETWORK_ONNX := model_repository/unet2d_particles/1/model.onnx
 
 PERF_ANALYZER := .tools/bin/perf_analyzer
 
-.PHONY: setup serve demo test bench loadtest train clean help
+.PHONY: setup serve demo test bench bench-transport loadtest train clean help
 
 help:
 	@echo "make setup  - virtual env with every dependency, default network exported (idempotent)"
@@ -18,6 +18,7 @@ help:
 	@echo "make demo   - start the server, segment the sample frames into out/demo/, stop"
 	@echo "make test   - unit and integration tests against a real tritonserver"
 	@echo "make bench  - server vs in-process MONAI on a 2048x2048 frame; 8192x8192 peak memory"
+	@echo "make bench-transport - latency per transport (gRPC, HTTP, shm) at 2048/4096; stream frames/s vs in-flight"
 	@echo "make loadtest - perf_analyzer sweep (gRPC, shared memory) with real frames: CSV, PNG, table"
 	@echo "make train  - retrain the default network (writes $(CHECKPOINT).pt/.json)"
 
@@ -55,6 +56,9 @@ test: setup
 
 bench: setup
 	$(PY) -m scripts.bench_2d
+
+bench-transport: setup
+	$(PY) -m scripts.bench_transport
 
 loadtest: setup
 	$(PY) -m scripts.loadtest

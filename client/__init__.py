@@ -1,6 +1,6 @@
 """Client of the segmentation service: ``SegmentationClient`` (Python API) and
 ``python -m client`` (CLI)."""
 
-from client.api import SegmentationClient, SegmentationError, SegmentationResult
+from client.api import Outcome, SegmentationClient, SegmentationError, SegmentationResult, SegmentOptions
 
-__all__ = ["SegmentationClient", "SegmentationError", "SegmentationResult"]
+__all__ = ["Outcome", "SegmentationClient", "SegmentationError", "SegmentationResult", "SegmentOptions"]

@@ -1,18 +1,29 @@
-"""Segment frames with the segmentation server.
+"""Segment frames and stacks of frames with the segmentation server.
 
     python -m client segment frame.tif [more frames...] --out results/
-    python -m client segment frame.npy --probabilities --overlap 0.5 --url 10.0.0.5:8001
+    python -m client segment scan.tif --out results/ --transport shm --inflight 8
+    python -m client segment run42.h5:/entry/data --out results/ --resume
 
-For each frame ``NAME.ext`` it writes into --out: ``NAME_mask.tif`` (uint8 class per pixel),
-``NAME_overlay.png`` (mask over the frame), and on request ``NAME_probabilities.tif``
-(float32 [K, H, W]) and ``NAME_contour.tif``. Frames: TIFF, PNG or NPY; [H, W] or [C, H, W];
-float32, uint8, uint16 or int16 pixels are sent as they are (the server converts them).
+Inputs: image files (TIFF, PNG, NPY; [H, W] or [C, H, W]), stacks (multi-page TIFF, NPY or an
+HDF5 dataset FILE.h5:/path, shaped [N, H, W] or [N, C, H, W]) and directories of image files.
+Float32, uint8, uint16 and int16 pixels travel as they are (the server converts them).
+
+Outputs in --out: for an image NAME.ext, NAME_mask.tif (uint8 class per pixel) and
+NAME_overlay.png, plus NAME_probabilities.tif (float32 [K, H, W]) and NAME_contour.tif on
+request; a directory DIR gives the same in --out/DIR/. A stack gives stacks in its own
+container: NAME_mask.tif [N, H, W] for a TIFF, NAME_mask.npy for an NPY,
+NAME_segmentation.h5 with a group named after the dataset for HDF5, and NAME.segment.json,
+the run record --resume continues from. A frame that fails after its retries is reported,
+left out of file outputs or filled with 255 (NaN for probabilities) in a stack, and the exit
+code is 1. Frames are always written in input order.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
+import signal
 import sys
 import time
 import traceback
@@ -20,7 +31,8 @@ import traceback
 from tqdm import tqdm
 
 from client.api import SegmentationClient, SegmentationError
-from client.frames import overlay, read_frame, write_array
+from client.stacks import FileWriter, RunRecord, Source, StackWriter, open_sources, stack_outputs
+from client.transports import TRANSPORTS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,9 +40,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     segment = commands.add_parser("segment", help="segment frames and write masks", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    segment.add_argument("frames", nargs="+", type=pathlib.Path, help="frame files (.tif, .tiff, .png, .npy)")
+    segment.add_argument("frames", nargs="+", help="image files, stacks (.tif, .npy, FILE.h5:/dataset) or directories")
     segment.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"), help="output directory (default: %(default)s)")
-    segment.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address host:port (default: %(default)s)")
+    segment.add_argument("--url", help="server address host:port (default: 127.0.0.1:8001, or :8000 for http)")
+    segment.add_argument("--transport", choices=TRANSPORTS, default="grpc",
+                         help="how frames travel: grpc, http, shm (system shared memory, same host) or cuda-shm "
+                              "(default: %(default)s)")
+    segment.add_argument("--inflight", type=int, default=4, help="requests in flight at once (default: %(default)s)")
+    segment.add_argument("--retries", type=int, default=3,
+                         help="further attempts for a frame that failed for a passing reason (default: %(default)s)")
+    segment.add_argument("--resume", action="store_true", help="skip frames an interrupted run already wrote")
+    segment.add_argument("--overwrite", action="store_true", help="start over even where an interrupted run left a record")
     segment.add_argument("--model", default="segment_2d", help="pipeline ensemble (default: %(default)s)")
     segment.add_argument("--network", help="network model to run (default: the server's default network)")
     segment.add_argument("--overlap", type=float, help="tile overlap fraction in [0, 1) (server default 0.25)")
@@ -40,71 +60,159 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     segment.add_argument("--intensity-max", type=float,
                          help="fixed intensity mapped to 1 (default: each frame's 1st..99th percentile)")
     segment.add_argument("--keep-largest", action="store_true", help="keep only the largest object of each class")
-    segment.add_argument("--probabilities", action="store_true", help="also write NAME_probabilities.tif [K, H, W]")
-    segment.add_argument("--contour", action="store_true", help="also write NAME_contour.tif (object borders)")
-    segment.add_argument("--format", choices=("tif", "npy"), default="tif", help="array output format (default: %(default)s)")
-    segment.add_argument("--no-overlay", action="store_true", help="skip the PNG overlay")
+    segment.add_argument("--probabilities", action="store_true", help="also write class probabilities [K, H, W]")
+    segment.add_argument("--contour", action="store_true", help="also write object borders")
+    segment.add_argument("--format", choices=("tif", "npy"), default="tif",
+                         help="file format of per-image outputs (default: %(default)s; stacks keep their container)")
+    segment.add_argument("--no-overlay", action="store_true", help="skip the PNG overlay of per-image outputs")
     segment.add_argument("--overlay-max-size", type=int, default=2048, help="longest overlay side in pixels (default: %(default)s)")
-    segment.add_argument("--timeout", type=float, help="seconds before a request is abandoned (default: none)")
+    segment.add_argument("--timeout", type=float, help="seconds before a request is abandoned and retried (default: none)")
+    segment.add_argument("--no-progress", action="store_true", help="no progress bar")
     segment.add_argument("--debug", action="store_true", help="print tracebacks on errors")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.inflight < 1:
+        parser.error(f"--inflight must be >= 1, got {args.inflight}")
+    if args.retries < 0:
+        parser.error(f"--retries must be >= 0, got {args.retries}")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    return args
 
 
-def segment_files(args: argparse.Namespace) -> int:
+@dataclasses.dataclass
+class Tally:
+    """Counts for the closing summary."""
+
+    frames: int = 0
+    written: int = 0
+    skipped: int = 0
+    retries: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self, seconds: float) -> str:
+        rate = f"{self.frames / seconds:.2f} frames/s" if seconds > 0 and self.frames else "-"
+        text = (f"{self.frames} frame(s) in {seconds:.1f} s ({rate}): {self.written} written, "
+                f"{len(self.failed)} failed, {self.retries} retried")
+        return text + (f", {self.skipped} skipped (already written)" if self.skipped else "")
+
+
+def segment_options(args: argparse.Namespace) -> dict:
+    return dict(probabilities=args.probabilities, contour=args.contour, keep_largest=args.keep_largest or None,
+                overlap=args.overlap, blend=args.blend, sw_batch_size=args.sw_batch_size,
+                intensity_min=args.intensity_min, intensity_max=args.intensity_max)
+
+
+@dataclasses.dataclass
+class Plan:
+    """One source, where its results go, and which of its frames still need segmenting."""
+
+    source: Source
+    writer: StackWriter | FileWriter
+    todo: list[int]
+    record: RunRecord | None = None
+
+
+def plan_source(source: Source, args: argparse.Namespace, num_classes: int) -> Plan:
+    outputs = stack_outputs(args.probabilities, args.contour)
+    if source.kind in ("files", "directory"):
+        writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size)
+        todo = [i for i in range(source.count) if not (args.resume and writer.is_done(i))]
+        return Plan(source, writer, todo)
+    settings = {"network": args.network, "model": args.model, "source": source.label, **segment_options(args)}
+    record_path = StackWriter.record_path_for(source, args.out)
+    record = None
+    if record_path.exists():
+        if args.resume:
+            record = RunRecord.load(record_path, source.count, settings)
+        elif not args.overwrite and not RunRecord.is_complete_file(record_path):
+            raise ValueError(f"{record_path}: an earlier run stopped before the end; add --resume to continue it "
+                             "or --overwrite to start again")
+    writer = StackWriter(source, args.out, outputs, num_classes, resume=record is not None)
+    if record is None:
+        record = RunRecord(record_path, source.count, settings)
+        record.save()
+    return Plan(source, writer, record.remaining(), record)
+
+
+def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, progress: tqdm, tally: Tally) -> None:
+    source, writer = plan.source, plan.writer
+    items = ((i, lambda i=i: source.load(i)) for i in plan.todo)
+    stream = client.segment_stream(items, inflight=args.inflight, retries=args.retries, **segment_options(args))
+    try:
+        for outcome in stream:
+            tally.frames += 1
+            tally.retries += max(outcome.attempts - 1, 0)
+            if outcome.ok:
+                written = writer.write(outcome.index, outcome.result)
+                tally.written += 1
+                if source.kind in ("files", "directory"):
+                    progress.write(f"{source.frame_label(outcome.index)} -> {', '.join(str(p) for p in written)}")
+            else:
+                tally.failed.append(f"{source.frame_label(outcome.index)}: {outcome.error}")
+                progress.write(f"client: error: {tally.failed[-1]}")
+                if plan.record is not None:
+                    writer.write_failed(outcome.index)
+            if plan.record is not None:
+                writer.flush()
+                plan.record.mark(outcome.index, outcome.error)
+                plan.record.save()
+            progress.update(1)
+            progress.set_postfix(retried=tally.retries, failed=len(tally.failed), refresh=False)
+    finally:
+        stream.close()
+        if isinstance(writer, StackWriter):
+            writer.close()
+
+
+def segment_inputs(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    with SegmentationClient(args.url, args.model, args.network, args.timeout) as client:
+    with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
+                            timeout_s=args.timeout) as client:
         if not client.is_ready():
-            raise SegmentationError(f"model {args.model!r} is not ready at {args.url} (is the server running? `make serve`)")
-        progress = tqdm(args.frames, unit="frame", disable=len(args.frames) < 2)
-        for path in progress:
-            try:
-                written = segment_one(client, path, args)
-                progress.write(f"{path} -> {', '.join(str(p) for p in written)}")
-            except (OSError, ValueError, SegmentationError) as error:
-                failures += 1
-                progress.write(f"client: error: {path}: {error}")
-                if args.debug:
-                    traceback.print_exc()
-    if failures:
-        print(f"client: {failures} of {len(args.frames)} frame(s) failed", file=sys.stderr)
-    return 1 if failures else 0
+            raise SegmentationError(f"model {args.model!r} is not ready at {client.url} (is the server running? `make serve`)")
+        if client.stale_regions_removed:
+            print(f"client: removed {len(client.stale_regions_removed)} shared-memory region(s) left by an earlier "
+                  "run that did not exit cleanly", file=sys.stderr)
+        in_channels, num_classes = client.network_shape()
+        plans = [plan_source(source, args, num_classes) for source in open_sources(args.frames, in_channels)]
+        tally = Tally(skipped=sum(p.source.count - len(p.todo) for p in plans))
+        total = sum(len(p.todo) for p in plans)
+        start = time.perf_counter()
+        try:
+            with tqdm(total=total, unit="frame", disable=args.no_progress or total < 2, dynamic_ncols=True) as progress:
+                for plan in plans:
+                    progress.set_description(plan.source.label[-30:])
+                    run_plan(client, plan, args, progress, tally)
+        finally:
+            print(f"client: {tally.summary(time.perf_counter() - start)}", file=sys.stderr)
+            for plan in plans:
+                if plan.record is not None:
+                    print(f"client: {plan.source.label} -> {plan.writer.describe()}", file=sys.stderr)
+    if tally.failed:
+        print("client: failed frames:\n  " + "\n  ".join(tally.failed), file=sys.stderr)
+    return 1 if tally.failed else 0
 
 
-def segment_one(client: SegmentationClient, path: pathlib.Path, args: argparse.Namespace) -> list[pathlib.Path]:
-    frame = read_frame(path)
-    start = time.perf_counter()
-    result = client.segment(
-        frame, probabilities=args.probabilities, contour=args.contour, keep_largest=args.keep_largest or None,
-        overlap=args.overlap, blend=args.blend, sw_batch_size=args.sw_batch_size,
-        intensity_min=args.intensity_min, intensity_max=args.intensity_max)
-    elapsed = time.perf_counter() - start
-    stem, suffix = args.out / path.stem, f".{args.format}"
-    written = [write_array(stem.with_name(f"{path.stem}_mask{suffix}"), result.mask)]
-    if result.probabilities is not None:
-        written.append(write_array(stem.with_name(f"{path.stem}_probabilities{suffix}"), result.probabilities))
-    if result.contour is not None:
-        written.append(write_array(stem.with_name(f"{path.stem}_contour{suffix}"), result.contour))
-    if not args.no_overlay:
-        overlay_path = stem.with_name(f"{path.stem}_overlay.png")
-        overlay(frame, result.mask, max_size=args.overlay_max_size).save(overlay_path)
-        written.append(overlay_path)
-    written.append(f"({frame.shape[-1]}x{frame.shape[-2]} {frame.dtype}, {elapsed:.2f} s)")
-    return written
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM takes the same path as Ctrl-C: regions unregistered and freed, run record saved.
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
-        return segment_files(args)
+        return segment_inputs(args)
     except (OSError, ValueError, SegmentationError) as error:
         if args.debug:
             traceback.print_exc()
         print(f"client: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("client: interrupted", file=sys.stderr)
+        print("client: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

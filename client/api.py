@@ -1,32 +1,43 @@
 """Python API of the segmentation service.
 
     from client import SegmentationClient
-    with SegmentationClient("127.0.0.1:8001") as seg:
-        result = seg.segment(frame)            # frame: [H, W] or [C, H, W] numpy array
-        result.mask                            # [H, W] uint8 class per pixel
-        seg.segment(frame, probabilities=True).probabilities   # [K, H, W] float32
+    with SegmentationClient() as seg:                       # gRPC to 127.0.0.1:8001
+        result = seg.segment(frame)                          # frame: [H, W] or [C, H, W]
+        result.mask                                          # [H, W] uint8 class per pixel
+        seg.segment(frame, probabilities=True).probabilities # [K, H, W] float32
+
+    with SegmentationClient(transport="shm") as seg:        # frames through /dev/shm
+        for outcome in seg.segment_stream(frames, inflight=4):
+            outcome.index, outcome.result.mask, outcome.error
+
+Transports: ``grpc`` (default), ``http``, ``shm`` (system shared memory, same host) and
+``cuda-shm`` (CUDA shared memory; also takes torch/CuPy tensors already on the GPU without a
+host copy). Shared-memory regions are made once per in-flight slot, reused for every frame,
+and unregistered and freed by ``close()`` (the ``with`` block); regions left by a crashed
+client are removed when the next shared-memory client starts.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import queue
+from collections.abc import Iterable, Iterator
 
 import numpy as np
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
-# Input name per pixel type: the server casts, so 8/16-bit frames travel at their own size.
-INPUT_BY_DTYPE = {
-    np.dtype(np.float32): ("IMAGE", "FP32"),
-    np.dtype(np.uint8): ("IMAGE_UINT8", "UINT8"),
-    np.dtype(np.uint16): ("IMAGE_UINT16", "UINT16"),
-    np.dtype(np.int16): ("IMAGE_INT16", "INT16"),
-}
+from client.connection import DEFAULT_URLS, Connection, SegmentationError
+from client.shared_memory import SHM_KINDS, remove_stale_regions
+from client.stream import Outcome, RetryPolicy, ordered_stream
+from client.transports import (INPUT_BY_DTYPE, TRANSPORTS, InlineTransport, SharedMemoryTransport, frame_dtype,
+                               on_gpu, output_specs)
+
 LOSSLESS_TO_FLOAT32 = (np.dtype(np.float16), np.dtype(np.float64), np.dtype(np.int8), np.dtype(bool))
+PIPELINE_STEP_WITH_DEFAULT_NETWORK = "sliding_window_2d"
+CONTROL_TIMEOUT_S = 30.0
 
-
-class SegmentationError(RuntimeError):
-    """The server refused or failed the request; the message is the server's."""
+__all__ = ["SegmentationClient", "SegmentationError", "SegmentationResult", "SegmentOptions", "Outcome",
+           "RetryPolicy", "as_channel_first", "TRANSPORTS"]
 
 
 @dataclasses.dataclass
@@ -39,40 +50,122 @@ class SegmentationResult:
     contour: np.ndarray | None = None
 
 
-def as_channel_first(frame: np.ndarray) -> np.ndarray:
-    """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` unchanged. float64/float16/int8/bool -> float32
-    (float64 loses precision beyond float32, which the network computes in anyway)."""
-    frame = np.asarray(frame)
-    if frame.ndim == 2:
-        frame = frame[np.newaxis]
-    if frame.dtype in LOSSLESS_TO_FLOAT32:
+@dataclasses.dataclass(frozen=True)
+class SegmentOptions:
+    """What to compute for each frame. None leaves the server's default (the server checks
+    every value and names the bad one in its error)."""
+
+    probabilities: bool = False
+    contour: bool = False
+    keep_largest: bool | None = None
+    overlap: float | None = None
+    blend: str | None = None
+    sw_batch_size: int | None = None
+    intensity_min: float | None = None
+    intensity_max: float | None = None
+
+    def parameters(self, network: str | None) -> dict:
+        """Request parameters: options left as None are not sent."""
+        parameters = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                      if getattr(self, f.name) is not None and getattr(self, f.name) is not False}
+        if network is not None:
+            parameters["network"] = network
+        return parameters
+
+
+def as_channel_first(frame):
+    """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` unchanged; float64/float16/int8/bool numpy
+    frames -> float32 (the network computes in float32 anyway). GPU tensors keep their device.
+
+    Raises:
+        ValueError: unsupported rank or pixel type.
+    """
+    if not on_gpu(frame) and not isinstance(frame, np.ndarray):
+        frame = np.asarray(frame)
+    if isinstance(frame, np.ndarray) and frame.dtype in LOSSLESS_TO_FLOAT32:
         frame = frame.astype(np.float32)
-    if frame.dtype not in INPUT_BY_DTYPE:
+    if frame.ndim == 2:
+        frame = frame[None]
+    if frame.ndim != 3:
+        raise ValueError(f"frame must be [H, W] or [C, H, W], got shape {list(frame.shape)}")
+    dtype = frame_dtype(frame)
+    if dtype not in INPUT_BY_DTYPE:
         supported = ", ".join(str(d) for d in INPUT_BY_DTYPE)
-        raise ValueError(f"pixel type {frame.dtype} is not supported; use one of {supported}")
-    return np.ascontiguousarray(frame)
+        raise ValueError(f"pixel type {dtype} is not supported; use one of {supported}")
+    if isinstance(frame, np.ndarray):
+        return np.ascontiguousarray(frame)
+    if hasattr(frame, "contiguous"):  # torch
+        return frame.contiguous()
+    return frame if frame.flags.c_contiguous else frame.copy(order="C")  # CuPy
 
 
 class SegmentationClient:
-    """gRPC client of the ``segment_2d`` ensemble.
+    """Client of the ``segment_2d`` ensemble over one transport.
 
     Args:
-        url: ``host:port`` of the server's gRPC endpoint.
+        url: ``host:port`` (default 127.0.0.1:8001 for gRPC and shared memory, :8000 for HTTP).
+        transport: ``grpc``, ``http``, ``shm`` or ``cuda-shm``.
         model: ensemble to call.
         network: network model to use (None: the server's default).
         timeout_s: per-request deadline in seconds (None: no deadline).
+        headers: sent with every call (e.g. the token of restricted endpoints).
+        device_id: GPU of CUDA shared-memory regions.
     """
 
-    def __init__(self, url: str = "127.0.0.1:8001", model: str = "segment_2d", network: str | None = None,
-                 timeout_s: float | None = None):
-        self.url = url
-        self.model = model
-        self.network = network
-        self.timeout_s = timeout_s
-        self._client = grpcclient.InferenceServerClient(url)
+    def __init__(self, url: str | None = None, *, transport: str = "grpc", model: str = "segment_2d",
+                 network: str | None = None, timeout_s: float | None = None,
+                 headers: dict[str, str] | None = None, device_id: int = 0):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.transport, self.model, self.network = transport, model, network
+        self.protocol = "http" if transport == "http" else "grpc"
+        self.url = url or DEFAULT_URLS[self.protocol]
+        self.timeout_s, self.headers, self.device_id = timeout_s, dict(headers or {}), device_id
+        # Control calls (readiness, configuration, region cleanup) get their own fixed deadline:
+        # a short per-frame timeout must not make a busy server look absent.
+        self._control = Connection(self.url, self.protocol, self.headers, CONTROL_TIMEOUT_S)
+        self._transports: list = []
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._network_shape: tuple[int, int] | None = None
+        self.stale_regions_removed: list[str] = []
+        if transport in SHM_KINDS:
+            self.stale_regions_removed = remove_stale_regions(self._control, SHM_KINDS[transport])
+        atexit.register(self.close)  # regions are freed even if the caller forgets close()
+
+    def _connect(self) -> Connection:
+        return Connection(self.url, self.protocol, self.headers, self.timeout_s)
+
+    def _new_transport(self):
+        connection = self._connect()
+        if self.transport in SHM_KINDS:
+            return SharedMemoryTransport(connection, SHM_KINDS[self.transport], len(self._transports), self.device_id)
+        return InlineTransport(connection)
+
+    def _slot(self, slot: int):
+        while len(self._transports) <= slot:
+            self._transports.append(self._new_transport())
+        return self._transports[slot]
+
+    @property
+    def regions_created(self) -> int:
+        """Shared-memory regions created so far (reuse keeps this at slots x outputs)."""
+        return sum(t.regions.created for t in self._transports if isinstance(t, SharedMemoryTransport))
 
     def close(self) -> None:
-        self._client.close()
+        """Unregister and free every shared-memory region; close the connections. Idempotent."""
+        atexit.unregister(self.close)
+        errors = []
+        for transport in self._transports:
+            try:
+                transport.close()
+            except SegmentationError as error:
+                errors.append(str(error))
+        self._transports.clear()
+        self._control.close()
+        if errors:
+            raise SegmentationError(f"cleanup incomplete: {'; '.join(errors)}")
 
     def __enter__(self) -> "SegmentationClient":
         return self
@@ -81,50 +174,70 @@ class SegmentationClient:
         self.close()
 
     def is_ready(self) -> bool:
-        try:
-            return self._client.is_model_ready(self.model)
-        except InferenceServerException:
-            return False
+        return self._control.is_model_ready(self.model)
 
-    def request_parameters(self, probabilities: bool, contour: bool, **options) -> dict:
-        """Request parameters of one call; options left as None are not sent."""
-        parameters = {name: value for name, value in options.items() if value is not None}
-        if self.network is not None:
-            parameters.setdefault("network", self.network)
-        if probabilities:
-            parameters["probabilities"] = True
-        if contour:
-            parameters["contour"] = True
-        return parameters
+    def network_shape(self) -> tuple[int, int]:
+        """``(in_channels, num_classes)`` of the network this client's requests run."""
+        if self._network_shape is None:
+            network = self.network
+            if network is None:
+                config = self._control.model_config(PIPELINE_STEP_WITH_DEFAULT_NETWORK)
+                network = config["parameters"]["default_network"]["string_value"]
+            metadata = self._control.model_metadata(network)
+            self._network_shape = (int(metadata["inputs"][0]["shape"][1]), int(metadata["outputs"][0]["shape"][1]))
+        return self._network_shape
 
-    def segment(self, frame: np.ndarray, *, probabilities: bool = False, contour: bool = False,
-                keep_largest: bool | None = None, overlap: float | None = None, blend: str | None = None,
-                sw_batch_size: int | None = None, intensity_min: float | None = None,
-                intensity_max: float | None = None) -> SegmentationResult:
-        """Segment one frame ``[H, W]`` or ``[C, H, W]`` (float32, uint8, uint16 or int16).
+    def _segment_on(self, transport, image, options: SegmentOptions) -> SegmentationResult:
+        num_classes = self.network_shape()[1] if options.probabilities else None
+        specs = output_specs(tuple(image.shape[1:]), options.probabilities, options.contour, num_classes)
+        outputs = transport.infer(self.model, image, specs, options.parameters(self.network))
+        return SegmentationResult(outputs["MASK"], outputs.get("PROBABILITIES"), outputs.get("CONTOUR"))
+
+    def segment(self, frame, **options) -> SegmentationResult:
+        """Segment one frame ``[H, W]`` or ``[C, H, W]`` (float32, uint8, uint16 or int16;
+        numpy, or a torch/CuPy tensor). Keyword options: see ``SegmentOptions``.
 
         Raises:
             ValueError: unsupported pixel type or rank (checked before sending).
             SegmentationError: the server's error, e.g. a bad option value.
         """
         image = as_channel_first(frame)
-        if image.ndim != 3:
-            raise ValueError(f"frame must be [H, W] or [C, H, W], got shape {list(np.shape(frame))}")
-        input_name, triton_dtype = INPUT_BY_DTYPE[image.dtype]
-        image_input = grpcclient.InferInput(input_name, list(image.shape), triton_dtype)
-        image_input.set_data_from_numpy(image)
-        names = ["MASK"] + (["PROBABILITIES"] if probabilities else []) + (["CONTOUR"] if contour else [])
-        parameters = self.request_parameters(
-            probabilities, contour, keep_largest=keep_largest, overlap=overlap, blend=blend,
-            sw_batch_size=sw_batch_size, intensity_min=intensity_min, intensity_max=intensity_max)
+        settings = SegmentOptions(**options)
         try:
-            response = self._client.infer(
-                self.model, [image_input], outputs=[grpcclient.InferRequestedOutput(n) for n in names],
-                parameters=parameters, client_timeout=self.timeout_s)
-        except InferenceServerException as error:
-            raise SegmentationError(error.message() or str(error)) from None
-        return SegmentationResult(
-            mask=response.as_numpy("MASK"),
-            probabilities=response.as_numpy("PROBABILITIES") if probabilities else None,
-            contour=response.as_numpy("CONTOUR") if contour else None,
-        )
+            transport = self._idle.get_nowait()
+        except queue.Empty:
+            transport = self._slot(len(self._transports))
+        try:
+            return self._segment_on(transport, image, settings)
+        finally:
+            self._idle.put(transport)
+
+    def segment_stream(self, frames: Iterable, *, inflight: int = 4, retries: int = 3, backoff_s: float = 0.5,
+                       **options) -> Iterator[Outcome]:
+        """Segment many frames with ``inflight`` requests at once; yields one ``Outcome`` per
+        frame in input order (``outcome.result`` a SegmentationResult, or ``outcome.error``).
+
+        Args:
+            frames: arrays, or ``(index, load)`` pairs where ``load()`` returns the frame
+                (lets a reader stream from disk; a load error fails only that frame).
+            inflight: requests in flight (one connection and set of regions each).
+            retries: further attempts for a frame that failed for a retryable reason
+                (server busy or restarting, connection lost, deadline passed).
+            backoff_s: wait before the first retry; doubles each time.
+        """
+        settings = SegmentOptions(**options)
+        policy = RetryPolicy(retries=retries, backoff_s=backoff_s)
+        slots = [self._slot(w) for w in range(inflight)] if inflight >= 1 else []
+
+        def process(worker: int, frame):
+            return self._segment_on(slots[worker], as_channel_first(frame), settings)
+
+        yield from ordered_stream(_as_items(frames), process, inflight, policy)
+
+
+def _as_items(frames: Iterable) -> Iterator[tuple[int, object]]:
+    for index, frame in enumerate(frames):
+        if isinstance(frame, tuple) and len(frame) == 2 and callable(frame[1]):
+            yield frame
+        else:
+            yield index, (lambda f=frame: f)

@@ -4,10 +4,14 @@
 # the pipeline on the GPU, then the 2D benchmark, and prints a short table last.
 #
 #   .whl/ must hold: nvidia_pytriton-0.7.0 (manylinux, 55 MB), monai-1.6.1, tritonclient-2.73.0
-#   (py3-none-any); the rest (torch, onnx, onnxruntime, numpy, ...) comes with the GPU image.
+#   (py3-none-any), and for the client's HDF5 stacks and CUDA shared memory h5py-3.16.0,
+#   cuda_python-13.4.4, cuda_bindings-13.4.4 and cuda_pathfinder (cp312 manylinux; `pip download
+#   --only-binary=:all: --python-version 3.12 --no-deps`); the rest (torch, onnx, onnxruntime,
+#   numpy, ...) comes with the GPU image.
 #   Results go to $OUT (the device tool's folder) or ./gpu_results. Carry .tools/ too for the
 #   short load test (perf_analyzer); the device tool's 64 MiB limit may force a separate call.
-#   GPU_CHECK_TESTS=<pytest -k expr>, GPU_CHECK_BENCH=0, GPU_CHECK_LOADTEST=0, GPU_CHECK_LARGE=<side>
+#   GPU_CHECK_TESTS=<pytest -k expr>, GPU_CHECK_BENCH=0, GPU_CHECK_LOADTEST=0, GPU_CHECK_LARGE=<side>,
+#   GPU_CHECK_TRANSPORT=0 (skips the per-transport benchmark, CUDA shared memory included)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${OUT:-gpu_results}
@@ -25,6 +29,7 @@ python3 -m scripts.gpu_network_probe 2>&1 | grep -v -i warn
 python3 -m pytest tests -q -p no:cacheprovider ${GPU_CHECK_TESTS:+-k "$GPU_CHECK_TESTS"} 2>&1 | tee "$results/tests.log" | tail -25
 tests_status=${PIPESTATUS[0]}
 [ "${GPU_CHECK_BENCH:-1}" = 1 ] && python3 -m scripts.bench_2d --repeats 5 --large-size "${GPU_CHECK_LARGE:-8192}" --out "$results" 2>&1 | grep -v -i warn | tail -3
+[ "${GPU_CHECK_TRANSPORT:-1}" = 1 ] && python3 -m scripts.bench_transport --repeats 3 --out "$results" 2>&1 | grep -v -i warn | tail -30
 # A short load test when perf_analyzer travelled along (.tools/, from `make setup`; about 21 MB).
 if [ "${GPU_CHECK_LOADTEST:-1}" = 1 ] && .tools/bin/perf_analyzer --version >/dev/null 2>&1; then
     python3 -m scripts.loadtest --size 2048 --concurrency 1,4 --request-count 20 --out "$results/loadtest" 2>&1 | grep -v -i warn | tail -8

@@ -1,0 +1,354 @@
+"""Stacks of frames in and out: multi-page TIFF, NPY, HDF5 datasets, directories and lists of
+image files, each written back into the matching kind of container, with a run record that
+lets an interrupted run resume.
+
+A container input is a stack when its rank is one more than a frame's: ``[N, H, W]`` for a
+one-channel network, ``[N, C, H, W]`` otherwise; a rank-2 array (or ``[C, H, W]`` with C > 1)
+is one frame. Stack outputs are preallocated (``[N, H, W]`` masks) and written in input order;
+``<stem>.segment.json`` next to them records how many frames are done and which failed, and is
+updated only after a frame's data is in the file, so resuming never skips a frame that is not
+there. A frame that failed is filled with ``FAILED_VALUE`` (mask, contour) or NaN
+(probabilities) and listed in the record and the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Callable
+
+import numpy as np
+import tifffile
+
+from client.frames import FRAME_SUFFIXES, overlay, read_frame, write_array
+
+FAILED_VALUE = 255  # mask/contour value of a frame that failed: never a class of our networks
+RECORD_VERSION = 1
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
+
+
+@dataclasses.dataclass
+class Source:
+    """Frames from one input: ``load(i)`` reads frame ``i`` (``[H, W]`` or ``[C, H, W]``).
+
+    ``kind`` is ``files`` (one image file per frame) or the container of a stack
+    (``tiff``, ``npy``, ``hdf5``); ``frame_shape``/``dtype`` are set for stacks.
+    """
+
+    label: str
+    kind: str
+    count: int
+    load: Callable[[int], np.ndarray]
+    frame_label: Callable[[int], str]
+    path: pathlib.Path | None = None
+    dataset: str | None = None
+    frame_shape: tuple[int, ...] | None = None
+    dtype: np.dtype | None = None
+    files: list[pathlib.Path] | None = None
+
+
+def split_hdf5_argument(argument: str) -> tuple[pathlib.Path, str] | None:
+    """``file.h5:/path/to/data`` -> (file, dataset path); None for anything else."""
+    path, sep, dataset = argument.partition(":")
+    if sep and pathlib.Path(path).suffix.lower() in HDF5_SUFFIXES:
+        return pathlib.Path(path), dataset if dataset.startswith("/") else f"/{dataset}"
+    return None
+
+
+def is_stack_shape(shape: tuple[int, ...], in_channels: int) -> bool:
+    frame_rank = 2 if in_channels == 1 else 3
+    return len(shape) == frame_rank + 1
+
+
+def open_sources(arguments: list[str], in_channels: int) -> list[Source]:
+    """One Source per stack, directory, or run of consecutive single-frame files.
+
+    Raises:
+        ValueError, OSError: an input that does not exist or cannot be a frame or stack.
+    """
+    sources: list[Source] = []
+    loose: list[pathlib.Path] = []
+    for argument in arguments:
+        stack = open_stack(argument, in_channels)
+        if stack is None:
+            loose.append(pathlib.Path(argument))
+            continue
+        if loose:
+            sources.append(file_source(loose, "files"))
+            loose = []
+        sources.append(stack)
+    if loose:
+        sources.append(file_source(loose, "files"))
+    return sources
+
+
+def open_stack(argument: str, in_channels: int) -> Source | None:
+    """The stack named by ``argument``, or None when it names a single-frame file."""
+    hdf5 = split_hdf5_argument(argument)
+    if hdf5 is not None:
+        return hdf5_source(*hdf5, in_channels)
+    path = pathlib.Path(argument)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
+        if not files:
+            raise ValueError(f"{path}: no frames ({', '.join(FRAME_SUFFIXES)}) in this directory")
+        return file_source(files, path.name, kind="directory")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    suffix = path.suffix.lower()
+    if suffix in HDF5_SUFFIXES:
+        raise ValueError(f"{path}: name the dataset, e.g. {path}:/entry/data")
+    try:
+        if suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return array_source(path.name, "npy", array, path) if is_stack_shape(array.shape, in_channels) else None
+        if suffix in (".tif", ".tiff"):
+            return tiff_source(path, in_channels)
+    except (OSError, ValueError, tifffile.TiffFileError):
+        return None  # not readable as a stack: a single frame whose read error is reported on its own
+    return None
+
+
+def file_source(files: list[pathlib.Path], label: str, kind: str = "files") -> Source:
+    return Source(label=label, kind=kind, count=len(files), load=lambda i: read_frame(files[i]),
+                  frame_label=lambda i: str(files[i]), files=list(files))
+
+
+def array_source(label: str, kind: str, array, path: pathlib.Path, dataset: str | None = None) -> Source:
+    """A stack over anything indexable by frame (numpy memmap, h5py dataset)."""
+    return Source(label=label, kind=kind, count=int(array.shape[0]), load=lambda i: np.asarray(array[i]),
+                  frame_label=lambda i: f"{label}[{i}]", path=path, dataset=dataset,
+                  frame_shape=tuple(int(d) for d in array.shape[1:]), dtype=np.dtype(array.dtype))
+
+
+def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        shape, dtype, page_count = tuple(series.shape), series.dtype, len(series.pages)
+    if not is_stack_shape(shape, in_channels):
+        return None
+    pages_per_frame = page_count // shape[0]
+    if pages_per_frame * shape[0] != page_count:
+        raise ValueError(f"{path}: {page_count} pages do not split into {shape[0]} frames of shape {list(shape[1:])}")
+
+    def load(i: int) -> np.ndarray:
+        if not 0 <= i < shape[0]:
+            raise IndexError(i)
+        with tifffile.TiffFile(path) as tiff:
+            pages = tiff.series[0].asarray(key=slice(i * pages_per_frame, (i + 1) * pages_per_frame))
+        return pages.reshape(shape[1:])
+
+    return Source(label=path.name, kind="tiff", count=shape[0], load=load, frame_label=lambda i: f"{path.name}[{i}]",
+                  path=path, frame_shape=shape[1:], dtype=np.dtype(dtype))
+
+
+def hdf5_source(path: pathlib.Path, dataset_path: str, in_channels: int) -> Source:
+    import h5py
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    handle = h5py.File(path, "r")
+    if dataset_path not in handle or not isinstance(handle[dataset_path], h5py.Dataset):
+        handle.close()
+        raise ValueError(f"{path}: no dataset {dataset_path!r}")
+    dataset = handle[dataset_path]
+    if not is_stack_shape(dataset.shape, in_channels):
+        handle.close()
+        frame = "[N, H, W]" if in_channels == 1 else f"[N, {in_channels}, H, W]"
+        raise ValueError(f"{path}:{dataset_path}: shape {list(dataset.shape)} is not a stack {frame}")
+    return array_source(f"{path.name}:{dataset_path}", "hdf5", dataset, path, dataset_path)
+
+
+# ---------------------------------------------------------------- outputs
+
+OUTPUT_DTYPES = {"mask": np.uint8, "probabilities": np.float32, "contour": np.uint8}
+
+
+def stack_outputs(probabilities: bool, contour: bool) -> list[str]:
+    return ["mask"] + (["probabilities"] if probabilities else []) + (["contour"] if contour else [])
+
+
+class RunRecord:
+    """``<stem>.segment.json``: frames done (a prefix, in order), failures, and the settings,
+    so ``--resume`` continues exactly where an interrupted run stopped."""
+
+    def __init__(self, path: pathlib.Path, frames: int, settings: dict):
+        self.path, self.frames, self.settings = path, frames, settings
+        self.done = 0
+        self.failed: dict[int, str] = {}
+
+    @classmethod
+    def load(cls, path: pathlib.Path, frames: int, settings: dict) -> "RunRecord":
+        saved = json.loads(path.read_text())
+        if saved.get("frames") != frames or saved.get("settings") != settings:
+            raise ValueError(f"{path}: the interrupted run had other inputs or options "
+                             f"({saved.get('frames')} frames, {saved.get('settings')}); rerun without --resume "
+                             "to start again")
+        record = cls(path, frames, settings)
+        record.done = int(saved["done"])
+        record.failed = {int(k): v for k, v in saved.get("failed", {}).items()}
+        return record
+
+    def remaining(self) -> list[int]:
+        """Frames still to segment: earlier failures, then everything after the done prefix."""
+        return sorted(self.failed) + list(range(self.done, self.frames))
+
+    def mark(self, index: int, error: str | None) -> None:
+        if error is None:
+            self.failed.pop(index, None)
+        else:
+            self.failed[index] = error
+        self.done = max(self.done, index + 1)
+
+    def save(self) -> None:
+        body = {"version": RECORD_VERSION, "frames": self.frames, "done": self.done,
+                "failed": {str(k): v for k, v in sorted(self.failed.items())}, "settings": self.settings}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(json.dumps(body, indent=1))
+        os.replace(temporary, self.path)
+
+    @staticmethod
+    def is_complete_file(path: pathlib.Path) -> bool:
+        """True when the record at ``path`` says every frame was processed (failed or not)."""
+        try:
+            saved = json.loads(path.read_text())
+            return int(saved["done"]) >= int(saved["frames"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+
+def safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_")
+
+
+class StackWriter:
+    """Preallocated outputs of a stack, in the input's container kind.
+
+    TIFF and NPY: ``<stem>_<output>.tif|.npy`` memory-mapped (TIFF uncompressed, so frames
+    land in place). HDF5: ``<stem>_segmentation.h5`` with a group named after the input dataset
+    holding ``mask``, ``probabilities``, ``contour`` (one chunk per frame, gzip).
+    """
+
+    def __init__(self, source: Source, out_dir: pathlib.Path, outputs: list[str], num_classes: int, resume: bool):
+        self.source, self.outputs = source, outputs
+        height_width = source.frame_shape[-2:]
+        self.shapes = {name: (source.count, num_classes, *height_width) if name == "probabilities"
+                       else (source.count, *height_width) for name in outputs}
+        stem = source.path.stem
+        self._h5 = None
+        if source.kind == "hdf5":
+            self.paths = {name: out_dir / f"{stem}_segmentation.h5" for name in outputs}
+            self.arrays = self._open_hdf5(self.paths["mask"], source.dataset, resume)
+        else:
+            suffix = ".tif" if source.kind == "tiff" else ".npy"
+            self.paths = {name: out_dir / f"{stem}_{name}{suffix}" for name in outputs}
+            self.arrays = {name: self._open_array(name, resume) for name in outputs}
+
+    @staticmethod
+    def record_path_for(source: Source, out_dir: pathlib.Path) -> pathlib.Path:
+        """Where the run record of ``source``'s outputs lives."""
+        if source.kind == "hdf5":
+            return out_dir / f"{source.path.stem}_{safe_name(source.dataset)}.segment.json"
+        return out_dir / f"{source.path.stem}.segment.json"
+
+    def describe(self) -> str:
+        if self.source.kind == "hdf5":
+            return f"{self.paths['mask']}:/{self.source.dataset.strip('/')}/{{{','.join(self.outputs)}}}"
+        return ", ".join(str(p) for p in self.paths.values())
+
+    def _open_array(self, name: str, resume: bool):
+        path, shape, dtype = self.paths[name], self.shapes[name], OUTPUT_DTYPES[name]
+        if resume:
+            array = tifffile.memmap(path, mode="r+") if path.suffix == ".tif" else np.load(path, mmap_mode="r+")
+            if array.shape != shape or array.dtype != dtype:
+                raise ValueError(f"{path}: shape {list(array.shape)} {array.dtype} does not match this run "
+                                 f"({list(shape)} {np.dtype(dtype)}); rerun without --resume")
+            return array
+        if path.suffix == ".tif":
+            return tifffile.memmap(path, shape=shape, dtype=dtype, photometric="minisblack")
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+    def _open_hdf5(self, path: pathlib.Path, group_path: str, resume: bool) -> dict:
+        import h5py
+
+        self._h5 = h5py.File(path, "a")
+        if not resume and group_path in self._h5:
+            del self._h5[group_path]
+        group = self._h5.require_group(group_path)
+        arrays = {}
+        for name in self.outputs:
+            shape, dtype = self.shapes[name], OUTPUT_DTYPES[name]
+            if name in group and (group[name].shape != shape or group[name].dtype != dtype):
+                raise ValueError(f"{path}:{group_path}/{name}: shape {list(group[name].shape)} does not match this "
+                                 f"run ({list(shape)}); rerun without --resume")
+            arrays[name] = group.require_dataset(name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]),
+                                                 compression="gzip", compression_opts=1)
+        return arrays
+
+    def write(self, index: int, result) -> None:
+        for name in self.outputs:
+            self.arrays[name][index] = getattr(result, name)
+
+    def write_failed(self, index: int) -> None:
+        for name in self.outputs:
+            self.arrays[name][index] = np.nan if name == "probabilities" else FAILED_VALUE
+
+    def flush(self) -> None:
+        """Make written frames durable before the run record says they are done."""
+        if self._h5 is not None:
+            self._h5.flush()
+        else:
+            for array in self.arrays.values():
+                array.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._h5 is not None:
+            self._h5.close()
+        self.arrays.clear()
+
+
+class FileWriter:
+    """One set of files per input image: ``<stem>_mask.<fmt>`` and, on request,
+    ``_probabilities``, ``_contour`` and a PNG ``_overlay``; each written under a temporary name
+    and renamed, so a file that exists is complete (that is what ``--resume`` checks)."""
+
+    def __init__(self, source: Source, out_dir: pathlib.Path, outputs: list[str], array_format: str,
+                 overlay_max_size: int | None):
+        self.source, self.outputs, self.format = source, outputs, array_format
+        self.out_dir = out_dir / source.label if source.kind == "directory" else out_dir
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.overlay_max_size = overlay_max_size
+
+    def describe(self) -> str:
+        return f"{self.out_dir}/<name>_{{{','.join(self.outputs)}}}.{self.format}"
+
+    def paths(self, index: int) -> dict[str, pathlib.Path]:
+        stem = self.source.files[index].stem
+        paths = {name: self.out_dir / f"{stem}_{name}.{self.format}" for name in self.outputs}
+        if self.overlay_max_size:
+            paths["overlay"] = self.out_dir / f"{stem}_overlay.png"
+        return paths
+
+    def is_done(self, index: int) -> bool:
+        return all(path.exists() for path in self.paths(index).values())
+
+    def write(self, index: int, result) -> list[pathlib.Path]:
+        paths = self.paths(index)
+        for name in self.outputs:
+            atomic_write(paths[name], lambda tmp, name=name: write_array(tmp, getattr(result, name)))
+        if "overlay" in paths:
+            picture = overlay(self.source.load(index), result.mask, max_size=self.overlay_max_size)
+            atomic_write(paths["overlay"], lambda tmp: picture.save(tmp, format="PNG"))
+        return list(paths.values())
+
+
+def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], object]) -> None:
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

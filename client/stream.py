@@ -1,0 +1,174 @@
+"""Keep several frames in flight and hand results back in input order.
+
+``ordered_stream`` is transport-agnostic: it takes items whose frame is loaded on demand and a
+``process(worker, frame)`` function run by ``inflight`` worker threads (worker ``w`` always uses
+slot ``w``, so each slot's connection and shared-memory regions serve one request at a time).
+Failures become outcomes, never exceptions, so no frame is dropped silently; retries with
+backoff are applied to errors marked retryable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from client.connection import SegmentationError
+
+# Results kept waiting for an earlier, slower frame: at most this many times `inflight`.
+REORDER_WINDOW_FACTOR = 2
+# How long an interrupted stream waits for requests already sent before letting go of them.
+STOP_GRACE_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Up to ``retries`` more attempts for retryable errors, after ``backoff_s``, doubling, at
+    most ``max_backoff_s`` apart."""
+
+    retries: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def __post_init__(self):
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.backoff_s < 0:
+            raise ValueError(f"backoff_s must be >= 0, got {self.backoff_s}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What became of one item: ``result`` on success, else ``error`` (one line).
+
+    ``index`` is the caller's label of the item (e.g. its frame number in the stack);
+    ``attempts`` is 0 when the frame could not even be loaded.
+    """
+
+    index: int
+    result: object = None
+    error: str | None = None
+    attempts: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def call_with_retries(function: Callable[[], object], policy: RetryPolicy,
+                      sleep: Callable[[float], None] = time.sleep) -> tuple[object, int]:
+    """``(function(), attempts)``; raises the last error once retries are spent or the error
+    is not retryable (ValueError and non-retryable SegmentationError fail at once)."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return function(), attempt
+        except SegmentationError as error:
+            if not error.retryable or attempt > policy.retries:
+                error.attempts = attempt
+                raise
+            sleep(policy.delay(attempt))
+
+
+def ordered_stream(items: Iterable[tuple[int, Callable[[], object]]], process: Callable[[int, object], object],
+                   inflight: int = 4, policy: RetryPolicy = RetryPolicy()) -> Iterator[Outcome]:
+    """Run ``process(worker, frame)`` over ``items`` with ``inflight`` workers; yield Outcomes
+    in the items' order.
+
+    Args:
+        items: ``(index, load)`` pairs; ``load()`` returns the frame (read in the caller's
+            thread, so readers need not be thread-safe). A load error becomes a failed Outcome.
+        process: called in worker thread ``worker`` (0..inflight-1); its return value is the
+            Outcome's ``result``.
+        inflight: requests in flight at once.
+        policy: retries of retryable SegmentationErrors.
+    """
+    if inflight < 1:
+        raise ValueError(f"inflight must be >= 1, got {inflight}")
+    pool = _WorkerPool(process, inflight, policy)
+    window = REORDER_WINDOW_FACTOR * inflight
+    finished: dict[int, Outcome] = {}
+    source = iter(items)
+    submitted = yielded = 0
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and pool.busy < inflight and submitted - yielded < window:
+                try:
+                    index, load = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                try:
+                    frame = load()
+                except (OSError, ValueError, KeyError) as error:
+                    finished[submitted] = Outcome(index, error=f"cannot read frame: {error}")
+                else:
+                    pool.submit(submitted, index, frame)
+                submitted += 1
+            if yielded in finished:
+                yield finished.pop(yielded)
+                yielded += 1
+            elif exhausted and yielded == submitted:
+                return
+            else:
+                position, outcome = pool.next_result()
+                finished[position] = outcome
+    finally:
+        pool.stop()
+
+
+class _WorkerPool:
+    """``inflight`` daemon threads taking ``(position, index, frame)`` jobs. Daemon threads,
+    so a request hung without a deadline cannot keep the interpreter from exiting."""
+
+    def __init__(self, process, workers: int, policy: RetryPolicy):
+        self.process, self.policy = process, policy
+        self.jobs: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()
+        self.busy = 0
+        self.threads = [threading.Thread(target=self._work, args=(w,), daemon=True, name=f"segment-{w}")
+                        for w in range(workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, position: int, index: int, frame) -> None:
+        self.busy += 1
+        self.jobs.put((position, index, frame))
+
+    def next_result(self) -> tuple[int, Outcome]:
+        result = self.results.get()
+        self.busy -= 1
+        return result
+
+    def stop(self) -> None:
+        """Let the workers finish what they hold (up to STOP_GRACE_S), then return."""
+        for _ in self.threads:
+            self.jobs.put(None)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _work(self, worker: int) -> None:
+        while (job := self.jobs.get()) is not None:
+            position, index, frame = job
+            start = time.perf_counter()
+            try:
+                result, attempts = call_with_retries(lambda frame=frame: self.process(worker, frame), self.policy)
+                outcome = Outcome(index, result=result, attempts=attempts)
+            except SegmentationError as error:
+                outcome = Outcome(index, error=str(error), attempts=getattr(error, "attempts", 1))
+            except ValueError as error:
+                outcome = Outcome(index, error=str(error), attempts=1)
+            except Exception as error:  # a bug must not hang the stream: report it on the frame
+                outcome = Outcome(index, error=f"{type(error).__name__}: {error}", attempts=1)
+            outcome.seconds = time.perf_counter() - start
+            self.results.put((position, outcome))

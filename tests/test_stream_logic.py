@@ -1,0 +1,111 @@
+"""Ordering, retries and run records of the streaming client, without a server."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from client.connection import SegmentationError
+from client.stacks import RunRecord, is_stack_shape, open_sources, split_hdf5_argument
+from client.stream import RetryPolicy, call_with_retries, ordered_stream
+
+
+def test_outcomes_come_back_in_input_order_whatever_the_finishing_order():
+    delays = random.Random(5).choices([0.0, 0.001, 0.02], k=60)
+    busy_workers: set[int] = set()
+    lock = threading.Lock()
+
+    def process(worker, frame):
+        with lock:
+            assert worker not in busy_workers, "a slot served two requests at once"
+            busy_workers.add(worker)
+        time.sleep(delays[frame])
+        with lock:
+            busy_workers.discard(worker)
+        return frame * 10
+
+    items = [(i, lambda i=i: i) for i in range(60)]
+    outcomes = list(ordered_stream(items, process, inflight=4))
+    assert [o.index for o in outcomes] == list(range(60))
+    assert [o.result for o in outcomes] == [10 * i for i in range(60)]
+
+
+def test_a_failed_load_or_request_is_an_outcome_not_a_lost_frame():
+    def load(i):
+        if i == 3:
+            raise OSError("truncated file")
+        return i
+
+    def process(worker, frame):
+        if frame == 5:
+            raise SegmentationError("IMAGE contains NaN or Inf pixels", retryable=False)
+        return frame
+
+    outcomes = list(ordered_stream([(i, lambda i=i: load(i)) for i in range(8)], process, inflight=3,
+                                   policy=RetryPolicy(retries=2, backoff_s=0)))
+    assert [o.index for o in outcomes] == list(range(8))
+    assert [o.ok for o in outcomes] == [True, True, True, False, True, False, True, True]
+    assert "truncated file" in outcomes[3].error and outcomes[3].attempts == 0
+    assert "NaN" in outcomes[5].error and outcomes[5].attempts == 1  # not retryable: tried once
+
+
+def test_retryable_errors_are_retried_with_doubling_backoff():
+    failures = iter([SegmentationError("unavailable", retryable=True)] * 2)
+    sleeps = []
+
+    def flaky():
+        error = next(failures, None)
+        if error:
+            raise error
+        return "done"
+
+    assert call_with_retries(flaky, RetryPolicy(retries=3, backoff_s=0.5), sleep=sleeps.append) == ("done", 3)
+    assert sleeps == [0.5, 1.0]
+
+
+def test_retries_are_bounded():
+    def always_down():
+        raise SegmentationError("connection refused", retryable=True)
+
+    with pytest.raises(SegmentationError) as caught:
+        call_with_retries(always_down, RetryPolicy(retries=2, backoff_s=0.1), sleep=lambda s: None)
+    assert caught.value.attempts == 3
+
+
+def test_bad_stream_settings_are_refused():
+    with pytest.raises(ValueError, match="inflight"):
+        list(ordered_stream([], lambda w, f: f, inflight=0))
+    with pytest.raises(ValueError, match="retries"):
+        RetryPolicy(retries=-1)
+
+
+def test_run_record_resumes_after_the_done_prefix_and_retries_failures(tmp_path):
+    settings = {"network": None, "overlap": 0.5}
+    record = RunRecord(tmp_path / "x.segment.json", 10, settings)
+    for index in range(6):
+        record.mark(index, "bad frame" if index == 2 else None)
+    record.save()
+    resumed = RunRecord.load(tmp_path / "x.segment.json", 10, settings)
+    assert resumed.remaining() == [2, 6, 7, 8, 9]
+    assert not RunRecord.is_complete_file(tmp_path / "x.segment.json")
+    with pytest.raises(ValueError, match="other inputs or options"):
+        RunRecord.load(tmp_path / "x.segment.json", 10, {"network": None, "overlap": 0.25})
+    assert json.loads((tmp_path / "x.segment.json").read_text())["failed"] == {"2": "bad frame"}
+
+
+def test_stack_or_frame_is_decided_by_rank_and_channels(tmp_path):
+    assert is_stack_shape((5, 64, 64), in_channels=1)
+    assert not is_stack_shape((64, 64), in_channels=1)
+    assert not is_stack_shape((3, 64, 64), in_channels=3)
+    assert is_stack_shape((5, 3, 64, 64), in_channels=3)
+    np.save(tmp_path / "one.npy", np.zeros((8, 8), np.float32))
+    np.save(tmp_path / "many.npy", np.zeros((4, 8, 8), np.float32))
+    sources = open_sources([str(tmp_path / "one.npy"), str(tmp_path / "many.npy"), str(tmp_path / "one.npy")], 1)
+    assert [(s.kind, s.count) for s in sources] == [("files", 1), ("npy", 4), ("files", 1)]
+    assert split_hdf5_argument("scan.h5:/entry/data") is not None
+    assert split_hdf5_argument("C:/frames/a.tif") is None

@@ -1,0 +1,155 @@
+"""The streaming CLI on stacks: order, containers, failures, interruption, resume, cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from client import SegmentationClient
+from client.__main__ import main as client_main
+from client.stacks import FAILED_VALUE
+from segserve.launcher import REPO_ROOT
+from tests.test_transports import our_dev_shm_entries, registered_regions
+from training.synthetic import synthetic_slice, to_detector_counts
+
+
+def make_stack(rng, frames: int, shape: tuple[int, int], dtype=np.uint16) -> np.ndarray:
+    """Frames that differ from each other, so a frame written in the wrong place shows."""
+    return np.stack([to_detector_counts(synthetic_slice(shape, rng)[0], dtype, rng) for _ in range(frames)])
+
+
+def reference_masks(server, stack: np.ndarray) -> np.ndarray:
+    with SegmentationClient(server.grpc_url) as client:
+        return np.stack([client.segment(frame).mask for frame in stack])
+
+
+def cli(server, *args: str, transport: str = "grpc") -> list[str]:
+    url = server.http_url if transport == "http" else server.grpc_url
+    return [sys.executable, "-m", "client", "segment", *args, "--url", url, "--transport", transport]
+
+
+def wait_for_record(path: pathlib.Path, frames_done: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"client exited early: {process.stderr.read()}")
+        try:
+            if json.loads(path.read_text())["done"] >= frames_done:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    pytest.fail(f"{path} never reached {frames_done} frames")
+
+
+def test_100_frame_tiff_stack_over_shm_in_order_with_progress(server, tmp_path, rng):
+    stack = make_stack(rng, 100, (61, 97))
+    tifffile.imwrite(tmp_path / "run.tif", stack, compression="zlib", photometric="minisblack")
+    done = subprocess.run(cli(server, str(tmp_path / "run.tif"), "--out", str(tmp_path / "out"), "--inflight", "4",
+                              transport="shm"), capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "100/100" in done.stderr and "frame/s" in done.stderr  # the progress bar
+    assert "100 written, 0 failed" in done.stderr
+    assert np.array_equal(tifffile.imread(tmp_path / "out" / "run_mask.tif"), reference_masks(server, stack))
+    assert our_dev_shm_entries() == [] and registered_regions(server) == []
+
+
+def test_killed_client_is_cleaned_up_by_the_next_run_which_resumes(server, tmp_path, rng):
+    stack = make_stack(rng, 40, (200, 230))
+    np.save(tmp_path / "scan.npy", stack)
+    out, record = tmp_path / "out", tmp_path / "out" / "scan.segment.json"
+    args = cli(server, str(tmp_path / "scan.npy"), "--out", str(out), "--inflight", "2", "--no-progress", transport="shm")
+    # Its own session, so SIGKILL takes the resource tracker too: nothing tidies up after it.
+    victim = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True)
+    wait_for_record(record, 5, victim)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    written_before = json.loads(record.read_text())["done"]
+    assert written_before < 40
+    left = [name for name in registered_regions(server) if f"_{victim.pid}_" in name]
+    assert left, "the killed client should have left registered regions behind"
+
+    # The next run cleans up first, then refuses to overwrite the interrupted run's output.
+    refused = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert refused.returncode == 1 and "add --resume to continue" in refused.stderr
+    assert f"removed {len(left)} shared-memory region(s) left by an earlier run" in refused.stderr
+    assert our_dev_shm_entries() == [] and registered_regions(server) == []
+
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{written_before} skipped" in resumed.stderr
+    assert np.array_equal(np.load(out / "scan_mask.npy"), reference_masks(server, stack))
+    assert our_dev_shm_entries() == [] and registered_regions(server) == []
+
+
+def test_sigint_mid_stream_unregisters_and_keeps_what_was_written(server, tmp_path, rng):
+    stack = make_stack(rng, 40, (200, 230))
+    tifffile.imwrite(tmp_path / "scan.tif", stack, photometric="minisblack")
+    out, record = tmp_path / "out", tmp_path / "out" / "scan.segment.json"
+    args = cli(server, str(tmp_path / "scan.tif"), "--out", str(out), "--inflight", "3", "--no-progress", transport="shm")
+    interrupted = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    wait_for_record(record, 4, interrupted)
+    interrupted.send_signal(signal.SIGINT)
+    assert interrupted.wait(timeout=60) == 130
+    assert "--resume" in interrupted.stderr.read()
+    assert our_dev_shm_entries() == [] and registered_regions(server) == []
+    done = json.loads(record.read_text())["done"]
+    masks = tifffile.imread(out / "scan_mask.tif")
+    assert np.array_equal(masks[:done], reference_masks(server, stack[:done]))
+
+
+def test_a_malformed_frame_is_reported_and_the_others_written(server, tmp_path, rng, capsys):
+    stack = make_stack(rng, 6, (90, 70)).astype(np.float32)
+    stack[2, 10, 10] = np.nan
+    np.save(tmp_path / "frames.npy", stack)
+    code = client_main(["segment", str(tmp_path / "frames.npy"), "--out", str(tmp_path / "out"), "--url", server.grpc_url,
+                        "--transport", "shm", "--inflight", "3", "--contour"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "frames.npy[2]" in error and "NaN" in error and "5 written, 1 failed" in error
+    masks = np.load(tmp_path / "out" / "frames_mask.npy")
+    assert (masks[2] == FAILED_VALUE).all()
+    good = [0, 1, 3, 4, 5]
+    assert np.array_equal(masks[good], reference_masks(server, stack[good]))
+    assert json.loads((tmp_path / "out" / "frames.segment.json").read_text())["failed"].keys() == {"2"}
+    assert our_dev_shm_entries() == [] and registered_regions(server) == []
+
+
+def test_hdf5_dataset_and_directory_are_written_into_matching_containers(server, tmp_path, rng):
+    stack = make_stack(rng, 5, (77, 101))
+    with h5py.File(tmp_path / "scan.h5", "w") as h5:
+        h5.create_dataset("entry/data", data=stack)
+    (tmp_path / "frames").mkdir()
+    for index, frame in enumerate(stack):
+        tifffile.imwrite(tmp_path / "frames" / f"f{index:02d}.tif", frame)
+    code = client_main(["segment", f"{tmp_path / 'scan.h5'}:/entry/data", str(tmp_path / "frames"),
+                        "--out", str(tmp_path / "out"), "--url", server.http_url, "--transport", "http",
+                        "--probabilities", "--no-overlay", "--no-progress"])
+    assert code == 0
+    expected = reference_masks(server, stack)
+    with h5py.File(tmp_path / "out" / "scan_segmentation.h5", "r") as h5:
+        assert np.array_equal(h5["entry/data/mask"][:], expected)
+        assert h5["entry/data/probabilities"].shape == (5, 3, 77, 101)
+    for index in range(5):
+        assert np.array_equal(tifffile.imread(tmp_path / "out" / "frames" / f"f{index:02d}_mask.tif"), expected[index])
+
+
+def test_a_request_past_its_deadline_is_retried_then_reported(server, tmp_path, rng, capsys):
+    np.save(tmp_path / "big.npy", make_stack(rng, 1, (1024, 1024))[0])
+    code = client_main(["segment", str(tmp_path / "big.npy"), "--out", str(tmp_path / "out"), "--url", server.grpc_url,
+                        "--transport", "shm", "--timeout", "0.05", "--retries", "2", "--no-overlay"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "0 written, 1 failed, 2 retried" in error and "big.npy" in error
+    assert not (tmp_path / "out" / "big_mask.tif").exists()
+    assert our_dev_shm_entries() == [] and registered_regions(server) == []

@@ -1,0 +1,110 @@
+"""Every transport against the real server: same outputs, regions reused and cleaned up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as system_shm
+
+from client import SegmentationClient, SegmentationError
+from client.shared_memory import DEV_SHM, REGION_PREFIX, cuda_available
+from training.synthetic import synthetic_slice, to_detector_counts
+
+GPU = cuda_available()
+
+
+def client_for(server, transport: str, **kwargs) -> SegmentationClient:
+    url = server.http_url if transport == "http" else server.grpc_url
+    return SegmentationClient(url, transport=transport, **kwargs)
+
+
+def our_dev_shm_entries() -> list[str]:
+    return sorted(p.name for p in DEV_SHM.glob(f"{REGION_PREFIX}_*"))
+
+
+def registered_regions(server, kind: str = "system") -> list[str]:
+    with grpcclient.InferenceServerClient(server.grpc_url) as control:
+        status = getattr(control, f"get_{kind}_shared_memory_status")(as_json=True)
+    return sorted(status.get("regions", {}))
+
+
+@pytest.fixture(scope="module")
+def odd_frames(rng) -> dict[str, np.ndarray]:
+    image, _ = synthetic_slice((333, 257), rng)
+    return {"uint16": to_detector_counts(image, np.uint16, rng), "float32": image.astype(np.float32)}
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+@pytest.mark.parametrize("transport", ["http", "shm", pytest.param("cuda-shm", marks=pytest.mark.skipif(not GPU, reason="no GPU"))])
+def test_every_transport_gives_the_grpc_outputs(server, odd_frames, transport, dtype):
+    frame = odd_frames[dtype]
+    with client_for(server, "grpc") as grpc:
+        expected = grpc.segment(frame, probabilities=True, contour=True)
+    with client_for(server, transport) as client:
+        got = client.segment(frame, probabilities=True, contour=True)
+    assert got.mask.shape == (333, 257)
+    assert np.array_equal(got.mask, expected.mask)
+    assert np.array_equal(got.contour, expected.contour)
+    np.testing.assert_array_equal(got.probabilities, expected.probabilities)
+
+
+@pytest.mark.skipif(not GPU, reason="no GPU")
+def test_cuda_shm_sends_a_gpu_tensor_without_a_host_copy(server, odd_frames):
+    import torch
+
+    frame = odd_frames["uint16"]
+    with client_for(server, "grpc") as grpc:
+        expected = grpc.segment(frame).mask
+    with client_for(server, "cuda-shm") as client:
+        assert np.array_equal(client.segment(torch.from_numpy(frame.astype(np.int16)).cuda()).mask,
+                              client.segment(frame.astype(np.int16)).mask)
+        assert np.array_equal(client.segment(torch.from_numpy(frame.astype(np.float32)).cuda()).mask,
+                              client.segment(frame.astype(np.float32)).mask)
+    assert expected.shape == frame.shape
+
+
+@pytest.mark.skipif(GPU, reason="this machine has a GPU")
+def test_cuda_shm_without_a_gpu_says_so(server, odd_frames):
+    with client_for(server, "cuda-shm") as client, pytest.raises(SegmentationError, match="CUDA shared memory"):
+        client.segment(odd_frames["uint16"])
+    assert registered_regions(server, "cuda") == []
+
+
+def test_shm_regions_are_made_once_per_slot_reused_and_removed(server, rng):
+    frames = [to_detector_counts(synthetic_slice((120, 90), rng)[0], np.uint16, rng) for _ in range(24)]
+    with client_for(server, "shm") as client:
+        outcomes = list(client.segment_stream(frames, inflight=3))
+        assert all(o.ok for o in outcomes)
+        assert client.regions_created == 3 * 2  # IMAGE and MASK per slot, for 24 frames
+        live = registered_regions(server)
+        assert len(live) == 6 and all(name.startswith(f"{REGION_PREFIX}_{os.getpid()}_") for name in live)
+        assert len(our_dev_shm_entries()) == 6
+        # A much larger frame grows only the regions that need it.
+        client.segment(np.zeros((1500, 1200), np.uint16))
+        assert client.regions_created == 3 * 2 + 2
+    assert registered_regions(server) == []
+    assert our_dev_shm_entries() == []
+
+
+def test_regions_of_a_dead_client_are_removed_by_the_next_one(server, odd_frames):
+    dead_pid = int(subprocess.check_output(["sh", "-c", "echo $$"]))  # a pid that has exited
+    name = f"{REGION_PREFIX}_{dead_pid}_0_image_1"
+    region = system_shm.create_shared_memory_region(name, f"/{name}", 4096)
+    with grpcclient.InferenceServerClient(server.grpc_url) as control:
+        control.register_system_shared_memory(name, f"/{name}", 4096)
+    # What a SIGKILLed client leaves: registered on the server and present in /dev/shm.
+    assert name in registered_regions(server) and name in our_dev_shm_entries()
+    region._mpsm_handle.close()
+    with client_for(server, "shm") as client:
+        assert client.stale_regions_removed == [name]
+        client.segment(odd_frames["uint16"])
+    assert registered_regions(server) == [] and our_dev_shm_entries() == []
+
+
+def test_unknown_transport_is_refused_before_connecting():
+    with pytest.raises(ValueError, match="transport must be one of grpc, http, shm, cuda-shm, got 'udp'"):
+        SegmentationClient(transport="udp")
