@@ -10,7 +10,7 @@ NETWORK_ONNX := model_repository/unet2d_particles/1/model.onnx
 
 PERF_ANALYZER := .tools/bin/perf_analyzer
 
-.PHONY: setup serve demo test bench bench-transport loadtest train clean help
+.PHONY: setup serve demo test bench bench-transport loadtest soak train clean help
 
 help:
 	@echo "make setup  - virtual env with every dependency, default network exported (idempotent)"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench  - server vs in-process MONAI on a 2048x2048 frame; 8192x8192 peak memory"
 	@echo "make bench-transport - latency per transport (gRPC, HTTP, shm) at 2048/4096; stream frames/s vs in-flight"
 	@echo "make loadtest - perf_analyzer sweep (gRPC, shared memory) with real frames: CSV, PNG, table"
+	@echo "make soak   - $(SOAK_SECONDS) s of load (gRPC + shm, concurrency 4): no failures, RSS growth < 10%, no shm left"
 	@echo "make train  - retrain the default network (writes $(CHECKPOINT).pt/.json)"
 
 setup: $(SETUP_STAMP) $(NETWORK_ONNX) $(PERF_ANALYZER)
@@ -59,6 +60,10 @@ bench: setup
 
 bench-transport: setup
 	$(PY) -m scripts.bench_transport
+
+SOAK_SECONDS ?= 600
+soak: setup
+	$(PY) -m scripts.soak --duration $(SOAK_SECONDS)
 
 loadtest: setup
 	$(PY) -m scripts.loadtest

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     segment.add_argument("frames", nargs="+", help="image files, stacks (.tif, .npy, FILE.h5:/dataset) or directories")
     segment.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"), help="output directory (default: %(default)s)")
     segment.add_argument("--url", help="server address host:port (default: 127.0.0.1:8001, or :8000 for http)")
+    segment.add_argument("--token", help="token of the server's restricted endpoints, needed for shared memory "
+                         "(default: $SEGSERVE_TOKEN, else the file `python -m segserve serve` wrote: ~/.config/segserve/token)")
     segment.add_argument("--transport", choices=TRANSPORTS, default="grpc",
                          help="how frames travel: grpc, http, shm (system shared memory, same host) or cuda-shm "
                               "(default: %(default)s)")
@@ -167,7 +169,7 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
 def segment_inputs(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
-                            timeout_s=args.timeout) as client:
+                            timeout_s=args.timeout, token=args.token) as client:
         if not client.is_ready():
             raise SegmentationError(f"model {args.model!r} is not ready at {client.url} (is the server running? `make serve`)")
         if client.stale_regions_removed:

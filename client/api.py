@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError
 from client.shared_memory import SHM_KINDS, remove_stale_regions
 from client.stream import Outcome, RetryPolicy, ordered_stream
@@ -108,13 +109,16 @@ class SegmentationClient:
         model: ensemble to call.
         network: network model to use (None: the server's default).
         timeout_s: per-request deadline in seconds (None: no deadline).
-        headers: sent with every call (e.g. the token of restricted endpoints).
+        headers: extra headers sent with every call.
+        token: token of the server's restricted endpoints (shared-memory registration, model
+            configuration); default ``$SEGSERVE_TOKEN`` or the token file the server wrote
+            (``client.auth``). Inference itself needs none.
         device_id: GPU of CUDA shared-memory regions.
     """
 
     def __init__(self, url: str | None = None, *, transport: str = "grpc", model: str = "segment_2d",
                  network: str | None = None, timeout_s: float | None = None,
-                 headers: dict[str, str] | None = None, device_id: int = 0):
+                 headers: dict[str, str] | None = None, token: str | None = None, device_id: int = 0):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         if timeout_s is not None and timeout_s <= 0:
@@ -122,7 +126,8 @@ class SegmentationClient:
         self.transport, self.model, self.network = transport, model, network
         self.protocol = "http" if transport == "http" else "grpc"
         self.url = url or DEFAULT_URLS[self.protocol]
-        self.timeout_s, self.headers, self.device_id = timeout_s, dict(headers or {}), device_id
+        self.timeout_s, self.device_id = timeout_s, device_id
+        self.headers = {**(headers or {}), **token_headers(resolve_token(token), self.protocol)}
         # Control calls (readiness, configuration, region cleanup) get their own fixed deadline:
         # a short per-frame timeout must not make a busy server look absent.
         self._control = Connection(self.url, self.protocol, self.headers, CONTROL_TIMEOUT_S)

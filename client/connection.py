@@ -42,7 +42,13 @@ def as_segmentation_error(error: Exception) -> SegmentationError:
         status = str(error.status()) if error.status() is not None else ""
         message = error.message() or str(error)
         # No status: the client library failed to reach the server (connection refused, reset).
-        return SegmentationError(message, retryable=status in RETRYABLE_STATUSES or not status)
+        if "is restricted" in message:  # Triton answers a missing token with UNAVAILABLE (gRPC) or 403
+            return SegmentationError(f"{message} (pass the server's token: --token, $SEGSERVE_TOKEN or the token file)")
+        # A model being unloaded (server shutting down or restarting) has "no available versions";
+        # a restarted server has forgotten the client's regions (the client makes new ones).
+        passing = (status in RETRYABLE_STATUSES or not status or "no available versions" in message
+                   or "Unable to find shared memory region" in message)
+        return SegmentationError(message, retryable=passing)
     return SegmentationError(f"{type(error).__name__}: {error}", retryable=True)
 
 

@@ -1,6 +1,7 @@
 """Shared-memory regions of the client: system (``/dev/shm``) and CUDA (device memory by IPC).
 
-Region names carry the owning process id (``segclient_<pid>_<slot>_<tensor>_<generation>``) so a
+Region names carry the owning process id (``segclient_<pid>_<set>_<tensor>_<generation>``, the
+set numbered across all clients of the process) so a
 later client can tell the regions of a crashed run from those of a live one: regions whose owner
 is gone are unregistered from the server and unlinked from ``/dev/shm`` when a shared-memory
 client starts (``remove_stale_regions``).
@@ -8,6 +9,7 @@ client starts (``remove_stale_regions``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import re
@@ -148,6 +150,7 @@ def cuda_available() -> bool:
 
 
 REGION_CLASSES = {"system": SystemRegion, "cuda": CudaRegion}
+_REGION_SET_IDS = itertools.count()
 
 
 class RegionSet:
@@ -161,12 +164,13 @@ class RegionSet:
     Args:
         connection: the slot's connection (registration goes through it).
         kind: ``system`` or ``cuda``.
-        slot: slot number, part of each region's name.
+        slot: the in-flight slot this set serves.
         device_id: GPU of CUDA regions.
     """
 
     def __init__(self, connection: Connection, kind: str, slot: int, device_id: int = 0):
         self.connection, self.kind, self.slot, self.device_id = connection, kind, slot, device_id
+        self.set_id = next(_REGION_SET_IDS)  # unique in this process, across clients
         self.regions: dict[str, SystemRegion | CudaRegion] = {}
         self.created = 0  # regions created over the set's life (reuse keeps this small)
         self._generation = 0
@@ -182,7 +186,7 @@ class RegionSet:
         if region is not None:
             self._release(tensor)
         self._generation += 1
-        name = f"{REGION_PREFIX}_{os.getpid()}_{self.slot}_{tensor.lower()}_{self._generation}"
+        name = f"{REGION_PREFIX}_{os.getpid()}_{self.set_id}_{tensor.lower()}_{self._generation}"
         region = REGION_CLASSES[self.kind](name, rounded_size(nbytes), self.device_id)
         self.created += 1
         try:

@@ -45,7 +45,8 @@ def latency_table(server: TritonServer, args: argparse.Namespace, rng: np.random
     tile = settings_from_spec(CHECKPOINT.with_suffix(".json"), None, "bench").tile
     network = load_torch_network()
     transports = ["grpc", "http", "shm"] + (["cuda-shm"] if cuda_available() else [])
-    clients = {t: SegmentationClient(server.http_url if t == "http" else server.grpc_url, transport=t) for t in transports}
+    clients = {t: SegmentationClient(server.http_url if t == "http" else server.grpc_url, transport=t,
+                                     token=server.config.token) for t in transports}
     lines = ["| frame | pixels | path | median s | ratio to in-process | ratio to gRPC |",
              "| --- | --- | --- | ---: | ---: | ---: |"]
     try:
@@ -75,7 +76,7 @@ def stream_table(server: TritonServer, args: argparse.Namespace, rng: np.random.
     frames = [distinct[i % len(distinct)] for i in range(args.stream_frames)]
     lines = ["| transport | inflight | frames/s | ratio to inflight 1 |", "| --- | ---: | ---: | ---: |"]
     for transport in ("grpc", "shm"):
-        with SegmentationClient(server.grpc_url, transport=transport) as client:
+        with SegmentationClient(server.grpc_url, transport=transport, token=server.config.token) as client:
             list(client.segment_stream(frames[: 2 * max(args.inflight)], inflight=max(args.inflight)))  # warm-up
             rates = {}
             for inflight in args.inflight:

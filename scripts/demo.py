@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting the server (log: {log}) ...", flush=True)
     with TritonServer(ServerConfig(http_port=0, grpc_port=0, metrics_port=0), log_path=log) as server:
         print(f"server ready on {server.grpc_url}", flush=True)
-        code = client_cli.main(["segment", *map(str, frames), "--out", str(args.out), "--url", server.grpc_url, "--probabilities"])
+        code = client_cli.main(["segment", *map(str, frames), "--out", str(args.out), "--url", server.grpc_url,
+                                "--token", server.config.token, "--probabilities"])
     for frame in frames:
         mask_path = args.out / f"{frame.stem}_mask.tif"
         if mask_path.exists():

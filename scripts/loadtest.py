@@ -29,6 +29,7 @@ import sys
 
 import numpy as np
 
+from client.auth import header_name, resolve_token
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
 from training.synthetic import synthetic_slice, to_detector_counts
 
@@ -68,6 +69,8 @@ def perf_analyzer_command(run: Run, url: str, data: pathlib.Path, shape, args: a
         command += ["-p", str(args.window_ms), "-r", str(args.trials), "-s", "50"]
     for parameter in REQUEST_PARAMETERS:
         command += ["--request-parameter", parameter]
+    if args.token:  # shared-memory registration is a restricted endpoint
+        command += ["-H", f"{header_name('grpc')}:{args.token}"]
     if run.shared_memory != "none":
         # Largest output: PROBABILITIES when asked for, [3, H, W] float32.
         command += ["--shared-memory", run.shared_memory, "--output-shared-memory-size", str(12 * shape[-1] * shape[-2])]
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-count", type=int, default=0, help="measure this many requests instead of stable windows")
     parser.add_argument("--runs", help=f"comma-separated subset of {', '.join(r.name for r in RUNS)}")
     parser.add_argument("--url", help="gRPC address of a running server (default: start one)")
+    parser.add_argument("--token", help="token of the restricted endpoints of --url's server (default: $SEGSERVE_TOKEN "
+                        "or the token file)")
     parser.add_argument("--smoke", action="store_true", help="a few seconds: 256x256 frame, concurrency 1, 10 requests per run")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per perf_analyzer run (default: %(default)s)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results/loadtest"), help="default: %(default)s")
@@ -172,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     if args.url:
+        args.token = resolve_token(args.token)
         return run_all(args, args.url)
     config = ServerConfig(http_port=0, grpc_port=0, metrics_port=0)
     with TritonServer(config, log_path=args.out / "server.log") as server:
+        args.token = server.config.token
         return run_all(args, server.grpc_url)
 
 

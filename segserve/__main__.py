@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import signal
 import sys
 import threading
+import time
 import traceback
 
+from client.auth import TOKEN_ENV, TOKEN_HEADER, header_name, new_token, write_token_file
 from segserve.launcher import DEFAULT_REPOSITORY, ServerConfig, ServerError, TritonServer
+
+
+# A server whose stubs keep dying is not fixed by restarting it: give up after this many restarts.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,6 +34,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--log-verbose", type=int, default=0, help="Triton log verbosity (default: %(default)s)")
     serve.add_argument("--allocator", choices=("auto", "tcmalloc", "jemalloc", "glibc"), default="auto",
                        help="memory allocator of the server processes; auto = tcmalloc when installed (default: %(default)s)")
+    serve.add_argument("--token", help="token of the restricted endpoints (shared memory, model config and repository, "
+                       "trace, logging); default: $SEGSERVE_TOKEN, else a new random one")
+    serve.add_argument("--token-file", type=pathlib.Path,
+                       help="where to write the token for local clients, owner-readable only (default: ~/.config/segserve/token)")
+    serve.add_argument("--drain-timeout", type=float, default=60.0,
+                       help="on Ctrl-C / SIGTERM, seconds to let requests in flight finish before stopping (default: %(default)s)")
     serve.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness (default: %(default)s)")
     serve.add_argument("--debug", action="store_true", help="print tracebacks")
     return parser.parse_args(argv)
@@ -33,21 +47,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(args.model_repository, args.host, args.http_port, args.grpc_port, args.metrics_port, args.log_verbose,
-                          allocator=args.allocator)
+                          allocator=args.allocator, token=args.token or os.environ.get(TOKEN_ENV) or new_token())
+    token_file = write_token_file(config.token, args.token_file)
     server = TritonServer(config, log_path=args.log_file)
     stop_requested = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_requested.set())
     server.start(args.startup_timeout)
     print(f"segserve ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {config.host}:{config.metrics_port}", flush=True)
+    print(f"restricted endpoints ({', '.join(config.restricted_endpoints)}) need the header {TOKEN_HEADER} (gRPC: {header_name('grpc')}); "
+          f"token in {token_file}", flush=True)
     print("Ctrl-C stops the server.", flush=True)
+    restarts: list[float] = []
     while not stop_requested.wait(0.5):
-        if server.process.poll() is not None:
-            print(f"segserve: error: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+        problem = server.health_problem()
+        if problem is None:
+            continue
+        restarts = [t for t in restarts if time.monotonic() - t < RESTART_WINDOW_S] + [time.monotonic()]
+        if len(restarts) > MAX_RESTARTS:
+            print(f"segserve: error: {problem}; {MAX_RESTARTS} restarts in {RESTART_WINDOW_S / 60:.0f} min, giving up",
+                  file=sys.stderr, flush=True)
             server.stop()
             return 1
-    print("stopping...", flush=True)
-    code = server.stop()
+        print(f"segserve: {problem}; restarting the server (clients retry or --resume)", file=sys.stderr, flush=True)
+        server.restart(args.startup_timeout)
+        print(f"segserve ready again: gRPC {server.grpc_url}  HTTP {server.http_url}", flush=True)
+    print(f"stopping: letting requests in flight finish (at most {args.drain_timeout:.0f} s)...", flush=True)
+    code = server.stop(drain_s=args.drain_timeout)
     print(f"stopped (tritonserver exit code {code})", flush=True)
     return 0
 

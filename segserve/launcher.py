@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
@@ -24,6 +25,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+
+from client.auth import RESTRICTED_ENDPOINTS, TOKEN_HEADER, new_token, token_headers
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
@@ -45,6 +48,8 @@ class ServerConfig:
 
     Port 0 picks a free port (read the chosen one from the config after ``start``).
     ``host`` is the bind address of all endpoints: 127.0.0.1 keeps the server local.
+    ``restricted_endpoints`` answer only requests with the ``segserve-token`` header equal to
+    ``token`` (None: a random token is made at start; read it from the config).
     """
 
     model_repository: pathlib.Path = DEFAULT_REPOSITORY
@@ -56,6 +61,8 @@ class ServerConfig:
     python_shm_bytes: int = 64 * 1024 * 1024
     allocator: str = "auto"
     cuda_pool_bytes: int = 2 * 1024**3
+    token: str | None = None
+    restricted_endpoints: tuple[str, ...] = RESTRICTED_ENDPOINTS
     extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -141,6 +148,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._scratch: tempfile.TemporaryDirectory | None = None
         self._regions_before: set[str] = set()
+        self._stubs_at_start: dict[int, str] = {}
         self._log_file = None
 
     @property
@@ -166,9 +174,22 @@ class TritonServer:
             f"--log-verbose={c.log_verbose}",
             f"--backend-config=python,shm-default-byte-size={c.python_shm_bytes}",
             f"--backend-config=python,shm-growth-byte-size={c.python_shm_bytes}",
+            *self.restriction_args(),
             *self.gpu_args(),
             *c.extra_args,
         ]
+
+    def restriction_args(self) -> list[str]:
+        """Triton's flags restricting the sensitive endpoints to token holders (both protocols)."""
+        endpoints = ",".join(self.config.restricted_endpoints)
+        if not endpoints:
+            return []
+        rule = f"{endpoints}:{TOKEN_HEADER}={self.config.token}"
+        return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
+
+    def token_headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """Headers a client of ``protocol`` needs for the restricted endpoints of this server."""
+        return token_headers(self.config.token, protocol)
 
     def gpu_args(self) -> list[str]:
         """A CUDA memory pool per GPU large enough for a big frame's logits between steps."""
@@ -201,6 +222,8 @@ class TritonServer:
         for field in ("http_port", "grpc_port", "metrics_port"):
             if getattr(self.config, field) == 0:
                 setattr(self.config, field, free_port(self.config.host))
+        if self.config.token is None:
+            self.config.token = new_token()
         distribution = TritonDistribution.find()
         self._scratch = tempfile.TemporaryDirectory(prefix="segserve-backends-")
         backends = distribution.assemble_backends(pathlib.Path(self._scratch.name))
@@ -214,7 +237,45 @@ class TritonServer:
             stdout=output, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True, cwd=REPO_ROOT,
         )
         self.wait_ready(timeout_s)
+        self._stubs_at_start = self.stub_processes()
         return self
+
+    def stub_processes(self) -> dict[int, str]:
+        """Python-backend stub processes of this server: pid -> the model.py it runs."""
+        import psutil
+
+        if self.process is None or self.process.poll() is not None:
+            return {}
+        stubs = {}
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                command = child.cmdline()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if command and command[0].endswith("triton_python_backend_stub"):
+                stubs[child.pid] = command[1] if len(command) > 1 else "?"
+        return stubs
+
+    def health_problem(self) -> str | None:
+        """Why the running server can no longer serve every request, or None.
+
+        Triton 2.51's Python backend does not restart a stub that died: the model stays "ready"
+        while every request routed to that instance fails ("Stub process ... is not healthy").
+        So the launcher counts the stubs it saw at readiness.
+        """
+        if self.process is None or self.process.poll() is not None:
+            return f"tritonserver exited with code {None if self.process is None else self.process.returncode}"
+        missing = set(self._stubs_at_start) - set(self.stub_processes())
+        if missing:
+            models = sorted({pathlib.Path(self._stubs_at_start[pid]).parent.parent.name for pid in missing})
+            return f"Python-backend stub(s) of {', '.join(models)} died (pid {', '.join(map(str, sorted(missing)))})"
+        return None
+
+    def restart(self, timeout_s: float = 120.0) -> "TritonServer":
+        """Stop (killing what does not stop) and start again on the same ports and token."""
+        self.stop()
+        self.process = None
+        return self.start(timeout_s)
 
     def is_ready(self) -> bool:
         try:
@@ -238,11 +299,46 @@ class TritonServer:
     def _log_hint(self) -> str:
         return f"; see {self.log_path}" if self.log_path else "; see the server output above"
 
-    def stop(self, timeout_s: float = 40.0) -> int | None:
-        """SIGINT, wait up to ``timeout_s``, then SIGKILL. Returns the exit code."""
+    def activity(self) -> tuple[int, ...] | None:
+        """Execution counts of every model (they move while any request is in the pipeline),
+        or None when the server does not answer."""
+        try:
+            url = f"http://{self.http_url}/v2/models/stats"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                stats = json.load(response)["model_stats"]
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError):
+            return None
+        return tuple(int(model.get("execution_count", 0)) for model in stats)
+
+    def drain(self, timeout_s: float = 60.0, quiet_s: float = 3.0) -> bool:
+        """Wait until no model has executed anything for ``quiet_s`` (at most ``timeout_s``).
+
+        Triton's own shutdown refuses new inference requests at once, and that includes the BLS
+        calls an in-flight frame's sliding window still has to make: without a drain, SIGINT
+        fails every frame in the pipeline. A frame keeps some model executing every few hundred
+        ms, so a quiet window of seconds means nothing is in flight. Returns True when quiet.
+        """
+        deadline = time.monotonic() + timeout_s
+        last, quiet_since = self.activity(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            current = self.activity()
+            if current is None:
+                return True  # not answering: nothing to wait for
+            if current != last:
+                last, quiet_since = current, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                return True
+        return False
+
+    def stop(self, timeout_s: float = 40.0, drain_s: float = 0.0) -> int | None:
+        """Optionally drain (up to ``drain_s``), then SIGINT, wait up to ``timeout_s``, then
+        SIGKILL. Returns the exit code."""
         if self.process is None:
             return None
         killed = False
+        if drain_s > 0 and self.process.poll() is None:
+            self.drain(drain_s)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:

@@ -3,6 +3,7 @@ repository that also holds a second exported network (BasicUNet), on free local 
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 
@@ -12,6 +13,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from monai.networks import nets
 
+from client.auth import TOKEN_ENV
 from export.network_export import ExportSettings, build_network, export_network, settings_from_spec
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
 from segserve.torchscript_network import TorchScriptNetwork
@@ -63,6 +65,9 @@ def model_repository(tmp_path_factory, second_network_checkpoint) -> pathlib.Pat
     shutil.copytree(REPO_ROOT / "model_repository", repository)
     if not (repository / DEFAULT_NETWORK / "1" / "model.onnx").exists():
         pytest.fail("default network not exported: run `make setup`")
+    # A lower pixel limit than the shipped one, so the over-limit case stays small.
+    preprocess_config = repository / "preprocess_2d" / "config.pbtxt"
+    preprocess_config.write_text(preprocess_config.read_text().replace('"100000000"', f'"{4096 * 4096}"'))
     settings = ExportSettings(checkpoint=second_network_checkpoint, name=SECOND_NETWORK, max_batch_size=8, **SECOND_NETWORK_SETTINGS)
     export_network(settings, repository, log=lambda *_: None)
     return repository
@@ -73,7 +78,16 @@ def server(model_repository, tmp_path_factory) -> TritonServer:
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     config = ServerConfig(model_repository=model_repository, http_port=0, grpc_port=0, metrics_port=0)
     with TritonServer(config, log_path=log) as running:
-        yield running
+        # Clients made by the tests, and CLIs they start, find the restricted endpoints' token here.
+        previous = os.environ.get(TOKEN_ENV)
+        os.environ[TOKEN_ENV] = running.config.token
+        try:
+            yield running
+        finally:
+            if previous is None:
+                os.environ.pop(TOKEN_ENV, None)
+            else:
+                os.environ[TOKEN_ENV] = previous
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def our_dev_shm_entries() -> list[str]:
 
 def registered_regions(server, kind: str = "system") -> list[str]:
     with grpcclient.InferenceServerClient(server.grpc_url) as control:
-        status = getattr(control, f"get_{kind}_shared_memory_status")(as_json=True)
+        status = getattr(control, f"get_{kind}_shared_memory_status")(as_json=True, headers=server.token_headers())
     return sorted(status.get("regions", {}))
 
 
@@ -95,7 +95,7 @@ def test_regions_of_a_dead_client_are_removed_by_the_next_one(server, odd_frames
     name = f"{REGION_PREFIX}_{dead_pid}_0_image_1"
     region = system_shm.create_shared_memory_region(name, f"/{name}", 4096)
     with grpcclient.InferenceServerClient(server.grpc_url) as control:
-        control.register_system_shared_memory(name, f"/{name}", 4096)
+        control.register_system_shared_memory(name, f"/{name}", 4096, headers=server.token_headers())
     # What a SIGKILLed client leaves: registered on the server and present in /dev/shm.
     assert name in registered_regions(server) and name in our_dev_shm_entries()
     region._mpsm_handle.close()
@@ -108,3 +108,11 @@ def test_regions_of_a_dead_client_are_removed_by_the_next_one(server, odd_frames
 def test_unknown_transport_is_refused_before_connecting():
     with pytest.raises(ValueError, match="transport must be one of grpc, http, shm, cuda-shm, got 'udp'"):
         SegmentationClient(transport="udp")
+
+
+def test_two_shm_clients_in_one_process_do_not_collide(server, odd_frames):
+    with client_for(server, "shm") as first, client_for(server, "shm") as second:
+        masks = [first.segment(odd_frames["uint16"]).mask, second.segment(odd_frames["uint16"]).mask]
+        assert len(registered_regions(server)) == 4
+    assert np.array_equal(*masks)
+    assert registered_regions(server) == [] and our_dev_shm_entries() == []

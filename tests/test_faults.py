@@ -1,0 +1,172 @@
+"""Faults, against `python -m segserve serve` run as users run it (its own server, not the
+session's): a pipeline stub killed mid-stream, the server stopped and started again under a
+streaming client, and SIGTERM with requests in flight."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+
+from client import SegmentationClient
+from segserve.launcher import PYTHON_BACKEND_SHM_PREFIX, REPO_ROOT, free_port
+from tests.test_streaming_cli import make_stack, wait_for_record
+
+STARTUP_TIMEOUT_S = 240
+
+
+class Serve:
+    """``python -m segserve serve`` in a subprocess on fixed free ports with a known token."""
+
+    def __init__(self, directory: pathlib.Path, model_repository: pathlib.Path):
+        self.directory, self.model_repository = directory, model_repository
+        self.ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+        self.token = "faults-test-token"
+        self.output = directory / "serve.out"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc']}"
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "segserve", "serve", "--model-repository", str(self.model_repository),
+                   "--grpc-port", str(self.ports["grpc"]), "--http-port", str(self.ports["http"]),
+                   "--metrics-port", str(self.ports["metrics"]), "--token", self.token,
+                   "--token-file", str(self.directory / "token"), "--log-file", str(self.directory / "triton.log"),
+                   "--drain-timeout", "20"]
+        self.process = subprocess.Popen(command, stdout=open(self.output, "a"), stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        self.wait_until(lambda: self.text().count("segserve ready") > self.ready_lines_before, "ready")
+
+    def text(self) -> str:
+        return self.output.read_text() if self.output.exists() else ""
+
+    def wait_until(self, condition, what: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            if self.process.poll() is not None:
+                pytest.fail(f"segserve exited ({self.process.returncode}) waiting for {what}:\n{self.text()[-2000:]}")
+            time.sleep(0.25)
+        pytest.fail(f"segserve not {what} after {timeout_s} s:\n{self.text()[-2000:]}")
+
+    @property
+    def ready_lines_before(self) -> int:
+        return getattr(self, "_ready_lines", 0)
+
+    def mark(self) -> None:
+        self._ready_lines = self.text().count("segserve ready")
+
+    def stubs(self) -> list[psutil.Process]:
+        return [p for p in psutil.Process(self.process.pid).children(recursive=True)
+                if p.cmdline() and p.cmdline()[0].endswith("triton_python_backend_stub")]
+
+    def client(self, **kwargs) -> SegmentationClient:
+        return SegmentationClient(self.grpc_url, token=self.token, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def serve(model_repository, tmp_path_factory):
+    running = Serve(tmp_path_factory.mktemp("serve"), model_repository)
+    running.mark()
+    running.start()
+    yield running
+    if running.process.poll() is None:
+        running.process.send_signal(signal.SIGTERM)
+        running.process.wait(timeout=90)
+
+
+def reference(serve: Serve, frames) -> np.ndarray:
+    with serve.client() as client:
+        return np.stack([client.segment(frame).mask for frame in frames])
+
+
+def test_killed_stub_is_replaced_by_a_restart_and_the_stream_loses_nothing(serve, rng):
+    frames = list(make_stack(rng, 30, (256, 256)))
+    stubs_before = len(serve.stubs())
+    outcomes = []
+    with serve.client(transport="shm") as client:
+        # Retries with backoff (0.5 s doubling to 30 s: about 90 s in all) ride out the restart.
+        stream = threading.Thread(target=lambda: outcomes.extend(client.segment_stream(frames, inflight=4, retries=8)))
+        stream.start()
+        serve.wait_until(lambda: len(outcomes) >= 5, "5 frames in")
+        serve.mark()
+        victim = next(p for p in serve.stubs() if "sliding_window_2d" in " ".join(p.cmdline()))
+        victim.kill()
+        stream.join(timeout=300)
+    assert not stream.is_alive()
+    assert "stub(s) of sliding_window_2d died" in serve.text() and "restarting the server" in serve.text()
+    serve.wait_until(lambda: serve.text().count("segserve ready") > serve.ready_lines_before, "ready again")
+    assert [o.index for o in outcomes] == list(range(30)) and all(o.ok for o in outcomes), [(o.index, o.attempts, o.error) for o in outcomes if not o.ok]
+    assert np.array_equal(np.stack([o.result.mask for o in outcomes]), reference(serve, frames))
+    assert len(serve.stubs()) == stubs_before
+
+
+def test_server_killed_mid_stream_then_resumed_writes_every_frame_once(serve, rng, tmp_path):
+    stack = make_stack(rng, 40, (200, 230))
+    np.save(tmp_path / "scan.npy", stack)
+    out, record = tmp_path / "out", tmp_path / "out" / "scan.segment.json"
+    command = [sys.executable, "-m", "client", "segment", str(tmp_path / "scan.npy"), "--out", str(out), "--url", serve.grpc_url,
+               "--token", serve.token, "--transport", "shm", "--inflight", "2", "--retries", "1", "--no-progress"]
+    streaming = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    wait_for_record(record, 5, streaming)
+    # A crash, not a planned stop: the launcher is SIGKILLed; tritonserver follows (it dies with
+    # its parent) and every frame in flight or still to send fails.
+    tritonserver = psutil.Process(serve.process.pid).children()[0]
+    serve.process.kill()
+    serve.process.wait()
+    tritonserver.wait(timeout=90)
+    assert streaming.wait(timeout=120) == 1
+    assert "failed" in streaming.stderr.read()
+    serve.mark()
+    serve.start()
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr  # --resume did the failed and unsent frames
+    saved = json.loads(record.read_text())
+    assert saved["done"] == 40 and saved["failed"] == {}
+    assert np.array_equal(np.load(out / "scan_mask.npy"), reference(serve, stack))
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_leaves_nothing_behind(serve, rng):
+    frames = list(make_stack(rng, 3, (1024, 1024)))
+    stub_pids = [p.pid for p in serve.stubs()]
+    regions_before = {p.name for p in pathlib.Path("/dev/shm").glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")}
+    results, errors = {}, {}
+
+    def segment(index):
+        try:
+            with grpcclient.InferenceServerClient(serve.grpc_url) as client:
+                image = grpcclient.InferInput("IMAGE_UINT16", [1, *frames[index].shape], "UINT16")
+                image.set_data_from_numpy(frames[index][None])
+                results[index] = client.infer("segment_2d", [image]).as_numpy("MASK")
+        except Exception as error:  # noqa: BLE001 - recorded for the assertion
+            errors[index] = error
+
+    expected = reference(serve, frames)
+    threads = [threading.Thread(target=segment, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # all three in the server
+    start = time.monotonic()
+    serve.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == {}, {i: str(e) for i, e in errors.items()}
+    assert all(np.array_equal(results[i], expected[i]) for i in range(3))
+    assert serve.process.wait(timeout=90) == 0
+    assert time.monotonic() - start < 90
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in stub_pids)
+    regions_after = {p.name for p in pathlib.Path("/dev/shm").glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")}
+    assert regions_after <= regions_before - {n for n in regions_before if not os.path.exists(f"/dev/shm/{n}")}
+    assert not (regions_after - regions_before)
