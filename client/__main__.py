@@ -202,7 +202,8 @@ def raise_keyboard_interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM takes the same path as Ctrl-C: regions unregistered and freed, run record saved.
-    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    # SIGINT is set too: a shell starts background jobs with it ignored, and Python keeps that.
+    previous = {signum: signal.signal(signum, raise_keyboard_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return segment_inputs(args)
     except (OSError, ValueError, SegmentationError) as error:
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print("client: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,11 @@ class SegmentationClient:
         self._network_shape: tuple[int, int] | None = None
         self.stale_regions_removed: list[str] = []
         if transport in SHM_KINDS:
-            self.stale_regions_removed = remove_stale_regions(self._control, SHM_KINDS[transport])
+            try:
+                self.stale_regions_removed = remove_stale_regions(self._control, SHM_KINDS[transport])
+            except SegmentationError:
+                self._control.close()
+                raise
         atexit.register(self.close)  # regions are freed even if the caller forgets close()
 
     def _connect(self) -> Connection:
