@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 import pytest
 import tifffile
@@ -126,6 +125,7 @@ def test_a_malformed_frame_is_reported_and_the_others_written(server, tmp_path, 
 
 
 def test_hdf5_dataset_and_directory_are_written_into_matching_containers(server, tmp_path, rng):
+    h5py = pytest.importorskip("h5py")  # in requirements.txt; a GPU image may lack it (scripts/gpu_check.sh)
     stack = make_stack(rng, 5, (77, 101))
     with h5py.File(tmp_path / "scan.h5", "w") as h5:
         h5.create_dataset("entry/data", data=stack)
