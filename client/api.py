@@ -149,7 +149,7 @@ class SegmentationClient:
     def _new_transport(self):
         connection = self._connect()
         if self.transport in SHM_KINDS:
-            return SharedMemoryTransport(connection, SHM_KINDS[self.transport], len(self._transports), self.device_id)
+            return SharedMemoryTransport(connection, SHM_KINDS[self.transport], self.device_id)
         return InlineTransport(connection)
 
     def _slot(self, slot: int):
@@ -172,6 +172,7 @@ class SegmentationClient:
             except SegmentationError as error:
                 errors.append(str(error))
         self._transports.clear()
+        self._idle = queue.LifoQueue()
         self._control.close()
         if errors:
             raise SegmentationError(f"cleanup incomplete: {'; '.join(errors)}")

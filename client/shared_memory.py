@@ -76,8 +76,6 @@ def rounded_size(nbytes: int) -> int:
 class SystemRegion:
     """A ``/dev/shm`` region of ``nbytes`` registered with the server under ``name``."""
 
-    kind = "system"
-
     def __init__(self, name: str, nbytes: int, device_id: int = 0):
         self.name, self.nbytes = name, nbytes
         self.handle = system_shm.create_shared_memory_region(name, f"/{name}", nbytes, create_only=True)
@@ -98,8 +96,6 @@ class SystemRegion:
 
 class CudaRegion:
     """Device memory of ``nbytes`` on GPU ``device_id``, shared with the server by CUDA IPC."""
-
-    kind = "cuda"
 
     def __init__(self, name: str, nbytes: int, device_id: int = 0):
         cuda_shm = import_cuda_shared_memory()
@@ -164,12 +160,11 @@ class RegionSet:
     Args:
         connection: the slot's connection (registration goes through it).
         kind: ``system`` or ``cuda``.
-        slot: the in-flight slot this set serves.
         device_id: GPU of CUDA regions.
     """
 
-    def __init__(self, connection: Connection, kind: str, slot: int, device_id: int = 0):
-        self.connection, self.kind, self.slot, self.device_id = connection, kind, slot, device_id
+    def __init__(self, connection: Connection, kind: str, device_id: int = 0):
+        self.connection, self.kind, self.device_id = connection, kind, device_id
         self.set_id = next(_REGION_SET_IDS)  # unique in this process, across clients
         self.regions: dict[str, SystemRegion | CudaRegion] = {}
         self.created = 0  # regions created over the set's life (reuse keeps this small)

@@ -34,7 +34,7 @@ class Source:
     """Frames from one input: ``load(i)`` reads frame ``i`` (``[H, W]`` or ``[C, H, W]``).
 
     ``kind`` is ``files`` (one image file per frame) or the container of a stack
-    (``tiff``, ``npy``, ``hdf5``); ``frame_shape``/``dtype`` are set for stacks.
+    (``tiff``, ``npy``, ``hdf5``); ``frame_shape`` is set for stacks.
     """
 
     label: str
@@ -45,7 +45,6 @@ class Source:
     path: pathlib.Path | None = None
     dataset: str | None = None
     frame_shape: tuple[int, ...] | None = None
-    dtype: np.dtype | None = None
     files: list[pathlib.Path] | None = None
 
 
@@ -120,13 +119,13 @@ def array_source(label: str, kind: str, array, path: pathlib.Path, dataset: str 
     """A stack over anything indexable by frame (numpy memmap, h5py dataset)."""
     return Source(label=label, kind=kind, count=int(array.shape[0]), load=lambda i: np.asarray(array[i]),
                   frame_label=lambda i: f"{label}[{i}]", path=path, dataset=dataset,
-                  frame_shape=tuple(int(d) for d in array.shape[1:]), dtype=np.dtype(array.dtype))
+                  frame_shape=tuple(int(d) for d in array.shape[1:]))
 
 
 def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
     with tifffile.TiffFile(path) as tiff:
         series = tiff.series[0]
-        shape, dtype, page_count = tuple(series.shape), series.dtype, len(series.pages)
+        shape, page_count = tuple(series.shape), len(series.pages)
     if not is_stack_shape(shape, in_channels):
         return None
     pages_per_frame = page_count // shape[0]
@@ -141,7 +140,7 @@ def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
         return pages.reshape(shape[1:])
 
     return Source(label=path.name, kind="tiff", count=shape[0], load=load, frame_label=lambda i: f"{path.name}[{i}]",
-                  path=path, frame_shape=shape[1:], dtype=np.dtype(dtype))
+                  path=path, frame_shape=shape[1:])
 
 
 def hdf5_source(path: pathlib.Path, dataset_path: str, in_channels: int) -> Source:
@@ -321,9 +320,6 @@ class FileWriter:
         self.out_dir = out_dir / source.label if source.kind == "directory" else out_dir
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.overlay_max_size = overlay_max_size
-
-    def describe(self) -> str:
-        return f"{self.out_dir}/<name>_{{{','.join(self.outputs)}}}.{self.format}"
 
     def paths(self, index: int) -> dict[str, pathlib.Path]:
         stem = self.source.files[index].stem

@@ -55,7 +55,6 @@ class Outcome:
     result: object = None
     error: str | None = None
     attempts: int = 0
-    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -160,7 +159,6 @@ class _WorkerPool:
     def _work(self, worker: int) -> None:
         while (job := self.jobs.get()) is not None:
             position, index, frame = job
-            start = time.perf_counter()
             try:
                 result, attempts = call_with_retries(lambda frame=frame: self.process(worker, frame), self.policy)
                 outcome = Outcome(index, result=result, attempts=attempts)
@@ -170,5 +168,4 @@ class _WorkerPool:
                 outcome = Outcome(index, error=str(error), attempts=1)
             except Exception as error:  # a bug must not hang the stream: report it on the frame
                 outcome = Outcome(index, error=f"{type(error).__name__}: {error}", attempts=1)
-            outcome.seconds = time.perf_counter() - start
             self.results.put((position, outcome))

@@ -75,8 +75,6 @@ def to_host(frame) -> np.ndarray:
 class InlineTransport:
     """Tensors in the request and response bodies (gRPC or HTTP)."""
 
-    name = "inline"
-
     def __init__(self, connection: Connection):
         self.connection = connection
 
@@ -98,13 +96,9 @@ class SharedMemoryTransport:
     """Input and outputs through this slot's shared-memory regions; the request carries only
     their names. ``kind`` is ``system`` (``/dev/shm``) or ``cuda`` (GPU ``device_id``)."""
 
-    def __init__(self, connection: Connection, kind: str, slot: int, device_id: int = 0):
+    def __init__(self, connection: Connection, kind: str, device_id: int = 0):
         self.connection = connection
-        self.regions = RegionSet(connection, kind, slot, device_id)
-
-    @property
-    def name(self) -> str:
-        return f"{self.regions.kind} shared memory"
+        self.regions = RegionSet(connection, kind, device_id)
 
     def infer(self, model: str, image, outputs: list[OutputSpec], parameters: dict) -> dict[str, np.ndarray]:
         dtype = frame_dtype(image)

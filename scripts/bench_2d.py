@@ -47,6 +47,13 @@ def machine_description() -> str:
     return f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}"
 
 
+def write_report(lines: list[str], path: pathlib.Path) -> None:
+    """Print a markdown report and keep it at ``path``."""
+    report = "\n".join(lines)
+    path.write_text(report + "\n")
+    print(report)
+
+
 def timed(function) -> float:
     start = time.perf_counter()
     function()
@@ -195,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         first_allocator = args.allocators.split(",")[0]
         lines += ["", f"{args.large_size}x{args.large_size} uint16 frame ({first_allocator} allocator): {seconds:.1f} s end to end; server PSS idle "
                   f"{idle / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB (+{(peak - idle) / 2**30:.2f} GiB)"]
-    report = "\n".join(lines)
-    (args.out / "bench_2d.md").write_text(report + "\n")
-    print(report)
+    write_report(lines, args.out / "bench_2d.md")
     return 0
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from client.api import SegmentationClient
 from client.shared_memory import cuda_available
 from export.network_export import settings_from_spec
-from scripts.bench_2d import CHECKPOINT, in_process_mask, load_torch_network, machine_description, timed
+from scripts.bench_2d import CHECKPOINT, in_process_mask, load_torch_network, machine_description, timed, write_report
 from segserve.launcher import ServerConfig, TritonServer
 from training.synthetic import synthetic_slice, to_detector_counts
 
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             lines += ["", f"streaming: {args.stream_frames} uint16 frames of {args.stream_size}x{args.stream_size}, "
                       "SegmentationClient.segment_stream", ""]
             lines += stream_table(server, args, rng)
-    report = "\n".join(lines)
-    (args.out / "bench_transport.md").write_text(report + "\n")
-    print(report)
+    write_report(lines, args.out / "bench_transport.md")
     return 0
 
 

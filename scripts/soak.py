@@ -26,7 +26,7 @@ from skimage import data
 
 from client import SegmentationClient
 from client.shared_memory import DEV_SHM, REGION_PREFIX
-from scripts.bench_2d import machine_description
+from scripts.bench_2d import machine_description, write_report
 from segserve.launcher import ServerConfig, TritonServer
 from training.synthetic import synthetic_slice, to_detector_counts
 
@@ -104,10 +104,10 @@ def run_soak(url: str, token: str | None, server_pid: int, args: argparse.Namesp
              "| transport | workers | requests | failed | frames/s | p50 s | p95 s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for transport in transports:
         mine = [t for t in tallies if t.transport == transport]
-        latencies = sorted(x for t in mine for x in t.latencies)
-        failed = sum(len(t.failures) for t in mine)
         if not mine:
             continue
+        latencies = sorted(x for t in mine for x in t.latencies)
+        failed = sum(len(t.failures) for t in mine)
         p50 = latencies[len(latencies) // 2] if latencies else float("nan")
         p95 = latencies[int(len(latencies) * 0.95)] if latencies else float("nan")
         lines.append(f"| {transport} | {len(mine)} | {len(latencies) + failed} | {failed} | {len(latencies) / args.duration:.2f} | "
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with TritonServer(ServerConfig(http_port=0, grpc_port=0, metrics_port=0), log_path=args.out / "server-soak.log") as server:
         lines, passed = run_soak(server.grpc_url, server.config.token, server.process.pid, args)
-    report = "\n".join(lines)
-    (args.out / "soak.md").write_text(report + "\n")
-    print(report)
+    write_report(lines, args.out / "soak.md")
     return 0 if passed else 1
 
 

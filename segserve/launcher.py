@@ -129,6 +129,21 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def python_backend_stubs(root_pid: int) -> dict[int, str]:
+    """Python-backend stub processes under process ``root_pid``: pid -> the model.py it runs."""
+    import psutil
+
+    stubs = {}
+    for child in psutil.Process(root_pid).children(recursive=True):
+        try:
+            command = child.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if command and command[0].endswith("triton_python_backend_stub"):
+            stubs[child.pid] = command[1] if len(command) > 1 else "?"
+    return stubs
+
+
 def _python_backend_regions() -> set[str]:
     shm = pathlib.Path("/dev/shm")
     return {p.name for p in shm.glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")} if shm.is_dir() else set()
@@ -242,19 +257,9 @@ class TritonServer:
 
     def stub_processes(self) -> dict[int, str]:
         """Python-backend stub processes of this server: pid -> the model.py it runs."""
-        import psutil
-
         if self.process is None or self.process.poll() is not None:
             return {}
-        stubs = {}
-        for child in psutil.Process(self.process.pid).children(recursive=True):
-            try:
-                command = child.cmdline()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            if command and command[0].endswith("triton_python_backend_stub"):
-                stubs[child.pid] = command[1] if len(command) > 1 else "?"
-        return stubs
+        return python_backend_stubs(self.process.pid)
 
     def health_problem(self) -> str | None:
         """Why the running server can no longer serve every request, or None.

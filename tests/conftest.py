@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from monai.networks import nets
 
 from client.auth import TOKEN_ENV
@@ -24,6 +25,8 @@ NETWORK_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "unet2d_particles"
 DEFAULT_NETWORK = "unet2d_particles"
 SECOND_NETWORK = "basicunet_test"
+# A small valid frame [1, 70, 90] float32: the "good request" after each bad one.
+GOOD_FRAME = np.random.default_rng(0).random((1, 70, 90), dtype=np.float32)
 SECOND_NETWORK_SETTINGS = dict(
     architecture="BasicUNet",
     arguments={"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "features": [8, 8, 16, 32, 64, 8]},
@@ -99,3 +102,39 @@ def grpc(server) -> grpcclient.InferenceServerClient:
 @pytest.fixture(scope="session")
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+TRITON_DTYPES = {np.float32: "FP32", np.uint8: "UINT8", np.uint16: "UINT16", np.int16: "INT16", np.int32: "INT32",
+                 np.float64: "FP64"}
+
+
+class Endpoint:
+    """A tritonclient client of one protocol with the server's restricted-endpoint token."""
+
+    def __init__(self, protocol: str, server):
+        self.protocol = protocol
+        self.module = grpcclient if protocol == "grpc" else httpclient
+        self.client = self.module.InferenceServerClient(server.grpc_url if protocol == "grpc" else server.http_url)
+        self.token = server.token_headers(protocol)
+
+    def tensor(self, name: str, array: np.ndarray, triton_dtype: str | None = None):
+        tensor = self.module.InferInput(name, list(array.shape), triton_dtype or TRITON_DTYPES[array.dtype.type])
+        if triton_dtype is None:
+            tensor.set_data_from_numpy(array)
+        return tensor
+
+    def infer(self, inputs: dict[str, np.ndarray] | list, parameters=None, outputs=("MASK",)):
+        tensors = inputs if isinstance(inputs, list) else [self.tensor(n, a) for n, a in inputs.items()]
+        requested = [o if not isinstance(o, str) else self.module.InferRequestedOutput(o) for o in outputs]
+        return self.client.infer("segment_2d", tensors, outputs=requested, parameters=parameters or {})
+
+    def assert_still_serving(self):
+        assert self.infer({"IMAGE": GOOD_FRAME}).as_numpy("MASK").shape == GOOD_FRAME.shape[1:]
+
+
+@pytest.fixture(params=["grpc", "http"])
+def endpoint(request, server) -> Endpoint:
+    """An Endpoint for each protocol, gRPC then HTTP."""
+    endpoint = Endpoint(request.param, server)
+    yield endpoint
+    endpoint.client.close()

@@ -8,8 +8,6 @@ import ipaddress
 import numpy as np
 import psutil
 import pytest
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from client import SegmentationClient, SegmentationError
@@ -27,29 +25,19 @@ RESTRICTED_CALLS = [
 ]
 
 
-@pytest.fixture(params=["grpc", "http"])
-def protocol_client(request, server):
-    module = grpcclient if request.param == "grpc" else httpclient
-    client = module.InferenceServerClient(server.grpc_url if request.param == "grpc" else server.http_url)
-    yield request.param, client
-    client.close()
-
-
 def test_every_sensitive_endpoint_is_listed():
     assert {call[0] for call in RESTRICTED_CALLS} == set(RESTRICTED_ENDPOINTS)
 
 
-@pytest.mark.parametrize("endpoint, method, arguments", RESTRICTED_CALLS, ids=[c[1] for c in RESTRICTED_CALLS])
-def test_restricted_endpoint_refuses_a_client_without_the_token(protocol_client, endpoint, method, arguments):
-    protocol, client = protocol_client
+@pytest.mark.parametrize("method, arguments", [c[1:] for c in RESTRICTED_CALLS], ids=[c[1] for c in RESTRICTED_CALLS])
+def test_restricted_endpoint_refuses_a_client_without_the_token(endpoint, method, arguments):
     for headers in (None, {"segserve-token": "wrong"}, {"triton-grpc-protocol-segserve-token": "wrong"}):
         with pytest.raises(InferenceServerException, match="restricted"):
-            getattr(client, method)(*arguments, headers=headers)
+            getattr(endpoint.client, method)(*arguments, headers=headers)
 
 
-def test_token_holder_is_served_and_model_control_stays_off(protocol_client, server):
-    protocol, client = protocol_client
-    token = server.token_headers(protocol)
+def test_token_holder_is_served_and_model_control_stays_off(endpoint):
+    client, token = endpoint.client, endpoint.token
     assert client.get_model_config("segment_2d", headers=token)
     assert client.get_log_settings(headers=token)
     with pytest.raises(InferenceServerException, match="(?i)explicit model load / unload is not allowed"):
@@ -57,15 +45,12 @@ def test_token_holder_is_served_and_model_control_stays_off(protocol_client, ser
     assert client.is_model_ready("segment_2d")
 
 
-def test_inference_health_and_metadata_need_no_token(protocol_client):
-    protocol, client = protocol_client
-    module = grpcclient if protocol == "grpc" else httpclient
+def test_inference_health_and_metadata_need_no_token(endpoint):
+    client = endpoint.client
     assert client.is_server_live() and client.is_server_ready()
     assert client.get_model_metadata("segment_2d")
     frame = np.random.default_rng(0).random((1, 40, 50), dtype=np.float32)
-    image = module.InferInput("IMAGE", list(frame.shape), "FP32")
-    image.set_data_from_numpy(frame)
-    assert client.infer("segment_2d", [image]).as_numpy("MASK").shape == (40, 50)
+    assert endpoint.infer({"IMAGE": frame}).as_numpy("MASK").shape == (40, 50)
 
 
 def test_client_without_the_token_is_told_what_to_do(server, monkeypatch, tmp_path):

@@ -7,48 +7,14 @@ import os
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException
 
-GOOD_FRAME = np.random.default_rng(0).random((1, 70, 90), dtype=np.float32)
+from tests.conftest import GOOD_FRAME, Endpoint
+
 # The test server's preprocess_2d limit (conftest lowers the shipped 100M to keep the case small).
 TEST_MAX_PIXELS = 4096 * 4096
 REFUSED_STATUS = {"grpc": "StatusCode.INVALID_ARGUMENT", "http": "400"}
-TRITON_DTYPES = {np.float32: "FP32", np.uint8: "UINT8", np.uint16: "UINT16", np.int16: "INT16", np.int32: "INT32",
-                 np.float64: "FP64"}
-
-
-class Endpoint:
-    """A tritonclient client of one protocol with the server's restricted-endpoint token."""
-
-    def __init__(self, protocol: str, server):
-        self.protocol = protocol
-        self.module = grpcclient if protocol == "grpc" else httpclient
-        self.client = self.module.InferenceServerClient(server.grpc_url if protocol == "grpc" else server.http_url)
-        self.token = server.token_headers(protocol)
-
-    def tensor(self, name: str, array: np.ndarray, triton_dtype: str | None = None):
-        tensor = self.module.InferInput(name, list(array.shape), triton_dtype or TRITON_DTYPES[array.dtype.type])
-        if triton_dtype is None:
-            tensor.set_data_from_numpy(array)
-        return tensor
-
-    def infer(self, inputs: dict[str, np.ndarray] | list, parameters=None, outputs=("MASK",)):
-        tensors = inputs if isinstance(inputs, list) else [self.tensor(n, a) for n, a in inputs.items()]
-        requested = [o if not isinstance(o, str) else self.module.InferRequestedOutput(o) for o in outputs]
-        return self.client.infer("segment_2d", tensors, outputs=requested, parameters=parameters or {})
-
-    def assert_still_serving(self):
-        assert self.infer({"IMAGE": GOOD_FRAME}).as_numpy("MASK").shape == GOOD_FRAME.shape[1:]
-
-
-@pytest.fixture(params=["grpc", "http"])
-def endpoint(request, server) -> Endpoint:
-    endpoint = Endpoint(request.param, server)
-    yield endpoint
-    endpoint.client.close()
 
 
 def with_value(value, at=(0, 5, 7)):
