@@ -7,8 +7,12 @@ Examples:
         --arguments '{"spatial_dims": 2, "in_channels": 1, "out_channels": 3}' \\
         --tile 128 128 --checkpoint my.pt --name my_basicunet
 
-Afterwards (server restarted) the network serves through ``segment_2d`` with the request
-parameter ``network=<name>`` (client: ``--network <name>``), or by default with ``--set-default``.
+    python -m export --spec training/checkpoints/unet3d_organs.json \
+        --checkpoint training/checkpoints/unet3d_organs.pt --name unet3d_organs
+
+Afterwards (server restarted) a 2D network serves through ``segment_2d`` and a 3D one through
+``segment_3d``, with the request parameter ``network=<name>`` (client: ``--network <name>``),
+or by default with ``--set-default``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repository", type=pathlib.Path, default=DEFAULT_REPOSITORY, help="model repository (default: %(default)s)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="largest tile batch (default: %(default)s)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="bound on |onnxruntime - torch| (default: %(default)s)")
-    parser.add_argument("--set-default", action="store_true", help="make this the network segment_2d uses by default")
+    parser.add_argument("--instances-per-gpu", type=int, default=2,
+                        help="network instances per GPU in the gpu and onnxruntime config variants (default: %(default)s)")
+    parser.add_argument("--tensorrt", action="store_true",
+                        help="the onnxruntime variant uses the TensorRT execution accelerator (FP16)")
+    parser.add_argument("--set-default", action="store_true", help="make this the network segment_2d (2D) or segment_3d (3D) uses by default")
     parser.add_argument("--debug", action="store_true", help="print tracebacks")
     return parser.parse_args(argv)
 
@@ -48,7 +56,8 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
     missing = [flag for flag, value in (("--architecture", architecture), ("--arguments", arguments), ("--tile", tile)) if value is None]
     if missing:
         raise ExportError(f"missing {', '.join(missing)} (give them or a --spec file)")
-    return ExportSettings(architecture, arguments, args.checkpoint, tuple(tile), args.name, args.max_batch_size, args.tolerance)
+    return ExportSettings(architecture, arguments, args.checkpoint, tuple(tile), args.name, args.max_batch_size, args.tolerance,
+                          args.instances_per_gpu, args.tensorrt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         export_network(settings, args.repository)
         if args.set_default:
-            set_default_network(args.repository, settings.name)
-            print(f"segment_2d now uses {settings.name} by default (restart the server)")
+            dims = len(settings.tile)
+            set_default_network(args.repository, settings.name, pipeline=f"sliding_window_{dims}d")
+            print(f"segment_{dims}d now uses {settings.name} by default (restart the server)")
     except Exception as error:  # one-line errors; --debug for the traceback
         if args.debug:
             traceback.print_exc()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import logging
 
 import torch
 from monai.transforms import KeepLargestConnectedComponent, LabelToContour
@@ -39,11 +42,31 @@ def class_mask(logits: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def gpu_labelling_available() -> bool:
+    """MONAI labels connected components on the GPU only through cuCIM (with CuPy)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("cucim", "cupy"))
+
+
+@functools.cache
+def log_cpu_fallback_once() -> None:
+    logger.warning("keep_largest: cuCIM is not installed, so connected components are labelled on the CPU "
+                   "(the mask goes to host memory and back); install cucim for GPU labelling")
+
+
 def keep_largest_components(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Keep the largest connected component of each foreground class (1..K-1); others become 0."""
+    """Keep the largest connected component of each foreground class (1..K-1); others become 0.
+
+    A GPU mask stays on the GPU with cuCIM; without it MONAI labels a host copy (logged once).
+    """
     foreground = list(range(1, num_classes))
     if not foreground:
         return mask
+    if mask.is_cuda and not gpu_labelling_available():
+        log_cpu_fallback_once()
     keep = KeepLargestConnectedComponent(applied_labels=foreground, is_onehot=False, independent=True)
     return convert_to_tensor(keep(mask.unsqueeze(0)), track_meta=False)[0].to(torch.uint8)
 

@@ -53,16 +53,14 @@ def training_batch(batch_size: int, rng: np.random.Generator) -> tuple[torch.Ten
     return torch.stack(images), torch.stack(labels)
 
 
-def train(steps: int, batch_size: int, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    network = UNet(**ARCHITECTURE_ARGS)
+def train(network: torch.nn.Module, next_batch, steps: int, learning_rate: float = 3e-3) -> torch.nn.Module:
+    """Adam + cosine schedule on DiceCE loss; ``next_batch()`` returns (images, int64 labels)."""
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     start = time.monotonic()
     for step in range(1, steps + 1):
-        images, labels = training_batch(batch_size, rng)
+        images, labels = next_batch()
         optimizer.zero_grad()
         loss = loss_function(network(images), labels)
         loss.backward()
@@ -71,6 +69,14 @@ def train(steps: int, batch_size: int, seed: int) -> torch.nn.Module:
         if step % 25 == 0 or step == steps:
             print(f"step {step}/{steps} loss {loss.item():.4f} ({time.monotonic() - start:.0f} s)", flush=True)
     return network.eval()
+
+
+def save_checkpoint(out: pathlib.Path, network: torch.nn.Module, metadata: dict) -> None:
+    """``<out>.pt`` (state dict) and ``<out>.json`` (what ``python -m export --spec`` reads)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), out.with_suffix(".pt"))
+    out.with_suffix(".json").write_text(json.dumps(metadata, indent=2) + "\n")
+    print(f"wrote {out.with_suffix('.pt')} and {out.with_suffix('.json')}")
 
 
 @torch.no_grad()
@@ -96,15 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    network = train(args.steps, args.batch_size, args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    network = train(UNet(**ARCHITECTURE_ARGS), lambda: training_batch(args.batch_size, rng), args.steps)
     dice = evaluate(network, args.seed)
     print("dice on held-out slices:", ", ".join(f"{name} {value:.3f}" for name, value in dice.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(network.state_dict(), args.out.with_suffix(".pt"))
-    metadata = {"architecture": ARCHITECTURE, "arguments": ARCHITECTURE_ARGS, "tile": list(TILE),
-                "classes": list(CLASS_NAMES), "dice": dice, "steps": args.steps, "seed": args.seed}
-    args.out.with_suffix(".json").write_text(json.dumps(metadata, indent=2) + "\n")
-    print(f"wrote {args.out.with_suffix('.pt')} and {args.out.with_suffix('.json')}")
+    save_checkpoint(args.out, network, {"architecture": ARCHITECTURE, "arguments": ARCHITECTURE_ARGS,
+                                        "tile": list(TILE), "classes": list(CLASS_NAMES), "dice": dice,
+                                        "steps": args.steps, "seed": args.seed})
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``postprocess_2d``: LOGITS [K, H, W] -> MASK [H, W], PROBABILITIES [K, H, W], CONTOUR [H, W].
+"""``postprocess_2d`` / ``postprocess_3d``: LOGITS [K, *spatial] -> MASK [*spatial],
+PROBABILITIES [K, *spatial], CONTOUR [*spatial].
 
 Triton asks a composing model for every output its ensemble maps, whatever the client
 requested, so PROBABILITIES and CONTOUR are computed only when the request parameters
@@ -8,6 +9,8 @@ otherwise they are sent empty with shape [0, ...].
 
 from __future__ import annotations
 
+import logging
+
 import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import error_response, input_tensor, to_triton
@@ -15,7 +18,21 @@ from segserve.options import parse_options
 from segserve.postprocess import postprocess
 
 
+class TritonLogHandler(logging.Handler):
+    """Forwards the pipeline package's log records (e.g. the cuCIM fallback) to the server log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = pb_utils.Logger.log_warn if record.levelno >= logging.WARNING else pb_utils.Logger.log_info
+        log(self.format(record))
+
+
 class TritonPythonModel:
+    def initialize(self, args):
+        package_logger = logging.getLogger("segserve")
+        if not any(isinstance(h, TritonLogHandler) for h in package_logger.handlers):
+            package_logger.addHandler(TritonLogHandler())
+        package_logger.setLevel(logging.INFO)
+
     def execute(self, requests):
         return [self._execute_one(request) for request in requests]
 
