@@ -1,6 +1,8 @@
 """Client of the segmentation service: ``SegmentationClient`` (Python API) and
 ``python -m client`` (CLI)."""
 
-from client.api import Outcome, SegmentationClient, SegmentationError, SegmentationResult, SegmentOptions
+from client.api import (ChunkSettings, Outcome, SegmentationClient, SegmentationError, SegmentationResult,
+                        SegmentOptions)
 
-__all__ = ["Outcome", "SegmentationClient", "SegmentationError", "SegmentationResult", "SegmentOptions"]
+__all__ = ["ChunkSettings", "Outcome", "SegmentationClient", "SegmentationError", "SegmentationResult",
+           "SegmentOptions"]

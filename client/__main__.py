@@ -3,6 +3,7 @@
     python -m client segment frame.tif [more frames...] --out results/
     python -m client segment scan.tif --out results/ --transport shm --inflight 8
     python -m client segment run42.h5:/entry/data --out results/ --resume
+    python -m client segment-volume scan.nii.gz --out results/    (3D: see segment-volume --help)
 
 Inputs: image files (TIFF, PNG, NPY; [H, W] or [C, H, W]), stacks (multi-page TIFF, NPY or an
 HDF5 dataset FILE.h5:/path, shaped [N, H, W] or [N, C, H, W]) and directories of image files.
@@ -30,9 +31,10 @@ import traceback
 
 from tqdm import tqdm
 
+from client import volume_cli
+from client.cli_options import add_pipeline_options, add_server_options, check_servers, segment_options
 from client.api import SegmentationClient, SegmentationError
 from client.stacks import FileWriter, RunRecord, Source, StackWriter, open_sources, stack_outputs
-from client.transports import TRANSPORTS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,41 +44,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     segment.add_argument("frames", nargs="+", help="image files, stacks (.tif, .npy, FILE.h5:/dataset) or directories")
     segment.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"), help="output directory (default: %(default)s)")
-    segment.add_argument("--url", help="server address host:port (default: 127.0.0.1:8001, or :8000 for http)")
-    segment.add_argument("--token", help="token of the server's restricted endpoints, needed for shared memory "
-                         "(default: $SEGSERVE_TOKEN, else the file `python -m segserve serve` wrote: ~/.config/segserve/token)")
-    segment.add_argument("--transport", choices=TRANSPORTS, default="grpc",
-                         help="how frames travel: grpc, http, shm (system shared memory, same host) or cuda-shm "
-                              "(default: %(default)s)")
-    segment.add_argument("--inflight", type=int, default=4, help="requests in flight at once (default: %(default)s)")
-    segment.add_argument("--retries", type=int, default=3,
-                         help="further attempts for a frame that failed for a passing reason (default: %(default)s)")
+    add_server_options(segment, "segment_2d", 4, "frames")
     segment.add_argument("--resume", action="store_true", help="skip frames an interrupted run already wrote")
     segment.add_argument("--overwrite", action="store_true", help="start over even where an interrupted run left a record")
-    segment.add_argument("--model", default="segment_2d", help="pipeline ensemble (default: %(default)s)")
-    segment.add_argument("--network", help="network model to run (default: the server's default network)")
-    segment.add_argument("--overlap", type=float, help="tile overlap fraction in [0, 1) (server default 0.25)")
-    segment.add_argument("--blend", choices=("gaussian", "constant"), help="tile blending (server default gaussian)")
-    segment.add_argument("--sw-batch-size", type=int, help="tiles per network batch (server default 8)")
-    segment.add_argument("--intensity-min", type=float, help="fixed intensity mapped to 0 (with --intensity-max)")
-    segment.add_argument("--intensity-max", type=float,
-                         help="fixed intensity mapped to 1 (default: each frame's 1st..99th percentile)")
-    segment.add_argument("--keep-largest", action="store_true", help="keep only the largest object of each class")
-    segment.add_argument("--probabilities", action="store_true", help="also write class probabilities [K, H, W]")
-    segment.add_argument("--contour", action="store_true", help="also write object borders")
+    add_pipeline_options(segment)
     segment.add_argument("--format", choices=("tif", "npy"), default="tif",
                          help="file format of per-image outputs (default: %(default)s; stacks keep their container)")
     segment.add_argument("--no-overlay", action="store_true", help="skip the PNG overlay of per-image outputs")
     segment.add_argument("--overlay-max-size", type=int, default=2048, help="longest overlay side in pixels (default: %(default)s)")
-    segment.add_argument("--timeout", type=float, help="seconds before a request is abandoned and retried (default: none)")
-    segment.add_argument("--no-progress", action="store_true", help="no progress bar")
-    segment.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+    volume = commands.add_parser("segment-volume", help="segment 3D volumes, in chunks when large",
+                                 description=volume_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    volume.add_argument("volumes", nargs="+", help="volumes: .nii/.nii.gz, .tif, .npy or FILE.h5:/dataset")
+    volume.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"), help="output directory (default: %(default)s)")
+    add_server_options(volume, "segment_3d", 2, "chunks")
+    add_pipeline_options(volume)
+    volume_cli.add_chunk_options(volume)
     args = parser.parse_args(argv)
     if args.inflight < 1:
         parser.error(f"--inflight must be >= 1, got {args.inflight}")
     if args.retries < 0:
         parser.error(f"--retries must be >= 0, got {args.retries}")
-    if args.resume and args.overwrite:
+    if getattr(args, "resume", False) and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     return args
 
@@ -96,12 +84,6 @@ class Tally:
         text = (f"{self.frames} frame(s) in {seconds:.1f} s ({rate}): {self.written} written, "
                 f"{len(self.failed)} failed, {self.retries} retried")
         return text + (f", {self.skipped} skipped (already written)" if self.skipped else "")
-
-
-def segment_options(args: argparse.Namespace) -> dict:
-    return dict(probabilities=args.probabilities, contour=args.contour, keep_largest=args.keep_largest or None,
-                overlap=args.overlap, blend=args.blend, sw_batch_size=args.sw_batch_size,
-                intensity_min=args.intensity_min, intensity_max=args.intensity_max)
 
 
 @dataclasses.dataclass
@@ -170,8 +152,7 @@ def segment_inputs(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
-        if not client.is_ready():
-            raise SegmentationError(f"model {args.model!r} is not ready at {client.url} (is the server running? `make serve`)")
+        check_servers(client, args.model)
         if client.stale_regions_removed:
             print(f"client: removed {len(client.stale_regions_removed)} shared-memory region(s) left by an earlier "
                   "run that did not exit cleanly", file=sys.stderr)
@@ -187,6 +168,8 @@ def segment_inputs(args: argparse.Namespace) -> int:
                     run_plan(client, plan, args, progress, tally)
         finally:
             print(f"client: {tally.summary(time.perf_counter() - start)}", file=sys.stderr)
+            if len(client.urls) > 1:
+                print(f"client: per server: {client.servers.summary()}", file=sys.stderr)
             for plan in plans:
                 if plan.record is not None:
                     print(f"client: {plan.source.label} -> {plan.writer.describe()}", file=sys.stderr)
@@ -205,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT is set too: a shell starts background jobs with it ignored, and Python keeps that.
     previous = {signum: signal.signal(signum, raise_keyboard_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return segment_inputs(args)
+        return volume_cli.segment_volumes(args) if args.command == "segment-volume" else segment_inputs(args)
     except (OSError, ValueError, SegmentationError) as error:
         if args.debug:
             traceback.print_exc()

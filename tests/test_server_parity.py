@@ -23,8 +23,10 @@ def frame_of(shape, dtype, rng) -> np.ndarray:
     return pixels[np.newaxis]
 
 
-def assert_matches_reference(result, frame, network, options):
-    expected = reference_probabilities(frame, network, TILE, options, NETWORK_DEVICE).numpy()
+def assert_matches_reference(result, frame, network, options, tile=TILE):
+    """PROBABILITIES within TOLERANCE of in-process MONAI; MASK their argmax wherever two
+    classes are not within the tolerance of each other."""
+    expected = reference_probabilities(frame, network, tile, options, NETWORK_DEVICE).numpy()
     assert result.probabilities.shape == expected.shape
     difference = np.abs(result.probabilities - expected).max()
     assert difference <= TOLERANCE, f"max abs difference {difference:.3g}"

@@ -1,0 +1,84 @@
+"""Segment 3D volumes with the ``segment_3d`` pipeline.
+
+    python -m client segment-volume scan.nii.gz --out results/
+    python -m client segment-volume ct.tif tomo.h5:/entry/data --out results/ --keep-largest
+    python -m client segment-volume big.npy --chunk-shape 128 0 0 --inflight 4
+
+Inputs: NIfTI (.nii, .nii.gz), TIFF stacks [Z, Y, X], NPY and HDF5 datasets (FILE.h5:/path);
+float32, uint8, uint16 and int16 (CT Hounsfield units) travel as stored. Outputs in --out,
+in the input's kind of file: NAME_mask.nii.gz (uint8, same affine and header as the scan),
+NAME_mask.tif or NAME_mask.npy, or NAME_segmentation.h5 for HDF5; NAME_probabilities and
+NAME_contour on request.
+
+A volume above --max-chunk-voxels (default 512x512x256) is sent as overlapping chunks along
+its slowest axes, --inflight at a time, cut on the network's tile grid so that the stitched
+result equals one whole-volume request. The intensity range (default: 1st..99th percentile)
+is then taken over the whole volume, and --keep-largest runs on the stitched mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+from tqdm import tqdm
+
+from client.api import SegmentationClient, SegmentationError
+from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
+from client.cli_options import check_servers, segment_options
+from client.volume_files import read_volume, write_volume_outputs
+from client.volumes import ChunkSettings
+
+
+def add_chunk_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-chunk-voxels", type=int, default=DEFAULT_MAX_CHUNK_VOXELS,
+                        help="largest request in voxels; bigger volumes go in chunks (default: %(default)s)")
+    parser.add_argument("--chunk-shape", type=int, nargs=3, metavar=("D", "H", "W"),
+                        help="largest chunk extent per axis, 0 for the whole axis (default: from --max-chunk-voxels, "
+                             "cutting the slowest axes first)")
+    parser.add_argument("--chunk-overlap", type=int, default=0,
+                        help="voxels sent twice at each seam, at least (default: what the tile grid needs, about one tile)")
+
+
+def chunk_settings(args: argparse.Namespace) -> ChunkSettings:
+    return ChunkSettings(tuple(args.chunk_shape) if args.chunk_shape else None, args.max_chunk_voxels, args.chunk_overlap)
+
+
+def segment_volumes(args: argparse.Namespace) -> int:
+    """Segment each volume of ``args.volumes`` into ``args.out``; 1 if any failed."""
+    failed = []
+    with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
+                            timeout_s=args.timeout, token=args.token) as client:
+        check_servers(client, args.model)
+        if client.network_info().spatial_dims != 3:
+            raise SegmentationError(f"network {client.network_info().name!r} of {args.model!r} is not 3D; "
+                                    "use `python -m client segment` for frames")
+        for argument in args.volumes:
+            try:
+                segment_one(client, argument, args)
+            except (OSError, ValueError, SegmentationError) as error:
+                failed.append(f"{argument}: {error}")
+                print(f"client: error: {failed[-1]}", file=sys.stderr)
+    if failed and len(args.volumes) > 1:
+        print("client: failed volumes:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def segment_one(client: SegmentationClient, argument: str, args: argparse.Namespace) -> None:
+    volume = read_volume(argument)
+    start = time.perf_counter()
+    with tqdm(total=None, unit="chunk", desc=volume.label[-30:], disable=args.no_progress, dynamic_ncols=True,
+              leave=False) as progress:
+        def advance(done: int, total: int) -> None:
+            progress.total = total
+            progress.update(1)
+
+        result = client.segment_volume(volume.image, chunks=chunk_settings(args), inflight=args.inflight,
+                                       retries=args.retries, progress=advance, **segment_options(args))
+    outputs = {"mask": result.mask, "probabilities": result.probabilities, "contour": result.contour}
+    written = write_volume_outputs(volume, {k: v for k, v in outputs.items() if v is not None}, args.out)
+    shape = "x".join(str(n) for n in volume.image.shape[1:])
+    print(f"client: {volume.label} ({shape}) in {result.chunks} request(s), {time.perf_counter() - start:.1f} s -> "
+          f"{', '.join(str(p) for p in written)}", file=sys.stderr)

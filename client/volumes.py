@@ -1,0 +1,125 @@
+"""Segmenting one volume in chunks (``client.chunks``), several in flight, stitched in place.
+
+What a chunk cannot know is settled on the whole volume: the intensity range (the server's
+default, the 1st..99th percentile, is computed here over the whole volume and sent with every
+chunk), the largest connected component (``keep_largest`` is applied after stitching, with the
+server's own function) and the contour (its 3x3x3 stencil would read a chunk's margin at the
+seams, so it is taken of the stitched mask, again with the server's function).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, DEFAULT_OVERLAP, Chunk, plan_chunks
+from client.connection import SegmentationError
+
+ProgressCallback = Callable[[int, int], None]  # (chunks done, chunks in all)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSettings:
+    """How a volume is cut. ``shape``: largest chunk extent per spatial axis (0 or None: the
+    whole axis), default derived from ``max_voxels``; ``min_shared``: voxels sent twice at each
+    seam, at least (default: one window's worth, what exact seams need)."""
+
+    shape: tuple[int | None, ...] | None = None
+    max_voxels: int = DEFAULT_MAX_CHUNK_VOXELS
+    min_shared: int = 0
+
+
+def whole_volume_range(image: np.ndarray) -> tuple[float, float] | None:
+    """The server's default intensity range (1st and 99th percentile over all channels),
+    computed once for the whole volume; None for a constant volume."""
+    low, high = (float(v) for v in np.percentile(image.astype(np.float32, copy=False), [1.0, 99.0]))
+    return (low, high) if low < high else None
+
+
+def chunked_request_options(image: np.ndarray, options: dict) -> tuple[dict, dict]:
+    """(options sent with every chunk, options applied after stitching)."""
+    sent = dict(options)
+    after = {"keep_largest": bool(sent.pop("keep_largest", None)), "contour": bool(sent.pop("contour", None))}
+    sent["overlap"] = DEFAULT_OVERLAP if sent.get("overlap") is None else sent["overlap"]
+    if sent.get("intensity_min") is None and sent.get("intensity_max") is None:
+        window = whole_volume_range(image)
+        if window is not None:
+            sent["intensity_min"], sent["intensity_max"] = window
+    return sent, after
+
+
+def allocate_outputs(spatial_shape: tuple[int, ...], num_classes: int, options: dict) -> dict[str, np.ndarray]:
+    outputs = {"mask": np.zeros(spatial_shape, dtype=np.uint8)}
+    if options.get("probabilities"):
+        outputs["probabilities"] = np.zeros((num_classes, *spatial_shape), dtype=np.float32)
+    return outputs
+
+
+def store_chunk(outputs: dict[str, np.ndarray], chunk: Chunk, result) -> None:
+    """Copy the kept part of one chunk's outputs into the whole-volume outputs."""
+    outputs["mask"][chunk.kept] = result.mask[chunk.sent_kept]
+    if "probabilities" in outputs and result.probabilities is not None:
+        outputs["probabilities"][(slice(None), *chunk.kept)] = result.probabilities[(slice(None), *chunk.sent_kept)]
+
+
+def finish_whole_volume(outputs: dict[str, np.ndarray], num_classes: int, after: dict) -> None:
+    """keep_largest, then the contour, on the stitched mask, as the server does."""
+    if not (after["keep_largest"] or after["contour"]):
+        return
+    import torch  # the server's own postprocessing, so chunked equals whole
+
+    from segserve.postprocess import keep_largest_components, label_contour
+
+    mask = torch.from_numpy(outputs["mask"])
+    if after["keep_largest"]:
+        mask = keep_largest_components(mask, num_classes)
+        outputs["mask"] = mask.numpy()
+    if after["contour"]:
+        outputs["contour"] = label_contour(mask).numpy()
+
+
+def describe_chunk(chunk: Chunk) -> str:
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in chunk.sent) + "]"
+
+
+def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), inflight: int = 2, retries: int = 3,
+                   progress: ProgressCallback | None = None, **options):
+    """Segment ``volume`` (``[D, H, W]`` or ``[C, D, H, W]``, numpy) in chunks when it is larger
+    than ``chunks`` allows, else in one request. Returns a ``SegmentationResult`` whose
+    ``chunks`` says how many requests it took.
+
+    Raises:
+        ChunkingError: chunk settings that cannot give exact seams.
+        SegmentationError: a chunk failed after its retries (named by its voxel range).
+    """
+    from client.api import SegmentationResult, as_channel_first
+
+    info = client.network_info()
+    image = as_channel_first(np.asarray(volume), info.spatial_dims)
+    spatial_shape = tuple(image.shape[1:])
+    overlap = DEFAULT_OVERLAP if options.get("overlap") is None else options["overlap"]
+    plan = plan_chunks(spatial_shape, info.tile, overlap, chunks.shape, chunks.max_voxels, chunks.min_shared)
+    if len(plan) == 1:
+        result = client.segment(image, **options)
+        if progress:
+            progress(1, 1)
+        return result
+    sent, after = chunked_request_options(image, options)
+    outputs = allocate_outputs(spatial_shape, info.num_classes, options)
+    items = ((c.index, lambda c=c: np.ascontiguousarray(image[(slice(None), *c.sent)])) for c in plan)
+    stream = client.segment_stream(items, inflight=inflight, retries=retries, **sent)
+    try:
+        for outcome in stream:
+            chunk = plan[outcome.index]
+            if not outcome.ok:
+                raise SegmentationError(f"chunk {outcome.index + 1}/{len(plan)} {describe_chunk(chunk)} failed: "
+                                        f"{outcome.error}")
+            store_chunk(outputs, chunk, outcome.result)
+            if progress:
+                progress(outcome.index + 1, len(plan))
+    finally:
+        stream.close()
+    finish_whole_volume(outputs, info.num_classes, after)
+    return SegmentationResult(outputs["mask"], outputs.get("probabilities"), outputs.get("contour"), chunks=len(plan))

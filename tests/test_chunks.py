@@ -1,0 +1,82 @@
+"""Chunk planning against MONAI itself: window positions equal ``dense_patch_slices``, and a
+volume stitched from chunks equals the whole-volume ``sliding_window_inference`` bit for bit
+(one window per network call, so no batch-dependent rounding of the network can hide a seam)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
+
+from client.chunks import ChunkingError, minimum_chunk_extent, plan_chunks, split_axis, window_starts
+
+
+@pytest.mark.parametrize("tile", [8, 13, 64])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.9])
+def test_window_starts_are_monais(tile, overlap):
+    for length in range(tile, 4 * tile + 7):
+        interval = _get_scan_interval((length,), (tile,), 1, (overlap,))
+        expected = [window[0].start for window in dense_patch_slices((length,), (tile,), interval)]
+        assert window_starts(length, tile, overlap) == expected, length
+
+
+@pytest.mark.parametrize("length,tile,overlap,extent", [(197, 64, 0.25, 160), (500, 64, 0.5, 200), (75, 16, 0.3, 40),
+                                                       (300, 64, 0.0, 128), (1000, 96, 0.25, 250)])
+def test_axis_spans_tile_the_axis(length, tile, overlap, extent):
+    spans = split_axis(length, tile, overlap, extent)
+    assert len(spans) > 1
+    assert spans[0].keep_start == 0 and spans[-1].keep_stop == length
+    for before, after in zip(spans, spans[1:]):
+        assert before.keep_stop == after.keep_start  # kept parts abut: every voxel written once
+    for span in spans:
+        assert span.stop - span.start <= extent and span.stop - span.start >= tile
+        assert span.start <= span.keep_start < span.keep_stop <= span.stop
+
+
+def test_bad_chunk_settings_name_the_value():
+    with pytest.raises(ChunkingError, match=f"chunk extent 100 is too small .* at least {minimum_chunk_extent(64, 0.25)}"):
+        split_axis(400, 64, 0.25, 100)
+    with pytest.raises(ChunkingError, match="needs 3 values"):
+        plan_chunks((100, 100, 100), (16, 16, 16), max_extents=(50, 50))
+    with pytest.raises(ChunkingError, match=r"overlap must be in \[0, 1\), got 1.5"):
+        plan_chunks((100, 100, 100), (16, 16, 16), overlap=1.5)
+
+
+def test_default_extents_cut_slowest_axis_first():
+    chunks = plan_chunks((512, 512, 512), (64, 64, 64), max_voxels=512 * 512 * 256)
+    assert len(chunks) == 3  # 512 slices in chunks of <= 256, sharing one window at each seam
+    assert all(c.sent[1:] == (slice(0, 512), slice(0, 512)) for c in chunks)
+    assert all(math.prod(c.shape) <= 512 * 512 * 256 for c in chunks)
+    assert len(plan_chunks((256, 512, 512), (64, 64, 64))) == 1
+
+
+@pytest.fixture(scope="module")
+def small_network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Tanh(),
+                               torch.nn.Conv3d(3, 3, 3, padding=1)).eval()
+
+
+@pytest.mark.parametrize("tile,overlap,extents,min_shared", [
+    ((16, 16, 16), 0.25, (40, 45, 0), 0),
+    ((16, 12, 20), 0.3, (50, 30, 48), 0),
+    ((16, 16, 16), 0.5, (0, 0, 40), 0),
+    ((16, 16, 16), 0.0, (32, 40, 0), 0),
+    ((16, 16, 16), 0.25, (60, 0, 0), 20),
+])
+@torch.no_grad()
+def test_stitched_chunks_equal_whole_volume(small_network, tile, overlap, extents, min_shared):
+    volume = torch.rand((1, 1, 75, 67, 53), generator=torch.Generator().manual_seed(1))
+    whole = sliding_window_inference(volume, tile, 1, small_network, overlap=overlap, mode="gaussian")
+    stitched = torch.full_like(whole, float("nan"))
+    chunks = plan_chunks(tuple(volume.shape[2:]), tile, overlap, extents, min_shared=min_shared)
+    assert len(chunks) > 1
+    for chunk in chunks:
+        part = sliding_window_inference(volume[(..., *chunk.sent)].contiguous(), tile, 1, small_network,
+                                        overlap=overlap, mode="gaussian")
+        stitched[(..., *chunk.kept)] = part[(..., *chunk.sent_kept)]
+    assert torch.equal(stitched, whole)

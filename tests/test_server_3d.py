@@ -1,0 +1,164 @@
+"""segment_3d on the real server: parity with in-process MONAI sliding_window_inference on odd
+volumes (one smaller than a tile), CONTOUR and keep_largest against MONAI's transforms,
+chunked requests equal to one whole-volume request, and the volume CLI with NIfTI, TIFF, NPY
+and HDF5 files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import KeepLargestConnectedComponent, LabelToContour
+
+from client.__main__ import main as client_main
+from client.api import SegmentationClient
+from client.volumes import ChunkSettings
+from segserve.options import PipelineOptions
+from tests.test_server_parity import assert_matches_reference
+from training.synthetic_3d import synthetic_volume, to_int16_hu
+
+TILE = (64, 64, 64)
+# 197x171x45 cut at D 133 and H 107 (window starts, not round numbers): four chunks.
+CHUNKED_SHAPE = (197, 171, 45)
+CHUNK_SHAPE = (160, 160, 0)
+
+
+def ct_volume(shape, rng) -> np.ndarray:
+    image, _ = synthetic_volume(shape, rng)
+    return to_int16_hu(image)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with SegmentationClient(server.grpc_url, model="segment_3d") as connected:
+        yield connected
+
+
+def test_network_info_is_3d(client):
+    info = client.network_info()
+    assert (info.name, info.spatial_dims, info.tile, info.in_channels) == ("unet3d_organs", 3, TILE, 1)
+
+
+@pytest.mark.parametrize("shape", [(37, 61, 53), (20, 30, 25), (70, 33, 81)], ids=lambda s: "x".join(map(str, s)))
+def test_parity_with_monai_on_odd_volumes(client, network_3d, rng, shape):
+    volume = ct_volume(shape, rng)
+    result = client.segment(volume, probabilities=True)
+    assert result.mask.shape == shape and result.mask.dtype == np.uint8
+    assert_matches_reference(result, volume[None], network_3d, PipelineOptions(), TILE)
+
+
+def test_every_voxel_type(client, rng):
+    """int16 HU, and the same voxels as float32, uint16 (shifted by 1024) and uint8 (rescaled)."""
+    volume = ct_volume((33, 40, 35), rng)
+    from_int16 = client.segment(volume).mask
+    assert np.array_equal(client.segment(volume.astype(np.float32)).mask, from_int16)
+    shifted = (volume.astype(np.int32) + 1024).astype(np.uint16)
+    assert np.mean(client.segment(shifted).mask == from_int16) > 0.999
+    rescaled = np.clip((volume.astype(np.float32) + 1024) / 8, 0, 255).astype(np.uint8)
+    assert np.mean(client.segment(rescaled).mask == from_int16) > 0.95
+
+
+def test_contour_and_keep_largest_match_monai(client, rng):
+    volume = ct_volume((48, 80, 72), rng)
+    plain = client.segment(volume)
+    assert set(np.unique(plain.mask)) >= {0, 1}, "the network should find organs in a synthetic CT volume"
+    cleaned = client.segment(volume, keep_largest=True, contour=True)
+    keep = KeepLargestConnectedComponent(applied_labels=[1, 2], is_onehot=False, independent=True)
+    expected_mask = np.asarray(keep(torch.from_numpy(plain.mask)[None]))[0]
+    assert np.array_equal(cleaned.mask, expected_mask)
+    edges = np.asarray(LabelToContour()(torch.from_numpy(expected_mask)[None].float()))[0] != 0
+    assert np.array_equal(cleaned.contour, np.where(edges, expected_mask, 0))
+
+
+def test_masks_are_meaningful(client):
+    image, truth = synthetic_volume((96, 112, 80), np.random.default_rng(77))
+    mask = client.segment(to_int16_hu(image)).mask
+    organ = 2 * np.sum((mask == 1) & (truth == 1)) / (np.sum(mask == 1) + np.sum(truth == 1))
+    assert organ > 0.8, f"organ Dice {organ:.3f}"
+
+
+def test_chunked_equals_whole_with_one_window_per_call(client, rng):
+    """One window per network call and one chunk at a time: nothing but the chunking differs.
+    Masks and contours are identical; probabilities to one float32 ulp (measured: 7 of 4.5M
+    voxels differ by 3e-8, torch's vectorised softmax rounding differently for another size;
+    a whole request repeated is identical)."""
+    volume = ct_volume(CHUNKED_SHAPE, rng)
+    options = dict(probabilities=True, contour=True, sw_batch_size=1, overlap=0.3, intensity_min=-1000.0,
+                   intensity_max=300.0)
+    whole = client.segment(volume, **options)
+    chunked = client.segment_volume(volume, chunks=ChunkSettings(shape=CHUNK_SHAPE), inflight=1, **options)
+    assert chunked.chunks == 4
+    assert np.array_equal(chunked.mask, whole.mask) and np.array_equal(chunked.contour, whole.contour)
+    assert np.abs(chunked.probabilities - whole.probabilities).max() <= 6e-8
+
+
+def test_chunked_equals_whole_with_defaults(client, rng):
+    """Default settings, chunks in flight together: the whole-volume intensity range and the
+    stitched keep_largest make the masks identical; probabilities differ only by the network's
+    batch-dependent rounding."""
+    volume = ct_volume(CHUNKED_SHAPE, rng)
+    whole = client.segment(volume, probabilities=True, keep_largest=True, contour=True)
+    chunked = client.segment_volume(volume, chunks=ChunkSettings(shape=CHUNK_SHAPE), inflight=3, probabilities=True,
+                                    keep_largest=True, contour=True)
+    assert chunked.chunks == 4
+    assert np.array_equal(chunked.mask, whole.mask) and np.array_equal(chunked.contour, whole.contour)
+    assert np.abs(chunked.probabilities - whole.probabilities).max() <= 1e-5
+
+
+def test_small_volume_goes_whole(client, rng):
+    volume = ct_volume((40, 50, 60), rng)
+    result = client.segment_volume(volume, chunks=ChunkSettings(max_voxels=1000))  # too small to cut: one tile
+    assert result.chunks == 1 and np.array_equal(result.mask, client.segment(volume).mask)
+
+
+def test_nifti_round_trip_keeps_affine(server, client, rng, tmp_path):
+    nibabel = pytest.importorskip("nibabel")
+    volume = ct_volume(CHUNKED_SHAPE, rng)
+    affine = np.array([[0.78, 0, 0, -199.6], [0, 0.78, 0, -180.2], [0, 0, 2.5, 71.0], [0, 0, 0, 1]])
+    scan = nibabel.Nifti1Image(volume, affine)
+    scan.header.set_xyzt_units("mm", "sec")
+    nibabel.save(scan, tmp_path / "scan.nii.gz")
+    code = client_main(["segment-volume", str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "out"),
+                        "--url", server.grpc_url, "--chunk-shape", *map(str, CHUNK_SHAPE), "--no-progress"])
+    assert code == 0
+    mask = nibabel.load(tmp_path / "out" / "scan_mask.nii.gz")
+    scan = nibabel.load(tmp_path / "scan.nii.gz")  # the affine as stored (float32 in the header)
+    assert np.array_equal(mask.affine, scan.affine)
+    assert mask.header.get_xyzt_units() == ("mm", "sec") and mask.header.get_zooms() == scan.header.get_zooms()
+    assert mask.get_data_dtype() == np.uint8
+    assert np.array_equal(np.asarray(mask.dataobj), client.segment(volume).mask)
+
+
+@pytest.mark.parametrize("kind", ["tif", "npy", "h5"])
+def test_volume_cli_other_containers(server, client, rng, tmp_path, kind):
+    import tifffile
+
+    volume = ct_volume((30, 41, 37), rng)
+    if kind == "tif":
+        tifffile.imwrite(tmp_path / "ct.tif", volume)
+        argument, output = tmp_path / "ct.tif", lambda: tifffile.imread(tmp_path / "out" / "ct_mask.tif")
+    elif kind == "npy":
+        np.save(tmp_path / "ct.npy", volume)
+        argument, output = tmp_path / "ct.npy", lambda: np.load(tmp_path / "out" / "ct_mask.npy")
+    else:
+        h5py = pytest.importorskip("h5py")
+        with h5py.File(tmp_path / "ct.h5", "w") as handle:
+            handle["entry/data"] = volume
+
+        def output():
+            with h5py.File(tmp_path / "out" / "ct_segmentation.h5", "r") as handle:
+                return handle["entry/data/mask"][()]
+        argument = f"{tmp_path / 'ct.h5'}:/entry/data"
+    code = client_main(["segment-volume", str(argument), "--out", str(tmp_path / "out"), "--url", server.grpc_url,
+                        "--no-progress"])
+    assert code == 0
+    assert np.array_equal(output(), client.segment(volume).mask)
+
+
+def test_volume_cli_refuses_a_2d_model_and_bad_chunks(server, rng, tmp_path, capsys):
+    np.save(tmp_path / "ct.npy", ct_volume((100, 41, 37), rng))
+    assert client_main(["segment-volume", str(tmp_path / "ct.npy"), "--url", server.grpc_url, "--model", "segment_2d"]) == 1
+    assert "is not 3D" in capsys.readouterr().err
+    code = client_main(["segment-volume", str(tmp_path / "ct.npy"), "--url", server.grpc_url, "--chunk-shape", "20", "0", "0",
+                        "--no-progress", "--out", str(tmp_path)])
+    assert code == 1 and "chunk extent 20 is too small" in capsys.readouterr().err
