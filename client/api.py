@@ -10,6 +10,9 @@
         for outcome in seg.segment_stream(frames, inflight=4):
             outcome.index, outcome.result.mask, outcome.error
 
+    with SegmentationClient(model="segment_3d") as seg:     # volumes [D, H, W] of any size:
+        seg.segment_volume(volume, inflight=2).mask          # chunked beyond 512x512x256 voxels
+
 Transports: ``grpc`` (default), ``http``, ``shm`` (system shared memory, same host) and
 ``cuda-shm`` (CUDA shared memory; also takes torch/CuPy tensors already on the GPU without a
 host copy). Shared-memory regions are made once per in-flight slot, reused for every frame,
@@ -28,27 +31,44 @@ import numpy as np
 
 from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError
+from client.servers import DEFAULT_COOLDOWN_S, ServerPool, split_urls
 from client.shared_memory import SHM_KINDS, remove_stale_regions
 from client.stream import Outcome, RetryPolicy, ordered_stream
+from client.volumes import ChunkSettings, segment_volume
 from client.transports import (INPUT_BY_DTYPE, TRANSPORTS, InlineTransport, SharedMemoryTransport, frame_dtype,
                                on_gpu, output_specs)
 
 LOSSLESS_TO_FLOAT32 = (np.dtype(np.float16), np.dtype(np.float64), np.dtype(np.int8), np.dtype(bool))
-PIPELINE_STEP_WITH_DEFAULT_NETWORK = "sliding_window_2d"
 CONTROL_TIMEOUT_S = 30.0
 
-__all__ = ["SegmentationClient", "SegmentationError", "SegmentationResult", "SegmentOptions", "Outcome",
-           "RetryPolicy", "as_channel_first", "TRANSPORTS"]
+__all__ = ["SegmentationClient", "SegmentationError", "SegmentationResult", "SegmentOptions", "NetworkInfo", "ChunkSettings",
+           "Outcome", "RetryPolicy", "as_channel_first", "TRANSPORTS"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkInfo:
+    """The network behind a pipeline: ``[B, in_channels, *tile]`` -> ``[B, num_classes, *tile]``."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    tile: tuple[int, ...]
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.tile)
 
 
 @dataclasses.dataclass
 class SegmentationResult:
-    """One frame's outputs: mask ``[H, W]`` uint8; probabilities ``[K, H, W]`` float32 and
-    contour ``[H, W]`` uint8 when asked for, else None."""
+    """One frame's (or volume's) outputs: mask ``[*spatial]`` uint8; probabilities
+    ``[K, *spatial]`` float32 and contour ``[*spatial]`` uint8 when asked for, else None;
+    ``chunks``: requests it took (volumes cut by ``segment_volume``)."""
 
     mask: np.ndarray
     probabilities: np.ndarray | None = None
     contour: np.ndarray | None = None
+    chunks: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +94,10 @@ class SegmentOptions:
         return parameters
 
 
-def as_channel_first(frame):
-    """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` unchanged; float64/float16/int8/bool numpy
-    frames -> float32 (the network computes in float32 anyway). GPU tensors keep their device.
+def as_channel_first(frame, spatial_dims: int = 2):
+    """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` unchanged (one more axis each for a 3D
+    network: ``[D, H, W]`` or ``[C, D, H, W]``); float64/float16/int8/bool numpy frames ->
+    float32 (the network computes in float32 anyway). GPU tensors keep their device.
 
     Raises:
         ValueError: unsupported rank or pixel type.
@@ -85,10 +106,12 @@ def as_channel_first(frame):
         frame = np.asarray(frame)
     if isinstance(frame, np.ndarray) and frame.dtype in LOSSLESS_TO_FLOAT32:
         frame = frame.astype(np.float32)
-    if frame.ndim == 2:
+    if frame.ndim == spatial_dims:
         frame = frame[None]
-    if frame.ndim != 3:
-        raise ValueError(f"frame must be [H, W] or [C, H, W], got shape {list(frame.shape)}")
+    if frame.ndim != spatial_dims + 1:
+        axes = ", ".join("DHW"[-spatial_dims:])
+        raise ValueError(f"{'volume' if spatial_dims == 3 else 'frame'} must be [{axes}] or [C, {axes}], "
+                         f"got shape {list(frame.shape)}")
     dtype = frame_dtype(frame)
     if dtype not in INPUT_BY_DTYPE:
         supported = ", ".join(str(d) for d in INPUT_BY_DTYPE)
@@ -101,10 +124,13 @@ def as_channel_first(frame):
 
 
 class SegmentationClient:
-    """Client of the ``segment_2d`` ensemble over one transport.
+    """Client of the ``segment_2d`` (or ``segment_3d``) ensemble over one transport.
 
     Args:
-        url: ``host:port`` (default 127.0.0.1:8001 for gRPC and shared memory, :8000 for HTTP).
+        url: ``host:port`` (default 127.0.0.1:8001 for gRPC and shared memory, :8000 for HTTP),
+            or several (a list or ``"a:8001,b:8001"``): each request then goes to the server
+            with the fewest requests in flight, and a request that fails there for a passing
+            reason is sent to another at once (``client.servers``; counts in ``servers``).
         transport: ``grpc``, ``http``, ``shm`` or ``cuda-shm``.
         model: ensemble to call.
         network: network model to use (None: the server's default).
@@ -114,66 +140,86 @@ class SegmentationClient:
             configuration); default ``$SEGSERVE_TOKEN`` or the token file the server wrote
             (``client.auth``). Inference itself needs none.
         device_id: GPU of CUDA shared-memory regions.
+        cooldown_s: how long a server that failed is passed over while others answer.
     """
 
-    def __init__(self, url: str | None = None, *, transport: str = "grpc", model: str = "segment_2d",
+    def __init__(self, url: str | list[str] | None = None, *, transport: str = "grpc", model: str = "segment_2d",
                  network: str | None = None, timeout_s: float | None = None,
-                 headers: dict[str, str] | None = None, token: str | None = None, device_id: int = 0):
+                 headers: dict[str, str] | None = None, token: str | None = None, device_id: int = 0,
+                 cooldown_s: float = DEFAULT_COOLDOWN_S):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.transport, self.model, self.network = transport, model, network
         self.protocol = "http" if transport == "http" else "grpc"
-        self.url = url or DEFAULT_URLS[self.protocol]
+        self.urls = split_urls(url, DEFAULT_URLS[self.protocol])
+        self.url = self.urls[0]
         self.timeout_s, self.device_id = timeout_s, device_id
         self.headers = {**(headers or {}), **token_headers(resolve_token(token), self.protocol)}
+        self.servers = ServerPool(self.urls, cooldown_s)
         # Control calls (readiness, configuration, region cleanup) get their own fixed deadline:
         # a short per-frame timeout must not make a busy server look absent.
-        self._control = Connection(self.url, self.protocol, self.headers, CONTROL_TIMEOUT_S)
-        self._transports: list = []
+        self._controls = [Connection(u, self.protocol, self.headers, CONTROL_TIMEOUT_S) for u in self.urls]
+        self._slots: list[dict[int, object]] = []  # per in-flight slot: server index -> transport
         self._idle: queue.LifoQueue = queue.LifoQueue()
-        self._network_shape: tuple[int, int] | None = None
+        self._network_info: NetworkInfo | None = None
+        self._spatial_dims: int | None = None
         self.stale_regions_removed: list[str] = []
         if transport in SHM_KINDS:
-            try:
-                self.stale_regions_removed = remove_stale_regions(self._control, SHM_KINDS[transport])
-            except SegmentationError:
-                self._control.close()
-                raise
+            self._remove_stale_regions()
         atexit.register(self.close)  # regions are freed even if the caller forgets close()
 
-    def _connect(self) -> Connection:
-        return Connection(self.url, self.protocol, self.headers, self.timeout_s)
+    def _remove_stale_regions(self) -> None:
+        for control in self._controls:
+            try:
+                self.stale_regions_removed += remove_stale_regions(control, SHM_KINDS[self.transport])
+            except SegmentationError as error:
+                if error.retryable and len(self._controls) > 1:
+                    continue  # that server is down; the others still serve
+                self.close()
+                raise
 
-    def _new_transport(self):
-        connection = self._connect()
+    @property
+    def _control(self) -> Connection:
+        """Control connection of the first server that answers (configuration, metadata)."""
+        for control in self._controls:
+            if control.is_model_ready(self.model):
+                return control
+        return self._controls[0]
+
+    def _new_transport(self, server: int):
+        connection = Connection(self.urls[server], self.protocol, self.headers, self.timeout_s)
         if self.transport in SHM_KINDS:
             return SharedMemoryTransport(connection, SHM_KINDS[self.transport], self.device_id)
         return InlineTransport(connection)
 
-    def _slot(self, slot: int):
-        while len(self._transports) <= slot:
-            self._transports.append(self._new_transport())
-        return self._transports[slot]
+    def _slot(self, slot: int) -> dict:
+        while len(self._slots) <= slot:
+            self._slots.append({})
+        return self._slots[slot]
+
+    def _transports(self):
+        return [transport for slot in self._slots for transport in slot.values()]
 
     @property
     def regions_created(self) -> int:
         """Shared-memory regions created so far (reuse keeps this at slots x outputs)."""
-        return sum(t.regions.created for t in self._transports if isinstance(t, SharedMemoryTransport))
+        return sum(t.regions.created for t in self._transports() if isinstance(t, SharedMemoryTransport))
 
     def close(self) -> None:
         """Unregister and free every shared-memory region; close the connections. Idempotent."""
         atexit.unregister(self.close)
         errors = []
-        for transport in self._transports:
+        for transport in self._transports():
             try:
                 transport.close()
             except SegmentationError as error:
                 errors.append(str(error))
-        self._transports.clear()
+        self._slots.clear()
         self._idle = queue.LifoQueue()
-        self._control.close()
+        for control in self._controls:
+            control.close()
         if errors:
             raise SegmentationError(f"cleanup incomplete: {'; '.join(errors)}")
 
@@ -184,43 +230,93 @@ class SegmentationClient:
         self.close()
 
     def is_ready(self) -> bool:
-        return self._control.is_model_ready(self.model)
+        """True when at least one server has the model ready (see ``unready_servers``)."""
+        return len(self.unready_servers()) < len(self.urls)
+
+    def unready_servers(self) -> list[str]:
+        return [c.url for c in self._controls if not c.is_model_ready(self.model)]
 
     def network_shape(self) -> tuple[int, int]:
         """``(in_channels, num_classes)`` of the network this client's requests run."""
-        if self._network_shape is None:
-            network = self.network
-            if network is None:
-                config = self._control.model_config(PIPELINE_STEP_WITH_DEFAULT_NETWORK)
-                network = config["parameters"]["default_network"]["string_value"]
-            metadata = self._control.model_metadata(network)
-            self._network_shape = (int(metadata["inputs"][0]["shape"][1]), int(metadata["outputs"][0]["shape"][1]))
-        return self._network_shape
+        info = self.network_info()
+        return info.in_channels, info.num_classes
 
-    def _segment_on(self, transport, image, options: SegmentOptions) -> SegmentationResult:
-        num_classes = self.network_shape()[1] if options.probabilities else None
+    def network_info(self) -> NetworkInfo:
+        """The network this client's requests run: the ``network`` argument, else the
+        default of the pipeline step that has one (``sliding_window_2d``/``_3d``)."""
+        if self._network_info is None:
+            name = self.network or self._default_network()
+            metadata = self._control.model_metadata(name)
+            image_shape = [int(d) for d in metadata["inputs"][0]["shape"]]
+            self._network_info = NetworkInfo(name, image_shape[1], int(metadata["outputs"][0]["shape"][1]),
+                                             tuple(image_shape[2:]))
+        return self._network_info
+
+    def spatial_dims(self) -> int:
+        """2 for ``segment_2d``, 3 for ``segment_3d``: from the pipeline's metadata (open to
+        all; the network's configuration needs the token)."""
+        if self._spatial_dims is None:
+            inputs = self._control.model_metadata(self.model)["inputs"]
+            self._spatial_dims = len(inputs[0]["shape"]) - 1
+        return self._spatial_dims
+
+    def _default_network(self) -> str:
+        steps = self._control.model_config(self.model).get("ensemble_scheduling", {}).get("step", [])
+        for step in steps:
+            parameters = self._control.model_config(step["model_name"]).get("parameters", {})
+            if "default_network" in parameters:
+                return parameters["default_network"]["string_value"]
+        raise SegmentationError(f"model {self.model!r} has no step with a default network; pass network=...")
+
+    def _segment_on(self, slot: dict, image, options: SegmentOptions) -> SegmentationResult:
+        """One request on the least busy server; on a passing failure, at once on the next
+        server not yet tried (the caller's retries take over when all have failed)."""
+        num_classes = self.network_info().num_classes if options.probabilities else None
         specs = output_specs(tuple(image.shape[1:]), options.probabilities, options.contour, num_classes)
-        outputs = transport.infer(self.model, image, specs, options.parameters(self.network))
-        return SegmentationResult(outputs["MASK"], outputs.get("PROBABILITIES"), outputs.get("CONTOUR"))
+        tried: set[int] = set()
+        while True:
+            server = self.servers.acquire(exclude=tried)
+            try:
+                if server not in slot:
+                    slot[server] = self._new_transport(server)
+                outputs = slot[server].infer(self.model, image, specs, options.parameters(self.network))
+            except SegmentationError as error:
+                self.servers.release(server, failed=error.retryable)
+                tried.add(server)
+                if not error.retryable or len(tried) == len(self.urls):
+                    raise
+                continue
+            self.servers.release(server, failed=False)
+            return SegmentationResult(outputs["MASK"], outputs.get("PROBABILITIES"), outputs.get("CONTOUR"))
 
     def segment(self, frame, **options) -> SegmentationResult:
-        """Segment one frame ``[H, W]`` or ``[C, H, W]`` (float32, uint8, uint16 or int16;
-        numpy, or a torch/CuPy tensor). Keyword options: see ``SegmentOptions``.
+        """Segment one frame ``[H, W]`` or ``[C, H, W]`` (a volume ``[D, H, W]`` or
+        ``[C, D, H, W]`` with a 3D model; float32, uint8, uint16 or int16; numpy, or a
+        torch/CuPy tensor) in one request. Keyword options: see ``SegmentOptions``.
 
         Raises:
             ValueError: unsupported pixel type or rank (checked before sending).
             SegmentationError: the server's error, e.g. a bad option value.
         """
-        image = as_channel_first(frame)
+        image = as_channel_first(frame, self.spatial_dims())
         settings = SegmentOptions(**options)
         try:
-            transport = self._idle.get_nowait()
+            slot = self._idle.get_nowait()
         except queue.Empty:
-            transport = self._slot(len(self._transports))
+            slot = self._slot(len(self._slots))
         try:
-            return self._segment_on(transport, image, settings)
+            return self._segment_on(slot, image, settings)
         finally:
-            self._idle.put(transport)
+            self._idle.put(slot)
+
+    def segment_volume(self, volume, *, chunks: ChunkSettings = ChunkSettings(), inflight: int = 2,
+                       retries: int = 3, progress=None, **options) -> SegmentationResult:
+        """Segment a volume ``[D, H, W]`` or ``[C, D, H, W]`` (numpy) of any size: beyond
+        ``chunks.max_voxels`` it goes as overlapping chunks on the network's tile grid,
+        ``inflight`` at a time, stitched so the result equals one whole-volume request.
+        ``progress(done, total)`` is called per chunk. See ``client.volumes``."""
+        return segment_volume(self, volume, chunks=chunks, inflight=inflight, retries=retries, progress=progress,
+                              **options)
 
     def segment_stream(self, frames: Iterable, *, inflight: int = 4, retries: int = 3, backoff_s: float = 0.5,
                        **options) -> Iterator[Outcome]:
@@ -238,9 +334,10 @@ class SegmentationClient:
         settings = SegmentOptions(**options)
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s)
         slots = [self._slot(w) for w in range(inflight)] if inflight >= 1 else []
+        spatial_dims = self.spatial_dims()
 
         def process(worker: int, frame):
-            return self._segment_on(slots[worker], as_channel_first(frame), settings)
+            return self._segment_on(slots[worker], as_channel_first(frame, spatial_dims), settings)
 
         yield from ordered_stream(_as_items(frames), process, inflight, policy)
 

@@ -43,6 +43,10 @@ class ExportSettings:
         name: model name in the repository.
         max_batch_size: largest tile batch the network model accepts.
         tolerance: largest allowed |onnxruntime - torch| on the check batch.
+        instances_per_gpu: network instances on each GPU in the ``gpu`` and ``onnxruntime``
+            configuration variants.
+        tensorrt: the ``onnxruntime`` variant runs the network through onnxruntime's TensorRT
+            execution accelerator (FP16), else through its CUDA provider.
     """
 
     architecture: str
@@ -52,6 +56,8 @@ class ExportSettings:
     name: str
     max_batch_size: int = 32
     tolerance: float = 1e-4
+    instances_per_gpu: int = 2
+    tensorrt: bool = False
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -63,6 +69,8 @@ class ExportSettings:
             raise ExportError(f"tile sizes must be positive, got {list(self.tile)}")
         if self.max_batch_size < 1:
             raise ExportError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.instances_per_gpu < 1:
+            raise ExportError(f"instances_per_gpu must be >= 1, got {self.instances_per_gpu}")
         if not self.name or "/" in self.name:
             raise ExportError(f"model name must be a plain directory name, got {self.name!r}")
 
@@ -138,6 +146,29 @@ def model_config(settings: ExportSettings, in_channels: int, num_classes: int) -
     return config
 
 
+def gpu_variant(config: model_config_pb2.ModelConfig, settings: ExportSettings) -> model_config_pb2.ModelConfig:
+    """Variant ``gpu``: the same Python-backend runner with instances on every GPU."""
+    variant = model_config_pb2.ModelConfig()
+    variant.CopyFrom(config)
+    del variant.instance_group[:]
+    variant.instance_group.add(count=settings.instances_per_gpu, kind=model_config_pb2.ModelInstanceGroup.KIND_GPU)
+    return variant
+
+
+def onnxruntime_variant(config: model_config_pb2.ModelConfig, settings: ExportSettings) -> model_config_pb2.ModelConfig:
+    """Variant ``onnxruntime``: Triton's native onnxruntime backend on ``1/model.onnx`` (in
+    NVIDIA's server images, not in the pip-installed server), instances on every GPU."""
+    variant = gpu_variant(config, settings)
+    variant.backend = "onnxruntime"
+    variant.default_model_filename = "model.onnx"
+    variant.parameters.clear()
+    if settings.tensorrt:
+        accelerator = variant.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters["precision_mode"] = "FP16"
+        accelerator.parameters["max_workspace_size_bytes"] = str(2 << 30)
+    return variant
+
+
 def graph_channels(path: pathlib.Path) -> tuple[int, int]:
     """(input channels, output classes) read from the ONNX graph's declared shapes."""
     graph = onnx.load(str(path)).graph
@@ -152,7 +183,8 @@ def graph_channels(path: pathlib.Path) -> tuple[int, int]:
 
 def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: pathlib.Path,
                 torchscript_path: pathlib.Path) -> pathlib.Path:
-    """Write ``<repository>/<name>/{config.pbtxt, 1/model.onnx, 1/model.ts, 1/model.py}``; returns the model dir."""
+    """Write ``<repository>/<name>/{config.pbtxt, configs/{gpu,onnxruntime}.pbtxt, 1/model.onnx,
+    1/model.ts, 1/model.py}``; returns the model dir."""
     in_channels, num_classes = graph_channels(onnx_path)
     model_dir = repository / settings.name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
@@ -161,15 +193,21 @@ def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: p
     (model_dir / "1" / "model.py").write_text(MODEL_PY.format(name=settings.name))
     config = model_config(settings, in_channels, num_classes)
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+    (model_dir / "configs").mkdir(exist_ok=True)
+    for variant, build in (("gpu", gpu_variant), ("onnxruntime", onnxruntime_variant)):
+        (model_dir / "configs" / f"{variant}.pbtxt").write_text(text_format.MessageToString(build(config, settings)))
     return model_dir
 
 
 def set_default_network(repository: pathlib.Path, name: str, pipeline: str = "sliding_window_2d") -> None:
-    """Make ``name`` the network the pipeline uses when a request names none."""
-    config_path = repository / pipeline / "config.pbtxt"
-    config = read_model_config(config_path)
-    config.parameters["default_network"].string_value = name
-    config_path.write_text(text_format.MessageToString(config))
+    """Make ``name`` the network the pipeline uses when a request names none, in its
+    ``config.pbtxt`` and every configuration variant (``configs/*.pbtxt``; links follow)."""
+    model_dir = repository / pipeline
+    paths = [model_dir / "config.pbtxt", *sorted((model_dir / "configs").glob("*.pbtxt"))]
+    for config_path in (p for p in paths if not p.is_symlink()):
+        config = read_model_config(config_path)
+        config.parameters["default_network"].string_value = name
+        config_path.write_text(text_format.MessageToString(config))
 
 
 def export_network(settings: ExportSettings, repository: pathlib.Path, log=print) -> pathlib.Path:

@@ -27,17 +27,20 @@ class OnnxNetwork:
         spin_wait: let idle onnxruntime threads spin (onnxruntime's default) instead of sleeping;
             on in the server's network model (its own process), off in-process.
         use_cuda: run on the GPU through the CUDA provider when it and a GPU are present.
+        device_id: that GPU; tiles elsewhere are moved to it and the logits back.
     """
 
     def __init__(self, model_path: str | pathlib.Path, intra_op_threads: int = 0, use_cuda: bool = True,
-                 spin_wait: bool = False):
+                 spin_wait: bool = False, device_id: int = 0):
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         # In one process with MONAI's blending, spinning worker threads starve the blending that
         # runs between tile batches; alone in a server stub they pay (docs/benchmarks.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         self.on_gpu = use_cuda and cuda_provider_available() and torch.cuda.is_available()
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.on_gpu else ["CPUExecutionProvider"]
+        self.device = torch.device("cuda", device_id) if self.on_gpu else torch.device("cpu")
+        cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+        providers = [cuda, "CPUExecutionProvider"] if self.on_gpu else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
@@ -55,12 +58,12 @@ class OnnxNetwork:
         return torch.from_numpy(logits).to(tiles.device)
 
     def _run_on_gpu(self, tiles: torch.Tensor) -> torch.Tensor:
-        tiles = tiles.to(torch.float32).contiguous()
-        logits = torch.empty((tiles.shape[0], self.num_classes, *tiles.shape[2:]), dtype=torch.float32, device=tiles.device)
+        source_device = tiles.device
+        tiles = tiles.to(self.device, torch.float32).contiguous()
+        logits = torch.empty((tiles.shape[0], self.num_classes, *tiles.shape[2:]), dtype=torch.float32, device=self.device)
         binding = self.session.io_binding()
-        device_id = tiles.device.index or 0
-        binding.bind_input(self.input_name, "cuda", device_id, np.float32, list(tiles.shape), tiles.data_ptr())
-        binding.bind_output(self.output_name, "cuda", device_id, np.float32, list(logits.shape), logits.data_ptr())
-        torch.cuda.current_stream(tiles.device).synchronize()
+        binding.bind_input(self.input_name, "cuda", self.device.index, np.float32, list(tiles.shape), tiles.data_ptr())
+        binding.bind_output(self.output_name, "cuda", self.device.index, np.float32, list(logits.shape), logits.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
-        return logits
+        return logits.to(source_device)

@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 
 from client import SegmentationClient
 from segserve.launcher import PYTHON_BACKEND_SHM_PREFIX, REPO_ROOT, free_port, python_backend_stubs
+from tests.conftest import copy_2d_repository
 from tests.test_streaming_cli import make_stack, reference_masks, wait_for_record
 
 STARTUP_TIMEOUT_S = 240
@@ -73,8 +74,10 @@ class Serve:
 
 
 @pytest.fixture(scope="module")
-def serve(model_repository, tmp_path_factory):
-    running = Serve(tmp_path_factory.mktemp("serve"), model_repository)
+def serve(tmp_path_factory):
+    """On the 2D pipeline alone: restarts take as long as loading every model's stubs."""
+    directory = tmp_path_factory.mktemp("serve")
+    running = Serve(directory, copy_2d_repository(directory / "model_repository"))
     running.mark()
     running.start()
     yield running

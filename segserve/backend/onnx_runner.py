@@ -15,7 +15,8 @@ import pathlib
 import torch
 import triton_python_backend_utils as pb_utils
 
-from segserve.backend.tensors import error_response, model_parameters, parse_model_config, to_torch, to_triton
+from segserve.backend.tensors import (error_response, instance_gpu, model_parameters, parse_model_config, to_torch,
+                                     to_triton)
 from segserve.onnx_network import OnnxNetwork, cuda_provider_available
 from segserve.torchscript_network import TorchScriptNetwork
 
@@ -36,12 +37,13 @@ class TritonPythonModel:
         self.output_name = config["output"][0]["name"]
         version_dir = pathlib.Path(args["model_repository"]) / args["model_version"]
         use_cuda = parameters.get("use_cuda", "true").lower() == "true"
+        gpu = instance_gpu(args) or 0  # KIND_GPU: this instance's GPU
         engine = choose_engine(parameters.get("engine", "auto"), use_cuda, version_dir / "model.ts")
         if engine == "torchscript":
-            self.network = TorchScriptNetwork(version_dir / "model.ts", torch.device("cuda" if use_cuda else "cpu"))
+            self.network = TorchScriptNetwork(version_dir / "model.ts", torch.device("cuda", gpu) if use_cuda else torch.device("cpu"))
         else:
             self.network = OnnxNetwork(version_dir / "model.onnx", int(parameters.get("intra_op_threads", "0")), use_cuda,
-                                       spin_wait=parameters.get("spin_wait", "false").lower() == "true")
+                                       spin_wait=parameters.get("spin_wait", "false").lower() == "true", device_id=gpu)
         pb_utils.Logger.log_info(f"{args['model_name']}: {engine} engine, {self.network.providers}")
 
     def execute(self, requests):

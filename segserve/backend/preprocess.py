@@ -1,20 +1,24 @@
-"""``preprocess_2d``: one of IMAGE / IMAGE_UINT8 / IMAGE_UINT16 / IMAGE_INT16 -> NORMALIZED."""
+"""``preprocess_2d`` / ``preprocess_3d``: one of IMAGE / IMAGE_UINT8 / IMAGE_UINT16 / IMAGE_INT16 -> NORMALIZED."""
 
 from __future__ import annotations
 
 import torch
 import triton_python_backend_utils as pb_utils
 
-from segserve.backend.tensors import error_response, input_tensor, model_parameters, parse_model_config, to_triton
+from segserve.backend.tensors import (error_response, input_tensor, instance_gpu, model_parameters, parse_model_config,
+                                     to_triton)
 from segserve.options import parse_options
 from segserve.preprocess import InputError, normalize, validate_frame
 
 IMAGE_INPUTS = ("IMAGE", "IMAGE_UINT8", "IMAGE_UINT16", "IMAGE_INT16")
 
 
-def pipeline_device(setting: str) -> torch.device:
-    """``auto``: the GPU when there is one (the later steps follow the tensor), else the CPU."""
+def pipeline_device(setting: str, gpu: int | None = None) -> torch.device:
+    """``auto``: the instance's GPU (``KIND_GPU``), else the first GPU when there is one (the
+    later steps follow the tensor), else the CPU."""
     if setting == "auto":
+        if gpu is not None:
+            return torch.device("cuda", gpu)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
 
@@ -24,7 +28,7 @@ class TritonPythonModel:
         parameters = model_parameters(parse_model_config(args))
         self.spatial_dims = int(parameters.get("spatial_dims", "2"))
         self.max_pixels = int(parameters["max_pixels"]) if "max_pixels" in parameters else None
-        self.device = pipeline_device(parameters.get("device", "auto"))
+        self.device = pipeline_device(parameters.get("device", "auto"), instance_gpu(args))
         pb_utils.Logger.log_info(f"{args['model_name']}: pipeline tensors on {self.device}")
 
     def execute(self, requests):

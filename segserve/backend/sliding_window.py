@@ -1,7 +1,14 @@
-"""``sliding_window_2d``: NORMALIZED [C, H, W] -> LOGITS [K, H, W] through BLS tile batches."""
+"""``sliding_window_2d`` / ``_3d``: NORMALIZED [C, *spatial] -> LOGITS [K, *spatial] through
+BLS tile batches.
+
+Parameter ``tile_requests_in_flight``: each tile batch is split into this many BLS requests
+sent at once (``async_exec``), so network instances on several GPUs work on one frame
+together; ``auto`` means one per visible GPU. Default 1: one request per batch.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 
 import torch
@@ -22,7 +29,14 @@ class TritonPythonModel:
         parameters = model_parameters(parse_model_config(args))
         self.default_network = parameters["default_network"]
         self.repository = pathlib.Path(args["model_repository"]).parent
+        self.requests_in_flight = requests_in_flight(parameters.get("tile_requests_in_flight", "1"))
+        self._loop = asyncio.new_event_loop() if self.requests_in_flight > 1 else None
         self._specs: dict[str, NetworkSpec] = {}
+        pb_utils.Logger.log_info(f"{args['model_name']}: {self.requests_in_flight} tile request(s) in flight per batch")
+
+    def finalize(self):
+        if self._loop is not None:
+            self._loop.close()
 
     def execute(self, requests):
         return [self._execute_one(request) for request in requests]
@@ -42,15 +56,38 @@ class TritonPythonModel:
             self._specs[name] = load_network_spec(self.repository, name)
         return self._specs[name]
 
-    @staticmethod
-    def _predict(network: NetworkSpec, tiles: torch.Tensor) -> torch.Tensor:
-        """One BLS call: ``[B, C, *tile]`` float32 -> ``[B, K, *tile]`` float32 logits."""
-        request = pb_utils.InferenceRequest(
-            model_name=network.name,
-            requested_output_names=[network.output_name],
-            inputs=[to_triton(network.input_name, tiles)],
-        )
-        response = request.exec()
-        if response.has_error():
-            raise NetworkCallError(f"network {network.name!r} failed: {response.error().message()}")
-        return to_torch(pb_utils.get_output_tensor_by_name(response, network.output_name))
+    def _predict(self, network: NetworkSpec, tiles: torch.Tensor) -> torch.Tensor:
+        """``[B, C, *tile]`` float32 -> ``[B, K, *tile]`` float32 logits on the tiles' device,
+        in one BLS call or ``requests_in_flight`` concurrent ones."""
+        parts = torch.tensor_split(tiles, min(self.requests_in_flight, tiles.shape[0]))
+        if len(parts) == 1:
+            return network_logits(network, network_request(network, tiles).exec()).to(tiles.device)
+        requests = [network_request(network, part) for part in parts]
+        responses = self._loop.run_until_complete(exec_all(requests))
+        return torch.cat([network_logits(network, response).to(tiles.device) for response in responses])
+
+
+async def exec_all(requests: list) -> list:
+    """Send BLS requests at once (``async_exec`` needs a running event loop) and await all."""
+    return await asyncio.gather(*(request.async_exec() for request in requests))
+
+
+def requests_in_flight(setting: str) -> int:
+    if setting == "auto":
+        return max(torch.cuda.device_count(), 1)
+    return max(int(setting), 1)
+
+
+def network_request(network: NetworkSpec, tiles: torch.Tensor) -> "pb_utils.InferenceRequest":
+    return pb_utils.InferenceRequest(
+        model_name=network.name,
+        requested_output_names=[network.output_name],
+        inputs=[to_triton(network.input_name, tiles)],
+    )
+
+
+def network_logits(network: NetworkSpec, response) -> torch.Tensor:
+    """The logits of a BLS response; its error raised as NetworkCallError."""
+    if response.has_error():
+        raise NetworkCallError(f"network {network.name!r} failed: {response.error().message()}")
+    return to_torch(pb_utils.get_output_tensor_by_name(response, network.output_name))

@@ -45,3 +45,10 @@ def model_parameters(model_config: dict) -> dict[str, str]:
 
 def parse_model_config(args: dict) -> dict:
     return json.loads(args["model_config"])
+
+
+def instance_gpu(args: dict) -> int | None:
+    """The GPU of a ``KIND_GPU`` model instance (Triton places one per listed GPU), else None."""
+    if args.get("model_instance_kind") == "GPU":
+        return int(args["model_instance_device_id"])
+    return None
