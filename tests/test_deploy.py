@@ -88,6 +88,8 @@ def test_entrypoint_token_sources_and_errors(tmp_path):
 def test_entrypoint_starts_the_real_server(tmp_path):
     """The image's entrypoint with the pip-installed tritonserver 2.51 in place of the image's."""
     repository = copy_2d_repository(tmp_path / "models")
+    distribution = TritonDistribution.find()
+    backends = distribution.assemble_backends(tmp_path / "backends")
     ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS")}
     env = TritonServer(ServerConfig()).environment(distribution)
     env.update({"TRITONSERVER": str(distribution.server_binary), "SEGSERVE_MODEL_REPOSITORY": str(repository),

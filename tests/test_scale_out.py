@@ -1,10 +1,14 @@
 """Several servers behind one client: least-in-flight choice and cooldown (logic), then two real
-servers with one killed mid-stream: every frame answered once, in order, per-server counts."""
+servers with one killed mid-stream under the CLI: every frame written once, in order, per-server
+counts in the summary."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -16,6 +20,7 @@ from client.api import SegmentationClient
 from client.servers import ServerPool, split_urls
 from segserve.launcher import ServerConfig, TritonServer
 from tests.conftest import copy_2d_repository
+from tests.test_streaming_cli import cli, make_stack, reference_masks, wait_for_record
 from training.synthetic import synthetic_slice, to_detector_counts
 
 
@@ -91,29 +96,32 @@ def test_concurrent_tile_requests_give_the_same_result(server, second_server, rn
         time.sleep(0.5)
 
 
-def test_stream_survives_a_server_killed_mid_stream(server, second_server, rng):
-    stack = frames(40, rng)
-    with SegmentationClient(server.grpc_url) as single:
-        expected = [single.segment(frame).mask for frame in stack[:3]]
-    urls = [server.grpc_url, second_server.grpc_url]
-    seen = []
-    with SegmentationClient(urls, cooldown_s=60.0) as client:
-        for outcome in client.segment_stream(stack, inflight=4):
-            seen.append(outcome)
-            if len(seen) == 8:
-                os.killpg(second_server.process.pid, signal.SIGKILL)  # server and stubs, mid-stream
-        first, second = client.servers.servers
-    assert [o.index for o in seen] == list(range(40))
-    assert all(o.ok for o in seen), [o.error for o in seen if not o.ok]
-    for outcome, mask in zip(seen, expected):
-        assert np.array_equal(outcome.result.mask, mask)
-    assert first.answered + second.answered == 40  # each frame answered exactly once
-    assert second.answered >= 2 and first.answered > second.answered
-    assert second.failed >= 1  # requests in flight there when it died, answered by the first
+def test_cli_stream_survives_a_server_killed_mid_stream(server, second_server, rng, tmp_path):
+    """`segment` over two servers; the second is killed (server and stubs) once 8 frames are
+    written. Every frame is written once, in order, equal to a one-server run."""
+    stack = make_stack(rng, 40, (200, 240))
+    tifffile.imwrite(tmp_path / "scan.tif", stack)
+    urls = f"{server.grpc_url},{second_server.grpc_url}"
+    client = subprocess.Popen([*cli(server, str(tmp_path / "scan.tif"), "--out", str(tmp_path / "out"), "--inflight", "4",
+                                    "--no-progress"), "--url", urls], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    wait_for_record(tmp_path / "out" / "scan.segment.json", 8, client)
+    os.killpg(second_server.process.pid, signal.SIGKILL)
+    _, err = client.communicate(timeout=300)
+    assert client.returncode == 0, err
+    assert np.array_equal(tifffile.imread(tmp_path / "out" / "scan_mask.tif"), reference_masks(server, stack))
+    record = json.loads((tmp_path / "out" / "scan.segment.json").read_text())
+    assert record["done"] == 40 and not record["failed"]
+    counts = re.search(rf"per server: {re.escape(server.grpc_url)} (\d+) answered, "
+                       rf"{re.escape(second_server.grpc_url)} (\d+) answered(?: \((\d+) failed)?", err)
+    assert counts, err
+    first, second, failed = int(counts[1]), int(counts[2]), int(counts[3] or 0)
+    assert first + second == 40 and second >= 2 and first > second  # each frame answered exactly once
+    assert failed >= 1  # requests in flight there when it died, answered by the first server
 
 
 def test_cli_reports_per_server_counts(server, tmp_path, rng, capsys):
-    """Two URLs for the same live server plus a dead one: the dead one is warned about and skipped."""
+    """A live server and a dead one: the dead one is warned about and skipped."""
     tifffile.imwrite(tmp_path / "stack.tif", np.stack(frames(6, rng)))
     dead = "127.0.0.1:1"  # nothing listens there
     code = client_main(["segment", str(tmp_path / "stack.tif"), "--out", str(tmp_path / "out"), "--url",

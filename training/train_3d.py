@@ -31,6 +31,11 @@ ARCHITECTURE_ARGS = {
     "channels": [8, 16, 32, 64],
     "strides": [2, 2, 2],
     "num_res_units": 1,
+    # Batch norm, not MONAI's default instance norm: a 64^3 window inside a large organ is
+    # nearly flat, and per-window normalisation erases what tells organ from tissue (measured
+    # on held-out 128^3 volumes, sliding window: organ Dice 0.70 with instance norm after 1000
+    # steps, 0.97 with batch norm after 500).
+    "norm": "batch",
 }
 TILE = (64, 64, 64)
 VOLUME = (96, 96, 96)
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("training/checkpoints/unet3d_organs"),
                         help="checkpoint path without suffix (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per step (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
