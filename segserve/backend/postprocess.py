@@ -1,5 +1,5 @@
-"""``postprocess_2d`` / ``postprocess_3d``: LOGITS [K, *spatial] -> MASK [*spatial],
-PROBABILITIES [K, *spatial], CONTOUR [*spatial].
+"""``postprocess_2d``: LOGITS [K, *spatial] -> MASK [*spatial], PROBABILITIES [K, *spatial],
+CONTOUR [*spatial] (``sliding_window_3d`` runs the same code in its own step).
 
 Triton asks a composing model for every output its ensemble maps, whatever the client
 requested, so PROBABILITIES and CONTOUR are computed only when the request parameters
@@ -26,12 +26,30 @@ class TritonLogHandler(logging.Handler):
         log(self.format(record))
 
 
+def forward_package_logs() -> None:
+    """Route the ``segserve`` package's log records to the server log (once per stub)."""
+    package_logger = logging.getLogger("segserve")
+    if not any(isinstance(h, TritonLogHandler) for h in package_logger.handlers):
+        package_logger.addHandler(TritonLogHandler())
+    package_logger.setLevel(logging.INFO)
+
+
+def segmentation_outputs(logits, options) -> list:
+    """The pipeline's outputs from ``[K, *spatial]`` blended logits: MASK, and PROBABILITIES and
+    CONTOUR when the options ask for them (else empty, shape ``[0, ...]``)."""
+    result = postprocess(logits, options.probabilities, options.keep_largest, options.contour)
+    empty_probabilities = logits.new_empty((0, *logits.shape[1:]))
+    empty_contour = result.mask.new_empty((0, *result.mask.shape[1:]))
+    return [
+        to_triton("MASK", result.mask),
+        to_triton("PROBABILITIES", result.probabilities if result.probabilities is not None else empty_probabilities),
+        to_triton("CONTOUR", result.contour if result.contour is not None else empty_contour),
+    ]
+
+
 class TritonPythonModel:
     def initialize(self, args):
-        package_logger = logging.getLogger("segserve")
-        if not any(isinstance(h, TritonLogHandler) for h in package_logger.handlers):
-            package_logger.addHandler(TritonLogHandler())
-        package_logger.setLevel(logging.INFO)
+        forward_package_logs()
 
     def execute(self, requests):
         return [self._execute_one(request) for request in requests]
@@ -39,15 +57,7 @@ class TritonPythonModel:
     def _execute_one(self, request):
         try:
             options = parse_options(request.parameters())
-            logits = input_tensor(request, "LOGITS")
-            result = postprocess(logits, options.probabilities, options.keep_largest, options.contour)
-            empty_probabilities = logits.new_empty((0, *logits.shape[1:]))
-            empty_contour = result.mask.new_empty((0, *result.mask.shape[1:]))
-            outputs = [
-                to_triton("MASK", result.mask),
-                to_triton("PROBABILITIES", result.probabilities if result.probabilities is not None else empty_probabilities),
-                to_triton("CONTOUR", result.contour if result.contour is not None else empty_contour),
-            ]
+            outputs = segmentation_outputs(input_tensor(request, "LOGITS"), options)
             return pb_utils.InferenceResponse(output_tensors=outputs)
         except Exception as error:
             return error_response(error)

@@ -1,7 +1,10 @@
 """``sliding_window_2d`` / ``_3d``: NORMALIZED [C, *spatial] -> LOGITS [K, *spatial] through
 BLS tile batches.
 
-Parameter ``tile_requests_in_flight``: each tile batch is split into this many BLS requests
+Parameter ``postprocess``: ``true`` makes the step emit the pipeline's outputs (MASK,
+PROBABILITIES, CONTOUR; the postprocess step's code) instead of LOGITS, so the K-channel logits
+never travel between processes: for volumes that saves two copies of the largest tensor
+(``segment_3d``). Parameter ``tile_requests_in_flight``: each tile batch is split into this many BLS requests
 sent at once (``async_exec``), so network instances on several GPUs work on one frame
 together; ``auto`` means one per visible GPU. Default 1: one request per batch.
 """
@@ -14,6 +17,7 @@ import pathlib
 import torch
 import triton_python_backend_utils as pb_utils
 
+from segserve.backend.postprocess import forward_package_logs, segmentation_outputs
 from segserve.backend.tensors import error_response, input_tensor, model_parameters, parse_model_config, to_torch, to_triton
 from segserve.network_spec import NetworkSpec, load_network_spec
 from segserve.options import parse_options
@@ -30,6 +34,9 @@ class TritonPythonModel:
         self.default_network = parameters["default_network"]
         self.repository = pathlib.Path(args["model_repository"]).parent
         self.requests_in_flight = requests_in_flight(parameters.get("tile_requests_in_flight", "1"))
+        self.postprocess = parameters.get("postprocess", "false").lower() == "true"
+        if self.postprocess:
+            forward_package_logs()
         self._loop = asyncio.new_event_loop() if self.requests_in_flight > 1 else None
         self._specs: dict[str, NetworkSpec] = {}
         pb_utils.Logger.log_info(f"{args['model_name']}: {self.requests_in_flight} tile request(s) in flight per batch")
@@ -47,6 +54,8 @@ class TritonPythonModel:
             network = self._network_spec(options.network or self.default_network)
             image = input_tensor(request, "NORMALIZED")
             logits = blended_logits(image, network, lambda tiles: self._predict(network, tiles), options)
+            if self.postprocess:
+                return pb_utils.InferenceResponse(output_tensors=segmentation_outputs(logits, options))
             return pb_utils.InferenceResponse(output_tensors=[to_triton("LOGITS", logits)])
         except Exception as error:
             return error_response(error)
