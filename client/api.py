@@ -161,6 +161,7 @@ class SegmentationClient:
         # Control calls (readiness, configuration, region cleanup) get their own fixed deadline:
         # a short per-frame timeout must not make a busy server look absent.
         self._controls = [Connection(u, self.protocol, self.headers, CONTROL_TIMEOUT_S) for u in self.urls]
+        self._ready_control: Connection | None = None
         self._slots: list[dict[int, object]] = []  # per in-flight slot: server index -> transport
         self._idle: queue.LifoQueue = queue.LifoQueue()
         self._network_info: NetworkInfo | None = None
@@ -182,11 +183,17 @@ class SegmentationClient:
 
     @property
     def _control(self) -> Connection:
-        """Control connection of the first server that answers (configuration, metadata)."""
-        for control in self._controls:
-            if control.is_model_ready(self.model):
-                return control
-        return self._controls[0]
+        """Control connection (configuration, metadata): the only server's, or the first one
+        found with the model ready, remembered (no readiness round trip per call)."""
+        if self._ready_control is None:
+            if len(self._controls) == 1:
+                self._ready_control = self._controls[0]
+            else:
+                ready = next((c for c in self._controls if c.is_model_ready(self.model)), None)
+                if ready is None:
+                    return self._controls[0]  # none ready yet: look again next time
+                self._ready_control = ready
+        return self._ready_control
 
     def _new_transport(self, server: int):
         connection = Connection(self.urls[server], self.protocol, self.headers, self.timeout_s)
