@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from client.api import SegmentationClient
 from export.network_export import build_network, settings_from_spec
 from scripts.bench_2d import (in_process_mask, machine_description, peak_memory_during, process_tree_pss, timed,
                               write_report)
-from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
+from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer, copy_models
 from segserve.onnx_network import OnnxNetwork
 from segserve.options import PipelineOptions
 from segserve.postprocess import postprocess
@@ -41,13 +40,6 @@ from training.synthetic_3d import synthetic_volume, to_int16_hu
 CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "unet3d_organs"
 ONNX = REPO_ROOT / "model_repository" / "unet3d_organs" / "1" / "model.onnx"
 THREE_D_MODELS = ("preprocess_3d", "sliding_window_3d", "segment_3d", "unet3d_organs")
-
-
-def three_d_repository(directory: pathlib.Path) -> pathlib.Path:
-    """A copy of the model repository with the 3D pipeline and its default network only."""
-    for model in THREE_D_MODELS:
-        shutil.copytree(REPO_ROOT / "model_repository" / model, directory / model, symlinks=True)
-    return directory
 
 
 def pre_post_seconds(volume: np.ndarray, logits: torch.Tensor, device: str, repeats: int = 3) -> float:
@@ -90,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
              "in-process onnxruntime": lambda: in_process_mask(volume[None], onnx_network, spec.tile)}
     memory = None
     scratch = tempfile.TemporaryDirectory(prefix="bench-3d-")
-    config = ServerConfig(model_repository=three_d_repository(pathlib.Path(scratch.name)), http_port=0, grpc_port=0,
-                          metrics_port=0)
+    repository = copy_models(pathlib.Path(scratch.name), THREE_D_MODELS)
+    config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
     with scratch, TritonServer(config, log_path=args.out / "server-3d.log") as server, \
             SegmentationClient(server.grpc_url, model="segment_3d") as client:
         if all(args.large):  # first, on the fresh server: what one large volume needs

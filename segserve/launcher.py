@@ -105,6 +105,15 @@ class TritonDistribution:
         return directory
 
 
+def copy_models(destination: pathlib.Path, models: tuple[str, ...],
+                source: pathlib.Path = DEFAULT_REPOSITORY) -> pathlib.Path:
+    """A model repository at ``destination`` holding only ``models`` of ``source`` (a server that
+    loads one pipeline starts, restarts and idles smaller); returns ``destination``."""
+    for model in models:
+        shutil.copytree(source / model, destination / model, symlinks=True)
+    return destination
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))

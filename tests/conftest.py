@@ -17,7 +17,7 @@ from monai.networks import nets
 
 from client.auth import TOKEN_ENV
 from export.network_export import ExportSettings, build_network, export_network, settings_from_spec
-from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
+from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer, copy_models
 from segserve.onnx_network import OnnxNetwork
 from segserve.torchscript_network import TorchScriptNetwork
 
@@ -34,11 +34,9 @@ GOOD_FRAME = np.random.default_rng(0).random((1, 70, 90), dtype=np.float32)
 TWO_D_MODELS = ("preprocess_2d", "sliding_window_2d", "postprocess_2d", "segment_2d", DEFAULT_NETWORK)
 
 
-def copy_2d_repository(destination: pathlib.Path, source: pathlib.Path = REPO_ROOT / "model_repository") -> pathlib.Path:
+def copy_2d_repository(destination: pathlib.Path) -> pathlib.Path:
     """A model repository with only the 2D pipeline and its default network."""
-    for model in TWO_D_MODELS:
-        shutil.copytree(source / model, destination / model, symlinks=True)
-    return destination
+    return copy_models(destination, TWO_D_MODELS)
 
 
 SECOND_NETWORK_SETTINGS = dict(
