@@ -34,7 +34,7 @@ class Volume:
     @property
     def stem(self) -> str:
         name = self.path.name
-        for suffix in (".nii.gz", *VOLUME_SUFFIXES):
+        for suffix in VOLUME_SUFFIXES:
             if name.lower().endswith(suffix):
                 return name[: -len(suffix)]
         return self.path.stem

@@ -24,7 +24,6 @@ from segserve.options import PipelineOptions
 from segserve.preprocess import normalize
 from training.synthetic import CLASS_NAMES, synthetic_slice
 
-ARCHITECTURE = "UNet"
 ARCHITECTURE_ARGS = {
     "spatial_dims": 2,
     "in_channels": 1,
@@ -83,34 +82,50 @@ def save_checkpoint(out: pathlib.Path, network: torch.nn.Module, metadata: dict)
 def evaluate(network: torch.nn.Module, seed: int) -> dict[str, float]:
     """Per-class Dice on fresh synthetic 512x512 slices, predicted whole (fully convolutional)."""
     rng = np.random.default_rng(seed + 1000)
-    scores = {name: [] for name in CLASS_NAMES}
-    for _ in range(4):
-        image, label = synthetic_slice((512, 512), rng, noise=0.08)
-        prediction = network(normalize(torch.from_numpy(image)[None], PipelineOptions())[None]).argmax(1)[0].numpy()
-        for index, name in enumerate(CLASS_NAMES):
+
+    def predictions():
+        for _ in range(4):
+            image, label = synthetic_slice((512, 512), rng, noise=0.08)
+            yield network(normalize(torch.from_numpy(image)[None], PipelineOptions())[None]).argmax(1)[0].numpy(), label
+
+    return dice_scores(predictions(), CLASS_NAMES)
+
+
+def dice_scores(predictions_and_labels, class_names: tuple[str, ...]) -> dict[str, float]:
+    """Mean per-class Dice over ``(prediction, label)`` class-index arrays."""
+    scores = {name: [] for name in class_names}
+    for prediction, label in predictions_and_labels:
+        for index, name in enumerate(class_names):
             truth, predicted = label == index, prediction == index
             scores[name].append(2 * (truth & predicted).sum() / max(truth.sum() + predicted.sum(), 1))
     return {name: float(np.mean(values)) for name, values in scores.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("training/checkpoints/unet2d_particles"),
+def train_and_save(argv: list[str] | None, *, description: str, out: str, steps: int, batch_size: int,
+                   arguments: dict, tile: tuple[int, ...], classes: tuple[str, ...], training_batch, evaluate) -> int:
+    """The command line of a training script: a MONAI ``UNet(**arguments)`` trained on
+    ``training_batch(batch_size, rng)``, scored by ``evaluate(network, seed)`` and saved."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(out),
                         help="checkpoint path without suffix (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16, help="tiles per step (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="tiles per step (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    network = train(UNet(**ARCHITECTURE_ARGS), lambda: training_batch(args.batch_size, rng), args.steps)
+    network = train(UNet(**arguments), lambda: training_batch(args.batch_size, rng), args.steps)
     dice = evaluate(network, args.seed)
-    print("dice on held-out slices:", ", ".join(f"{name} {value:.3f}" for name, value in dice.items()))
-    save_checkpoint(args.out, network, {"architecture": ARCHITECTURE, "arguments": ARCHITECTURE_ARGS,
-                                        "tile": list(TILE), "classes": list(CLASS_NAMES), "dice": dice,
-                                        "steps": args.steps, "seed": args.seed})
+    print("dice on held-out data:", ", ".join(f"{name} {value:.3f}" for name, value in dice.items()))
+    save_checkpoint(args.out, network, {"architecture": "UNet", "arguments": arguments, "tile": list(tile),
+                                        "classes": list(classes), "dice": dice, "steps": args.steps, "seed": args.seed})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return train_and_save(argv, description=__doc__, out="training/checkpoints/unet2d_particles", steps=400,
+                          batch_size=16, arguments=ARCHITECTURE_ARGS, tile=TILE, classes=CLASS_NAMES,
+                          training_batch=training_batch, evaluate=evaluate)
 
 
 if __name__ == "__main__":

@@ -9,21 +9,17 @@ the pair ``python -m export`` takes. Volumes are normalised as the server does b
 
 from __future__ import annotations
 
-import argparse
-import pathlib
 import sys
 
 import numpy as np
 import torch
-from monai.networks.nets import UNet
 
 from segserve.options import PipelineOptions
 from segserve.preprocess import normalize
 from segserve.reference import reference_logits
 from training.synthetic_3d import CLASS_NAMES, synthetic_volume
-from training.train_2d import save_checkpoint, train
+from training.train_2d import dice_scores, train_and_save
 
-ARCHITECTURE = "UNet"
 ARCHITECTURE_ARGS = {
     "spatial_dims": 3,
     "in_channels": 1,
@@ -60,36 +56,21 @@ def training_batch(batch_size: int, rng: np.random.Generator) -> tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate(network: torch.nn.Module, seed: int) -> dict[str, float]:
-    """Per-class Dice on fresh 128^3 volumes, predicted as the server does (sliding window:
-    the instance norms make a whole-volume pass differ from tiles)."""
+    """Per-class Dice on fresh 128^3 volumes, predicted as the server does (sliding window)."""
     rng = np.random.default_rng(seed + 1000)
-    scores = {name: [] for name in CLASS_NAMES}
-    for _ in range(3):
-        image, label = synthetic_volume((128, 128, 128), rng)
-        prediction = reference_logits(image[None], network, TILE).argmax(0).numpy()
-        for index, name in enumerate(CLASS_NAMES):
-            truth, predicted = label == index, prediction == index
-            scores[name].append(2 * (truth & predicted).sum() / max(truth.sum() + predicted.sum(), 1))
-    return {name: float(np.mean(values)) for name, values in scores.items()}
+
+    def predictions():
+        for _ in range(3):
+            image, label = synthetic_volume((128, 128, 128), rng)
+            yield reference_logits(image[None], network, TILE).argmax(0).numpy(), label
+
+    return dice_scores(predictions(), CLASS_NAMES)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("training/checkpoints/unet3d_organs"),
-                        help="checkpoint path without suffix (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=4, help="tiles per step (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    network = train(UNet(**ARCHITECTURE_ARGS), lambda: training_batch(args.batch_size, rng), args.steps)
-    dice = evaluate(network, args.seed)
-    print("dice on held-out volumes:", ", ".join(f"{name} {value:.3f}" for name, value in dice.items()))
-    save_checkpoint(args.out, network, {"architecture": ARCHITECTURE, "arguments": ARCHITECTURE_ARGS,
-                                        "tile": list(TILE), "classes": list(CLASS_NAMES), "dice": dice,
-                                        "steps": args.steps, "seed": args.seed})
-    return 0
+    return train_and_save(argv, description=__doc__, out="training/checkpoints/unet3d_organs", steps=500,
+                          batch_size=4, arguments=ARCHITECTURE_ARGS, tile=TILE, classes=CLASS_NAMES,
+                          training_batch=training_batch, evaluate=evaluate)
 
 
 if __name__ == "__main__":
