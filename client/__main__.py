@@ -62,8 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.inflight < 1:
         parser.error(f"--inflight must be >= 1, got {args.inflight}")
-    if args.retries < 0:
+    if args.retries is not None and args.retries < 0:
         parser.error(f"--retries must be >= 0, got {args.retries}")
+    if args.patience < 0:
+        parser.error(f"--patience must be >= 0, got {args.patience}")
     if getattr(args, "resume", False) and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     return args
@@ -121,7 +123,8 @@ def plan_source(source: Source, args: argparse.Namespace, num_classes: int) -> P
 def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, progress: tqdm, tally: Tally) -> None:
     source, writer = plan.source, plan.writer
     items = ((i, lambda i=i: source.load(i)) for i in plan.todo)
-    stream = client.segment_stream(items, inflight=args.inflight, retries=args.retries, **segment_options(args))
+    stream = client.segment_stream(items, inflight=args.inflight, retries=args.retries, patience_s=args.patience,
+                                   **segment_options(args))
     try:
         for outcome in stream:
             tally.frames += 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import queue
+import threading
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -33,42 +34,16 @@ from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError
 from client.servers import DEFAULT_COOLDOWN_S, ServerPool, split_urls
 from client.shared_memory import SHM_KINDS, remove_stale_regions
-from client.stream import Outcome, RetryPolicy, ordered_stream
+from client.stream import DEFAULT_PATIENCE_S, Outcome, RetryPolicy, ordered_stream
 from client.volumes import ChunkSettings, segment_volume
-from client.transports import (INPUT_BY_DTYPE, TRANSPORTS, InlineTransport, SharedMemoryTransport, frame_dtype,
-                               on_gpu, output_specs)
+from client.results import NetworkInfo, SegmentationResult
+from client.transports import TRANSPORTS, InlineTransport, SharedMemoryTransport, as_channel_first, output_specs
+from segproto import DEFAULT_NETWORK_PARAMETER, TRITON_RESTRICTED_PHRASE
 
-LOSSLESS_TO_FLOAT32 = (np.dtype(np.float16), np.dtype(np.float64), np.dtype(np.int8), np.dtype(bool))
 CONTROL_TIMEOUT_S = 30.0
 
 __all__ = ["SegmentationClient", "SegmentationError", "SegmentationResult", "SegmentOptions", "NetworkInfo", "ChunkSettings",
            "Outcome", "RetryPolicy", "as_channel_first", "TRANSPORTS"]
-
-
-@dataclasses.dataclass(frozen=True)
-class NetworkInfo:
-    """The network behind a pipeline: ``[B, in_channels, *tile]`` -> ``[B, num_classes, *tile]``."""
-
-    name: str
-    in_channels: int
-    num_classes: int
-    tile: tuple[int, ...]
-
-    @property
-    def spatial_dims(self) -> int:
-        return len(self.tile)
-
-
-@dataclasses.dataclass
-class SegmentationResult:
-    """One frame's (or volume's) outputs: mask ``[*spatial]`` uint8; probabilities
-    ``[K, *spatial]`` float32 and contour ``[*spatial]`` uint8 when asked for, else None;
-    ``chunks``: requests it took (volumes cut by ``segment_volume``)."""
-
-    mask: np.ndarray
-    probabilities: np.ndarray | None = None
-    contour: np.ndarray | None = None
-    chunks: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,33 +69,14 @@ class SegmentOptions:
         return parameters
 
 
-def as_channel_first(frame, spatial_dims: int = 2):
-    """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` unchanged (one more axis each for a 3D
-    network: ``[D, H, W]`` or ``[C, D, H, W]``); float64/float16/int8/bool numpy frames ->
-    float32 (the network computes in float32 anyway). GPU tensors keep their device.
-
-    Raises:
-        ValueError: unsupported rank or pixel type.
-    """
-    if not on_gpu(frame) and not isinstance(frame, np.ndarray):
-        frame = np.asarray(frame)
-    if isinstance(frame, np.ndarray) and frame.dtype in LOSSLESS_TO_FLOAT32:
-        frame = frame.astype(np.float32)
-    if frame.ndim == spatial_dims:
-        frame = frame[None]
-    if frame.ndim != spatial_dims + 1:
-        axes = ", ".join("DHW"[-spatial_dims:])
-        raise ValueError(f"{'volume' if spatial_dims == 3 else 'frame'} must be [{axes}] or [C, {axes}], "
-                         f"got shape {list(frame.shape)}")
-    dtype = frame_dtype(frame)
-    if dtype not in INPUT_BY_DTYPE:
-        supported = ", ".join(str(d) for d in INPUT_BY_DTYPE)
-        raise ValueError(f"pixel type {dtype} is not supported; use one of {supported}")
-    if isinstance(frame, np.ndarray):
-        return np.ascontiguousarray(frame)
-    if hasattr(frame, "contiguous"):  # torch
-        return frame.contiguous()
-    return frame if frame.flags.c_contiguous else frame.copy(order="C")  # CuPy
+def is_network_of(metadata: dict, spatial_dims: int) -> bool:
+    """True for a network's metadata: one input ``[-1, C, *tile]`` with C and the tile fixed
+    (the pipeline's steps take any size: all their dimensions are -1)."""
+    inputs = metadata.get("inputs") or []
+    if len(inputs) != 1:
+        return False
+    shape = [int(d) for d in inputs[0]["shape"]]
+    return len(shape) == spatial_dims + 2 and all(d > 0 for d in shape[1:])
 
 
 class SegmentationClient:
@@ -141,6 +97,12 @@ class SegmentationClient:
             (``client.auth``). Inference itself needs none.
         device_id: GPU of CUDA shared-memory regions.
         cooldown_s: how long a server that failed is passed over while others answer.
+
+    Thread safety: one client may be used from several threads at once (``segment``,
+    ``segment_stream``, ``segment_volume``). Each call takes in-flight slots (a connection and,
+    for shared memory, its regions) from the client's pool for its own use and puts them back
+    when it ends, so no slot serves two requests at once; the pool grows to the most slots in
+    use together. ``close()`` must wait until the other threads are done.
     """
 
     def __init__(self, url: str | list[str] | None = None, *, transport: str = "grpc", model: str = "segment_2d",
@@ -164,6 +126,7 @@ class SegmentationClient:
         self._ready_control: Connection | None = None
         self._slots: list[dict[int, object]] = []  # per in-flight slot: server index -> transport
         self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._slots_lock = threading.Lock()
         self._network_info: NetworkInfo | None = None
         self._spatial_dims: int | None = None
         self.stale_regions_removed: list[str] = []
@@ -201,13 +164,22 @@ class SegmentationClient:
             return SharedMemoryTransport(connection, SHM_KINDS[self.transport], self.device_id)
         return InlineTransport(connection)
 
-    def _slot(self, slot: int) -> dict:
-        while len(self._slots) <= slot:
-            self._slots.append({})
-        return self._slots[slot]
+    def _take_slot(self) -> dict:
+        """An in-flight slot (server index -> transport) owned by the caller until
+        ``_return_slot``: an idle one, else a new one. No slot serves two requests at once."""
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            with self._slots_lock:
+                self._slots.append({})
+                return self._slots[-1]
+
+    def _return_slot(self, slot: dict) -> None:
+        self._idle.put(slot)
 
     def _transports(self):
-        return [transport for slot in self._slots for transport in slot.values()]
+        with self._slots_lock:
+            return [transport for slot in self._slots for transport in slot.values()]
 
     @property
     def regions_created(self) -> int:
@@ -223,7 +195,8 @@ class SegmentationClient:
                 transport.close()
             except SegmentationError as error:
                 errors.append(str(error))
-        self._slots.clear()
+        with self._slots_lock:
+            self._slots.clear()
         self._idle = queue.LifoQueue()
         for control in self._controls:
             control.close()
@@ -268,12 +241,34 @@ class SegmentationClient:
         return self._spatial_dims
 
     def _default_network(self) -> str:
+        """The pipeline's default network: from the sliding-window step's configuration when
+        the token allows reading it, else from the open endpoints (``_only_network``)."""
+        try:
+            return self._configured_default_network()
+        except SegmentationError as error:
+            if TRITON_RESTRICTED_PHRASE not in str(error):
+                raise
+        return self._only_network()
+
+    def _configured_default_network(self) -> str:
         steps = self._control.model_config(self.model).get("ensemble_scheduling", {}).get("step", [])
         for step in steps:
             parameters = self._control.model_config(step["model_name"]).get("parameters", {})
-            if "default_network" in parameters:
-                return parameters["default_network"]["string_value"]
+            if DEFAULT_NETWORK_PARAMETER in parameters:
+                return parameters[DEFAULT_NETWORK_PARAMETER]["string_value"]
         raise SegmentationError(f"model {self.model!r} has no step with a default network; pass network=...")
+
+    def _only_network(self) -> str:
+        """Without the token: the one loaded network of this pipeline's spatial dimensions
+        (statistics and metadata are open to all). Several: the caller must name one."""
+        networks = [name for name in self._control.loaded_models()
+                    if is_network_of(self._control.model_metadata(name), self.spatial_dims())]
+        if len(networks) == 1:
+            return networks[0]
+        found = ", ".join(networks) or "none"
+        raise SegmentationError(f"cannot tell the default network of {self.model!r} without the server's token "
+                                f"({len(networks)} {self.spatial_dims()}D networks loaded: {found}); pass "
+                                "network=... (--network) or the token")
 
     def _segment_on(self, slot: dict, image, options: SegmentOptions) -> SegmentationResult:
         """One request on the least busy server; on a passing failure, at once on the next
@@ -307,26 +302,24 @@ class SegmentationClient:
         """
         image = as_channel_first(frame, self.spatial_dims())
         settings = SegmentOptions(**options)
-        try:
-            slot = self._idle.get_nowait()
-        except queue.Empty:
-            slot = self._slot(len(self._slots))
+        slot = self._take_slot()
         try:
             return self._segment_on(slot, image, settings)
         finally:
-            self._idle.put(slot)
+            self._return_slot(slot)
 
     def segment_volume(self, volume, *, chunks: ChunkSettings = ChunkSettings(), inflight: int = 2,
-                       retries: int = 3, progress=None, **options) -> SegmentationResult:
+                       retries: int | None = None, patience_s: float = DEFAULT_PATIENCE_S, progress=None,
+                       **options) -> SegmentationResult:
         """Segment a volume ``[D, H, W]`` or ``[C, D, H, W]`` (numpy) of any size: beyond
         ``chunks.max_voxels`` it goes as overlapping chunks on the network's tile grid,
         ``inflight`` at a time, stitched so the result equals one whole-volume request.
         ``progress(done, total)`` is called per chunk. See ``client.volumes``."""
-        return segment_volume(self, volume, chunks=chunks, inflight=inflight, retries=retries, progress=progress,
-                              **options)
+        return segment_volume(self, volume, chunks=chunks, inflight=inflight, retries=retries, patience_s=patience_s,
+                              progress=progress, **options)
 
-    def segment_stream(self, frames: Iterable, *, inflight: int = 4, retries: int = 3, backoff_s: float = 0.5,
-                       **options) -> Iterator[Outcome]:
+    def segment_stream(self, frames: Iterable, *, inflight: int = 4, retries: int | None = None,
+                       backoff_s: float = 0.5, patience_s: float = DEFAULT_PATIENCE_S, **options) -> Iterator[Outcome]:
         """Segment many frames with ``inflight`` requests at once; yields one ``Outcome`` per
         frame in input order (``outcome.result`` a SegmentationResult, or ``outcome.error``).
 
@@ -334,19 +327,26 @@ class SegmentationClient:
             frames: arrays, or ``(index, load)`` pairs where ``load()`` returns the frame
                 (lets a reader stream from disk; a load error fails only that frame).
             inflight: requests in flight (one connection and set of regions each).
-            retries: further attempts for a frame that failed for a retryable reason
-                (server busy or restarting, connection lost, deadline passed).
-            backoff_s: wait before the first retry; doubles each time.
+            retries: most further attempts for a frame that failed for a retryable reason
+                (server busy or restarting, connection lost, deadline passed, a failure the
+                server marked transient); None: as many as ``patience_s`` allows.
+            backoff_s: wait before the first retry; doubles each time, up to 5 s.
+            patience_s: how long a frame may keep failing for passing reasons before it is
+                given up (default 600 s: a full server restart on a busy machine fits).
         """
         settings = SegmentOptions(**options)
-        policy = RetryPolicy(retries=retries, backoff_s=backoff_s)
-        slots = [self._slot(w) for w in range(inflight)] if inflight >= 1 else []
+        policy = RetryPolicy(retries=retries, backoff_s=backoff_s, patience_s=patience_s)
         spatial_dims = self.spatial_dims()
+        slots = [self._take_slot() for _ in range(inflight)]  # this stream's own, returned at its end
 
         def process(worker: int, frame):
             return self._segment_on(slots[worker], as_channel_first(frame, spatial_dims), settings)
 
-        yield from ordered_stream(_as_items(frames), process, inflight, policy)
+        try:
+            yield from ordered_stream(_as_items(frames), process, inflight, policy)
+        finally:
+            for slot in slots:
+                self._return_slot(slot)
 
 
 def _as_items(frames: Iterable) -> Iterator[tuple[int, object]]:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from client.connection import SegmentationError
+from client.stream import DEFAULT_PATIENCE_S
 from client.transports import TRANSPORTS
 
 
@@ -19,8 +20,11 @@ def add_server_options(parser: argparse.ArgumentParser, default_model: str, defa
                              "(default: %(default)s)")
     parser.add_argument("--inflight", type=int, default=default_inflight,
                         help=f"{unit} in flight at once (default: %(default)s)")
-    parser.add_argument("--retries", type=int, default=3,
-                        help=f"further attempts for {unit[:-1]} that failed for a passing reason (default: %(default)s)")
+    parser.add_argument("--patience", type=float, default=DEFAULT_PATIENCE_S,
+                        help=f"seconds a {unit[:-1]} that fails for a passing reason (server restarting, busy, "
+                             "connection lost) is tried again before it is given up (default: %(default)s)")
+    parser.add_argument("--retries", type=int, help=f"at most this many further attempts per {unit[:-1]} "
+                        "(default: as many as --patience allows)")
     parser.add_argument("--model", default=default_model, help="pipeline ensemble (default: %(default)s)")
     parser.add_argument("--network", help="network model to run (default: the server's default network)")
     parser.add_argument("--timeout", type=float, help="seconds before a request is abandoned and retried (default: none)")

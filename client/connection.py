@@ -12,14 +12,16 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from segproto import TRITON_RESTRICTED_PHRASE, is_transient_message
+
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
-# Status codes worth a retry: the server or network is busy, restarting or gone for a moment.
-# Everything else (bad input, unknown model) fails the same way every time.
-RETRYABLE_STATUSES = {
-    "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.INTERNAL",
-    "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.ABORTED", "StatusCode.CANCELLED", "StatusCode.UNKNOWN",
-    "500", "502", "503", "504",
+# Statuses of failures that pass: the server or network busy, restarting or gone for a moment,
+# or our own deadline. INTERNAL, UNKNOWN and HTTP 500 are not here: a server bug fails the same
+# way every time; the server marks its own passing failures instead (segproto.TRANSIENT_MARKER).
+TRANSIENT_STATUSES = {
+    "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
+    "StatusCode.ABORTED", "502", "503", "504",
 }
 
 
@@ -28,7 +30,8 @@ class SegmentationError(RuntimeError):
 
     Attributes:
         retryable: True when the same request may succeed later (server busy, restarting,
-            connection lost, deadline passed); False for refusals such as bad input.
+            connection lost, deadline passed, a failure the server marked transient); False for
+            refusals such as bad input and for deterministic server failures.
     """
 
     def __init__(self, message: str, retryable: bool = False):
@@ -36,19 +39,22 @@ class SegmentationError(RuntimeError):
         self.retryable = retryable
 
 
+def is_transient(status: str, message: str) -> bool:
+    """Whether a failure with tritonclient ``status`` (``str(error.status())``, "" when the
+    client library never reached the server) and ``message`` may pass on a retry."""
+    if TRITON_RESTRICTED_PHRASE in message:  # Triton answers a missing token with UNAVAILABLE (gRPC)
+        return False
+    return not status or status in TRANSIENT_STATUSES or is_transient_message(message)
+
+
 def as_segmentation_error(error: Exception) -> SegmentationError:
     """tritonclient's exception (or a socket error under it) as a SegmentationError."""
     if isinstance(error, InferenceServerException):
         status = str(error.status()) if error.status() is not None else ""
         message = error.message() or str(error)
-        # No status: the client library failed to reach the server (connection refused, reset).
-        if "is restricted" in message:  # Triton answers a missing token with UNAVAILABLE (gRPC) or 403
+        if TRITON_RESTRICTED_PHRASE in message:
             return SegmentationError(f"{message} (pass the server's token: --token, $SEGSERVE_TOKEN or the token file)")
-        # A model being unloaded (server shutting down or restarting) has "no available versions";
-        # a restarted server has forgotten the client's regions (the client makes new ones).
-        passing = (status in RETRYABLE_STATUSES or not status or "no available versions" in message
-                   or "Unable to find shared memory region" in message)
-        return SegmentationError(message, retryable=passing)
+        return SegmentationError(message, retryable=is_transient(status, message))
     return SegmentationError(f"{type(error).__name__}: {error}", retryable=True)
 
 
@@ -143,6 +149,12 @@ class Connection:
         if self.protocol == "grpc":
             return self.call("get_model_metadata", model, as_json=True)
         return self.call("get_model_metadata", model)
+
+    def loaded_models(self) -> list[str]:
+        """Names of the models the server has loaded (the statistics endpoint: open to all)."""
+        statistics = self.call("get_inference_statistics", as_json=True) if self.protocol == "grpc" \
+            else self.call("get_inference_statistics")
+        return sorted({model["name"] for model in statistics.get("model_stats", [])})
 
     def shared_memory_status(self, kind: str) -> list[dict]:
         """Registered regions of ``kind`` (``system`` or ``cuda``) as dicts with a ``name``."""

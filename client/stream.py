@@ -4,7 +4,7 @@
 ``process(worker, frame)`` function run by ``inflight`` worker threads (worker ``w`` always uses
 slot ``w``, so each slot's connection and shared-memory regions serve one request at a time).
 Failures become outcomes, never exceptions, so no frame is dropped silently; retries with
-backoff are applied to errors marked retryable.
+backoff are applied to errors marked retryable, for as long as the policy's patience.
 """
 
 from __future__ import annotations
@@ -23,24 +23,41 @@ REORDER_WINDOW_FACTOR = 2
 STOP_GRACE_S = 10.0
 
 
+# How long a frame may keep failing for passing reasons before it is given up: covers a whole
+# server restart with every model on a busy 2-core machine (docs/recovery.md), with room.
+DEFAULT_PATIENCE_S = 600.0
+
+
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """Up to ``retries`` more attempts for retryable errors, after ``backoff_s``, doubling, at
-    most ``max_backoff_s`` apart."""
+    """Attempts again after a retryable error for up to ``patience_s`` seconds from the first
+    failure (and at most ``retries`` more times when given): ``backoff_s`` first, doubling, at
+    most ``max_backoff_s`` apart. Time, not a count of attempts, is what rides out a restart:
+    the client waits for the server to be back, however long that takes on a busy machine."""
 
-    retries: int = 3
+    retries: int | None = None
     backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
+    max_backoff_s: float = 5.0
+    patience_s: float = DEFAULT_PATIENCE_S
 
     def __post_init__(self):
-        if self.retries < 0:
+        if self.retries is not None and self.retries < 0:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
         if self.backoff_s < 0:
             raise ValueError(f"backoff_s must be >= 0, got {self.backoff_s}")
+        if self.patience_s < 0:
+            raise ValueError(f"patience_s must be >= 0, got {self.patience_s}")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+
+    def gives_up(self, attempt: int, failing_for_s: float) -> bool:
+        """True when failed attempt ``attempt``, ``failing_for_s`` seconds after the first
+        failure, is the last: retries spent, or the next try would come past the patience."""
+        if self.retries is not None and attempt > self.retries:
+            return True
+        return failing_for_s + self.delay(attempt) > self.patience_s
 
 
 @dataclasses.dataclass
@@ -62,16 +79,19 @@ class Outcome:
 
 
 def call_with_retries(function: Callable[[], object], policy: RetryPolicy,
-                      sleep: Callable[[float], None] = time.sleep) -> tuple[object, int]:
-    """``(function(), attempts)``; raises the last error once retries are spent or the error
+                      sleep: Callable[[float], None] = time.sleep,
+                      clock: Callable[[], float] = time.monotonic) -> tuple[object, int]:
+    """``(function(), attempts)``; raises the last error once the policy gives up or the error
     is not retryable (ValueError and non-retryable SegmentationError fail at once)."""
     attempt = 0
+    first_failure = None
     while True:
         attempt += 1
         try:
             return function(), attempt
         except SegmentationError as error:
-            if not error.retryable or attempt > policy.retries:
+            first_failure = clock() if first_failure is None else first_failure
+            if not error.retryable or policy.gives_up(attempt, clock() - first_failure):
                 error.attempts = attempt
                 raise
             sleep(policy.delay(attempt))

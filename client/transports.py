@@ -12,16 +12,14 @@ import numpy as np
 
 from client.connection import Connection, SegmentationError
 from client.shared_memory import RegionSet
+from segproto import INPUT_BY_DTYPE_NAME, OUTPUT_CONTOUR, OUTPUT_MASK, OUTPUT_PROBABILITIES
 
 TRANSPORTS = ("grpc", "http", "shm", "cuda-shm")
 
 # Input name per pixel type: the server casts, so 8/16-bit frames travel at their own size.
-INPUT_BY_DTYPE = {
-    np.dtype(np.float32): ("IMAGE", "FP32"),
-    np.dtype(np.uint8): ("IMAGE_UINT8", "UINT8"),
-    np.dtype(np.uint16): ("IMAGE_UINT16", "UINT16"),
-    np.dtype(np.int16): ("IMAGE_INT16", "INT16"),
-}
+INPUT_BY_DTYPE = {np.dtype(name): names for name, names in INPUT_BY_DTYPE_NAME.items()}
+# Pixel types converted to float32 on the client (the network computes in float32 anyway).
+LOSSLESS_TO_FLOAT32 = (np.dtype(np.float16), np.dtype(np.float64), np.dtype(np.int8), np.dtype(bool))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +39,11 @@ def output_specs(spatial_shape: tuple[int, ...], probabilities: bool, contour: b
                  num_classes: int | None = None) -> list[OutputSpec]:
     """Outputs of a frame with ``spatial_shape`` ``(H, W)``: MASK always, PROBABILITIES
     ``[K, H, W]`` float32 (needs ``num_classes``) and CONTOUR on request."""
-    specs = [OutputSpec("MASK", np.dtype(np.uint8), tuple(spatial_shape))]
+    specs = [OutputSpec(OUTPUT_MASK, np.dtype(np.uint8), tuple(spatial_shape))]
     if probabilities:
-        specs.append(OutputSpec("PROBABILITIES", np.dtype(np.float32), (num_classes or 0, *spatial_shape)))
+        specs.append(OutputSpec(OUTPUT_PROBABILITIES, np.dtype(np.float32), (num_classes or 0, *spatial_shape)))
     if contour:
-        specs.append(OutputSpec("CONTOUR", np.dtype(np.uint8), tuple(spatial_shape)))
+        specs.append(OutputSpec(OUTPUT_CONTOUR, np.dtype(np.uint8), tuple(spatial_shape)))
     return specs
 
 
@@ -70,6 +68,35 @@ def to_host(frame) -> np.ndarray:
     if hasattr(frame, "get"):  # CuPy
         return frame.get()
     return frame.detach().cpu().numpy()
+
+
+def as_channel_first(frame, spatial_dims: int = 2):
+    """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` unchanged (one more axis each for a 3D
+    network: ``[D, H, W]`` or ``[C, D, H, W]``); float64/float16/int8/bool numpy frames ->
+    float32 (the network computes in float32 anyway). GPU tensors keep their device.
+
+    Raises:
+        ValueError: unsupported rank or pixel type.
+    """
+    if not on_gpu(frame) and not isinstance(frame, np.ndarray):
+        frame = np.asarray(frame)
+    if isinstance(frame, np.ndarray) and frame.dtype in LOSSLESS_TO_FLOAT32:
+        frame = frame.astype(np.float32)
+    if frame.ndim == spatial_dims:
+        frame = frame[None]
+    if frame.ndim != spatial_dims + 1:
+        axes = ", ".join("DHW"[-spatial_dims:])
+        raise ValueError(f"{'volume' if spatial_dims == 3 else 'frame'} must be [{axes}] or [C, {axes}], "
+                         f"got shape {list(frame.shape)}")
+    dtype = frame_dtype(frame)
+    if dtype not in INPUT_BY_DTYPE:
+        supported = ", ".join(str(d) for d in INPUT_BY_DTYPE)
+        raise ValueError(f"pixel type {dtype} is not supported; use one of {supported}")
+    if isinstance(frame, np.ndarray):
+        return np.ascontiguousarray(frame)
+    if hasattr(frame, "contiguous"):  # torch
+        return frame.contiguous()
+    return frame if frame.flags.c_contiguous else frame.copy(order="C")  # CuPy
 
 
 class InlineTransport:

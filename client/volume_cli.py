@@ -76,7 +76,7 @@ def segment_one(client: SegmentationClient, argument: str, args: argparse.Namesp
             progress.update(1)
 
         result = client.segment_volume(volume.image, chunks=chunk_settings(args), inflight=args.inflight,
-                                       retries=args.retries, progress=advance, **segment_options(args))
+                                       retries=args.retries, patience_s=args.patience, progress=advance, **segment_options(args))
     outputs = {"mask": result.mask, "probabilities": result.probabilities, "contour": result.contour}
     written = write_volume_outputs(volume, {k: v for k, v in outputs.items() if v is not None}, args.out)
     shape = "x".join(str(n) for n in volume.image.shape[1:])

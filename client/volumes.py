@@ -2,9 +2,9 @@
 
 What a chunk cannot know is settled on the whole volume: the intensity range (the server's
 default, the 1st..99th percentile, is computed here over the whole volume and sent with every
-chunk), the largest connected component (``keep_largest`` is applied after stitching, with the
-server's own function) and the contour (its 3x3x3 stencil would read a chunk's margin at the
-seams, so it is taken of the stitched mask, again with the server's function).
+chunk), the largest connected component (``keep_largest`` is applied after stitching, as the server
+does it) and the contour (its 3x3x3 stencil would read a chunk's margin at the
+seams, so it is taken of the stitched mask, again as the server does: ``client.postprocess``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import numpy as np
 
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, DEFAULT_OVERLAP, Chunk, plan_chunks
 from client.connection import SegmentationError
+from client.postprocess import keep_largest_components, label_contour
+from client.results import SegmentationResult
+from client.stream import DEFAULT_PATIENCE_S
+from client.transports import as_channel_first
 
 ProgressCallback = Callable[[int, int], None]  # (chunks done, chunks in all)
 
@@ -65,26 +69,20 @@ def store_chunk(outputs: dict[str, np.ndarray], chunk: Chunk, result) -> None:
 
 
 def finish_whole_volume(outputs: dict[str, np.ndarray], num_classes: int, after: dict) -> None:
-    """keep_largest, then the contour, on the stitched mask, as the server does."""
-    if not (after["keep_largest"] or after["contour"]):
-        return
-    import torch  # the server's own postprocessing, so chunked equals whole
-
-    from segserve.postprocess import keep_largest_components, label_contour
-
-    mask = torch.from_numpy(outputs["mask"])
+    """keep_largest, then the contour, on the stitched mask, as the server does (same
+    algorithms without torch: ``client.postprocess``)."""
     if after["keep_largest"]:
-        mask = keep_largest_components(mask, num_classes)
-        outputs["mask"] = mask.numpy()
+        outputs["mask"] = keep_largest_components(outputs["mask"], num_classes)
     if after["contour"]:
-        outputs["contour"] = label_contour(mask).numpy()
+        outputs["contour"] = label_contour(outputs["mask"])
 
 
 def describe_chunk(chunk: Chunk) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in chunk.sent) + "]"
 
 
-def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), inflight: int = 2, retries: int = 3,
+def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), inflight: int = 2,
+                   retries: int | None = None, patience_s: float = DEFAULT_PATIENCE_S,
                    progress: ProgressCallback | None = None, **options):
     """Segment ``volume`` (``[D, H, W]`` or ``[C, D, H, W]``, numpy) in chunks when it is larger
     than ``chunks`` allows, else in one request. Returns a ``SegmentationResult`` whose
@@ -94,8 +92,6 @@ def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), i
         ChunkingError: chunk settings that cannot give exact seams.
         SegmentationError: a chunk failed after its retries (named by its voxel range).
     """
-    from client.api import SegmentationResult, as_channel_first
-
     info = client.network_info()
     image = as_channel_first(np.asarray(volume), info.spatial_dims)
     spatial_shape = tuple(image.shape[1:])
@@ -109,7 +105,7 @@ def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), i
     sent, after = chunked_request_options(image, options)
     outputs = allocate_outputs(spatial_shape, info.num_classes, options)
     items = ((c.index, lambda c=c: np.ascontiguousarray(image[(slice(None), *c.sent)])) for c in plan)
-    stream = client.segment_stream(items, inflight=inflight, retries=retries, **sent)
+    stream = client.segment_stream(items, inflight=inflight, retries=retries, patience_s=patience_s, **sent)
     try:
         for outcome in stream:
             chunk = plan[outcome.index]

@@ -11,7 +11,7 @@ import threading
 import time
 import traceback
 
-from client.auth import TOKEN_ENV, TOKEN_HEADER, header_name, new_token, write_token_file
+from segproto import TOKEN_ENV, TOKEN_HEADER, header_name, new_token, write_token_file
 from segserve.launcher import DEFAULT_REPOSITORY, ServerConfig, ServerError, TritonServer
 
 
@@ -69,13 +69,31 @@ def serve(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             server.stop()
             return 1
-        print(f"segserve: {problem}; restarting the server (clients retry or --resume)", file=sys.stderr, flush=True)
-        server.restart(args.startup_timeout)
-        print(f"segserve ready again: gRPC {server.grpc_url}  HTTP {server.http_url}", flush=True)
+        recover(server, problem, args.startup_timeout)
     print(f"stopping: letting requests in flight finish (at most {args.drain_timeout:.0f} s)...", flush=True)
     code = server.stop(drain_s=args.drain_timeout)
     print(f"stopped (tritonserver exit code {code})", flush=True)
     return 0
+
+
+def recover(server: TritonServer, problem: str, timeout_s: float) -> None:
+    """Reload only the models whose stubs died; restart the whole server when that fails or
+    the server itself is gone. Clients wait for readiness meanwhile (their patience)."""
+    broken = server.broken_models() if server.process is not None and server.process.poll() is None else []
+    if broken:
+        print(f"segserve: {problem}; reloading {', '.join(broken)} (clients wait and retry)", file=sys.stderr, flush=True)
+        start = time.monotonic()
+        try:
+            server.reload_models(broken, timeout_s)
+        except ServerError as error:
+            print(f"segserve: {error}; restarting the server", file=sys.stderr, flush=True)
+        else:
+            print(f"segserve ready again: reloaded {', '.join(broken)} in {time.monotonic() - start:.1f} s", flush=True)
+            return
+    else:
+        print(f"segserve: {problem}; restarting the server (clients wait and retry)", file=sys.stderr, flush=True)
+    server.restart(timeout_s)
+    print(f"segserve ready again: gRPC {server.grpc_url}  HTTP {server.http_url}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 
-from client.auth import RESTRICTED_ENDPOINTS, TOKEN_HEADER, new_token, token_headers
+from segproto import RESTRICTED_ENDPOINTS, TOKEN_HEADER, new_token, token_headers
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
@@ -192,7 +192,9 @@ class TritonServer:
             f"--http-address={c.host}", f"--http-port={c.http_port}",
             f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
             f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
-            "--model-control-mode=none",
+            # explicit (every model loaded at start): a model whose stub died is reloaded alone
+            # (``reload_models``); the repository API stays restricted to token holders.
+            "--model-control-mode=explicit", "--load-model=*",
             "--strict-readiness=true",
             "--exit-timeout-secs=30",
             f"--log-verbose={c.log_verbose}",
@@ -279,11 +281,35 @@ class TritonServer:
         """
         if self.process is None or self.process.poll() is not None:
             return f"tritonserver exited with code {None if self.process is None else self.process.returncode}"
-        missing = set(self._stubs_at_start) - set(self.stub_processes())
-        if missing:
-            models = sorted({pathlib.Path(self._stubs_at_start[pid]).parent.parent.name for pid in missing})
-            return f"Python-backend stub(s) of {', '.join(models)} died (pid {', '.join(map(str, sorted(missing)))})"
+        broken = self.broken_models()
+        if broken:
+            return f"Python-backend stub(s) of {', '.join(broken)} died"
         return None
+
+    def broken_models(self) -> list[str]:
+        """Models with a Python-backend stub that died since the last (re)load."""
+        missing = set(self._stubs_at_start) - set(self.stub_processes())
+        return sorted({pathlib.Path(self._stubs_at_start[pid]).parent.parent.name for pid in missing})
+
+    def reload_models(self, models: list[str], timeout_s: float = 120.0) -> None:
+        """Load ``models`` again through the repository API (new stubs; Triton swaps them in
+        once loaded), then wait for readiness. Much faster than a restart: the other models,
+        and the requests they serve, are left alone.
+
+        Raises:
+            ServerError: a reload failed or the server is not ready in time.
+        """
+        headers = {"Content-Type": "application/json", **token_headers(self.config.token, "http")}
+        for model in models:
+            request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/load", data=b"{}",
+                                             headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=timeout_s):
+                    pass
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+                raise ServerError(f"reloading {model} failed: {error}") from None
+        self.wait_ready(timeout_s, stop_on_timeout=False)
+        self._stubs_at_start = self.stub_processes()
 
     def restart(self, timeout_s: float = 120.0) -> "TritonServer":
         """Stop (killing what does not stop) and start again on the same ports and token."""
@@ -298,7 +324,7 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, stop_on_timeout: bool = True) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -307,7 +333,8 @@ class TritonServer:
             if self.is_ready():
                 return
             time.sleep(0.25)
-        self.stop()
+        if stop_on_timeout:
+            self.stop()
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
 
     def _log_hint(self) -> str:

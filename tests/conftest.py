@@ -28,6 +28,8 @@ CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "unet2d_particles"
 DEFAULT_NETWORK = "unet2d_particles"
 DEFAULT_NETWORK_3D = "unet3d_organs"
 SECOND_NETWORK = "basicunet_test"
+FAULTY_MODEL = "faulty_2d"
+SERVER_START_TIMEOUT_S = 600
 # A small valid frame [1, 70, 90] float32: the "good request" after each bad one.
 GOOD_FRAME = np.random.default_rng(0).random((1, 70, 90), dtype=np.float32)
 # The 2D pipeline alone: for extra servers that need to start (and restart) quickly.
@@ -96,6 +98,8 @@ def model_repository(tmp_path_factory, second_network_checkpoint) -> pathlib.Pat
     # A lower pixel limit than the shipped one, so the over-limit case stays small.
     preprocess_config = repository / "preprocess_2d" / "config.pbtxt"
     preprocess_config.write_text(preprocess_config.read_text().replace('"100000000"', f'"{4096 * 4096}"'))
+    # A model that fails on demand through the server's error marking (tests/test_retry.py).
+    shutil.copytree(REPO_ROOT / "tests" / "models" / FAULTY_MODEL, repository / FAULTY_MODEL)
     settings = ExportSettings(checkpoint=second_network_checkpoint, name=SECOND_NETWORK, max_batch_size=8, **SECOND_NETWORK_SETTINGS)
     export_network(settings, repository, log=lambda *_: None)
     return repository
@@ -105,17 +109,19 @@ def model_repository(tmp_path_factory, second_network_checkpoint) -> pathlib.Pat
 def server(model_repository, tmp_path_factory) -> TritonServer:
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     config = ServerConfig(model_repository=model_repository, http_port=0, grpc_port=0, metrics_port=0)
-    with TritonServer(config, log_path=log) as running:
-        # Clients made by the tests, and CLIs they start, find the restricted endpoints' token here.
-        previous = os.environ.get(TOKEN_ENV)
-        os.environ[TOKEN_ENV] = running.config.token
-        try:
-            yield running
-        finally:
-            if previous is None:
-                os.environ.pop(TOKEN_ENV, None)
-            else:
-                os.environ[TOKEN_ENV] = previous
+    # Every model's stubs start at once: minutes when other work shares the two cores.
+    running = TritonServer(config, log_path=log).start(SERVER_START_TIMEOUT_S)
+    # Clients made by the tests, and CLIs they start, find the restricted endpoints' token here.
+    previous = os.environ.get(TOKEN_ENV)
+    os.environ[TOKEN_ENV] = running.config.token
+    try:
+        yield running
+    finally:
+        running.stop()
+        if previous is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = previous
 
 
 @pytest.fixture

@@ -6,11 +6,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tifffile
 from PIL import Image
 
 from client.__main__ import main as client_main
-from client.api import SegmentationClient
+from client.api import NetworkInfo, SegmentationClient, SegmentationError
+from segserve.launcher import REPO_ROOT
+from tests.conftest import DEFAULT_NETWORK, DEFAULT_NETWORK_3D, SECOND_NETWORK
+from tests.helpers import environment_without_token, without_token
 from training.synthetic import synthetic_slice, to_detector_counts
 
 
@@ -61,3 +65,38 @@ def test_cli_help_documents_every_option():
     for option in ("--url", "--network", "--overlap", "--blend", "--sw-batch-size", "--intensity-min", "--intensity-max",
                    "--keep-largest", "--probabilities", "--contour", "--format", "--no-overlay", "--timeout", "--debug"):
         assert option in help_text
+
+
+def test_api_without_token_reads_what_it_needs_and_segments(server, monkeypatch, rng):
+    """Inference needs no token: network, tile, classes and spatial dims come from open
+    endpoints (metadata, statistics). With two 2D networks loaded (this session's server) the
+    default cannot be told apart without the token: a clear error naming them."""
+    without_token(monkeypatch)
+    frame = rng.random((70, 90), dtype=np.float32)
+    with SegmentationClient(server.grpc_url, network=DEFAULT_NETWORK) as client:
+        assert client.network_info() == NetworkInfo(DEFAULT_NETWORK, 1, 3, (128, 128))
+        result = client.segment(frame, probabilities=True)
+    with SegmentationClient(server.grpc_url, token=server.config.token) as client:
+        assert np.array_equal(client.segment(frame).mask, result.mask)
+    with SegmentationClient(server.http_url, transport="http", model="segment_3d") as client:  # one 3D network
+        assert client.network_info().name == DEFAULT_NETWORK_3D and client.spatial_dims() == 3
+    with SegmentationClient(server.grpc_url) as client:
+        with pytest.raises(SegmentationError, match=f"2 2D networks loaded: {SECOND_NETWORK}, {DEFAULT_NETWORK}.*--network"):
+            client.network_info()
+
+
+def test_cli_without_token_segments_a_frame_and_a_volume(server, tmp_path, rng):
+    image, _ = synthetic_slice((150, 170), rng)
+    np.save(tmp_path / "frame.npy", image)
+    np.save(tmp_path / "ct.npy", rng.integers(-1000, 400, (40, 50, 60), dtype=np.int16))
+    env = environment_without_token(tmp_path)
+    frame = subprocess.run([sys.executable, "-m", "client", "segment", str(tmp_path / "frame.npy"), "--out", str(tmp_path / "out"),
+                            "--url", server.grpc_url, "--network", DEFAULT_NETWORK, "--contour", "--no-progress"],
+                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert frame.returncode == 0, frame.stderr
+    volume = subprocess.run([sys.executable, "-m", "client", "segment-volume", str(tmp_path / "ct.npy"), "--out",
+                             str(tmp_path / "out"), "--url", server.grpc_url, "--no-progress"],
+                            capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert volume.returncode == 0, volume.stderr
+    with SegmentationClient(server.grpc_url, network=DEFAULT_NETWORK) as client:
+        assert np.array_equal(tifffile.imread(tmp_path / "out" / "frame_mask.tif"), client.segment(image).mask)

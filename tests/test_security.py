@@ -12,6 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from client import SegmentationClient, SegmentationError
 from client.auth import RESTRICTED_ENDPOINTS, TOKEN_ENV, TOKEN_FILE_ENV
+from tests.conftest import FAULTY_MODEL
 
 # One call per restricted endpoint: (endpoint, method, arguments).
 RESTRICTED_CALLS = [
@@ -36,13 +37,16 @@ def test_restricted_endpoint_refuses_a_client_without_the_token(endpoint, method
             getattr(endpoint.client, method)(*arguments, headers=headers)
 
 
-def test_token_holder_is_served_and_model_control_stays_off(endpoint):
+def test_token_holder_is_served_and_only_they_may_reload_a_model(endpoint):
+    """Model control is explicit (the launcher reloads a model whose stub died), restricted to
+    token holders like the rest of the repository API."""
     client, token = endpoint.client, endpoint.token
     assert client.get_model_config("segment_2d", headers=token)
     assert client.get_log_settings(headers=token)
-    with pytest.raises(InferenceServerException, match="(?i)explicit model load / unload is not allowed"):
-        client.unload_model("segment_2d", headers=token)
-    assert client.is_model_ready("segment_2d")
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.load_model(FAULTY_MODEL)
+    client.load_model(FAULTY_MODEL, headers=token)
+    assert client.is_model_ready(FAULTY_MODEL) and client.is_model_ready("segment_2d")
 
 
 def test_inference_health_and_metadata_need_no_token(endpoint):

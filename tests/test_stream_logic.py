@@ -77,11 +77,59 @@ def test_retries_are_bounded():
     assert caught.value.attempts == 3
 
 
+class FakeClock:
+    """Time that moves only when the code under test sleeps."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_default_patience_is_time_based_and_outlasts_a_long_restart():
+    """A server away for 200 s (a full restart on a busy machine): the frame waits it out with
+    the default policy, retrying at most 5 s apart; a server away longer than the patience
+    fails the frame once the patience is spent."""
+    clock = FakeClock()
+
+    def back_after(seconds):
+        def call():
+            if clock() < seconds:
+                raise SegmentationError("failed to connect to all addresses", retryable=True)
+            return "done"
+        return call
+
+    result, attempts = call_with_retries(back_after(200.0), RetryPolicy(), sleep=clock.sleep, clock=clock)
+    assert result == "done" and 200.0 <= clock() <= 205.0 and max(clock.sleeps) == 5.0 and attempts > 40
+    clock = FakeClock()
+    with pytest.raises(SegmentationError) as caught:
+        call_with_retries(back_after(10_000.0), RetryPolicy(patience_s=60.0), sleep=clock.sleep, clock=clock)
+    assert 55.0 <= clock() <= 60.0 and caught.value.attempts == len(clock.sleeps) + 1
+
+
+def test_final_errors_are_not_retried_whatever_the_patience():
+    clock = FakeClock()
+
+    def bug():
+        raise SegmentationError("division by zero", retryable=False)
+
+    with pytest.raises(SegmentationError) as caught:
+        call_with_retries(bug, RetryPolicy(), sleep=clock.sleep, clock=clock)
+    assert caught.value.attempts == 1 and clock.sleeps == []
+
+
 def test_bad_stream_settings_are_refused():
     with pytest.raises(ValueError, match="inflight"):
         list(ordered_stream([], lambda w, f: f, inflight=0))
     with pytest.raises(ValueError, match="retries"):
         RetryPolicy(retries=-1)
+    with pytest.raises(ValueError, match="patience_s"):
+        RetryPolicy(patience_s=-1)
 
 
 def test_run_record_resumes_after_the_done_prefix_and_retries_failures(tmp_path):

@@ -8,12 +8,15 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
+from segproto import is_transient_message, transient_message
 from segserve.network_spec import NetworkConfigError
 from segserve.options import OptionError
 from segserve.preprocess import InputError
 
 # Errors caused by the request: reported to the client as INVALID_ARG.
 REQUEST_ERRORS = (InputError, OptionError, NetworkConfigError)
+# Failures that pass: memory short for a moment (other requests hold it).
+TRANSIENT_ERRORS = (MemoryError, torch.cuda.OutOfMemoryError)
 
 
 def to_torch(tensor: "pb_utils.Tensor") -> torch.Tensor:
@@ -32,10 +35,22 @@ def input_tensor(request, name: str) -> torch.Tensor | None:
     return None if tensor is None else to_torch(tensor)
 
 
+def is_transient(error: Exception) -> bool:
+    """Whether ``error`` may pass: memory short, or a BLS call that met a model being reloaded
+    or a dead stub (Triton's wording, matched in ``segproto`` only)."""
+    return isinstance(error, TRANSIENT_ERRORS) or is_transient_message(str(error))
+
+
 def error_response(error: Exception) -> "pb_utils.InferenceResponse":
-    """Response carrying ``error``: INVALID_ARG for bad requests, INTERNAL otherwise."""
-    code = pb_utils.TritonError.INVALID_ARG if isinstance(error, REQUEST_ERRORS) else pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
+    """Response carrying ``error``: INVALID_ARG for bad requests; UNAVAILABLE and the message
+    marked ``segproto.TRANSIENT_MARKER`` for failures that pass (the client retries those
+    only); INTERNAL for the rest (a bug: the client does not retry it)."""
+    if isinstance(error, REQUEST_ERRORS):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+    if is_transient(error):
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(transient_message(str(error)), pb_utils.TritonError.UNAVAILABLE))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INTERNAL))
 
 
 def model_parameters(model_config: dict) -> dict[str, str]:

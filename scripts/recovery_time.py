@@ -1,0 +1,86 @@
+"""Kill-to-serving time: `python -m segserve serve` on a model repository, one Python-backend
+stub SIGKILLed, seconds until a frame is segmented again (the launcher reloads the broken model).
+
+    python -m scripts.recovery_time [--model-repository DIR] [--victim sliding_window_2d]
+                                    [--cpu-hogs 2] [--repeats 3]
+
+``--cpu-hogs N`` runs N busy loops beside it (a busy machine), stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from client import SegmentationClient, SegmentationError
+from segserve.launcher import DEFAULT_REPOSITORY, REPO_ROOT, free_port, python_backend_stubs
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"recovery_time: {what} not reached in {timeout_s:.0f} s")
+
+
+def serving(url: str, frame: np.ndarray) -> bool:
+    try:
+        with SegmentationClient(url) as client:
+            client.segment(frame)
+        return True
+    except SegmentationError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=pathlib.Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--victim", default="sliding_window_2d", help="model whose stub is killed (default: %(default)s)")
+    parser.add_argument("--cpu-hogs", type=int, default=0, help="busy loops running beside the server (default: 0)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="recovery-"))
+    grpc_port = free_port()
+    command = [sys.executable, "-m", "segserve", "serve", "--model-repository", str(args.model_repository),
+               "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+               "--token", "recovery-time", "--token-file", str(scratch / "token"), "--log-file", str(scratch / "triton.log")]
+    output = open(scratch / "serve.out", "w")
+    hogs: list[subprocess.Popen] = []
+    server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    url, frame = f"127.0.0.1:{grpc_port}", np.random.default_rng(0).random((256, 256), dtype=np.float32)
+    try:
+        start = time.monotonic()
+        wait_for(lambda: "segserve ready" in (scratch / "serve.out").read_text(), 900, "ready")
+        print(f"start to ready: {time.monotonic() - start:.1f} s", flush=True)
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.cpu_hogs)]
+        print(f"cpu hogs: {[h.pid for h in hogs]}", flush=True)
+        for repeat in range(args.repeats):
+            wait_for(lambda: serving(url, frame), 600, "serving")
+            victim = next(pid for pid, model in python_backend_stubs(server.pid).items() if f"/{args.victim}/" in model)
+            killed = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            time.sleep(0.5)  # the supervisor looks every 0.5 s; a request before that meets the dead stub
+            wait_for(lambda: serving(url, frame), 900, "serving again")
+            print(f"kill to serving #{repeat + 1}: {time.monotonic() - killed:.1f} s", flush=True)
+        print((scratch / "serve.out").read_text(), flush=True)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        server.send_signal(signal.SIGTERM)
+        server.wait(120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

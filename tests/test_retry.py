@@ -1,0 +1,103 @@
+"""Retry what can pass, only that. The server marks its own passing failures at the source
+(``segserve.backend.tensors.error_response``); Triton's own wording of passing failures is
+matched in one place (``segproto.TRITON_TRANSIENT_PHRASES``), each phrase checked here on the
+Triton version that runs. A deterministic failure is never retried and never cools a server
+down, even with several servers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from client import SegmentationClient, SegmentationError
+from client.connection import is_transient
+from segproto import TRANSIENT_MARKER, TRITON_RESTRICTED_PHRASE, TRITON_TRANSIENT_PHRASES, is_transient_message
+from tests.conftest import FAULTY_MODEL, GOOD_FRAME
+
+BUG_FRAME = np.full((1, 16, 16), -1.0, dtype=np.float32)
+MEMORY_SHORT_FRAME = np.full((1, 16, 16), -2.0, dtype=np.float32)
+
+
+@pytest.mark.parametrize("status, message, transient", [
+    ("", "failed to connect to all addresses; Connection refused", True),  # never reached the server
+    ("StatusCode.UNAVAILABLE", "Socket closed", True),
+    ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", True),
+    ("503", "service unavailable", True),
+    ("StatusCode.INTERNAL", f"{TRANSIENT_MARKER} faulty_2d could not allocate", True),
+    ("StatusCode.INTERNAL", "division by zero in faulty_2d", False),  # a bug: fails every time
+    ("StatusCode.UNKNOWN", "boom", False),
+    ("500", "division by zero", False),
+    ("StatusCode.INVALID_ARG", "overlap must be in [0, 1)", False),
+    ("StatusCode.UNAVAILABLE", f"This protocol {TRITON_RESTRICTED_PHRASE}, expecting header", False),
+])
+def test_transient_or_final(status, message, transient):
+    assert is_transient(status, message) is transient
+
+
+def test_every_triton_phrase_is_pinned_to_a_version():
+    assert all(TRITON_TRANSIENT_PHRASES.values())
+    assert not any(is_transient_message(m) for m in ("overlap must be in [0, 1)", "IMAGE is empty"))
+
+
+@pytest.fixture
+def two_names_one_server(server):
+    """The session's server under two addresses: a pool of two 'servers' whose counts show
+    whether a failure cooled one down."""
+    with SegmentationClient([server.grpc_url, server.grpc_url.replace("127.0.0.1", "localhost")],
+                            model=FAULTY_MODEL) as client:
+        yield client
+
+
+def test_a_server_bug_is_not_retried_and_cools_nobody_down(two_names_one_server):
+    client = two_names_one_server
+    with pytest.raises(SegmentationError, match="division by zero") as failed:
+        client.segment(BUG_FRAME)
+    assert not failed.value.retryable and TRANSIENT_MARKER not in str(failed.value)
+    [outcome] = client.segment_stream([BUG_FRAME], inflight=1, retries=3, backoff_s=0.01)
+    assert not outcome.ok and outcome.attempts == 1
+    assert all(s.failed == 0 and s.down_until == 0 for s in client.servers.servers)
+    assert client.segment(GOOD_FRAME).mask.shape == GOOD_FRAME.shape[1:]
+
+
+def test_a_failure_the_server_marks_transient_is_retried_on_every_server(two_names_one_server):
+    client = two_names_one_server
+    with pytest.raises(SegmentationError, match="could not allocate") as failed:
+        client.segment(MEMORY_SHORT_FRAME)
+    assert failed.value.retryable and str(failed.value).startswith(TRANSIENT_MARKER)
+    assert sum(s.failed for s in client.servers.servers) == 2  # tried on the other at once
+    [outcome] = client.segment_stream([MEMORY_SHORT_FRAME], inflight=1, retries=2, backoff_s=0.01)
+    assert not outcome.ok and outcome.attempts == 3
+
+
+def test_request_errors_are_final(server):
+    with SegmentationClient(server.grpc_url, network="no_such_network") as client:
+        [outcome] = client.segment_stream([GOOD_FRAME], inflight=1, retries=3, backoff_s=0.01)
+    assert not outcome.ok and outcome.attempts == 1 and "no_such_network" in outcome.error
+    assert client.servers.servers[0].failed == 0
+
+
+def triton_version(server) -> str:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        return client.get_server_metadata(as_json=True)["version"]
+
+
+def test_triton_wording_matched_is_this_versions(server):
+    """The phrases are Triton's, checked on the version that runs; the image's 2.59 is checked
+    only where it runs (the phrases name the version they were seen on)."""
+    version = ".".join(triton_version(server).split(".")[:2])
+    unchecked = [phrase for phrase, seen_on in TRITON_TRANSIENT_PHRASES.items() if version not in seen_on.split(",")]
+    assert not unchecked, f"Triton {version}: check these phrases and record the version: {unchecked}"
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        with pytest.raises(InferenceServerException) as restricted:
+            client.get_model_config("segment_2d")
+        assert TRITON_RESTRICTED_PHRASE in restricted.value.message()
+        image = grpcclient.InferInput("IMAGE", list(GOOD_FRAME.shape), "FP32")
+        image.set_shared_memory("segclient_never_registered", GOOD_FRAME.nbytes)
+        with pytest.raises(InferenceServerException) as forgotten:
+            client.infer("segment_2d", [image])
+        assert "Unable to find shared memory region" in forgotten.value.message()
+        with pytest.raises(InferenceServerException) as absent:
+            client.infer("no_such_model", [image])
+        assert not is_transient(str(absent.value.status()), absent.value.message())
