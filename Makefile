@@ -12,14 +12,15 @@ NETWORK_3D_ONNX := model_repository/unet3d_organs/1/model.onnx
 
 PERF_ANALYZER := .tools/bin/perf_analyzer
 
-.PHONY: setup serve demo test lint bench bench-3d bench-transport loadtest soak train train-3d docker-build docker-run clean help
+.PHONY: setup serve demo test test-fast lint bench bench-3d bench-transport loadtest soak train train-3d docker-build docker-run clean help
 
 help:
 	@echo "make setup  - virtual env with every dependency, default network exported (idempotent)"
 	@echo "make serve  - run the server on 127.0.0.1 (gRPC 8001, HTTP 8000, metrics 8002) until Ctrl-C"
 	@echo "make demo   - start the server, segment the sample frames into out/demo/, stop"
 	@echo "make test   - unit and integration tests against a real tritonserver"
-	@echo "make lint   - Dockerfile (hadolint), entrypoint and Kubernetes manifests (schemas)"
+	@echo "make test-fast - the tests that need no server (under a minute): the edit loop"
+	@echo "make lint   - Python (ruff), Dockerfile (hadolint), entrypoint and Kubernetes manifests (schemas)"
 	@echo "make docker-build / docker-run - server image on tritonserver:25.07; compose with a client demo (needs Docker + NVIDIA toolkit)"
 	@echo "make bench  - server vs in-process MONAI on a 2048x2048 frame; 8192x8192 peak memory"
 	@echo "make bench-3d - segment_3d vs in-process MONAI on a 256^3 volume; 512x512x256 peak memory"
@@ -61,12 +62,17 @@ serve: setup
 demo: setup
 	$(PY) -m scripts.demo
 
+# Tiers (README "Tests"): test = everything (CI); test-fast = no server, under a minute.
 test: setup
 	$(PY) -m pytest tests
+
+test-fast: $(SETUP_STAMP)
+	$(PY) -m pytest tests -m "not server and not slow" -q
 
 # Deployment files without Docker or a cluster: Dockerfile lint, entrypoint syntax, Kubernetes schemas.
 K8S_MANIFESTS := $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
 lint: $(SETUP_STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint docker/Dockerfile
 	bash -n docker/entrypoint.sh
 	$(VENV)/bin/kubernetes-validate --strict --quiet -k 1.33 $(K8S_MANIFESTS)

@@ -28,7 +28,6 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 
-import numpy as np
 
 from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError

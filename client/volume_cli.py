@@ -19,7 +19,6 @@ is then taken over the whole volume, and --keep-largest runs on the stitched mas
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 

@@ -24,11 +24,13 @@ from client import SegmentationClient, SegmentationError
 from segserve.launcher import DEFAULT_REPOSITORY, REPO_ROOT, free_port, python_backend_stubs
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
+def wait_for(condition, timeout_s: float, what: str, server: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
             return
+        if server.poll() is not None:
+            raise SystemExit(f"recovery_time: the server exited ({server.returncode}) before {what}")
         time.sleep(0.1)
     raise SystemExit(f"recovery_time: {what} not reached in {timeout_s:.0f} s")
 
@@ -60,17 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     url, frame = f"127.0.0.1:{grpc_port}", np.random.default_rng(0).random((256, 256), dtype=np.float32)
     try:
         start = time.monotonic()
-        wait_for(lambda: "segserve ready" in (scratch / "serve.out").read_text(), 900, "ready")
+        wait_for(lambda: "segserve ready" in (scratch / "serve.out").read_text(), 900, "ready", server)
         print(f"start to ready: {time.monotonic() - start:.1f} s", flush=True)
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.cpu_hogs)]
         print(f"cpu hogs: {[h.pid for h in hogs]}", flush=True)
         for repeat in range(args.repeats):
-            wait_for(lambda: serving(url, frame), 600, "serving")
+            wait_for(lambda: serving(url, frame), 600, "serving", server)
             victim = next(pid for pid, model in python_backend_stubs(server.pid).items() if f"/{args.victim}/" in model)
             killed = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             time.sleep(0.5)  # the supervisor looks every 0.5 s; a request before that meets the dead stub
-            wait_for(lambda: serving(url, frame), 900, "serving again")
+            wait_for(lambda: serving(url, frame), 900, "serving again", server)
             print(f"kill to serving #{repeat + 1}: {time.monotonic() - killed:.1f} s", flush=True)
         print((scratch / "serve.out").read_text(), flush=True)
     finally:

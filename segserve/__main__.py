@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="where to write the token for local clients, owner-readable only (default: ~/.config/segserve/token)")
     serve.add_argument("--drain-timeout", type=float, default=60.0,
                        help="on Ctrl-C / SIGTERM, seconds to let requests in flight finish before stopping (default: %(default)s)")
-    serve.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness (default: %(default)s)")
+    serve.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness (default: %(default)s)")
     serve.add_argument("--debug", action="store_true", help="print tracebacks")
     return parser.parse_args(argv)
 

@@ -32,6 +32,10 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 PYTHON_BACKEND_SHM_PREFIX = "triton_python_backend_shm_region"
 PR_SET_PDEATHSIG = 1
+# Readiness deadline of a start: every model's stubs start together, which takes minutes when
+# other work shares a 2-core machine (measured: docs/recovery.md).
+START_TIMEOUT_S = 600.0
+STUB_TIMEOUT_S = 120
 # Preloaded into tritonserver and the stubs. Each frame moves tens of MB between the pipeline's
 # steps; glibc returns such buffers to the OS and faults them in again on every request, tcmalloc
 # keeps them (measured: docs/benchmarks.md). "auto" takes tcmalloc when installed.
@@ -200,6 +204,9 @@ class TritonServer:
             f"--log-verbose={c.log_verbose}",
             f"--backend-config=python,shm-default-byte-size={c.python_shm_bytes}",
             f"--backend-config=python,shm-growth-byte-size={c.python_shm_bytes}",
+            # A stub's handshake has 30 s by default; with every stub starting at once on a busy
+            # 2-core machine that ran out (a crashed start, measured), so allow more.
+            f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
             *self.restriction_args(),
             *self.gpu_args(),
             *c.extra_args,
@@ -244,7 +251,7 @@ class TritonServer:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return env
 
-    def start(self, timeout_s: float = 120.0) -> "TritonServer":
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> "TritonServer":
         for field in ("http_port", "grpc_port", "metrics_port"):
             if getattr(self.config, field) == 0:
                 setattr(self.config, field, free_port(self.config.host))
@@ -291,7 +298,7 @@ class TritonServer:
         missing = set(self._stubs_at_start) - set(self.stub_processes())
         return sorted({pathlib.Path(self._stubs_at_start[pid]).parent.parent.name for pid in missing})
 
-    def reload_models(self, models: list[str], timeout_s: float = 120.0) -> None:
+    def reload_models(self, models: list[str], timeout_s: float = START_TIMEOUT_S) -> None:
         """Load ``models`` again through the repository API (new stubs; Triton swaps them in
         once loaded), then wait for readiness. Much faster than a restart: the other models,
         and the requests they serve, are left alone.
@@ -311,7 +318,7 @@ class TritonServer:
         self.wait_ready(timeout_s, stop_on_timeout=False)
         self._stubs_at_start = self.stub_processes()
 
-    def restart(self, timeout_s: float = 120.0) -> "TritonServer":
+    def restart(self, timeout_s: float = START_TIMEOUT_S) -> "TritonServer":
         """Stop (killing what does not stop) and start again on the same ports and token."""
         self.stop()
         self.process = None

@@ -29,11 +29,18 @@ DEFAULT_NETWORK = "unet2d_particles"
 DEFAULT_NETWORK_3D = "unet3d_organs"
 SECOND_NETWORK = "basicunet_test"
 FAULTY_MODEL = "faulty_2d"
-SERVER_START_TIMEOUT_S = 600
 # A small valid frame [1, 70, 90] float32: the "good request" after each bad one.
 GOOD_FRAME = np.random.default_rng(0).random((1, 70, 90), dtype=np.float32)
 # The 2D pipeline alone: for extra servers that need to start (and restart) quickly.
 TWO_D_MODELS = ("preprocess_2d", "sliding_window_2d", "postprocess_2d", "segment_2d", DEFAULT_NETWORK)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark every test that uses the session's server (directly or through another fixture)
+    ``server``: `make test-fast` (``-m "not server"``) leaves them out."""
+    for item in items:
+        if "server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
 
 
 def copy_2d_repository(destination: pathlib.Path) -> pathlib.Path:
@@ -109,8 +116,7 @@ def model_repository(tmp_path_factory, second_network_checkpoint) -> pathlib.Pat
 def server(model_repository, tmp_path_factory) -> TritonServer:
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     config = ServerConfig(model_repository=model_repository, http_port=0, grpc_port=0, metrics_port=0)
-    # Every model's stubs start at once: minutes when other work shares the two cores.
-    running = TritonServer(config, log_path=log).start(SERVER_START_TIMEOUT_S)
+    running = TritonServer(config, log_path=log).start()
     # Clients made by the tests, and CLIs they start, find the restricted endpoints' token here.
     previous = os.environ.get(TOKEN_ENV)
     os.environ[TOKEN_ENV] = running.config.token

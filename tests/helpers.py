@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import subprocess
+import sys
+import time
 
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from client import SegmentationClient
+from client.shared_memory import DEV_SHM, REGION_PREFIX
 from segproto import TOKEN_ENV, TOKEN_FILE_ENV
+from segserve.reference import reference_probabilities
+from tests.conftest import NETWORK_DEVICE
+from training.synthetic import synthetic_slice, to_detector_counts
+
+# In-process MONAI reference of the default 2D network: tile and tolerance of the server's probabilities.
+TILE = (128, 128)
+TOLERANCE = 1e-4
 
 
 def without_token(monkeypatch) -> None:
@@ -20,3 +37,56 @@ def environment_without_token(directory: pathlib.Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     env[TOKEN_FILE_ENV] = str(directory / "no-token-here")
     return env
+
+
+def make_stack(rng, frames: int, shape: tuple[int, int], dtype=np.uint16) -> np.ndarray:
+    """Frames that differ from each other, so a frame written in the wrong place shows."""
+    return np.stack([to_detector_counts(synthetic_slice(shape, rng)[0], dtype, rng) for _ in range(frames)])
+
+
+def reference_masks(server, stack: np.ndarray) -> np.ndarray:
+    with SegmentationClient(server.grpc_url) as client:
+        return np.stack([client.segment(frame).mask for frame in stack])
+
+
+def cli(server, *args: str, transport: str = "grpc") -> list[str]:
+    url = server.http_url if transport == "http" else server.grpc_url
+    return [sys.executable, "-m", "client", "segment", *args, "--url", url, "--transport", transport]
+
+
+def wait_for_record(path: pathlib.Path, frames_done: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"client exited early: {process.stderr.read()}")
+        try:
+            if json.loads(path.read_text())["done"] >= frames_done:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    pytest.fail(f"{path} never reached {frames_done} frames")
+
+
+def our_dev_shm_entries() -> list[str]:
+    return sorted(p.name for p in DEV_SHM.glob(f"{REGION_PREFIX}_*"))
+
+
+def registered_regions(server, kind: str = "system") -> list[str]:
+    with grpcclient.InferenceServerClient(server.grpc_url) as control:
+        status = getattr(control, f"get_{kind}_shared_memory_status")(as_json=True, headers=server.token_headers())
+    return sorted(status.get("regions", {}))
+
+
+def assert_matches_reference(result, frame, network, options, tile=TILE):
+    """PROBABILITIES within TOLERANCE of in-process MONAI; MASK their argmax wherever two
+    classes are not within the tolerance of each other."""
+    expected = reference_probabilities(frame, network, tile, options, NETWORK_DEVICE).numpy()
+    assert result.probabilities.shape == expected.shape
+    difference = np.abs(result.probabilities - expected).max()
+    assert difference <= TOLERANCE, f"max abs difference {difference:.3g}"
+    # MASK is the argmax; where two classes are within the tolerance either answer is right.
+    top2 = np.sort(expected, axis=0)[-2:]
+    decided = (top2[1] - top2[0]) > 2 * TOLERANCE
+    assert np.array_equal(result.mask[decided], expected.argmax(0)[decided])
+    assert np.array_equal(result.mask, result.probabilities.argmax(0))

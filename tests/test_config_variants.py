@@ -17,6 +17,9 @@ from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
 from segserve.network_spec import read_model_config
 from tests.conftest import TWO_D_MODELS, copy_2d_repository
 
+pytestmark = pytest.mark.server  # starts its own server
+
+
 REPOSITORY = REPO_ROOT / "model_repository"
 VARIANTS = ("gpu", "onnxruntime")
 MODELS = sorted(p.name for p in REPOSITORY.iterdir() if (p / "config.pbtxt").is_file())

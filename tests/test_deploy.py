@@ -16,12 +16,14 @@ import time
 import pytest
 import tritonclient.http as httpclient
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate")  # installed by `make setup`
-yaml = pytest.importorskip("yaml")
-
 from client.auth import RESTRICTED_ENDPOINTS, TOKEN_HEADER
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonDistribution, TritonServer, free_port
 from tests.conftest import copy_2d_repository
+
+pytestmark = pytest.mark.server  # starts its own server
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")  # installed by `make setup`
+yaml = pytest.importorskip("yaml")
 
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = REPO_ROOT / "docker" / "entrypoint.sh"

@@ -9,9 +9,12 @@ import sys
 import time
 
 import psutil
+import pytest
 import urllib.request
 
 from segserve.launcher import PYTHON_BACKEND_SHM_PREFIX, REPO_ROOT, free_port
+
+pytestmark = pytest.mark.server  # starts its own server
 
 
 def shm_regions() -> set[str]:

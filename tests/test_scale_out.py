@@ -20,7 +20,7 @@ from client.api import SegmentationClient
 from client.servers import ServerPool, split_urls
 from segserve.launcher import ServerConfig, TritonServer
 from tests.conftest import copy_2d_repository
-from tests.test_streaming_cli import cli, make_stack, reference_masks, wait_for_record
+from tests.helpers import cli, make_stack, reference_masks, wait_for_record
 from training.synthetic import synthetic_slice, to_detector_counts
 
 

@@ -14,7 +14,7 @@ from client.__main__ import main as client_main
 from client.api import SegmentationClient
 from client.volumes import ChunkSettings
 from segserve.options import PipelineOptions
-from tests.test_server_parity import assert_matches_reference
+from tests.helpers import assert_matches_reference
 from training.synthetic_3d import synthetic_volume, to_int16_hu
 
 TILE = (64, 64, 64)

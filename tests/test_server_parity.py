@@ -9,32 +9,15 @@ import tritonclient.grpc as grpcclient
 
 from client.api import SegmentationClient
 from segserve.options import PipelineOptions
-from segserve.reference import reference_probabilities
-from tests.conftest import NETWORK_DEVICE
+from tests.helpers import assert_matches_reference
 from training.synthetic import synthetic_slice, to_detector_counts
 
-TILE = (128, 128)
-TOLERANCE = 1e-4
 
 
 def frame_of(shape, dtype, rng) -> np.ndarray:
     image, _ = synthetic_slice(shape, rng)
     pixels = image if dtype == np.float32 else to_detector_counts(image, dtype, rng)
     return pixels[np.newaxis]
-
-
-def assert_matches_reference(result, frame, network, options, tile=TILE):
-    """PROBABILITIES within TOLERANCE of in-process MONAI; MASK their argmax wherever two
-    classes are not within the tolerance of each other."""
-    expected = reference_probabilities(frame, network, tile, options, NETWORK_DEVICE).numpy()
-    assert result.probabilities.shape == expected.shape
-    difference = np.abs(result.probabilities - expected).max()
-    assert difference <= TOLERANCE, f"max abs difference {difference:.3g}"
-    # MASK is the argmax; where two classes are within the tolerance either answer is right.
-    top2 = np.sort(expected, axis=0)[-2:]
-    decided = (top2[1] - top2[0]) > 2 * TOLERANCE
-    assert np.array_equal(result.mask[decided], expected.argmax(0)[decided])
-    assert np.array_equal(result.mask, result.probabilities.argmax(0))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.uint16, np.int16], ids=lambda d: np.dtype(d).name)

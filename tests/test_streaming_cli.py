@@ -4,51 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import tifffile
 
-from client import SegmentationClient
 from client.__main__ import main as client_main
 from client.stacks import FAILED_VALUE
 from segserve.launcher import REPO_ROOT
-from tests.test_transports import our_dev_shm_entries, registered_regions
-from training.synthetic import synthetic_slice, to_detector_counts
-
-
-def make_stack(rng, frames: int, shape: tuple[int, int], dtype=np.uint16) -> np.ndarray:
-    """Frames that differ from each other, so a frame written in the wrong place shows."""
-    return np.stack([to_detector_counts(synthetic_slice(shape, rng)[0], dtype, rng) for _ in range(frames)])
-
-
-def reference_masks(server, stack: np.ndarray) -> np.ndarray:
-    with SegmentationClient(server.grpc_url) as client:
-        return np.stack([client.segment(frame).mask for frame in stack])
-
-
-def cli(server, *args: str, transport: str = "grpc") -> list[str]:
-    url = server.http_url if transport == "http" else server.grpc_url
-    return [sys.executable, "-m", "client", "segment", *args, "--url", url, "--transport", transport]
-
-
-def wait_for_record(path: pathlib.Path, frames_done: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"client exited early: {process.stderr.read()}")
-        try:
-            if json.loads(path.read_text())["done"] >= frames_done:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    pytest.fail(f"{path} never reached {frames_done} frames")
+from tests.helpers import cli, make_stack, our_dev_shm_entries, reference_masks, registered_regions, wait_for_record
 
 
 def test_100_frame_tiff_stack_over_shm_in_order_with_progress(server, tmp_path, rng):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as system_shm
 
 from client import SegmentationClient, SegmentationError
-from client.shared_memory import DEV_SHM, REGION_PREFIX, cuda_available
+from client.shared_memory import REGION_PREFIX, cuda_available
+from tests.helpers import our_dev_shm_entries, registered_regions
 from training.synthetic import synthetic_slice, to_detector_counts
 
 GPU = cuda_available()
@@ -20,16 +22,6 @@ GPU = cuda_available()
 def client_for(server, transport: str, **kwargs) -> SegmentationClient:
     url = server.http_url if transport == "http" else server.grpc_url
     return SegmentationClient(url, transport=transport, **kwargs)
-
-
-def our_dev_shm_entries() -> list[str]:
-    return sorted(p.name for p in DEV_SHM.glob(f"{REGION_PREFIX}_*"))
-
-
-def registered_regions(server, kind: str = "system") -> list[str]:
-    with grpcclient.InferenceServerClient(server.grpc_url) as control:
-        status = getattr(control, f"get_{kind}_shared_memory_status")(as_json=True, headers=server.token_headers())
-    return sorted(status.get("regions", {}))
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +108,36 @@ def test_two_shm_clients_in_one_process_do_not_collide(server, odd_frames):
         assert len(registered_regions(server)) == 4
     assert np.array_equal(*masks)
     assert registered_regions(server) == [] and our_dev_shm_entries() == []
+
+
+def test_one_shm_client_shared_by_threads_gives_each_frame_its_own_result(server, rng):
+    """Streams and single calls from four threads on one shared-memory client at once: each
+    call owns its slots (connection and regions), so no frame reads another's outputs."""
+    frames = [to_detector_counts(synthetic_slice((96 + 8 * i, 120), rng)[0], np.uint16, rng) for i in range(12)]
+    with SegmentationClient(server.grpc_url) as reference:
+        expected = [reference.segment(frame).mask for frame in frames]
+    results: dict[tuple[int, int], np.ndarray] = {}
+    errors: list[str] = []
+
+    def work(thread: int) -> None:
+        try:
+            if thread % 2:
+                for outcome in client.segment_stream(frames, inflight=3):
+                    assert outcome.ok, outcome.error
+                    results[thread, outcome.index] = outcome.result.mask
+            else:
+                for index, frame in enumerate(frames):
+                    results[thread, index] = client.segment(frame).mask
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(f"thread {thread}: {error}")
+
+    with SegmentationClient(server.grpc_url, transport="shm") as client:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        slots_made = len(client._slots)
+    assert errors == [] and len(results) == 4 * len(frames)
+    assert all(np.array_equal(mask, expected[index]) for (_, index), mask in results.items())
+    assert slots_made <= 2 * 3 + 2  # two streams of 3 slots and two single callers at most
