@@ -28,7 +28,6 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 
-
 from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError
 from client.servers import DEFAULT_COOLDOWN_S, ServerPool, split_urls

@@ -157,6 +157,15 @@ def python_backend_stubs(root_pid: int) -> dict[int, str]:
     return stubs
 
 
+def _stubs_per_model(stubs: dict[int, str]) -> dict[str, int]:
+    """``{pid: model.py path}`` -> stub count per model name."""
+    counts: dict[str, int] = {}
+    for path in stubs.values():
+        model = pathlib.Path(path).parent.parent.name
+        counts[model] = counts.get(model, 0) + 1
+    return counts
+
+
 def _python_backend_regions() -> set[str]:
     shm = pathlib.Path("/dev/shm")
     return {p.name for p in shm.glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")} if shm.is_dir() else set()
@@ -296,7 +305,7 @@ class TritonServer:
     def broken_models(self) -> list[str]:
         """Models with a Python-backend stub that died since the last (re)load."""
         missing = set(self._stubs_at_start) - set(self.stub_processes())
-        return sorted({pathlib.Path(self._stubs_at_start[pid]).parent.parent.name for pid in missing})
+        return sorted(_stubs_per_model({pid: self._stubs_at_start[pid] for pid in missing}))
 
     def reload_models(self, models: list[str], timeout_s: float = START_TIMEOUT_S) -> None:
         """Load ``models`` again through the repository API (new stubs; Triton swaps them in
@@ -316,7 +325,12 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
                 raise ServerError(f"reloading {model} failed: {error}") from None
         self.wait_ready(timeout_s, stop_on_timeout=False)
-        self._stubs_at_start = self.stub_processes()
+        expected = _stubs_per_model(self._stubs_at_start)
+        current = self.stub_processes()
+        short = [m for m in models if _stubs_per_model(current).get(m, 0) < expected.get(m, 0)]
+        if short:  # Triton kept the old instances: the dead stub is still in service
+            raise ServerError(f"reloading {', '.join(short)} did not replace the dead stub(s)")
+        self._stubs_at_start = current
 
     def restart(self, timeout_s: float = START_TIMEOUT_S) -> "TritonServer":
         """Stop (killing what does not stop) and start again on the same ports and token."""
