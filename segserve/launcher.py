@@ -308,29 +308,40 @@ class TritonServer:
         return sorted(_stubs_per_model({pid: self._stubs_at_start[pid] for pid in missing}))
 
     def reload_models(self, models: list[str], timeout_s: float = START_TIMEOUT_S) -> None:
-        """Load ``models`` again through the repository API (new stubs; Triton swaps them in
-        once loaded), then wait for readiness. Much faster than a restart: the other models,
-        and the requests they serve, are left alone.
+        """Unload then load ``models`` through the repository API (new stubs), then wait for
+        readiness. Much faster than a restart: the other models stay loaded. A plain load of
+        an unchanged model is a no-op in Triton 2.51 (it keeps the dead instance), hence the
+        unload first; meanwhile requests get "no available versions", which clients retry.
 
         Raises:
-            ServerError: a reload failed or the server is not ready in time.
+            ServerError: a call failed, the server is not ready in time, or the model still
+                has fewer stubs than before.
         """
-        headers = {"Content-Type": "application/json", **token_headers(self.config.token, "http")}
+        old_stubs = {pid for pid, path in self._stubs_at_start.items() if _stubs_per_model({pid: path}).keys() & set(models)}
         for model in models:
-            request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/load", data=b"{}",
-                                             headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=timeout_s):
-                    pass
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
-                raise ServerError(f"reloading {model} failed: {error}") from None
+            self._repository_call(model, "unload", timeout_s)
+            self._repository_call(model, "load", timeout_s)
         self.wait_ready(timeout_s, stop_on_timeout=False)
+        deadline = time.monotonic() + timeout_s  # the old instances' stubs must be gone before counting
+        while old_stubs & set(self.stub_processes()) and time.monotonic() < deadline:
+            time.sleep(0.25)
         expected = _stubs_per_model(self._stubs_at_start)
         current = self.stub_processes()
         short = [m for m in models if _stubs_per_model(current).get(m, 0) < expected.get(m, 0)]
         if short:  # Triton kept the old instances: the dead stub is still in service
             raise ServerError(f"reloading {', '.join(short)} did not replace the dead stub(s)")
         self._stubs_at_start = current
+
+    def _repository_call(self, model: str, action: str, timeout_s: float) -> None:
+        """``POST /v2/repository/models/<model>/<action>`` (load, unload) with the token."""
+        headers = {"Content-Type": "application/json", **token_headers(self.config.token, "http")}
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}",
+                                         headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s):
+                pass
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            raise ServerError(f"{action} of {model} failed: {error}") from None
 
     def restart(self, timeout_s: float = START_TIMEOUT_S) -> "TritonServer":
         """Stop (killing what does not stop) and start again on the same ports and token."""
