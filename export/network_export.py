@@ -147,11 +147,12 @@ def max_difference(network: torch.nn.Module, path: pathlib.Path, in_channels: in
 
 
 # Tile batches the network model runs at load time (Triton's model_warmup), before it, and so
-# the server, is ready: the sliding window's default batch and the largest merged batch, per
-# configuration (GPU: ExportSettings.gpu_warmup_batches). First calls of a shape cost far more
-# than later ones on the GPU (CUDA context, TorchScript's profiling runs, cuDNN), and
-# onnxruntime sizes its memory arena on them.
-CPU_WARMUP_BATCHES = (8, 32)
+# the server, is ready. GPU (ExportSettings.gpu_warmup_batches): the sliding window's default
+# batch and the largest merged one; first calls of a shape cost far more than later ones there
+# (CUDA context, TorchScript's profiling runs, cuDNN). CPU: the default batch only; a first
+# call costs little more than later ones, and onnxruntime's memory arena keeps what the
+# largest batch needed (idle footprint).
+CPU_WARMUP_BATCHES = (8,)
 
 
 def add_warmup(config: model_config_pb2.ModelConfig, batch_sizes: tuple[int, ...]) -> None:

@@ -114,7 +114,7 @@ def test_export_warms_up_and_sizes_gpu_batches(tmp_path):
     settings = ExportSettings("UNet", {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "channels": [4, 8], "strides": [2]},
                               None, (32, 40), "tiny")
     config = model_config(settings, 1, 3)
-    assert [(w.batch_size, w.inputs["INPUT__0"].zero_data) for w in config.model_warmup] == [(8, True), (32, True)]
+    assert [(w.batch_size, w.inputs["INPUT__0"].zero_data) for w in config.model_warmup] == [(8, True)]
     assert list(config.model_warmup[0].inputs["INPUT__0"].dims) == [1, 32, 40]
     gpu = gpu_variant(config, settings)
     assert gpu.max_batch_size == 256 and [w.batch_size for w in gpu.model_warmup] == [128, 256]
@@ -192,6 +192,6 @@ def test_warm_up_runs_before_the_models_are_ready(server):
     for model, warmed in (("sliding_window_2d", "sliding_window_2d: warm-up done"),
                           ("sliding_window_3d", "sliding_window_3d: warm-up done"),
                           ("unet2d_particles", "unet2d_particles: first batch of 8 tiles"),
-                          ("unet2d_particles", "unet2d_particles: first batch of 32 tiles")):
+                          ("unet3d_organs", "unet3d_organs: first batch of 8 tiles")):
         loaded = log.find(f"successfully loaded '{model}'")
         assert 0 <= log.find(warmed) < loaded, (warmed, loaded)

@@ -1,8 +1,10 @@
-"""``preprocess_3d``: one of IMAGE / IMAGE_UINT8 / IMAGE_UINT16 / IMAGE_INT16 -> NORMALIZED.
+"""Preprocessing step: one of IMAGE / IMAGE_UINT8 / IMAGE_UINT16 / IMAGE_INT16 -> NORMALIZED.
 
-The same code runs inside ``sliding_window_2d`` (:class:`FramePreparation`): there the frame
-arrives in its wire dtype (uint16 stays uint16, 2 bytes a pixel) and the float32 copy is made
-in the process that uses it, so no full-size float frame crosses between processes.
+The shipped pipelines run this code inside the sliding-window step (:class:`FramePreparation`):
+the frame arrives there in its wire dtype (uint16 stays uint16, 2 bytes a pixel) and the
+float32 copy is made in the process that uses it, so no full-size float frame crosses between
+processes. The step on its own (``TritonPythonModel``) is what ``scripts/tune_2d.py`` measures
+the fused layout against.
 """
 
 from __future__ import annotations

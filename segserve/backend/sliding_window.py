@@ -13,6 +13,8 @@ Parameters of the tile batches:
   variant asks for more, so a frame takes a handful of calls).
 - ``pad_last_batch``: ``true`` pads a partial last batch with zero tiles to the full batch
   size, so the engine sees one shape (TorchScript, CUDA graphs, TensorRT profiles).
+- ``network_config``: the configuration variant the network models run under (``gpu``): their
+  max batch size is read from ``configs/<variant>.pbtxt``, else from ``config.pbtxt``.
 - ``tile_requests_in_flight``: each tile batch is split into this many BLS requests sent at
   once (``async_exec``), so network instances on several GPUs work on one frame together;
   ``auto`` means one per visible GPU. Default 1.
@@ -127,7 +129,8 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"{self.name}: no warm-up ({error})")
             return
         start = time.perf_counter()
-        frame = torch.zeros((network.in_channels, *(2 * size - 1 for size in network.tile_size)), dtype=torch.uint16)
+        # One tile and a pixel in each dimension: overlapping windows, blending, padding-free.
+        frame = torch.zeros((network.in_channels, *(size + 1 for size in network.tile_size)), dtype=torch.uint16)
         frame[(slice(None), *(slice(0, size) for size in network.tile_size))] = 1000
         image = normalize(frame.to(self.prepare.device), PipelineOptions())
 
