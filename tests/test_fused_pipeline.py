@@ -148,7 +148,8 @@ def test_segment_2d_is_one_step_with_public_tensors_only(grpc, server):
 def test_server_contour_and_keep_largest_equal_monai_on_its_mask(server, default_network, rng):
     """PROBABILITIES within 1e-4 of MONAI in-process; keep_largest and CONTOUR exactly MONAI's
     transforms of the server's plain MASK (what the postprocess step did with it)."""
-    frame = frame_of((389, 611), np.uint16, rng)
+    # Two synthetic frames side by side: every class in several components, so keep_largest acts.
+    frame = np.concatenate([frame_of((389, 300), np.uint16, rng), frame_of((389, 311), np.uint16, rng)], axis=2)
     with SegmentationClient(server.grpc_url) as client:
         plain = client.segment(frame, probabilities=True)
         cleaned = client.segment(frame, probabilities=True, keep_largest=True, contour=True)
@@ -165,7 +166,7 @@ def test_server_contour_and_keep_largest_equal_monai_on_its_mask(server, default
 def tiles_of(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float = 0.25) -> int:
     """Windows MONAI's sliding window visits on a frame of ``shape`` (after padding to a tile)."""
     size = tuple(max(s, t) for s, t in zip(shape, tile))
-    return len(dense_patch_slices(size, tile, _get_scan_interval(size, tile, len(tile), overlap)))
+    return len(dense_patch_slices(size, tile, _get_scan_interval(size, tile, len(tile), (overlap,) * len(tile))))
 
 
 def network_requests(grpc, network: str = "unet2d_particles") -> int:
