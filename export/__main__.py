@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", required=True, help="model name in the repository")
     parser.add_argument("--repository", type=pathlib.Path, default=DEFAULT_REPOSITORY, help="model repository (default: %(default)s)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="largest tile batch (default: %(default)s)")
+    parser.add_argument("--gpu-max-batch-size", type=int,
+                        help="largest tile batch in the gpu and onnxruntime variants (default: 256 for 2D tiles, "
+                             "--max-batch-size for 3D)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="bound on |onnxruntime - torch| (default: %(default)s)")
     parser.add_argument("--instances-per-gpu", type=int, default=2,
                         help="network instances per GPU in the gpu and onnxruntime config variants (default: %(default)s)")
@@ -56,8 +59,9 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
     missing = [flag for flag, value in (("--architecture", architecture), ("--arguments", arguments), ("--tile", tile)) if value is None]
     if missing:
         raise ExportError(f"missing {', '.join(missing)} (give them or a --spec file)")
-    return ExportSettings(architecture, arguments, args.checkpoint, tuple(tile), args.name, args.max_batch_size, args.tolerance,
-                          args.instances_per_gpu, args.tensorrt)
+    return ExportSettings(architecture, arguments, args.checkpoint, tuple(tile), args.name,
+                          max_batch_size=args.max_batch_size, gpu_max_batch_size=args.gpu_max_batch_size,
+                          tolerance=args.tolerance, instances_per_gpu=args.instances_per_gpu, tensorrt=args.tensorrt)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,10 @@ class ExportSettings:
         checkpoint: state dict file (``torch.save(net.state_dict())``), or None for untrained.
         tile: spatial size of one tile, e.g. ``(128, 128)``.
         name: model name in the repository.
-        max_batch_size: largest tile batch the network model accepts.
+        max_batch_size: largest tile batch the network model accepts (CPU configuration).
+        gpu_max_batch_size: the same in the ``gpu`` and ``onnxruntime`` variants; None: 256
+            for 2D tiles (room for sliding_window_2d's 128-tile calls there, and for the
+            dynamic batcher to merge two), ``max_batch_size`` for 3D tiles (GPU memory).
         tolerance: largest allowed |onnxruntime - torch| on the check batch.
         instances_per_gpu: network instances on each GPU in the ``gpu`` and ``onnxruntime``
             configuration variants.
@@ -55,9 +58,22 @@ class ExportSettings:
     tile: tuple[int, ...]
     name: str
     max_batch_size: int = 32
+    gpu_max_batch_size: int | None = None
     tolerance: float = 1e-4
     instances_per_gpu: int = 2
     tensorrt: bool = False
+
+    @property
+    def gpu_batch_limit(self) -> int:
+        if self.gpu_max_batch_size is not None:
+            return self.gpu_max_batch_size
+        return 256 if len(self.tile) == 2 else self.max_batch_size
+
+    @property
+    def gpu_warmup_batches(self) -> tuple[int, ...]:
+        """The GPU sliding window's default tiles per call (sliding_window_2d: 128,
+        sliding_window_3d: 8; their configs/gpu.pbtxt) and the largest merged batch."""
+        return (128 if len(self.tile) == 2 else 8, self.gpu_batch_limit)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -69,6 +85,8 @@ class ExportSettings:
             raise ExportError(f"tile sizes must be positive, got {list(self.tile)}")
         if self.max_batch_size < 1:
             raise ExportError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.gpu_max_batch_size is not None and self.gpu_max_batch_size < 1:
+            raise ExportError(f"gpu_max_batch_size must be >= 1, got {self.gpu_max_batch_size}")
         if self.instances_per_gpu < 1:
             raise ExportError(f"instances_per_gpu must be >= 1, got {self.instances_per_gpu}")
         if not self.name or "/" in self.name:
@@ -128,13 +146,38 @@ def max_difference(network: torch.nn.Module, path: pathlib.Path, in_channels: in
     return float(np.max(np.abs(actual - expected)))
 
 
+# Tile batches the network model runs at load time (Triton's model_warmup), before it, and so
+# the server, is ready. GPU (ExportSettings.gpu_warmup_batches): the sliding window's default
+# batch and the largest merged one; first calls of a shape cost far more than later ones there
+# (CUDA context, TorchScript's profiling runs, cuDNN). CPU: the default batch only; a first
+# call costs little more than later ones, and onnxruntime's memory arena keeps what the
+# largest batch needed (idle footprint).
+CPU_WARMUP_BATCHES = (8,)
+
+
+def add_warmup(config: model_config_pb2.ModelConfig, batch_sizes: tuple[int, ...]) -> None:
+    """Replace the config's ``model_warmup`` with one zero batch of each size (capped by the
+    config's max batch size)."""
+    del config.model_warmup[:]
+    sizes = sorted({min(size, config.max_batch_size) for size in batch_sizes})
+    for size in sizes:
+        warmup = config.model_warmup.add(name=f"zero tiles x{size}", batch_size=size, count=1)
+        tensor = warmup.inputs[config.input[0].name]
+        tensor.data_type = config.input[0].data_type
+        tensor.dims.extend(config.input[0].dims)
+        tensor.zero_data = True
+
+
+def preferred_batch_sizes(max_batch_size: int, sizes: tuple[int, ...]) -> list[int]:
+    return [size for size in sizes if size <= max_batch_size] or [max_batch_size]
+
+
 def model_config(settings: ExportSettings, in_channels: int, num_classes: int) -> model_config_pb2.ModelConfig:
     """``config.pbtxt`` of the network model: Python-backend onnxruntime runner, dynamic batching."""
     config = model_config_pb2.ModelConfig(name=settings.name, backend="python", max_batch_size=settings.max_batch_size)
     config.input.add(name=INPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[in_channels, *settings.tile])
     config.output.add(name=OUTPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[num_classes, *settings.tile])
-    preferred = [size for size in (8, 16, 32) if size <= settings.max_batch_size]
-    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes(settings.max_batch_size, (8, 16, 32)))
     config.dynamic_batching.max_queue_delay_microseconds = 200
     config.instance_group.add(count=1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
     # spin_wait: the network has its own stub process, and keeping its onnxruntime threads
@@ -143,15 +186,21 @@ def model_config(settings: ExportSettings, in_channels: int, num_classes: int) -
                   "spin_wait": "true"}
     for key, value in parameters.items():
         config.parameters[key].string_value = value
+    add_warmup(config, CPU_WARMUP_BATCHES)
     return config
 
 
 def gpu_variant(config: model_config_pb2.ModelConfig, settings: ExportSettings) -> model_config_pb2.ModelConfig:
-    """Variant ``gpu``: the same Python-backend runner with instances on every GPU."""
+    """Variant ``gpu``: the same Python-backend runner with instances on every GPU, larger
+    batches (each BLS call with GPU tensors has a fixed price) warmed up at load."""
     variant = model_config_pb2.ModelConfig()
     variant.CopyFrom(config)
     del variant.instance_group[:]
     variant.instance_group.add(count=settings.instances_per_gpu, kind=model_config_pb2.ModelInstanceGroup.KIND_GPU)
+    variant.max_batch_size = settings.gpu_batch_limit
+    del variant.dynamic_batching.preferred_batch_size[:]
+    variant.dynamic_batching.preferred_batch_size.extend(sorted(set(settings.gpu_warmup_batches)))
+    add_warmup(variant, settings.gpu_warmup_batches)
     return variant
 
 

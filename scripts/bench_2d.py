@@ -10,8 +10,13 @@ ratio from one run, and the server's peak memory for a large frame.
 (c) client-side tiling: the sliding window in the client, one gRPC request per tile batch to
     the network model (how MONAI Deploy's Triton integration works).
 Runs alternate (a)/(b) so machine noise hits both alike; medians are reported.
-Peak memory: proportional set size (PSS, shared pages split between processes) of tritonserver
-and its stub processes, sampled every 0.5 s during one large-frame request, minus idle.
+Cold start: the first request a fresh server answers (the first server's; its warm-up ran
+before it reported ready) against the median of the timed ones.
+Per-step breakdown: Triton's statistics per model, with the network calls (BLS) per frame.
+Memory: proportional set size (PSS, shared pages split between processes) of tritonserver
+and its stub processes: idle on the fresh server; for one large frame with MASK only, then
+one with PROBABILITIES too, the peak sampled every 0.5 s during the request minus the PSS just
+before it, and what the server keeps after it (allocator caches, Python-backend shared memory).
 """
 
 from __future__ import annotations
@@ -98,15 +103,17 @@ def in_process_mask(frame: np.ndarray, network, tile: tuple[int, ...], device: s
     return class_mask(reference_logits(frame, network, tile, device=device)).cpu()
 
 
-def stage_breakdown(server: TritonServer, end_to_end_s: float) -> list[str]:
-    """Mean time per request in each model (queue + compute), from Triton's statistics API, and
-    what remains of the client's median end-to-end time: transport and client work."""
+def stage_breakdown(server: TritonServer, end_to_end_s: float, network: str = "unet2d_particles") -> list[str]:
+    """Mean time per request in each model (queue + compute), from Triton's statistics API,
+    network calls (BLS) per frame, and what remains of the client's median end-to-end time:
+    transport and client work."""
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(server.grpc_url) as statistics_client:
         model_statistics = statistics_client.get_inference_statistics(as_json=True)["model_stats"]
-    rows, ensemble_s = [], None
+    rows, ensemble_s, requests = [], None, {}
     for model in model_statistics:
+        requests[model["name"]] = int(model["inference_stats"]["success"].get("count", 0))
         stats, count = model["inference_stats"], int(model["inference_stats"]["success"].get("count", 0))
         if count:
             seconds = {key: int(stats[key].get("ns", 0)) / 1e9 / count for key in ("queue", "compute_input", "compute_infer", "compute_output")}
@@ -116,6 +123,8 @@ def stage_breakdown(server: TritonServer, end_to_end_s: float) -> list[str]:
                 ensemble_s = sum(seconds.values())
     table = ["| model | requests | executions | queue ms | input ms | infer ms | output ms |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]
+    if requests.get("segment_2d"):
+        table += ["", f"network calls (BLS) per frame: {requests.get(network, 0) / requests['segment_2d']:.1f}"]
     if ensemble_s is not None:
         table += ["", f"transport and client: {max(end_to_end_s - ensemble_s, 0) * 1e3:.0f} ms of the {end_to_end_s * 1e3:.0f} ms "
                   "median end to end (median minus the ensemble's mean time; approximate)"]
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False  # as the server's GPU engine (parity bound 1e-4)
         cuda_network = load_torch_network().cuda()
         paths["in-process torch (cuda)"] = lambda: in_process_mask(frame, cuda_network, tile, "cuda")
-    memory = None
+    memory, idle_footprint, cold = [], None, {}
     with contextlib.ExitStack() as stack:
         servers = {}
         for allocator in args.allocators.split(","):
@@ -173,23 +182,28 @@ def main(argv: list[str] | None = None) -> int:
             client = stack.enter_context(SegmentationClient(server.grpc_url))
             servers[allocator] = (server, client)
             paths[f"server gRPC ({allocator} allocator)"] = functools.partial(client.segment, frame)
-        remote = RemoteNetwork(next(iter(servers.values()))[0].grpc_url)
+        first_server = next(iter(servers.values()))[0]
+        idle_footprint = process_tree_pss(psutil.Process(first_server.process.pid))
+        remote = RemoteNetwork(first_server.grpc_url)
         paths["client-side tiling (gRPC per tile batch)"] = lambda: in_process_mask(frame, remote, tile)
         times = {name: [] for name in paths}
-        for run in paths.values():
-            run()  # warm-up: first calls load lazy state
+        for name, run in paths.items():
+            cold[name] = timed(run)  # warm-up: first calls load lazy state; for a server, its first request
         for _ in range(args.repeats):
             for name, run in paths.items():
                 times[name].append(timed(run))
         first_server_path = next(name for name in paths if name.startswith("server"))
-        stages = stage_breakdown(next(iter(servers.values()))[0], statistics.median(times[first_server_path]))
+        stages = stage_breakdown(first_server, statistics.median(times[first_server_path]))
         if args.large_size:
             server, client = next(iter(servers.values()))
             large, _ = synthetic_slice((args.large_size, args.large_size), rng)
             large = to_detector_counts(large, np.uint16, rng)
-            elapsed = []
-            idle, peak = peak_memory_during(server, lambda: elapsed.append(timed(lambda: client.segment(large))))
-            memory = (idle, peak, elapsed[0])
+            root = psutil.Process(server.process.pid)
+            for outputs, extra in (("MASK only", {}), ("MASK and PROBABILITIES", {"probabilities": True})):
+                elapsed = []
+                idle, peak = peak_memory_during(server, lambda: elapsed.append(timed(lambda: client.segment(large, **extra))))
+                time.sleep(2)
+                memory.append((outputs, idle, peak, process_tree_pss(root), elapsed[0]))
     medians = {name: statistics.median(values) for name, values in times.items()}
     reference_name = min((name for name in medians if name.startswith("in-process")), key=medians.get)
     lines = [f"machine: {machine_description()}",
@@ -197,11 +211,15 @@ def main(argv: list[str] | None = None) -> int:
              "", "| path | median s | ratio to best in-process |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {value:.3f} | {value / medians[reference_name]:.3f} |" for name, value in medians.items()]
     lines += ["", "Per-request time in each model of the first server (all requests, warm-up included):", "", *stages]
-    if memory:
-        idle, peak, seconds = memory
+    steady = medians[first_server_path]
+    lines += ["", f"first request to a fresh server (warm-up done before ready): {cold[first_server_path]:.3f} s, "
+              f"{cold[first_server_path] / steady:.2f}x the steady median ({steady:.3f} s)"]
+    lines += ["", f"idle footprint of the fresh server (PSS of tritonserver and its stubs): {idle_footprint / 2**30:.2f} GiB"]
+    for outputs, idle, peak, after, seconds in memory:
         first_allocator = args.allocators.split(",")[0]
-        lines += ["", f"{args.large_size}x{args.large_size} uint16 frame ({first_allocator} allocator): {seconds:.1f} s end to end; server PSS idle "
-                  f"{idle / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB (+{(peak - idle) / 2**30:.2f} GiB)"]
+        lines += ["", f"{args.large_size}x{args.large_size} uint16 frame, {outputs} ({first_allocator} allocator): {seconds:.1f} s "
+                  f"end to end; server PSS before {idle / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB "
+                  f"(**+{(peak - idle) / 2**30:.2f} GiB**), after {after / 2**30:.2f} GiB (kept +{(after - idle) / 2**30:.2f} GiB)"]
     write_report(lines, args.out / "bench_2d.md")
     return 0
 

@@ -6,6 +6,8 @@
 2. onnxruntime ``intra_op_num_threads`` and spinning: in-process tile batches of 8.
 3. ``spin_wait`` of the server's network model: two servers side by side, the second on a copy
    of the repository with spinning off, frames alternating between them.
+4. Preprocessing in the sliding-window step (shipped) or as its own step (``--split-only``
+   runs just this): two 2D-only servers side by side, one frame at a time and two in flight.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -25,7 +29,7 @@ from google.protobuf import text_format
 
 from client.api import SegmentationClient
 from segserve.network_spec import read_model_config
-from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
+from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer, copy_models
 from scripts.bench_2d import timed
 from segserve.onnx_network import OnnxNetwork
 from training.synthetic import synthetic_slice, to_detector_counts
@@ -41,10 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=2048, help="frame side (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (default: %(default)s)")
+    parser.add_argument("--split-only", action="store_true", help="only the preprocessing-step comparison (4)")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     image, _ = synthetic_slice((args.size, args.size), rng)
     frame = to_detector_counts(image, np.uint16, rng)
+    if args.split_only:
+        print("\n".join(compare_preprocess_step(frame, args.repeats)))
+        return 0
     lines = [f"sw_batch_size sweep, {args.size}x{args.size} uint16 frame through the server", "",
              "| sw_batch_size | median s | ratio to 8 |", "| ---: | ---: | ---: |"]
     config = ServerConfig(http_port=0, grpc_port=0, metrics_port=0)
@@ -65,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for (threads, spin), seconds in timings.items():
         lines.append(f"| {threads or 'auto'} | {'yes' if spin else 'no'} | {seconds * 1e3:.1f} | {seconds / timings[(0, False)]:.3f} |")
     lines += ["", *compare_spin_wait(frame, args.repeats + 2)]
+    lines += ["", *compare_preprocess_step(frame, args.repeats)]
     print("\n".join(lines))
     return 0
 
@@ -93,6 +102,72 @@ def compare_spin_wait(frame: np.ndarray, repeats: int) -> list[str]:
     medians = {name: statistics.median(values) for name, values in times.items()}
     return ["network model spin_wait, two servers side by side", "", "| network threads | median s | ratio |", "| --- | ---: | ---: |",
             *[f"| {name} | {value:.3f} | {value / medians['spinning (default)']:.3f} |" for name, value in medians.items()]]
+
+
+SPLIT_PREPROCESS_CONFIG = """name: "preprocess_2d"
+backend: "python"
+max_batch_size: 0
+input [
+  { name: "IMAGE" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] optional: true },
+  { name: "IMAGE_UINT8" data_type: TYPE_UINT8 dims: [ -1, -1, -1 ] optional: true },
+  { name: "IMAGE_UINT16" data_type: TYPE_UINT16 dims: [ -1, -1, -1 ] optional: true },
+  { name: "IMAGE_INT16" data_type: TYPE_INT16 dims: [ -1, -1, -1 ] optional: true }
+]
+output [ { name: "NORMALIZED" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] } ]
+instance_group [ { count: 2 kind: KIND_CPU } ]
+parameters { key: "spatial_dims" value: { string_value: "2" } }
+parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }
+"""
+
+
+def split_preprocess_repository(destination: pathlib.Path) -> pathlib.Path:
+    """A 2D-only repository whose segment_2d runs preprocessing as its own step (two instances)
+    and hands the float32 frame (NORMALIZED) to sliding_window_2d: the layout before the fusion,
+    less the separate postprocess step."""
+    repository = copy_models(destination, ("sliding_window_2d", "segment_2d", "unet2d_particles"))
+    (repository / "preprocess_2d" / "1").mkdir(parents=True)
+    (repository / "preprocess_2d" / "1" / "model.py").write_text("from segserve.backend.preprocess import TritonPythonModel  # noqa: F401\n")
+    (repository / "preprocess_2d" / "config.pbtxt").write_text(SPLIT_PREPROCESS_CONFIG)
+    ensemble = repository / "segment_2d" / "config.pbtxt"
+    text = ensemble.read_text()
+    step = text[text.index("    {"):text.rindex("    }") + len("    }")]
+    images = "".join(f'      input_map {{ key: "{name}" value: "{name}" }}\n' for name in ("IMAGE", "IMAGE_UINT8", "IMAGE_UINT16", "IMAGE_INT16"))
+    preprocess = ('    {\n      model_name: "preprocess_2d"\n      model_version: -1\n' + images
+                  + '      output_map { key: "NORMALIZED" value: "normalized" }\n    },\n')
+    fused = step.replace(images, '      input_map { key: "NORMALIZED" value: "normalized" }\n')
+    ensemble.write_text(text.replace(step, preprocess + fused))
+    return repository
+
+
+def compare_preprocess_step(frame: np.ndarray, repeats: int) -> list[str]:
+    """One frame at a time (median s) and two in flight (frames/s), preprocessing inside the
+    sliding-window step vs as its own step, two 2D-only servers side by side."""
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="tune_2d_split_"))
+    repositories = {"in the sliding-window step (shipped)": copy_models(scratch / "fused", ("sliding_window_2d", "segment_2d", "unet2d_particles")),
+                    "its own step": split_preprocess_repository(scratch / "split")}
+    lone, throughput = {name: [] for name in repositories}, {name: [] for name in repositories}
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for name, repository in repositories.items():
+            config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
+            server = stack.enter_context(TritonServer(config, log_path=scratch / f"{repository.parent.name}-{repository.name}.log"))
+            clients[name] = [stack.enter_context(SegmentationClient(server.grpc_url)) for _ in range(2)]
+            clients[name][0].segment(frame)
+        for _ in range(repeats):
+            for name, (first, second) in clients.items():
+                lone[name].append(timed(lambda: first.segment(frame)))
+                start = time.perf_counter()
+                with ThreadPoolExecutor(2) as pool:
+                    list(pool.map(lambda client: [client.segment(frame) for _ in range(2)], (first, second)))
+                throughput[name].append(4 / (time.perf_counter() - start))
+    shutil.rmtree(scratch, ignore_errors=True)
+    lone_medians = {name: statistics.median(values) for name, values in lone.items()}
+    rates = {name: statistics.median(values) for name, values in throughput.items()}
+    shipped = next(iter(repositories))
+    return ["preprocessing: in the sliding-window step or its own step, two 2D-only servers side by side", "",
+            "| preprocessing | one frame, median s | ratio | two in flight, frames/s | ratio |", "| --- | ---: | ---: | ---: | ---: |",
+            *[f"| {name} | {lone_medians[name]:.3f} | {lone_medians[name] / lone_medians[shipped]:.3f} | {rates[name]:.3f} | "
+              f"{rates[name] / rates[shipped]:.3f} |" for name in repositories]]
 
 
 if __name__ == "__main__":

@@ -67,9 +67,14 @@ def network_spec_from_config(config: model_config_pb2.ModelConfig, name: str | N
     )
 
 
-def load_network_spec(repository: pathlib.Path, name: str) -> NetworkSpec:
-    """Read the spec of network model ``name`` from a model repository directory."""
-    config_path = pathlib.Path(repository) / name / "config.pbtxt"
+def load_network_spec(repository: pathlib.Path, name: str, config_name: str | None = None) -> NetworkSpec:
+    """Read the spec of network model ``name`` from a model repository directory: from its
+    configuration variant ``configs/<config_name>.pbtxt`` when given and present (the one
+    ``tritonserver --model-config-name`` loads), else from its ``config.pbtxt``."""
+    model_dir = pathlib.Path(repository) / name
+    config_path = model_dir / "config.pbtxt"
+    if config_name and (model_dir / "configs" / f"{config_name}.pbtxt").is_file():
+        config_path = model_dir / "configs" / f"{config_name}.pbtxt"
     if not config_path.is_file():
         raise NetworkConfigError(f"no network model {name!r} in the model repository")
     return network_spec_from_config(read_model_config(config_path), name)

@@ -21,10 +21,11 @@ TilePredictor = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_SW_BATCH_SIZE = 8
 
 
-def resolve_sw_batch_size(options: PipelineOptions, network: NetworkSpec) -> int:
-    """Tiles per network request: the option, else the default, bounded by the network."""
+def resolve_sw_batch_size(options: PipelineOptions, network: NetworkSpec, default: int = DEFAULT_SW_BATCH_SIZE) -> int:
+    """Tiles per network request: the option, else ``default`` (the pipeline's, per device),
+    bounded by the network's max batch size."""
     if options.sw_batch_size is None:
-        return min(DEFAULT_SW_BATCH_SIZE, network.max_batch_size)
+        return min(default, network.max_batch_size)
     if options.sw_batch_size > network.max_batch_size:
         raise OptionError(
             f"sw_batch_size {options.sw_batch_size} exceeds the max batch size "
@@ -33,8 +34,19 @@ def resolve_sw_batch_size(options: PipelineOptions, network: NetworkSpec) -> int
     return options.sw_batch_size
 
 
+def pad_batch(tiles: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``[B, C, *tile]`` -> ``[max(B, batch_size), C, *tile]``, zero tiles appended: the last
+    partial batch of a frame in the shape of the others (engines that specialise on shapes
+    run one). The caller drops the padded tiles' outputs."""
+    missing = batch_size - tiles.shape[0]
+    if missing <= 0:
+        return tiles
+    return torch.cat([tiles, tiles.new_zeros((missing, *tiles.shape[1:]))])
+
+
 def blended_logits(
-    image: torch.Tensor, network: NetworkSpec, predictor: TilePredictor, options: PipelineOptions
+    image: torch.Tensor, network: NetworkSpec, predictor: TilePredictor, options: PipelineOptions,
+    sw_batch_size: int | None = None,
 ) -> torch.Tensor:
     """Run the network over a normalised frame with overlapping tiles and blend the tiles.
 
@@ -43,6 +55,7 @@ def blended_logits(
         network: tile size, channel and class counts of the network.
         predictor: maps ``[B, C, *tile_size]`` float32 to ``[B, K, *tile_size]`` float32 logits.
         options: ``overlap``, ``blend`` and ``sw_batch_size``.
+        sw_batch_size: tiles per predictor call; None resolves it from the options.
 
     Returns:
         ``[K, *spatial]`` float32 blended logits on the image's device.
@@ -58,7 +71,7 @@ def blended_logits(
     logits = sliding_window_inference(
         image.unsqueeze(0),
         roi_size=network.tile_size,
-        sw_batch_size=resolve_sw_batch_size(options, network),
+        sw_batch_size=sw_batch_size or resolve_sw_batch_size(options, network),
         predictor=predictor,
         overlap=options.overlap,
         mode=options.blend,

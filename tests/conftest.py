@@ -32,7 +32,9 @@ FAULTY_MODEL = "faulty_2d"
 # A small valid frame [1, 70, 90] float32: the "good request" after each bad one.
 GOOD_FRAME = np.random.default_rng(0).random((1, 70, 90), dtype=np.float32)
 # The 2D pipeline alone: for extra servers that need to start (and restart) quickly.
-TWO_D_MODELS = ("preprocess_2d", "sliding_window_2d", "postprocess_2d", "segment_2d", DEFAULT_NETWORK)
+# Its Python-backend steps (one: preprocessing, sliding window and postprocessing in one process).
+TWO_D_STEPS = ("sliding_window_2d",)
+TWO_D_MODELS = (*TWO_D_STEPS, "segment_2d", DEFAULT_NETWORK)
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -103,7 +105,7 @@ def model_repository(tmp_path_factory, second_network_checkpoint) -> pathlib.Pat
         if not (repository / network / "1" / "model.onnx").exists():
             pytest.fail(f"default network {network} not exported: run `make setup`")
     # A lower pixel limit than the shipped one, so the over-limit case stays small.
-    preprocess_config = repository / "preprocess_2d" / "config.pbtxt"
+    preprocess_config = repository / "sliding_window_2d" / "config.pbtxt"
     preprocess_config.write_text(preprocess_config.read_text().replace('"100000000"', f'"{4096 * 4096}"'))
     # A model that fails on demand through the server's error marking (tests/test_retry.py).
     shutil.copytree(REPO_ROOT / "tests" / "models" / FAULTY_MODEL, repository / FAULTY_MODEL)

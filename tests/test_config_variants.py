@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2
 
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
 from segserve.network_spec import read_model_config
-from tests.conftest import TWO_D_MODELS, copy_2d_repository
+from tests.conftest import TWO_D_STEPS, copy_2d_repository
 
 pytestmark = pytest.mark.server  # starts its own server
 
@@ -74,7 +74,7 @@ def test_server_loads_each_variant(tmp_path, variant):
         client.close()
     states = {entry["name"]: (entry.get("state"), entry.get("reason", "")) for entry in index}
     has_gpu = torch.cuda.is_available()
-    for model in TWO_D_MODELS[:3]:
+    for model in TWO_D_STEPS:
         state, reason = states[model]
         assert (state == "READY") if has_gpu else ("has kind KIND_GPU but no GPUs are available" in reason), (model, reason)
     state, reason = states["unet2d_particles"]

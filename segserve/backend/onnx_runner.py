@@ -6,11 +6,15 @@ instead (parameter ``engine``: auto | onnxruntime | torchscript).
 
 Each request carries ``[b, C, *tile]`` tiles; the requests Triton batched together run as one
 ``[sum(b), C, *tile]`` call and the logits are split back per request.
+
+The first execution of each batch size is logged with its time: with the export's
+``model_warmup`` they happen while the model loads, before the server reports ready.
 """
 
 from __future__ import annotations
 
 import pathlib
+import time
 
 import torch
 import triton_python_backend_utils as pb_utils
@@ -44,12 +48,17 @@ class TritonPythonModel:
         else:
             self.network = OnnxNetwork(version_dir / "model.onnx", int(parameters.get("intra_op_threads", "0")), use_cuda,
                                        spin_wait=parameters.get("spin_wait", "false").lower() == "true", device_id=gpu)
-        pb_utils.Logger.log_info(f"{args['model_name']}: {engine} engine, {self.network.providers}")
+        self.name = args["model_name"]
+        self._batch_sizes_seen: set[int] = set()
+        pb_utils.Logger.log_info(f"{self.name}: {engine} engine, {self.network.providers}")
 
     def execute(self, requests):
         try:
             tiles = [to_torch(pb_utils.get_input_tensor_by_name(r, self.input_name)) for r in requests]
-            logits = self.network(torch.cat(tiles) if len(tiles) > 1 else tiles[0])
+            batch = torch.cat(tiles) if len(tiles) > 1 else tiles[0]
+            start = time.perf_counter()
+            logits = self.network(batch)
+            self._log_first_of_size(batch.shape[0], time.perf_counter() - start)
         except Exception as error:
             return [error_response(error) for _ in requests]
         sizes = [t.shape[0] for t in tiles]
@@ -57,3 +66,8 @@ class TritonPythonModel:
             pb_utils.InferenceResponse(output_tensors=[to_triton(self.output_name, part)])
             for part in torch.split(logits, sizes)
         ]
+
+    def _log_first_of_size(self, batch_size: int, seconds: float) -> None:
+        if batch_size not in self._batch_sizes_seen:
+            self._batch_sizes_seen.add(batch_size)
+            pb_utils.Logger.log_info(f"{self.name}: first batch of {batch_size} tiles ran in {seconds:.3f} s")

@@ -1,5 +1,6 @@
-"""``postprocess_2d``: LOGITS [K, *spatial] -> MASK [*spatial], PROBABILITIES [K, *spatial],
-CONTOUR [*spatial] (``sliding_window_3d`` runs the same code in its own step).
+"""The pipeline's outputs from blended logits [K, *spatial]: MASK [*spatial], PROBABILITIES
+[K, *spatial], CONTOUR [*spatial]. The sliding-window steps run this code in their own process
+(parameter ``postprocess``), so the logits never cross to another one.
 
 Triton asks a composing model for every output its ensemble maps, whatever the client
 requested, so PROBABILITIES and CONTOUR are computed only when the request parameters
@@ -13,8 +14,7 @@ import logging
 
 import triton_python_backend_utils as pb_utils
 
-from segserve.backend.tensors import error_response, input_tensor, to_triton
-from segserve.options import parse_options
+from segserve.backend.tensors import to_triton
 from segserve.postprocess import postprocess
 
 
@@ -34,30 +34,15 @@ def forward_package_logs() -> None:
     package_logger.setLevel(logging.INFO)
 
 
-def segmentation_outputs(logits, options) -> list:
+def segmentation_outputs(logits, options, overwrite_logits: bool = False) -> list:
     """The pipeline's outputs from ``[K, *spatial]`` blended logits: MASK, and PROBABILITIES and
-    CONTOUR when the options ask for them (else empty, shape ``[0, ...]``)."""
-    result = postprocess(logits, options.probabilities, options.keep_largest, options.contour)
+    CONTOUR when the options ask for them (else empty, shape ``[0, ...]``).
+    ``overwrite_logits``: the probabilities may reuse the logits' memory."""
     empty_probabilities = logits.new_empty((0, *logits.shape[1:]))
+    result = postprocess(logits, options.probabilities, options.keep_largest, options.contour, overwrite_logits)
     empty_contour = result.mask.new_empty((0, *result.mask.shape[1:]))
     return [
         to_triton("MASK", result.mask),
         to_triton("PROBABILITIES", result.probabilities if result.probabilities is not None else empty_probabilities),
         to_triton("CONTOUR", result.contour if result.contour is not None else empty_contour),
     ]
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        forward_package_logs()
-
-    def execute(self, requests):
-        return [self._execute_one(request) for request in requests]
-
-    def _execute_one(self, request):
-        try:
-            options = parse_options(request.parameters())
-            outputs = segmentation_outputs(input_tensor(request, "LOGITS"), options)
-            return pb_utils.InferenceResponse(output_tensors=outputs)
-        except Exception as error:
-            return error_response(error)

@@ -1,4 +1,11 @@
-"""``preprocess_2d`` / ``preprocess_3d``: one of IMAGE / IMAGE_UINT8 / IMAGE_UINT16 / IMAGE_INT16 -> NORMALIZED."""
+"""Preprocessing step: one of IMAGE / IMAGE_UINT8 / IMAGE_UINT16 / IMAGE_INT16 -> NORMALIZED.
+
+The shipped pipelines run this code inside the sliding-window step (:class:`FramePreparation`):
+the frame arrives there in its wire dtype (uint16 stays uint16, 2 bytes a pixel) and the
+float32 copy is made in the process that uses it, so no full-size float frame crosses between
+processes. The step on its own (``TritonPythonModel``) is what ``scripts/tune_2d.py`` measures
+the fused layout against.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import (error_response, input_tensor, instance_gpu, model_parameters, parse_model_config,
                                      to_triton)
-from segserve.options import parse_options
+from segserve.options import PipelineOptions, parse_options
 from segserve.preprocess import InputError, normalize, validate_frame
 
 IMAGE_INPUTS = ("IMAGE", "IMAGE_UINT8", "IMAGE_UINT16", "IMAGE_INT16")
@@ -23,33 +30,44 @@ def pipeline_device(setting: str, gpu: int | None = None) -> torch.device:
     return torch.device(setting)
 
 
-class TritonPythonModel:
-    def initialize(self, args):
+def request_frame(request) -> torch.Tensor:
+    """The one IMAGE* input of a request, ``[C, *spatial]`` in its wire dtype (zero-copy view)."""
+    given = {name: input_tensor(request, name) for name in IMAGE_INPUTS}
+    given = {name: tensor for name, tensor in given.items() if tensor is not None}
+    if len(given) != 1:
+        raise InputError(f"send exactly one of {', '.join(IMAGE_INPUTS)} (by pixel type), got {sorted(given) or 'none'}")
+    return next(iter(given.values()))
+
+
+class FramePreparation:
+    """Settings of the preprocessing, read once from a model's config: ``spatial_dims``,
+    ``max_pixels`` (per channel; absent means no limit) and ``device`` (auto | cpu | cuda[:n])."""
+
+    def __init__(self, args: dict):
         parameters = model_parameters(parse_model_config(args))
         self.spatial_dims = int(parameters.get("spatial_dims", "2"))
         self.max_pixels = int(parameters["max_pixels"]) if "max_pixels" in parameters else None
         self.device = pipeline_device(parameters.get("device", "auto"), instance_gpu(args))
         pb_utils.Logger.log_info(f"{args['model_name']}: pipeline tensors on {self.device}")
 
+    def __call__(self, request, options: PipelineOptions) -> torch.Tensor:
+        """The request's frame validated and normalised: ``[C, *spatial]`` float32 in [0, 1] on
+        ``device``. The frame moves to the device in its wire dtype, then becomes float."""
+        frame = request_frame(request)
+        validate_frame(frame, self.spatial_dims, self.max_pixels)
+        return normalize(frame.to(self.device), options)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.prepare = FramePreparation(args)
+
     def execute(self, requests):
         return [self._execute_one(request) for request in requests]
 
     def _execute_one(self, request):
         try:
-            options = parse_options(request.parameters())
-            frame = self._single_image(request)
-            validate_frame(frame, self.spatial_dims, self.max_pixels)
-            normalized = normalize(frame.to(self.device), options)
+            normalized = self.prepare(request, parse_options(request.parameters()))
             return pb_utils.InferenceResponse(output_tensors=[to_triton("NORMALIZED", normalized)])
         except Exception as error:  # every failure becomes this request's error response
             return error_response(error)
-
-    @staticmethod
-    def _single_image(request):
-        given = {name: input_tensor(request, name) for name in IMAGE_INPUTS}
-        given = {name: tensor for name, tensor in given.items() if tensor is not None}
-        if len(given) != 1:
-            raise InputError(
-                f"send exactly one of {', '.join(IMAGE_INPUTS)} (by pixel type), got {sorted(given) or 'none'}"
-            )
-        return next(iter(given.values()))

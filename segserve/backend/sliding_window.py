@@ -1,27 +1,47 @@
-"""``sliding_window_2d`` / ``_3d``: NORMALIZED [C, *spatial] -> LOGITS [K, *spatial] through
-BLS tile batches.
+"""``sliding_window_2d`` / ``_3d``: a frame [C, *spatial] -> the pipeline's outputs, through
+BLS tile batches to the network model.
 
-Parameter ``postprocess``: ``true`` makes the step emit the pipeline's outputs (MASK,
-PROBABILITIES, CONTOUR; the postprocess step's code) instead of LOGITS, so the K-channel logits
-never travel between processes: for volumes that saves two copies of the largest tensor
-(``segment_3d``). Parameter ``tile_requests_in_flight``: each tile batch is split into this many BLS requests
-sent at once (``async_exec``), so network instances on several GPUs work on one frame
-together; ``auto`` means one per visible GPU. Default 1: one request per batch.
+Input: either one raw IMAGE* input in its wire dtype (validated and normalised here, as the
+preprocess step would: ``segment_2d``), or NORMALIZED float32 from a preprocess step
+(``segment_3d``). Parameter ``postprocess``: ``true`` makes the step emit MASK, PROBABILITIES
+and CONTOUR (the postprocess step's code) instead of LOGITS, so the K-channel logits never
+travel between processes. With both, the only full-size tensors crossing a process boundary
+are the frame in its wire dtype and the outputs (docs/benchmarks.md, memory).
+
+Parameters of the tile batches:
+- ``sw_batch_size``: tiles per BLS call when a request names none (default 8; the GPU
+  variant asks for more, so a frame takes a handful of calls).
+- ``pad_last_batch``: ``true`` pads a partial last batch with zero tiles to the full batch
+  size, so the engine sees one shape (TorchScript, CUDA graphs, TensorRT profiles).
+- ``network_config``: the configuration variant the network models run under (``gpu``): their
+  max batch size is read from ``configs/<variant>.pbtxt``, else from ``config.pbtxt``.
+- ``tile_requests_in_flight``: each tile batch is split into this many BLS requests sent at
+  once (``async_exec``), so network instances on several GPUs work on one frame together;
+  ``auto`` means one per visible GPU. Default 1.
+
+The step warms itself up in ``initialize`` (a small frame through normalisation, blending and
+postprocessing, with zero logits in place of the network: BLS targets may not be loaded yet),
+so the model, and with it the server, is ready only once first-call costs are paid; the
+network model warms itself with Triton's ``model_warmup`` (written by the export).
 """
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
+import time
 
 import torch
 import triton_python_backend_utils as pb_utils
 
 from segserve.backend.postprocess import forward_package_logs, segmentation_outputs
+from segserve.backend.preprocess import FramePreparation
 from segserve.backend.tensors import error_response, input_tensor, model_parameters, parse_model_config, to_torch, to_triton
-from segserve.network_spec import NetworkSpec, load_network_spec
-from segserve.options import parse_options
-from segserve.sliding_window import blended_logits
+from segserve.network_spec import NetworkConfigError, NetworkSpec, load_network_spec
+from segserve.options import PipelineOptions, parse_options
+from segserve.preprocess import normalize
+from segserve.sliding_window import DEFAULT_SW_BATCH_SIZE, blended_logits, pad_batch, resolve_sw_batch_size
+from segserve.postprocess import postprocess
 
 
 class NetworkCallError(RuntimeError):
@@ -31,15 +51,23 @@ class NetworkCallError(RuntimeError):
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(parse_model_config(args))
+        self.name = args["model_name"]
         self.default_network = parameters["default_network"]
         self.repository = pathlib.Path(args["model_repository"]).parent
         self.requests_in_flight = requests_in_flight(parameters.get("tile_requests_in_flight", "1"))
+        self.default_sw_batch_size = int(parameters.get("sw_batch_size", str(DEFAULT_SW_BATCH_SIZE)))
+        self.pad_last_batch = parameters.get("pad_last_batch", "false").lower() == "true"
         self.postprocess = parameters.get("postprocess", "false").lower() == "true"
+        self.network_config = parameters.get("network_config") or None
+        self.prepare = FramePreparation(args)
         if self.postprocess:
             forward_package_logs()
         self._loop = asyncio.new_event_loop() if self.requests_in_flight > 1 else None
         self._specs: dict[str, NetworkSpec] = {}
-        pb_utils.Logger.log_info(f"{args['model_name']}: {self.requests_in_flight} tile request(s) in flight per batch")
+        pb_utils.Logger.log_info(f"{self.name}: {self.default_sw_batch_size} tiles per network call by default"
+                                 f"{', last batch padded' if self.pad_last_batch else ''}; "
+                                 f"{self.requests_in_flight} tile request(s) in flight per batch")
+        self._warm_up()
 
     def finalize(self):
         if self._loop is not None:
@@ -49,31 +77,72 @@ class TritonPythonModel:
         return [self._execute_one(request) for request in requests]
 
     def _execute_one(self, request):
+        """The one place a request is finished: its outputs, or its error."""
         try:
             options = parse_options(request.parameters())
             network = self._network_spec(options.network or self.default_network)
-            image = input_tensor(request, "NORMALIZED")
-            logits = blended_logits(image, network, lambda tiles: self._predict(network, tiles), options)
+            logits = self._blended_logits(request, network, options)
             if self.postprocess:
-                return pb_utils.InferenceResponse(output_tensors=segmentation_outputs(logits, options))
+                return pb_utils.InferenceResponse(output_tensors=segmentation_outputs(logits, options, overwrite_logits=True))
             return pb_utils.InferenceResponse(output_tensors=[to_triton("LOGITS", logits)])
         except Exception as error:
             return error_response(error)
 
+    def _blended_logits(self, request, network: NetworkSpec, options: PipelineOptions) -> torch.Tensor:
+        """``[K, *spatial]`` float32 logits of the request's frame. The float frame is dropped
+        on return, before postprocessing allocates."""
+        image = input_tensor(request, "NORMALIZED")
+        if image is None:
+            image = self.prepare(request, options)
+        batch_size = resolve_sw_batch_size(options, network, self.default_sw_batch_size)
+        return blended_logits(image, network, lambda tiles: self._predict(network, tiles, batch_size), options,
+                              batch_size)
+
     def _network_spec(self, name: str) -> NetworkSpec:
         if name not in self._specs:
-            self._specs[name] = load_network_spec(self.repository, name)
+            self._specs[name] = load_network_spec(self.repository, name, self.network_config)
         return self._specs[name]
 
-    def _predict(self, network: NetworkSpec, tiles: torch.Tensor) -> torch.Tensor:
-        """``[B, C, *tile]`` float32 -> ``[B, K, *tile]`` float32 logits on the tiles' device,
-        in one BLS call or ``requests_in_flight`` concurrent ones."""
+    def _predict(self, network: NetworkSpec, tiles: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The one place tiles go to the network: ``[B, C, *tile]`` float32 -> ``[B, K, *tile]``
+        float32 logits on the tiles' device, in one BLS call or ``requests_in_flight``
+        concurrent ones. With ``pad_last_batch`` a short batch travels padded to ``batch_size``."""
+        count = tiles.shape[0]
+        if self.pad_last_batch:
+            tiles = pad_batch(tiles, batch_size)
         parts = torch.tensor_split(tiles, min(self.requests_in_flight, tiles.shape[0]))
         if len(parts) == 1:
-            return network_logits(network, network_request(network, tiles).exec()).to(tiles.device)
-        requests = [network_request(network, part) for part in parts]
-        responses = self._loop.run_until_complete(exec_all(requests))
-        return torch.cat([network_logits(network, response).to(tiles.device) for response in responses])
+            logits = network_logits(network, network_request(network, tiles).exec()).to(tiles.device)
+        else:
+            requests = [network_request(network, part) for part in parts]
+            responses = self._loop.run_until_complete(exec_all(requests))
+            logits = torch.cat([network_logits(network, response).to(tiles.device) for response in responses])
+        return logits[:count]
+
+    def _warm_up(self) -> None:
+        """Pay this process's first-call costs before the model is ready: CUDA context and
+        kernels on a GPU, MONAI's lazy imports and first allocations everywhere. The network is
+        not called (it may not be loaded yet); it warms itself (``model_warmup``)."""
+        try:
+            network = self._network_spec(self.default_network)
+        except NetworkConfigError as error:
+            pb_utils.Logger.log_warn(f"{self.name}: no warm-up ({error})")
+            return
+        start = time.perf_counter()
+        # One tile and a pixel in each dimension: overlapping windows, blending, padding-free.
+        frame = torch.zeros((network.in_channels, *(size + 1 for size in network.tile_size)), dtype=torch.uint16)
+        frame[(slice(None), *(slice(0, size) for size in network.tile_size))] = 1000
+        image = normalize(frame.to(self.prepare.device), PipelineOptions())
+
+        def zero_logits(tiles: torch.Tensor) -> torch.Tensor:
+            return tiles.new_zeros((tiles.shape[0], network.num_classes, *tiles.shape[2:]))
+
+        logits = blended_logits(image, network, zero_logits, PipelineOptions(), 2)
+        if self.postprocess:
+            postprocess(logits, probabilities=True, keep_largest=True, contour=True)
+        if image.is_cuda:
+            torch.cuda.synchronize(image.device)
+        pb_utils.Logger.log_info(f"{self.name}: warm-up done in {time.perf_counter() - start:.2f} s")
 
 
 async def exec_all(requests: list) -> list:

@@ -1,3 +1,0 @@
-"""postprocess_2d: thin shim; the logic is segserve.backend.postprocess."""
-
-from segserve.backend.postprocess import TritonPythonModel  # noqa: F401

@@ -1,3 +1,0 @@
-"""preprocess_2d: thin shim; the logic is segserve.backend.preprocess."""
-
-from segserve.backend.preprocess import TritonPythonModel  # noqa: F401
