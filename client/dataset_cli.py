@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-per-task", type=int, default=DEFAULT_FRAMES_PER_TASK,
                         help="frames per task and per output chunk, stacks (default: %(default)s)")
     parser.add_argument("--block", type=int, nargs=3, metavar=("D", "H", "W"),
-                        help="voxels per task and per output chunk, volumes (default: the largest power-of-two "
+                        help="voxels per task and per output chunk, volumes, 0 for the whole axis (default: the largest power-of-two "
                              "multiple of the tile whose request with halos stays under --max-chunk-voxels)")
     parser.add_argument("--max-chunk-voxels", type=int, default=DEFAULT_MAX_CHUNK_VOXELS,
                         help="largest request in voxels, for the default --block (default: %(default)s)")
@@ -71,8 +71,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for name in ("workers", "frames_per_task", "inflight", "max_chunk_voxels"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.block and min(args.block) < 1:
-        parser.error(f"--block extents must be >= 1, got {args.block}")
+    if args.block and min(args.block) < 0:
+        parser.error(f"--block extents must be >= 0 (0: the whole axis), got {args.block}")
     for name in ("retries", "task_retries"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -116,7 +116,7 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
     spatial = shape[1:] if channels else shape
     overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
     block = tuple(args.block) if args.block else default_block(spatial, info.tile, args.max_chunk_voxels)
-    block = tuple(min(b, n) for b, n in zip(block, spatial))
+    block = tuple(min(b, n) if b else n for b, n in zip(block, spatial))
     tasks = plan_volume(spatial, info.tile, block, overlap)
     if len(tasks) > 1 and (args.keep_largest or args.contour):
         raise ValueError("--keep-largest and --contour look at the whole mask (the largest object, borders across "
@@ -267,6 +267,11 @@ def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace
 
 def segment_dataset(args: argparse.Namespace) -> int:
     """Plan, start or join the cluster, run the unfinished tasks, summarise; 1 if any failed."""
+    return run_dataset(args)[0]
+
+
+def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
+    """``segment_dataset`` with its summary and the seconds the tasks took (for benchmarks)."""
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
         check_servers(client, args.model)
@@ -287,9 +292,10 @@ def segment_dataset(args: argparse.Namespace) -> int:
               f"task(s) of {list(plan.arrays['mask'][1])}, {summary.skipped} already done, {len(todo)} to do -> "
               f"{args.out}", file=sys.stderr)
         options = volume_options(plan, group, args, dask_client, segment_options(args))
-        outputs = tuple(plan.arrays)
-        job = Job(source, str(args.out), plan.layout, plan.channels, urls, args.model, args.network, args.transport,
-                  args.timeout, args.retries, args.inflight, options, outputs)
+        # The network by name: workers then need only open metadata, no restricted-endpoint token.
+        job = Job(source, str(args.out), plan.layout, plan.channels, urls, args.model, info.name, args.transport,
+                  args.timeout, args.retries, args.inflight, options, tuple(plan.arrays))
+        start = time.perf_counter()
         run_tasks(dask_client, job, todo, args, summary)
     finally:
         seconds = time.perf_counter() - start
@@ -305,5 +311,5 @@ def segment_dataset(args: argparse.Namespace) -> int:
     group.attrs[ATTRIBUTE] = {**state, "complete": remaining == 0, "remaining_tasks": remaining}
     if summary.failed or remaining:
         print(f"client: {remaining} task(s) unfinished; rerun with --resume to do only those", file=sys.stderr)
-        return 1
-    return 0
+        return 1, summary, seconds
+    return 0, summary, seconds
