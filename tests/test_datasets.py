@@ -35,7 +35,7 @@ def second_server(server, tmp_path_factory):
     repository = copy_2d_repository(tmp_path_factory.mktemp("dataset-second") / "model_repository")
     config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0,
                           token=server.config.token)
-    second = TritonServer(config, log_path=tmp_path_factory.mktemp("logs") / "dataset-second.log").start()
+    second = TritonServer(config, log_path=tmp_path_factory.mktemp("logs") / "dataset-second.log").start(timeout_s=600)
     yield second
     second.stop(timeout_s=20)
 
