@@ -74,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="frame side in pixels (default: %(default)s)")
     parser.add_argument("--frames-per-task", type=int, default=4)
     parser.add_argument("--overhead-tasks", type=int, default=2000)
+    parser.add_argument("--url", help="two running servers A,B to use instead of starting 2D-only ones")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results") / "dataset.json")
     args = parser.parse_args(argv)
 
     import zarr
 
+    from client.auth import new_token
     from segserve.launcher import ServerConfig, TritonServer, copy_models
     from training.synthetic import synthetic_slice, to_detector_counts
 
@@ -91,13 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         root = pathlib.Path(scratch)
         input_path = root / "stack.zarr"
         zarr.create_array(input_path, shape=frames.shape, chunks=(1, args.size, args.size), dtype=frames.dtype)[:] = frames
-        servers = []
+        servers, token = [], new_token()
         try:
-            for index in range(2):
+            for index in range(0 if args.url else 2):
                 repository = copy_models(root / f"server{index}" / "model_repository", TWO_D_MODELS)
-                config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
+                config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0,
+                                      token=token)
                 servers.append(TritonServer(config, log_path=root / f"server{index}.log").start(timeout_s=600))
-            urls = [s.grpc_url for s in servers]
+            if servers:  # the driver reads the network's configuration: the restricted endpoints' token
+                os.environ["SEGSERVE_TOKEN"] = token
+            urls = args.url.split(",") if args.url else [s.grpc_url for s in servers]
             runs = [run_once(input_path, root / "one.zarr", urls[:1], 1, args.frames_per_task),
                     run_once(input_path, root / "two.zarr", urls, 2, args.frames_per_task)]
         finally:
