@@ -252,13 +252,13 @@ def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace
     from tqdm import tqdm
 
     futures = dask_client.map(run_task, [job] * len(tasks), tasks, retries=args.task_retries, pure=False)
-    unit = "task"
-    with tqdm(total=len(tasks), unit=unit, disable=args.no_progress, dynamic_ncols=True) as progress:
+    task_of = {future.key: task for future, task in zip(futures, tasks)}
+    with tqdm(total=len(tasks), unit="task", disable=args.no_progress, dynamic_ncols=True) as progress:
         for future in as_completed(futures):
             if future.status == "finished":
                 summary.reports.append(future.result())
             else:
-                task = tasks[futures.index(future)]
+                task = task_of[future.key]
                 summary.failed.append(f"task {task.index} {task.describe()}: {future.exception()}")
                 progress.write(f"client: error: {summary.failed[-1]}")
             progress.update(1)

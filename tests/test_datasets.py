@@ -152,6 +152,32 @@ def test_volume_refuses_whole_mask_options_over_blocks(server, tmp_path, capsys)
     assert not (tmp_path / "o.zarr").exists()
 
 
+def test_ome_zarr_image_gets_a_label_image(server, cluster, stack, reference, tmp_path, capsys):
+    """OME-Zarr input (level 0 of two, t and c of length 1): the output group is an NGFF label
+    image on the input's grid, pointing at it."""
+    _, dask_client = cluster
+    frames = stack[0][:5]
+    image = zarr.open_group(tmp_path / "image.ome.zarr", mode="w", zarr_format=3)
+    image.create_array("0", shape=(1, 1, *frames.shape), chunks=(1, 1, 1, *FRAME), dtype=frames.dtype)[:] = frames[None, None]
+    image.create_array("1", shape=(1, 1, 5, 60, 75), chunks=(1, 1, 1, 60, 75), dtype=frames.dtype)
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}, {"name": "z", "type": "space"},
+            {"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    scale = [{"type": "scale", "scale": [1.0, 1.0, 2.0, 0.5, 0.5]}]
+    image.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": scale},
+        {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 2.0, 1.0, 1.0]}]}]}]}
+    out = tmp_path / "labels.zarr"
+    code = client_main(["segment-dataset", str(tmp_path / "image.ome.zarr"), "--out", str(out), "--url",
+                        server.grpc_url, "--scheduler", dask_client.scheduler.address, "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert_complete(out, reference[0][:5], 2)
+    ome = zarr.open_group(out, mode="r").attrs["ome"]
+    assert ome["multiscales"][0]["axes"] == axes[2:]
+    assert ome["multiscales"][0]["datasets"] == [{"path": "mask", "coordinateTransformations": [
+        {"type": "scale", "scale": [2.0, 0.5, 0.5]}]}]
+    assert (out / ome["image-label"]["source"]["image"]).resolve() == (tmp_path / "image.ome.zarr").resolve()
+
+
 def test_worker_killed_mid_run(server, second_server, cluster, stack, reference, tmp_path):
     """SIGKILL one worker process once 3 tasks are done: its task reruns on a new worker."""
     local, dask_client = cluster
