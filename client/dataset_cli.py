@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import os
 import pathlib
 import sys
@@ -34,7 +33,7 @@ import time
 
 import numpy as np
 
-from client.api import SegmentationClient, SegmentationError
+from client.api import SegmentationClient
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, DEFAULT_OVERLAP
 from client.cli_options import add_pipeline_options, add_server_options, check_servers, segment_options
 from client.dataset_ranges import intensity_range
