@@ -48,7 +48,7 @@ def run_once(input_path: pathlib.Path, out: pathlib.Path, urls: list[str], worke
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        # Warm the workers' clients (connections, metadata) on a throw-away run of one task.
+        # Warm the workers' clients (connections, metadata) and the servers on a throw-away run.
         args = parse_args(["segment-dataset", str(input_path), "--out", str(out) + ".warm", "--url", ",".join(urls),
                            "--scheduler", client.scheduler.address, "--frames-per-task", str(frames_per_task),
                            "--no-progress", "--overwrite"])
