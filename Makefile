@@ -109,3 +109,8 @@ train-3d: $(SETUP_STAMP)
 
 clean:
 	rm -rf out samples bench_results model_repository/unet2d_particles model_repository/unet3d_organs .tools
+
+# segment-dataset on LocalClusters with 1 and 2 servers/workers, Dask overhead per task: bench_results/dataset.json
+.PHONY: bench-dataset
+bench-dataset: setup
+	$(PY) -m scripts.bench_dataset

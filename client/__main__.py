@@ -31,7 +31,7 @@ import traceback
 
 from tqdm import tqdm
 
-from client import volume_cli
+from client import dataset_cli, volume_cli
 from client.cli_options import add_pipeline_options, add_server_options, check_servers, segment_options
 from client.api import SegmentationClient, SegmentationError
 from client.stacks import FileWriter, RunRecord, Source, StackWriter, open_sources, stack_outputs
@@ -59,7 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_server_options(volume, "segment_3d", 2, "chunks")
     add_pipeline_options(volume)
     volume_cli.add_chunk_options(volume)
+    dataset = commands.add_parser("segment-dataset", help="segment a dataset on a Dask cluster, zarr out",
+                                  description=dataset_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dataset_cli.add_arguments(dataset)
     args = parser.parse_args(argv)
+    if args.command == "segment-dataset":
+        dataset_cli.check_arguments(dataset, args)
     if args.inflight < 1:
         parser.error(f"--inflight must be >= 1, got {args.inflight}")
     if args.retries is not None and args.retries < 0:
@@ -191,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT is set too: a shell starts background jobs with it ignored, and Python keeps that.
     previous = {signum: signal.signal(signum, raise_keyboard_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if args.command == "segment-dataset":
+            return dataset_cli.segment_dataset(args)
         return volume_cli.segment_volumes(args) if args.command == "segment-volume" else segment_inputs(args)
     except (OSError, ValueError, SegmentationError) as error:
         if args.debug:

@@ -1,0 +1,314 @@
+"""Segment datasets larger than one machine on a Dask cluster, zarr in and zarr out.
+
+    python -m client segment-dataset scan.zarr --out scan_seg.zarr --url gpu1:8001,gpu2:8001
+    python -m client segment-dataset tomo.h5:/entry/data --out tomo_seg.zarr --model segment_3d
+    python -m client segment-dataset em.zarr/raw --out em_seg.zarr --model segment_3d --scheduler tcp://head:8786
+    python -m client segment-dataset scan.zarr --out scan_seg.zarr --resume       (after an interrupted run)
+
+Inputs: a zarr array (STORE.zarr, STORE.zarr/path/in/store), an OME-Zarr image (level 0 of its
+multiscales), an HDF5 dataset (FILE.h5:/path), a TIFF stack or an NPY file. With a 2D model
+([N, H, W] or [N, C, H, W]) tasks are runs of --frames-per-task frames; with a 3D model
+([D, H, W] or [C, D, H, W]) tasks are blocks of --block voxels, each read with its halo
+straight from the input, so that the stitched result equals one whole-volume request.
+
+Output: a zarr group with `mask` (uint8, the input's spatial shape, one chunk per task),
+`probabilities` and `contour` on request, `done` (one element per task, set by the task after
+its data) and attributes with the options, the network and the run's state. OME-Zarr inputs
+also make the group an OME-Zarr label image over the input (NGFF `image-label`).
+
+Without --scheduler a LocalCluster of --workers processes runs here; with it, an existing
+cluster (Slurm, Kubernetes: docs/datasets.md). Each worker talks to $SEGSERVE_LOCAL_URL (its
+node's server) when set there, else to the --url list, failing over between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from client.api import SegmentationClient
+from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, DEFAULT_OVERLAP
+from client.cli_options import add_pipeline_options, add_server_options, check_servers, segment_options
+from client.dataset_ranges import intensity_range
+from client.dataset_sources import DatasetSource, open_source
+from client.datasets import DONE_ARRAY, Job, Task, TaskReport, default_block, plan_stack, plan_volume, run_task
+
+ATTRIBUTE = "segment_dataset"
+DEFAULT_FRAMES_PER_TASK = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="STORE.zarr[/array], an OME-Zarr image, FILE.h5:/dataset, .tif or .npy")
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="output zarr group (OUTPUT.zarr)")
+    add_server_options(parser, "segment_2d", 1, "requests per worker")
+    parser.add_argument("--scheduler", help="address of a running Dask scheduler (default: a LocalCluster here)")
+    parser.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default: %(default)s)")
+    parser.add_argument("--frames-per-task", type=int, default=DEFAULT_FRAMES_PER_TASK,
+                        help="frames per task and per output chunk, stacks (default: %(default)s)")
+    parser.add_argument("--block", type=int, nargs=3, metavar=("D", "H", "W"),
+                        help="voxels per task and per output chunk, volumes, 0 for the whole axis (default: the largest power-of-two "
+                             "multiple of the tile whose request with halos stays under --max-chunk-voxels)")
+    parser.add_argument("--max-chunk-voxels", type=int, default=DEFAULT_MAX_CHUNK_VOXELS,
+                        help="largest request in voxels, for the default --block (default: %(default)s)")
+    parser.add_argument("--task-retries", type=int, default=3,
+                        help="times Dask reruns a task that raised (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="run only the tasks an interrupted run did not finish")
+    parser.add_argument("--overwrite", action="store_true", help="start over where an earlier run left OUTPUT.zarr")
+    add_pipeline_options(parser)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    for name in ("workers", "frames_per_task", "inflight", "max_chunk_voxels"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.block and min(args.block) < 0:
+        parser.error(f"--block extents must be >= 0 (0: the whole axis), got {args.block}")
+    for name in ("retries", "task_retries"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+@dataclasses.dataclass
+class DatasetPlan:
+    """The source, how it is cut, and the output arrays (name -> (shape, chunks, dtype))."""
+
+    source: DatasetSource
+    layout: str
+    channels: bool
+    tasks: list[Task]
+    arrays: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]]
+    spatial_shape: tuple[int, ...]
+
+
+def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> DatasetPlan:
+    """Stack or volume (rank against the network's spatial dims), its tasks and outputs.
+
+    Raises:
+        ValueError: a shape the network cannot take, or a per-block option on a chunked volume.
+    """
+    dims, shape = info.spatial_dims, source.shape
+    channels = len(shape) == dims + 2 if dims == 2 else len(shape) == 4
+    if dims == 2:
+        if len(shape) == 2 or (len(shape) == 3 and info.in_channels > 1):
+            raise ValueError(f"{source.argument}: one frame {list(shape)}; use `python -m client segment` for frames")
+        if channels and shape[1] != info.in_channels:
+            raise ValueError(f"{source.argument}: frames have {shape[1]} channels, network {info.name!r} takes "
+                             f"{info.in_channels}")
+        frames, frame = shape[0], shape[-2:]
+        tasks = plan_stack(frames, args.frames_per_task)
+        extent = min(args.frames_per_task, frames)
+        arrays = {"mask": ((frames, *frame), (extent, *frame), "uint8")}
+        if args.probabilities:
+            arrays["probabilities"] = ((frames, info.num_classes, *frame), (extent, info.num_classes, *frame), "float32")
+        if args.contour:
+            arrays["contour"] = ((frames, *frame), (extent, *frame), "uint8")
+        return DatasetPlan(source, "stack", channels, tasks, arrays, (frames, *frame))
+    spatial = shape[1:] if channels else shape
+    overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
+    block = tuple(args.block) if args.block else default_block(spatial, info.tile, args.max_chunk_voxels)
+    block = tuple(min(b, n) if b else n for b, n in zip(block, spatial))
+    tasks = plan_volume(spatial, info.tile, block, overlap)
+    if len(tasks) > 1 and (args.keep_largest or args.contour):
+        raise ValueError("--keep-largest and --contour look at the whole mask (the largest object, borders across "
+                         "block seams); a block cannot compute them as a whole-volume request would. Segment without "
+                         "them, or use `python -m client segment-volume` on a machine that holds the volume, or one "
+                         "--block covering the volume")
+    arrays = {"mask": (spatial, block, "uint8")}
+    if args.probabilities:
+        arrays["probabilities"] = ((info.num_classes, *spatial), (info.num_classes, *block), "float32")
+    if args.contour:
+        arrays["contour"] = (spatial, block, "uint8")
+    return DatasetPlan(source, "volume", channels, tasks, arrays, spatial)
+
+
+def run_settings(plan: DatasetPlan, info, args: argparse.Namespace) -> dict:
+    """What a resumed run must share with the run it continues."""
+    return {"input": plan.source.argument, "input_shape": list(plan.source.shape), "input_dtype": plan.source.dtype,
+            "layout": plan.layout, "model": args.model, "network": info.name,
+            "task_extent": list(plan.arrays["mask"][1]), "tasks": len(plan.tasks),
+            "options": {k: v for k, v in segment_options(args).items() if v is not None}}
+
+
+def open_output(plan: DatasetPlan, settings: dict, args: argparse.Namespace):
+    """Create (or, with --resume, reopen and check) the output group; the driver alone writes
+    its attributes."""
+    import zarr
+
+    if args.out.exists() and not args.resume:
+        if not args.overwrite:
+            raise ValueError(f"{args.out} exists; add --resume to continue the run that wrote it or --overwrite to "
+                             "start again")
+    if args.resume and args.out.exists():
+        group = zarr.open_group(args.out, mode="r+")
+        previous = dict(group.attrs).get(ATTRIBUTE, {}).get("settings")
+        if previous is None:
+            raise ValueError(f"{args.out}: not written by segment-dataset; nothing to resume")
+        differing = sorted(k for k in settings if previous.get(k) != settings[k])
+        if differing:
+            raise ValueError(f"{args.out}: written with other settings ({', '.join(differing)}: "
+                             f"{[previous.get(k) for k in differing]}); resume with the same ones or --overwrite")
+        return group
+    group = zarr.open_group(args.out, mode="w", zarr_format=3)
+    for name, (shape, chunks, dtype) in plan.arrays.items():
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+    group.create_array(DONE_ARRAY, shape=(len(plan.tasks),), chunks=(1,), dtype="uint8", fill_value=0)
+    attributes = {ATTRIBUTE: {"settings": settings, "complete": False}}
+    if plan.source.ome is not None:
+        attributes["ome"] = ome_label_metadata(plan, args.out)
+    group.attrs.update(attributes)
+    return group
+
+
+def ome_label_metadata(plan: DatasetPlan, out: pathlib.Path) -> dict:
+    """NGFF 0.5 label-image metadata: one level (`mask`) on the input's level-0 grid."""
+    multiscale = plan.source.ome
+    axes = multiscale.get("axes", [])[plan.source.dropped:]
+    if plan.channels:
+        axes = [a for i, a in enumerate(axes) if i != (1 if plan.layout == "stack" else 0)]
+    transforms = multiscale["datasets"][0].get("coordinateTransformations", [])
+    keep = len(axes)
+    transforms = [{**t, **{k: t[k][-keep:] for k in ("scale", "translation") if k in t}} for t in transforms]
+    image = os.path.relpath(pathlib.Path(plan.source.path, plan.source.inner.rpartition("/")[0]), out)
+    return {"version": "0.5",
+            "multiscales": [{"name": "mask", "axes": axes,
+                             "datasets": [{"path": "mask", "coordinateTransformations": transforms}]}],
+            "image-label": {"version": "0.5", "source": {"image": image}}}
+
+
+def start_cluster(args: argparse.Namespace):
+    """A distributed Client: to --scheduler, or to a LocalCluster of single-threaded worker
+    processes (each keeps one SegmentationClient; tritonclient objects are not thread-safe)."""
+    from distributed import Client, LocalCluster
+
+    if args.scheduler:
+        return Client(args.scheduler), None
+    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    return Client(cluster), cluster
+
+
+def volume_options(plan: DatasetPlan, group, args: argparse.Namespace, dask_client, options: dict) -> dict:
+    """Options sent with every block: the whole volume's intensity range unless given
+    (computed once and stored, so a resumed run sends the same)."""
+    if plan.layout != "volume" or len(plan.tasks) == 1:
+        return options
+    options = {**options, "overlap": DEFAULT_OVERLAP if options.get("overlap") is None else options["overlap"]}
+    if options.get("intensity_min") is not None or options.get("intensity_max") is not None:
+        return options
+    state = dict(group.attrs)[ATTRIBUTE]
+    if "intensity_range" not in state:
+        blocks = [functools.partial(plan.source.read, ((slice(None),) if plan.channels else ()) + task.kept)
+                  for task in plan.tasks]
+
+        def run(function, items):
+            return dask_client.gather(dask_client.map(function, items, pure=False))
+
+        started = time.perf_counter()
+        window = intensity_range(blocks, run)
+        state = {**state, "intensity_range": window}
+        group.attrs[ATTRIBUTE] = state
+        print(f"client: whole-volume intensity range {window} (exact 1st..99th percentile, 2 passes) in "
+              f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    if state["intensity_range"] is not None:
+        options["intensity_min"], options["intensity_max"] = state["intensity_range"]
+    return options
+
+
+@dataclasses.dataclass
+class Summary:
+    reports: list[TaskReport] = dataclasses.field(default_factory=list)
+    failed: list[str] = dataclasses.field(default_factory=list)
+    skipped: int = 0
+
+    def line(self, layout: str, seconds: float) -> str:
+        items = sum(r.items for r in self.reports)
+        unit = "frame" if layout == "stack" else "block"
+        rate = f"{items / seconds:.2f} {unit}s/s" if seconds > 0 and items else "-"
+        read, written = sum(r.bytes_read for r in self.reports), sum(r.bytes_written for r in self.reports)
+        return (f"{items} {unit}(s) in {len(self.reports)} task(s), {seconds:.1f} s ({rate}), "
+                f"{read / 2**20:.1f} MiB read, {written / 2**20:.1f} MiB written, "
+                f"{sum(r.retries for r in self.reports)} retried, {len(self.failed)} task(s) failed"
+                + (f", {self.skipped} already done" if self.skipped else ""))
+
+    def per_server(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for report in self.reports:
+            for url, answered in report.servers.items():
+                counts[url] = counts.get(url, 0) + answered
+        return counts
+
+
+def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace, summary: Summary) -> None:
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    futures = dask_client.map(run_task, [job] * len(tasks), tasks, retries=args.task_retries, pure=False)
+    task_of = {future.key: task for future, task in zip(futures, tasks)}
+    with tqdm(total=len(tasks), unit="task", disable=args.no_progress, dynamic_ncols=True) as progress:
+        for future in as_completed(futures):
+            if future.status == "finished":
+                summary.reports.append(future.result())
+            else:
+                task = task_of[future.key]
+                summary.failed.append(f"task {task.index} {task.describe()}: {future.exception()}")
+                progress.write(f"client: error: {summary.failed[-1]}")
+            progress.update(1)
+            progress.set_postfix(failed=len(summary.failed), refresh=False)
+
+
+def segment_dataset(args: argparse.Namespace) -> int:
+    """Plan, start or join the cluster, run the unfinished tasks, summarise; 1 if any failed."""
+    return run_dataset(args)[0]
+
+
+def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
+    """``segment_dataset`` with its summary and the seconds the tasks took (for benchmarks)."""
+    with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
+                            timeout_s=args.timeout, token=args.token) as client:
+        check_servers(client, args.model)
+        info = client.network_info()
+        urls = tuple(client.urls)
+    source = open_source(args.input, info.spatial_dims)
+    plan = plan_dataset(source, info, args)
+    settings = run_settings(plan, info, args)
+    group = open_output(plan, settings, args)
+    done = np.asarray(group[DONE_ARRAY][:]) if args.resume else np.zeros(len(plan.tasks), np.uint8)
+    todo = [task for task in plan.tasks if not done[task.index]]
+    summary = Summary(skipped=len(plan.tasks) - len(todo))
+    dask_client, cluster = start_cluster(args)
+    start = time.perf_counter()
+    try:
+        print(f"client: Dask dashboard {dask_client.dashboard_link}", file=sys.stderr)
+        print(f"client: {source.argument} {list(source.shape)} {source.dtype} as a {plan.layout}: {len(plan.tasks)} "
+              f"task(s) of {list(plan.arrays['mask'][1])}, {summary.skipped} already done, {len(todo)} to do -> "
+              f"{args.out}", file=sys.stderr)
+        options = volume_options(plan, group, args, dask_client, segment_options(args))
+        # The network by name: workers then need only open metadata, no restricted-endpoint token.
+        job = Job(source, str(args.out), plan.layout, plan.channels, urls, args.model, info.name, args.transport,
+                  args.timeout, args.retries, args.inflight, options, tuple(plan.arrays))
+        start = time.perf_counter()
+        run_tasks(dask_client, job, todo, args, summary)
+    finally:
+        seconds = time.perf_counter() - start
+        print(f"client: {summary.line(plan.layout, seconds)}", file=sys.stderr)
+        if summary.reports:
+            print("client: per server: " + ", ".join(f"{u} {n} answered" for u, n in summary.per_server().items()),
+                  file=sys.stderr)
+        dask_client.close()
+        if cluster is not None:
+            cluster.close()
+    remaining = int(len(plan.tasks) - np.count_nonzero(group[DONE_ARRAY][:]))
+    state = dict(group.attrs)[ATTRIBUTE]
+    group.attrs[ATTRIBUTE] = {**state, "complete": remaining == 0, "remaining_tasks": remaining}
+    if summary.failed or remaining:
+        print(f"client: {remaining} task(s) unfinished; rerun with --resume to do only those", file=sys.stderr)
+        return 1, summary, seconds
+    return 0, summary, seconds

@@ -1,0 +1,154 @@
+"""Dataset inputs read in pieces, by any process: zarr arrays (a path inside a store too),
+OME-Zarr images (level 0 of the first multiscale), HDF5 datasets (``FILE.h5:/path``), TIFF
+stacks and NPY files.
+
+A ``DatasetSource`` is a small picklable description (shape, dtype, where it is); each Dask
+worker opens the file itself (``read``) and keeps the handle for its lifetime, so no process
+ever holds more than the region it was asked for. Leading axes of length 1 beyond the rank
+the network needs (an OME-Zarr ``t`` or ``c`` of 1) are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from client.stacks import split_hdf5_argument
+
+ZARR_SUFFIXES = (".zarr", ".ome.zarr")
+_HANDLES: dict[tuple, object] = {}  # per process: (kind, path, inner) -> open array
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSource:
+    """An input array as the network takes it: ``shape`` without the dropped leading axes.
+
+    ``dropped``: leading axes of length 1 not part of ``shape``; ``ome``: the OME-Zarr image's
+    multiscale metadata (axes, level-0 transformations), None for other inputs."""
+
+    argument: str
+    kind: str  # zarr | ome-zarr | hdf5 | tiff | npy
+    path: str
+    inner: str | None
+    shape: tuple[int, ...]
+    dtype: str
+    dropped: int = 0
+    ome: dict | None = None
+
+    def open(self):
+        """The stored array (zarr array, h5py dataset, memmap), opened once per process."""
+        key = (self.kind, self.path, self.inner)
+        if key not in _HANDLES:
+            _HANDLES[key] = open_stored_array(self.kind, self.path, self.inner)
+        return _HANDLES[key]
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        """The voxels of ``region`` (over ``shape``'s axes) as a numpy array."""
+        return np.asarray(self.open()[(0,) * self.dropped + tuple(region)])
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return (1,) * self.dropped + self.shape
+
+
+def open_stored_array(kind: str, path: str, inner: str | None):
+    if kind in ("zarr", "ome-zarr"):
+        import zarr
+
+        return zarr.open_array(store=path, path=inner or "", mode="r")
+    if kind == "hdf5":
+        import h5py
+
+        return h5py.File(path, "r")[inner]
+    if kind == "npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    if kind == "tiff":
+        import tifffile
+        import zarr
+
+        return zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
+    raise ValueError(f"unknown input kind {kind!r}")
+
+
+def split_zarr_argument(argument: str) -> tuple[str, str] | None:
+    """``store.zarr/inner/path`` or ``store.zarr:/inner/path`` -> (store, inner path); None
+    when the argument names no ``.zarr`` directory."""
+    store, sep, inner = argument.partition(".zarr:")
+    if sep:
+        return store + ".zarr", inner.strip("/")
+    parts = pathlib.PurePath(argument).parts
+    for index, part in enumerate(parts):
+        if part.lower().endswith(".zarr"):
+            return str(pathlib.PurePath(*parts[: index + 1])), "/".join(parts[index + 1:])
+    return None
+
+
+def ome_level0(attributes: dict) -> dict | None:
+    """The first multiscale of NGFF image metadata (0.4: in the attributes, 0.5: under ``ome``)."""
+    multiscales = attributes.get("multiscales") or attributes.get("ome", {}).get("multiscales")
+    return multiscales[0] if multiscales else None
+
+
+def open_source(argument: str, rank: int) -> DatasetSource:
+    """Describe the input named by ``argument``, keeping its last ``rank`` or more axes.
+
+    Args:
+        rank: the fewest axes the network can take (a frame's or a volume's); leading axes of
+            length 1 are dropped down to ``rank + 1`` (a stack or channels stay).
+
+    Raises:
+        FileNotFoundError, ValueError: missing input, unsupported kind, wrong rank.
+    """
+    kind, path, inner, ome = locate(argument)
+    array = open_stored_array(kind, path, inner)
+    shape, dtype = tuple(int(n) for n in array.shape), str(np.dtype(array.dtype))
+    if kind == "hdf5":
+        array.file.close()
+    dropped = 0
+    while len(shape) - dropped > rank + 1 and shape[dropped] == 1:
+        dropped += 1
+    if not rank <= len(shape) - dropped <= rank + 1 + (rank == 2):
+        raise ValueError(f"{argument}: shape {list(shape)} is not a {'frame or stack' if rank == 2 else 'volume'} "
+                         f"for this network")
+    return DatasetSource(argument, kind, path, inner, shape[dropped:], dtype, dropped, ome)
+
+
+def locate(argument: str) -> tuple[str, str, str | None, dict | None]:
+    """(kind, file or store path, path inside it, OME-Zarr multiscale metadata)."""
+    hdf5 = split_hdf5_argument(argument)
+    if hdf5 is not None:
+        if not hdf5[0].exists():
+            raise FileNotFoundError(f"{hdf5[0]}: no such file")
+        return "hdf5", str(hdf5[0]), hdf5[1], None
+    zarr_parts = split_zarr_argument(argument)
+    if zarr_parts is not None:
+        return locate_zarr(*zarr_parts)
+    path = pathlib.Path(argument)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return "npy", str(path), None, None
+    if suffix in (".tif", ".tiff"):
+        return "tiff", str(path), None, None
+    raise ValueError(f"{argument}: unsupported input; use a zarr array or OME-Zarr image (.zarr), FILE.h5:/dataset, "
+                     ".tif or .npy")
+
+
+def locate_zarr(store: str, inner: str) -> tuple[str, str, str | None, dict | None]:
+    import zarr
+
+    if not pathlib.Path(store).exists():
+        raise FileNotFoundError(f"{store}: no such zarr store")
+    node = zarr.open(store=store, path=inner, mode="r")
+    if isinstance(node, zarr.Array):
+        return "zarr", store, inner, None
+    multiscale = ome_level0(dict(node.attrs))
+    if multiscale is None:
+        names = ", ".join(sorted(name for name, _ in node.arrays())) or "none"
+        raise ValueError(f"{store}/{inner}: a zarr group without OME-Zarr multiscales; name an array in it "
+                         f"(arrays here: {names})")
+    level0 = multiscale["datasets"][0]["path"]
+    return "ome-zarr", store, "/".join(p for p in (inner, level0) if p), multiscale

@@ -1,0 +1,220 @@
+"""Datasets larger than one machine on a Dask cluster: tasks, their plan, and what each worker runs.
+
+A stack of 2D frames ``[N, H, W]`` (``[N, C, H, W]``) is cut into tasks of ``frames_per_task``
+frames; a 3D volume ``[D, H, W]`` (``[C, D, H, W]``) into blocks. Every task owns exactly one
+chunk of each output array (the output's chunk shape *is* the task's extent), so no two tasks
+ever write the same zarr chunk: zarr has no write locks and a shared chunk would lose data.
+
+A volume block ``[a, b)`` along an axis is sent with a halo: from the start of the first of the
+server's sliding windows (MONAI's grid, ``client.chunks.window_starts``) that touches ``a`` to
+the end of the last one that touches ``b - 1``. The server, sliding over that region alone,
+places exactly the whole volume's windows there, so every voxel of the block is blended from
+the same windows in the same order as in one whole-volume request: stitched blocks equal it
+bit for bit (the property ``client.chunks`` has, on a regular grid of any block size).
+
+A task writes its data, then its element of the ``done`` array (one chunk per task): written
+by the task itself after its data, never read-modify-written by anyone else, and not
+confused with "chunk exists" (zarr skips chunks equal to the fill value). ``--resume`` runs
+only tasks whose element is 0; a rerun writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import time
+
+import numpy as np
+
+from client.chunks import DEFAULT_OVERLAP, window_starts
+from client.dataset_sources import DatasetSource
+
+LOCAL_URL_ENV = "SEGSERVE_LOCAL_URL"  # a worker's own node server, tried before the URL list
+DONE_ARRAY = "done"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One unit of work: ``kept`` (output coordinates, spatial axes) is written; ``sent``
+    (spatial axes) is read and sent. For stacks the first axis counts frames and both agree."""
+
+    index: int
+    sent: tuple[slice, ...]
+    kept: tuple[slice, ...]
+
+    @property
+    def sent_kept(self) -> tuple[slice, ...]:
+        return tuple(slice(k.start - s.start, k.stop - s.start) for s, k in zip(self.sent, self.kept))
+
+    def describe(self) -> str:
+        return "[" + ", ".join(f"{s.start}:{s.stop}" for s in self.kept) + "]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Everything a worker needs besides its task (small and picklable)."""
+
+    source: DatasetSource
+    output: str
+    layout: str  # stack | volume
+    channels: bool  # the input has a channel axis after the frame axis (stacks) or first (volumes)
+    urls: tuple[str, ...]
+    model: str
+    network: str | None
+    transport: str
+    timeout_s: float | None
+    retries: int
+    inflight: int
+    options: dict  # request options, the same for every task
+    outputs: tuple[str, ...]  # mask, probabilities, contour
+
+
+@dataclasses.dataclass
+class TaskReport:
+    """What one task did: counts for the summary and the per-task cost figures."""
+
+    index: int
+    items: int  # frames or blocks segmented
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    retries: int
+    servers: dict[str, int]
+    worker_pid: int
+
+
+def plan_stack(frames: int, frames_per_task: int) -> list[Task]:
+    """Tasks of ``frames_per_task`` consecutive frames (the last one may be shorter)."""
+    if frames_per_task < 1:
+        raise ValueError(f"frames per task must be >= 1, got {frames_per_task}")
+    return [Task(i, (slice(a, min(a + frames_per_task, frames)),), (slice(a, min(a + frames_per_task, frames)),))
+            for i, a in enumerate(range(0, frames, frames_per_task))]
+
+
+def axis_halo(length: int, tile: int, overlap: float, start: int, stop: int) -> tuple[int, int]:
+    """The region ``[first window start, last window end)`` covering every window of the whole
+    axis that touches ``[start, stop)``."""
+    starts = window_starts(length, tile, overlap)
+    touching = [s for s in starts if s < stop and s + min(tile, length) > start]
+    return min(touching), max(s + min(tile, length) for s in touching)
+
+
+def plan_volume(shape: tuple[int, ...], tile: tuple[int, ...], block: tuple[int, ...],
+                overlap: float = DEFAULT_OVERLAP) -> list[Task]:
+    """Blocks of ``block`` voxels (the last ones along an axis shorter) with their halos.
+
+    Raises:
+        ValueError: a block extent < 1 or a rank that differs from the tile's.
+    """
+    if not len(shape) == len(tile) == len(block):
+        raise ValueError(f"volume {list(shape)}, tile {list(tile)} and block {list(block)} differ in rank")
+    if any(b < 1 for b in block):
+        raise ValueError(f"block extents must be >= 1, got {list(block)}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    per_axis = []
+    for length, size, extent in zip(shape, tile, block):
+        spans = []
+        for start in range(0, length, extent):
+            stop = min(start + extent, length)
+            spans.append((slice(*axis_halo(length, size, overlap, start, stop)), slice(start, stop)))
+        per_axis.append(spans)
+    return [Task(i, tuple(s for s, _ in combo), tuple(k for _, k in combo))
+            for i, combo in enumerate(itertools.product(*per_axis))]
+
+
+def default_block(shape: tuple[int, ...], tile: tuple[int, ...], max_voxels: int) -> tuple[int, ...]:
+    """Equal block extents (multiples of the tile where possible) whose region with halos stays
+    under ``max_voxels``: each halo adds about a tile per axis."""
+    extent = max(tile)
+    while math.prod(min(extent * 2, n) + t for n, t in zip(shape, tile)) <= max_voxels and extent * 2 < max(shape):
+        extent *= 2
+    return tuple(min(extent, n) for n in shape)
+
+
+# --- what a worker runs -------------------------------------------------------------------------
+
+_CLIENTS: dict[tuple, object] = {}  # per worker process: settings -> SegmentationClient
+
+
+def worker_clients(job: Job) -> list:
+    """This process's clients, made on first use and kept for its lifetime: the node's own
+    server (``$SEGSERVE_LOCAL_URL``) first when set, then the job's URL list (which fails over
+    between its servers). Made lazily in the worker: gRPC channels do not survive a fork."""
+    from client.api import SegmentationClient
+
+    local = os.environ.get(LOCAL_URL_ENV, "").strip()
+    choices = ([(local,)] if local else []) + ([job.urls] if job.urls != (local,) else [])
+    clients = []
+    for urls in choices:
+        key = (urls, job.model, job.network, job.transport, job.timeout_s)
+        if key not in _CLIENTS:
+            _CLIENTS[key] = SegmentationClient(list(urls), transport=job.transport, model=job.model, network=job.network,
+                                               timeout_s=job.timeout_s)
+        clients.append(_CLIENTS[key])
+    return clients
+
+
+def answered_counts(clients) -> dict[str, int]:
+    return {s.url: s.answered for c in clients for s in c.servers.servers}
+
+
+def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[int, object], int]:
+    """Results of ``items`` (index, image) on the first client that answers them all; a
+    client whose servers all fail hands the rest to the next (the URL list).
+
+    Raises:
+        SegmentationError: an item failed on every client after its retries.
+    """
+    from client.connection import SegmentationError
+
+    results, retries, clients = {}, 0, worker_clients(job)
+    for position, client in enumerate(clients):
+        todo = [(i, lambda image=image: image) for i, image in items if i not in results]
+        for outcome in client.segment_stream(todo, inflight=job.inflight, retries=job.retries, **job.options):
+            retries += max(outcome.attempts - 1, 0)
+            if outcome.ok:
+                results[outcome.index] = outcome.result
+            elif position == len(clients) - 1:
+                raise SegmentationError(f"item {outcome.index} failed: {outcome.error}")
+        if len(results) == len(items):
+            break
+    return results, retries
+
+
+def run_task(job: Job, task: Task) -> TaskReport:
+    """Read the task's input, segment it, write its chunk of every output, then mark it done.
+    Raises on failure (Dask reruns the task; its chunk is then rewritten whole)."""
+    import zarr
+
+    start = time.perf_counter()
+    clients = worker_clients(job)
+    before = answered_counts(clients)
+    group = zarr.open_group(job.output, mode="r+")
+    if job.layout == "stack":
+        image = job.source.read(task.sent)
+        items = list(enumerate(image, start=task.sent[0].start))
+        results, retries = segment_items(job, items)
+        outputs = {name: np.stack([getattr(results[i], name) for i, _ in items]) for name in job.outputs}
+    else:
+        region = ((slice(None),) if job.channels else ()) + task.sent
+        image = job.source.read(region)
+        results, retries = segment_items(job, [(task.index, image)])
+        result, inner = results[task.index], task.sent_kept
+        outputs = {"mask": result.mask[inner]}
+        if "probabilities" in job.outputs:
+            outputs["probabilities"] = result.probabilities[(slice(None), *inner)]
+        if "contour" in job.outputs:  # one block covering the volume: a whole-volume request
+            outputs["contour"] = result.contour[inner]
+    written = 0
+    for name, data in outputs.items():
+        target = task.kept if name != "probabilities" or job.layout == "stack" else (slice(None), *task.kept)
+        group[name][target] = data
+        written += data.nbytes
+    group[DONE_ARRAY][task.index] = 1  # after the data: a task marked done is on disk
+    after = answered_counts(clients)
+    return TaskReport(task.index, len(items) if job.layout == "stack" else 1, time.perf_counter() - start,
+                      int(image.nbytes), written, retries, {u: after[u] - before.get(u, 0) for u in after},
+                      os.getpid())

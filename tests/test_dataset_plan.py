@@ -1,0 +1,107 @@
+"""Dataset planning without a server: blocks with halos on MONAI's window grid, tasks owning
+whole output chunks, the exact whole-volume percentiles, and input names."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from client.chunks import window_starts
+from client.dataset_ranges import exact_percentiles
+from client.dataset_sources import open_source, split_zarr_argument
+from client.datasets import default_block, plan_stack, plan_volume
+
+
+def covering_windows(length: int, tile: int, overlap: float, voxel: int) -> list[tuple[int, int]]:
+    size = min(tile, length)
+    return [(s, s + size) for s in window_starts(length, tile, overlap) if s <= voxel < s + size]
+
+
+@pytest.mark.parametrize("length,tile,overlap,block", [(197, 64, 0.25, 50), (171, 64, 0.3, 64), (45, 64, 0.25, 16),
+                                                         (300, 96, 0.5, 97), (64, 64, 0.25, 10)])
+def test_blocks_send_every_window_of_their_voxels_and_windows_only(length, tile, overlap, block):
+    """Each kept voxel's windows (of the whole axis) lie inside the sent region, and the sent
+    region is a run of whole windows, so the server places the same windows there."""
+    tasks = plan_volume((length,), (tile,), (block,), overlap)
+    kept = [t.kept[0] for t in tasks]
+    assert kept[0].start == 0 and kept[-1].stop == length
+    assert all(a.stop == b.start for a, b in zip(kept, kept[1:]))  # abutting: each voxel written once
+    starts = window_starts(length, tile, overlap)
+    for task in tasks:
+        sent, region = task.sent[0], task.kept[0]
+        assert sent.start in starts and sent.stop in [s + min(tile, length) for s in starts]
+        for voxel in range(region.start, region.stop):
+            assert all(sent.start <= a and b <= sent.stop for a, b in covering_windows(length, tile, overlap, voxel))
+        relative = window_starts(sent.stop - sent.start, tile, overlap)
+        inside = [s - sent.start for s in starts if sent.start <= s and s + min(tile, length) <= sent.stop]
+        assert relative == inside
+
+
+def test_volume_tasks_cover_the_volume_once_in_whole_chunks():
+    shape, block = (70, 41, 90), (32, 41, 40)
+    tasks = plan_volume(shape, (64, 64, 64), block)
+    assert len(tasks) == 3 * 1 * 3
+    covered = np.zeros(shape, np.int32)
+    for task in tasks:
+        covered[task.kept] += 1
+        assert all(k.start % b == 0 for k, b in zip(task.kept, block))  # one output chunk per task
+    assert (covered == 1).all()
+
+
+def test_stack_tasks_and_bad_values():
+    assert [t.kept[0] for t in plan_stack(10, 4)] == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    with pytest.raises(ValueError, match="frames per task must be >= 1, got 0"):
+        plan_stack(10, 0)
+    with pytest.raises(ValueError, match=r"block extents must be >= 1, got \[0, 4\]"):
+        plan_volume((10, 10), (4, 4), (0, 4))
+
+
+def test_default_block_stays_under_the_request_limit():
+    block = default_block((1000, 1000, 1000), (64, 64, 64), 512 * 512 * 256)
+    assert block == (256, 256, 256)
+    assert np.prod([b + 64 for b in block]) <= 512 * 512 * 256
+    assert default_block((40, 50, 60), (64, 64, 64), 512 * 512 * 256) == (40, 50, 60)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint16", "int16", "uint8", "float64"])
+def test_exact_percentiles_equal_numpy_over_blocks(dtype):
+    rng = np.random.default_rng(5)
+    if dtype.startswith("float"):
+        volume = (rng.normal(size=(9, 31, 23)) * 300).astype(dtype)
+        volume[:4] = 0  # many equal values: a bin with one value counted thousands of times
+    else:
+        info = np.iinfo(dtype)
+        volume = rng.integers(max(info.min, -3000), min(info.max, 60000), (9, 31, 23)).astype(dtype)
+    blocks = [lambda z=z, y=y: volume[z:z + 4, y:y + 16] for z, y in itertools.product(range(0, 9, 4), range(0, 31, 16))]
+    expected = np.percentile(volume.astype(np.float32), [1.0, 99.0])
+    assert exact_percentiles(blocks).tolist() == expected.tolist()
+
+
+def test_zarr_argument_names_a_store_and_a_path(tmp_path):
+    assert split_zarr_argument("data/scan.zarr/raw/s0") == ("data/scan.zarr", "raw/s0")
+    assert split_zarr_argument("scan.zarr:/raw") == ("scan.zarr", "raw")
+    assert split_zarr_argument("scan.tif") is None
+    with pytest.raises(FileNotFoundError, match="no such zarr store"):
+        open_source(str(tmp_path / "missing.zarr"), 2)
+    with pytest.raises(ValueError, match="unsupported input"):
+        (tmp_path / "x.png").write_bytes(b"")
+        open_source(str(tmp_path / "x.png"), 2)
+
+
+def test_ome_zarr_image_opens_level_zero_without_singleton_axes(tmp_path):
+    import zarr
+
+    group = zarr.open_group(tmp_path / "image.ome.zarr", mode="w", zarr_format=3)
+    group.create_array("0", shape=(1, 1, 5, 30, 40), chunks=(1, 1, 1, 30, 40), dtype="uint16")
+    group.create_array("1", shape=(1, 1, 5, 15, 20), chunks=(1, 1, 1, 15, 20), dtype="uint16")
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}, {"name": "z", "type": "space"},
+            {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 2.0, 0.5, 0.5]}]},
+        {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 2.0, 1.0, 1.0]}]}]}]}
+    source = open_source(str(tmp_path / "image.ome.zarr"), 2)
+    assert (source.kind, source.inner, source.shape, source.dropped) == ("ome-zarr", "0", (5, 30, 40), 2)
+    group["0"][0, 0, 3] = 7
+    assert source.read((slice(3, 4),)).tolist() == np.full((1, 30, 40), 7).tolist()

@@ -1,0 +1,239 @@
+"""`segment-dataset` on a real Dask cluster (two single-threaded worker processes) and two real
+servers: zarr outputs equal the single-machine client's for a stack and a chunked volume; a
+worker SIGKILLed mid-run, a server SIGKILLed mid-run and a driver SIGKILLed then resumed all
+end with equal outputs and nothing missing."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from distributed import Client, LocalCluster
+
+from client.__main__ import main as client_main
+from client.api import SegmentationClient
+from client.volumes import ChunkSettings
+from segserve.launcher import ServerConfig, TritonServer
+from tests.conftest import copy_2d_repository
+from tests.test_server_3d import ct_volume
+from tests.test_streaming_cli import make_stack
+
+FRAME = (120, 150)
+
+
+@pytest.fixture(scope="module")
+def second_server(server, tmp_path_factory):
+    """A second real server with the 2D pipeline only (killed by the last test using it)."""
+    repository = copy_2d_repository(tmp_path_factory.mktemp("dataset-second") / "model_repository")
+    config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0,
+                          token=server.config.token)
+    second = TritonServer(config, log_path=tmp_path_factory.mktemp("logs") / "dataset-second.log").start(timeout_s=600)
+    yield second
+    second.stop(timeout_s=20)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two worker processes of one thread each, as `segment-dataset` starts by default."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
+        with Client(local) as dask_client:
+            yield local, dask_client
+
+
+@pytest.fixture(scope="module")
+def stack(rng, tmp_path_factory):
+    """30 uint16 frames in a zarr array chunked unlike the tasks, and their reference masks."""
+    frames = make_stack(rng, 30, FRAME)
+    path = tmp_path_factory.mktemp("inputs") / "scan.zarr"
+    zarr.create_array(path, shape=frames.shape, chunks=(7, 64, 64), dtype=frames.dtype)[:] = frames
+    return frames, path
+
+
+@pytest.fixture(scope="module")
+def reference(server, stack):
+    frames, _ = stack
+    with SegmentationClient(server.grpc_url) as client:
+        results = [client.segment(frame, probabilities=True) for frame in frames]
+    return np.stack([r.mask for r in results]), np.stack([r.probabilities for r in results])
+
+
+def urls(*servers) -> str:
+    return ",".join(s.grpc_url for s in servers)
+
+
+def dataset_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "client", "segment-dataset", *args, "--no-progress"]
+
+
+def done_count(out) -> int:
+    try:
+        return int(np.count_nonzero(zarr.open_array(out, path="done", mode="r")[:]))
+    except (OSError, ValueError, KeyError, FileNotFoundError):
+        return 0  # not created yet
+
+
+def wait_for_done(out, count: int, process: subprocess.Popen, timeout_s: float = 120) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"segment-dataset exited early: {process.communicate()[1]}")
+        if (done := done_count(out)) >= count:
+            return done
+        time.sleep(0.02)
+    pytest.fail(f"{out} never reached {count} tasks done")
+
+
+def assert_complete(out, masks: np.ndarray, tasks: int) -> None:
+    group = zarr.open_group(out, mode="r")
+    assert np.array_equal(group["mask"][:], masks)
+    assert np.count_nonzero(group["done"][:]) == tasks
+    state = group.attrs["segment_dataset"]
+    assert state["complete"] and state["remaining_tasks"] == 0
+
+
+def test_stack_equals_the_single_machine_client(server, second_server, cluster, stack, reference, tmp_path, capsys):
+    _, dask_client = cluster
+    out = tmp_path / "out.zarr"
+    code = client_main(["segment-dataset", str(stack[1]), "--out", str(out), "--url", urls(server, second_server),
+                        "--scheduler", dask_client.scheduler.address, "--frames-per-task", "4", "--probabilities",
+                        "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    group = zarr.open_group(out, mode="r")
+    assert group["mask"].chunks == (4, *FRAME) and group["mask"].dtype == np.uint8
+    assert_complete(out, reference[0], 8)
+    assert np.abs(group["probabilities"][:] - reference[1]).max() <= 1e-5
+    assert group.attrs["segment_dataset"]["settings"]["network"] == "unet2d_particles"
+    assert "Dask dashboard http" in err and "0 already done, 8 to do" in err
+    assert re.search(r"30 frame\(s\) in 8 task\(s\), .* 0 task\(s\) failed", err), err
+    answered = dict((u, int(n)) for u, n in re.findall(r"(\S+) (\d+) answered", err.split("per server:")[1]))
+    assert sum(answered.values()) == 30 and all(n > 0 for n in answered.values()), err  # both servers used
+
+
+def test_volume_equals_the_single_machine_chunked_client(server, cluster, rng, tmp_path, capsys):
+    """A 3D volume in an HDF5 file, cut in 2x2x1 blocks whose halos ([0:112] and [48:170] along
+    D) the workers read from the file; the intensity range is the whole volume's."""
+    import h5py
+
+    _, dask_client = cluster
+    volume = ct_volume((170, 130, 40), rng)
+    with h5py.File(tmp_path / "ct.h5", "w") as file:
+        file.create_dataset("/entry/data", data=volume, chunks=(16, 32, 40))
+    with SegmentationClient(server.grpc_url, model="segment_3d") as client:
+        chunked = client.segment_volume(volume, chunks=ChunkSettings(shape=(160, 0, 0)), probabilities=True)
+    assert chunked.chunks > 1
+    out = tmp_path / "ct_seg.zarr"
+    code = client_main(["segment-dataset", f"{tmp_path / 'ct.h5'}:/entry/data", "--out", str(out), "--model",
+                        "segment_3d", "--url", server.grpc_url, "--scheduler", dask_client.scheduler.address,
+                        "--block", "85", "65", "0", "--probabilities", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    group = zarr.open_group(out, mode="r")
+    assert group["mask"].chunks == (85, 65, 40) and group["mask"].shape == volume.shape
+    assert_complete(out, chunked.mask, 4)
+    assert np.abs(group["probabilities"][:] - chunked.probabilities).max() <= 1e-5
+    low, high = np.percentile(volume.astype(np.float32), [1.0, 99.0])
+    assert group.attrs["segment_dataset"]["intensity_range"] == [float(low), float(high)]
+
+
+def test_volume_refuses_whole_mask_options_over_blocks(server, tmp_path, capsys):
+    np.save(tmp_path / "v.npy", np.zeros((70, 70, 70), np.int16))
+    code = client_main(["segment-dataset", str(tmp_path / "v.npy"), "--out", str(tmp_path / "o.zarr"), "--model",
+                        "segment_3d", "--url", server.grpc_url, "--block", "40", "40", "40", "--keep-largest"])
+    assert code == 1 and "--keep-largest and --contour look at the whole mask" in capsys.readouterr().err
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_ome_zarr_image_gets_a_label_image(server, cluster, stack, reference, tmp_path, capsys):
+    """OME-Zarr input (level 0 of two, t and c of length 1): the output group is an NGFF label
+    image on the input's grid, pointing at it."""
+    _, dask_client = cluster
+    frames = stack[0][:5]
+    image = zarr.open_group(tmp_path / "image.ome.zarr", mode="w", zarr_format=3)
+    image.create_array("0", shape=(1, 1, *frames.shape), chunks=(1, 1, 1, *FRAME), dtype=frames.dtype)[:] = frames[None, None]
+    image.create_array("1", shape=(1, 1, 5, 60, 75), chunks=(1, 1, 1, 60, 75), dtype=frames.dtype)
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}, {"name": "z", "type": "space"},
+            {"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    scale = [{"type": "scale", "scale": [1.0, 1.0, 2.0, 0.5, 0.5]}]
+    image.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": scale},
+        {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 2.0, 1.0, 1.0]}]}]}]}
+    out = tmp_path / "labels.zarr"
+    code = client_main(["segment-dataset", str(tmp_path / "image.ome.zarr"), "--out", str(out), "--url",
+                        server.grpc_url, "--scheduler", dask_client.scheduler.address, "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert_complete(out, reference[0][:5], 2)
+    ome = zarr.open_group(out, mode="r").attrs["ome"]
+    assert ome["multiscales"][0]["axes"] == axes[2:]
+    assert ome["multiscales"][0]["datasets"] == [{"path": "mask", "coordinateTransformations": [
+        {"type": "scale", "scale": [2.0, 0.5, 0.5]}]}]
+    assert (out / ome["image-label"]["source"]["image"]).resolve() == (tmp_path / "image.ome.zarr").resolve()
+
+
+def test_worker_killed_mid_run(server, second_server, cluster, stack, reference, tmp_path):
+    """SIGKILL one worker process once 3 tasks are done: its task reruns on a new worker."""
+    local, dask_client = cluster
+    out = tmp_path / "out.zarr"
+    process = subprocess.Popen(dataset_cli(str(stack[1]), "--out", str(out), "--url", urls(server, second_server),
+                                           "--scheduler", local.scheduler_address, "--frames-per-task", "1"),
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_done(out, 3, process)
+    pids = dask_client.run(os.getpid)
+    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert_complete(out, reference[0], 30)
+    dask_client.wait_for_workers(2, timeout=120)
+
+
+def test_killed_run_resumes_only_unfinished_tasks(server, second_server, cluster, stack, reference, tmp_path, capsys):
+    local, _ = cluster
+    out = tmp_path / "out.zarr"
+    common = ["--url", urls(server, second_server), "--scheduler", local.scheduler_address, "--frames-per-task", "1"]
+    process = subprocess.Popen(dataset_cli(str(stack[1]), "--out", str(out), *common), stderr=subprocess.PIPE, text=True)
+    wait_for_done(out, 4, process)
+    process.kill()
+    process.communicate()
+    code = client_main(["segment-dataset", str(stack[1]), "--out", str(out), *common, "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    done, todo = (int(n) for n in re.search(r"(\d+) already done, (\d+) to do", err).groups())
+    assert done >= 4 and todo >= 1 and done + todo == 30
+    ran = re.search(r"(\d+) frame\(s\) in (\d+) task\(s\)", err)
+    assert int(ran[2]) == todo  # only the unfinished ones ran
+    assert_complete(out, reference[0], 30)
+
+
+def test_server_killed_mid_run(server, second_server, cluster, stack, reference, tmp_path):
+    """SIGKILL the second server (server and stubs) once 3 tasks are done: the workers' clients
+    fail over to the first one; every frame is there and equal."""
+    local, _ = cluster
+    out = tmp_path / "out.zarr"
+    process = subprocess.Popen(dataset_cli(str(stack[1]), "--out", str(out), "--url", urls(server, second_server),
+                                           "--scheduler", local.scheduler_address, "--frames-per-task", "1"),
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_done(out, 3, process)
+    os.killpg(second_server.process.pid, signal.SIGKILL)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert_complete(out, reference[0], 30)
+    answered = dict(re.findall(r"(\S+) (\d+) answered", err.split("per server:")[1]))
+    assert int(answered[server.grpc_url]) + int(answered.get(second_server.grpc_url, 0)) == 30, err
+
+
+def test_tiff_stack_in_a_local_cluster(server, stack, reference, tmp_path):
+    """No --scheduler: the command starts its own LocalCluster (and stops it)."""
+    tifffile.imwrite(tmp_path / "scan.tif", stack[0][:6])
+    process = subprocess.run(dataset_cli(str(tmp_path / "scan.tif"), "--out", str(tmp_path / "o.zarr"), "--url",
+                                         server.grpc_url, "--workers", "1"), stderr=subprocess.PIPE, text=True,
+                             timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert_complete(tmp_path / "o.zarr", reference[0][:6], 2)
