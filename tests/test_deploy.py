@@ -140,9 +140,9 @@ def test_entrypoint_names_the_networks_a_mounted_repository_lacks(tmp_path):
     shutil.rmtree(repository / DEFAULT_NETWORK / "1")
     result = run_entrypoint({"SEGSERVE_MODEL_REPOSITORY": str(repository), "SEGSERVE_TOKEN": "x"})
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == [
-        f"segserve: model repository {repository} lacks the network(s) {DEFAULT_NETWORK}: mount a repository exported "
-        "with `python -m export` (docs/deploy.md), or use the image's own /models"]
+    expected = (f"segserve: model repository {repository} lacks the network(s) {DEFAULT_NETWORK}: mount a repository "
+                "exported with `python -m export` (docs/deploy.md), or use the image's own /models")
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_entrypoint_starts_the_real_server(tmp_path):
@@ -220,7 +220,8 @@ def test_manifests_agree_with_each_other_and_the_image():
     assert {p["targetPort"] for p in service["spec"]["ports"]} == {p["name"] for p in container["ports"]}
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in by_kind("ConfigMap")["data"]["config.yaml"]
+    adapter = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
+    assert [rule["name"]["as"] for rule in adapter["rules"]["custom"]] == [hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert mounts["models"] == "/models" and "persistentVolumeClaim" in volumes["models"]
@@ -229,3 +230,47 @@ def test_manifests_agree_with_each_other_and_the_image():
     assert env["SEGSERVE_TOKEN_FILE"].startswith(mounts["token"])
     kustomization = by_kind("Kustomization")
     assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_models_job_fills_the_claim_the_servers_read_and_prometheus_finds_them():
+    deployment, job, service = by_kind("Deployment"), by_kind("Job"), by_kind("Service")
+    pod, job_pod = deployment["spec"]["template"], job["spec"]["template"]
+    server, filler = pod["spec"]["containers"][0], job_pod["spec"]["containers"][0]
+    assert filler["image"] == server["image"]
+    claim = {v["name"]: v for v in pod["spec"]["volumes"]}["models"]["persistentVolumeClaim"]
+    job_claim = job_pod["spec"]["volumes"][0]["persistentVolumeClaim"]
+    assert claim["claimName"] == job_claim["claimName"] == by_kind("PersistentVolumeClaim")["metadata"]["name"]
+    assert claim["readOnly"] is True and not job_claim.get("readOnly")
+    assert job_pod["spec"]["securityContext"]["runAsUser"] == pod["spec"]["securityContext"]["runAsUser"]
+    assert "/models/. " + filler["volumeMounts"][0]["mountPath"] in filler["args"][0]
+    # Scraping: the annotations name the metrics port; the ServiceMonitor selects the Service's port.
+    annotations = pod["metadata"]["annotations"]
+    metrics_port = {p["name"]: p["containerPort"] for p in server["ports"]}["metrics"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(metrics_port)
+    monitor = yaml.safe_load((K8S / "monitoring" / "servicemonitor.yaml").read_text())
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "ServiceMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
+    overlay = yaml.safe_load((K8S / "monitoring" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["..", "servicemonitor.yaml"]
+
+
+def test_compose_scrapes_the_server_and_provisions_the_dashboard():
+    compose_file = REPO_ROOT / "docker" / "compose.yaml"
+    services = yaml.safe_load(compose_file.read_text())["services"]
+    for service in services.values():  # every mounted file is in the repository
+        for volume in service.get("volumes", []):
+            source = (compose_file.parent / volume.split(":")[0]).resolve()
+            assert source.exists(), volume
+    metrics_port = next(p.split(":")[-1] for p in services["server"]["ports"] if p.endswith("8002"))
+    prometheus = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert targets == [f"server:{metrics_port}"]
+    grafana_mounts = dict(v.rsplit(":", 1)[0].split(":") for v in services["grafana"]["volumes"])
+    provider = yaml.safe_load((REPO_ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "segserve.yaml").read_text())
+    dashboard_dir = provider["providers"][0]["options"]["path"]
+    assert grafana_mounts["../deploy/grafana/segserve-dashboard.json"].startswith(dashboard_dir + "/")
+    assert grafana_mounts["../deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    datasource = yaml.safe_load((REPO_ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
