@@ -20,7 +20,7 @@ spatial dims, so ``segment_2d_uint16`` counts as ``segment_2d``):
   ``network_call_error``, ``out_of_memory_error``, ...).
 
 Cost: each update is one message from the stub to the server process, so updates are per
-request or per network batch, never per tile or pixel (about ten per frame, plus two per
+request or per network batch, never per tile or pixel (seven per 2D frame, plus two per
 network batch). Outside Triton, or where the backend has no custom metrics, every method
 does nothing.
 
