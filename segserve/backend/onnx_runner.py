@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import (error_response, instance_gpu, model_parameters, parse_model_config, to_torch,
                                      to_triton)
+from segserve.metrics import METRICS
 from segserve.onnx_network import OnnxNetwork, cuda_provider_available
 from segserve.torchscript_network import TorchScriptNetwork
 
@@ -31,6 +32,7 @@ def choose_engine(setting: str, use_cuda: bool, torchscript_path: pathlib.Path) 
 
 class TritonPythonModel:
     def initialize(self, args):
+        METRICS.bind(args["model_name"])
         config = parse_model_config(args)
         parameters = model_parameters(config)
         self.input_name = config["input"][0]["name"]
@@ -49,7 +51,7 @@ class TritonPythonModel:
     def execute(self, requests):
         try:
             tiles = [to_torch(pb_utils.get_input_tensor_by_name(r, self.input_name)) for r in requests]
-            logits = self.network(torch.cat(tiles) if len(tiles) > 1 else tiles[0])
+            logits = METRICS.network_call(self.network, torch.cat(tiles) if len(tiles) > 1 else tiles[0])
         except Exception as error:
             return [error_response(error) for _ in requests]
         sizes = [t.shape[0] for t in tiles]

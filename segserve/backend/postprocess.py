@@ -14,6 +14,7 @@ import logging
 import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import error_response, input_tensor, to_triton
+from segserve.metrics import METRICS
 from segserve.options import parse_options
 from segserve.postprocess import postprocess
 
@@ -49,10 +50,11 @@ def segmentation_outputs(logits, options) -> list:
 
 class TritonPythonModel:
     def initialize(self, args):
+        METRICS.bind(args["model_name"])
         forward_package_logs()
 
     def execute(self, requests):
-        return [self._execute_one(request) for request in requests]
+        return [METRICS.timed(self._execute_one, request) for request in requests]
 
     def _execute_one(self, request):
         try:

@@ -7,6 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import (error_response, input_tensor, instance_gpu, model_parameters, parse_model_config,
                                      to_triton)
+from segserve.metrics import METRICS
 from segserve.options import parse_options
 from segserve.preprocess import InputError, normalize, validate_frame
 
@@ -25,6 +26,7 @@ def pipeline_device(setting: str, gpu: int | None = None) -> torch.device:
 
 class TritonPythonModel:
     def initialize(self, args):
+        METRICS.bind(args["model_name"])
         parameters = model_parameters(parse_model_config(args))
         self.spatial_dims = int(parameters.get("spatial_dims", "2"))
         self.max_pixels = int(parameters["max_pixels"]) if "max_pixels" in parameters else None
@@ -32,13 +34,14 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"{args['model_name']}: pipeline tensors on {self.device}")
 
     def execute(self, requests):
-        return [self._execute_one(request) for request in requests]
+        return [METRICS.timed(self._execute_one, request) for request in requests]
 
     def _execute_one(self, request):
         try:
             options = parse_options(request.parameters())
             frame = self._single_image(request)
             validate_frame(frame, self.spatial_dims, self.max_pixels)
+            METRICS.frame_accepted(frame)
             normalized = normalize(frame.to(self.device), options)
             return pb_utils.InferenceResponse(output_tensors=[to_triton("NORMALIZED", normalized)])
         except Exception as error:  # every failure becomes this request's error response

@@ -19,6 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 from segserve.backend.postprocess import forward_package_logs, segmentation_outputs
 from segserve.backend.tensors import error_response, input_tensor, model_parameters, parse_model_config, to_torch, to_triton
+from segserve.metrics import METRICS
 from segserve.network_spec import NetworkSpec, load_network_spec
 from segserve.options import parse_options
 from segserve.sliding_window import blended_logits
@@ -30,6 +31,7 @@ class NetworkCallError(RuntimeError):
 
 class TritonPythonModel:
     def initialize(self, args):
+        METRICS.bind(args["model_name"])
         parameters = model_parameters(parse_model_config(args))
         self.default_network = parameters["default_network"]
         self.repository = pathlib.Path(args["model_repository"]).parent
@@ -46,7 +48,7 @@ class TritonPythonModel:
             self._loop.close()
 
     def execute(self, requests):
-        return [self._execute_one(request) for request in requests]
+        return [METRICS.timed(self._execute_one, request) for request in requests]
 
     def _execute_one(self, request):
         try:
@@ -69,6 +71,7 @@ class TritonPythonModel:
         """``[B, C, *tile]`` float32 -> ``[B, K, *tile]`` float32 logits on the tiles' device,
         in one BLS call or ``requests_in_flight`` concurrent ones."""
         parts = torch.tensor_split(tiles, min(self.requests_in_flight, tiles.shape[0]))
+        METRICS.tile_batch(tiles.shape[0], len(parts), tiles.ndim - 2)
         if len(parts) == 1:
             return network_logits(network, network_request(network, tiles).exec()).to(tiles.device)
         requests = [network_request(network, part) for part in parts]

@@ -8,6 +8,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
+from segserve.metrics import METRICS
 from segserve.network_spec import NetworkConfigError
 from segserve.options import OptionError
 from segserve.preprocess import InputError
@@ -34,6 +35,7 @@ def input_tensor(request, name: str) -> torch.Tensor | None:
 
 def error_response(error: Exception) -> "pb_utils.InferenceResponse":
     """Response carrying ``error``: INVALID_ARG for bad requests, INTERNAL otherwise."""
+    METRICS.refused(error)
     code = pb_utils.TritonError.INVALID_ARG if isinstance(error, REQUEST_ERRORS) else pb_utils.TritonError.INTERNAL
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
 
