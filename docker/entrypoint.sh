@@ -41,6 +41,21 @@ read_token() {
   printf '%s' "$token"
 }
 
+# The networks the pipelines call by default (each config's "default_network" parameter) that
+# the repository lacks, one name per line: a volume mounted over /models without them would
+# otherwise load every step, serve nothing and say so only in a model's load error.
+missing_networks() {
+  local repository=$1 config network
+  for config in "$repository"/*/config.pbtxt; do
+    [[ -r $config ]] || continue
+    network=$(sed -n 's/.*key: *"default_network" *value: *{ *string_value: *"\([^"]*\)".*/\1/p' "$config")
+    [[ -z $network ]] && continue
+    if [[ ! -r $repository/$network/config.pbtxt ]] || ! compgen -G "$repository/$network/[0-9]*/model.*" >/dev/null; then
+      printf '%s\n' "$network"
+    fi
+  done | sort -u
+}
+
 choose_variant() {
   local variant=${SEGSERVE_CONFIG:-auto}
   if [[ $variant == auto ]]; then
@@ -59,6 +74,9 @@ choose_variant() {
 main() {
   local repository=${SEGSERVE_MODEL_REPOSITORY:-/models}
   [[ -d $repository ]] || die "model repository $repository does not exist"
+  local missing
+  missing=$(missing_networks "$repository" | paste -sd, -)
+  [[ -z $missing ]] || die "model repository $repository lacks the network(s) $missing: mount a repository exported with \`python -m export\` (docs/deploy.md), or use the image's own /models"
   local bind=${SEGSERVE_BIND:-0.0.0.0} shm=${SEGSERVE_PYTHON_SHM_BYTES:-67108864}
   local token variant
   token=$(read_token)

@@ -19,6 +19,7 @@ from segproto import TOKEN_ENV, TOKEN_FILE_ENV
 from segserve.reference import reference_probabilities
 from tests.conftest import NETWORK_DEVICE
 from training.synthetic import synthetic_slice, to_detector_counts
+from training.synthetic_3d import synthetic_volume, to_int16_hu
 
 # In-process MONAI reference of the default 2D network: tile and tolerance of the server's probabilities.
 TILE = (128, 128)
@@ -90,3 +91,14 @@ def assert_matches_reference(result, frame, network, options, tile=TILE):
     decided = (top2[1] - top2[0]) > 2 * TOLERANCE
     assert np.array_equal(result.mask[decided], expected.argmax(0)[decided])
     assert np.array_equal(result.mask, result.probabilities.argmax(0))
+
+
+def frame_of(shape, dtype, rng) -> np.ndarray:
+    image, _ = synthetic_slice(shape, rng)
+    pixels = image if dtype == np.float32 else to_detector_counts(image, dtype, rng)
+    return pixels[np.newaxis]
+
+
+def ct_volume(shape, rng) -> np.ndarray:
+    image, _ = synthetic_volume(shape, rng)
+    return to_int16_hu(image)

@@ -23,8 +23,7 @@ from client.api import SegmentationClient
 from client.volumes import ChunkSettings
 from segserve.launcher import ServerConfig, TritonServer
 from tests.conftest import copy_2d_repository
-from tests.test_server_3d import ct_volume
-from tests.test_streaming_cli import make_stack
+from tests.helpers import ct_volume, make_stack
 
 FRAME = (120, 150)
 

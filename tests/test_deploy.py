@@ -1,10 +1,12 @@
-"""Deployment files, checked without a Docker engine or a cluster: the Dockerfile passes
-hadolint, the container's entrypoint starts the real tritonserver with the restricted-endpoint
-flags, and the Kubernetes manifests pass the Kubernetes schemas (strict) and agree with each
-other and with the image."""
+"""Deployment files, checked without a Docker engine or a cluster: the image's requirements
+resolve for its interpreter (from the package index), the Dockerfile passes hadolint, the
+container's entrypoint starts the real tritonserver with the restricted-endpoint flags and
+refuses a repository without its networks, and the Kubernetes manifests pass the Kubernetes
+schemas (strict) and agree with each other and with the image."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -18,7 +20,7 @@ import tritonclient.http as httpclient
 
 from client.auth import RESTRICTED_ENDPOINTS, TOKEN_HEADER
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonDistribution, TritonServer, free_port
-from tests.conftest import copy_2d_repository
+from tests.conftest import DEFAULT_NETWORK, copy_2d_repository
 
 pytestmark = pytest.mark.server  # starts its own server
 
@@ -29,6 +31,52 @@ DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = REPO_ROOT / "docker" / "entrypoint.sh"
 K8S = REPO_ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33"
+# What the image adds to NVIDIA's base, as wheels to download (docs/deploy.md, "Image size").
+IMAGE_WHEELS_BUDGET_BYTES = 3.5e9
+
+
+def load_resolver():
+    """docker/resolve_requirements.py (a script, not a package module)."""
+    spec = importlib.util.spec_from_file_location("resolve_requirements", REPO_ROOT / "docker" / "resolve_requirements.py")
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)  # registered first: its dataclasses look their module up
+    return module
+
+
+def pinned_version(requirements: pathlib.Path, name: str) -> str:
+    for line in requirements.read_text().splitlines():
+        if line.split("==")[0].strip().lower() == name:
+            return line.split("==")[1].strip()
+    raise AssertionError(f"{name} is not pinned in {requirements}")
+
+
+def test_image_requirements_resolve_for_cpython_312_with_one_cuda_major():
+    """What the image's `pip install` does, resolved from the package index for CPython 3.12 /
+    manylinux x86_64 without installing; the download size is printed (`pytest -s`)."""
+    resolver = load_resolver()
+    try:
+        resolver.check_index_reachable()
+    except resolver.IndexUnreachable as error:
+        pytest.skip(f"cannot check the image's requirements: {error}")
+    wheels = resolver.with_sizes(resolver.resolve())
+    print("\n" + resolver.summary(wheels))
+    versions = {w.name.lower(): w.version for w in wheels}
+    majors = resolver.cuda_majors(wheels)
+    assert list(majors) == ["13"], f"every CUDA package must agree on one CUDA major (13, torch's): {majors}"
+    assert "onnxruntime-gpu" not in versions, "the GPU network runs as TorchScript: onnxruntime-gpu is 255 MB for nothing"
+    for name in ("torch", "monai", "numpy", "onnxruntime"):  # the image runs what the tests ran
+        assert versions[name] == pinned_version(REPO_ROOT / "requirements.txt", name), name
+    assert all(w.filename.endswith(".whl") for w in wheels)
+    download_bytes = sum(w.size_bytes for w in wheels)
+    assert download_bytes <= IMAGE_WHEELS_BUDGET_BYTES, f"{download_bytes / 1e9:.2f} GB of wheels, budget 3.5 GB (docs/deploy.md)"
+
+
+def test_cuda_majors_sees_a_mixed_set():
+    """The check above would catch the set that once broke the image (cuCIM for CUDA 12, torch for 13)."""
+    resolver = load_resolver()
+    wheels = [resolver.Wheel("cupy-cuda12x", "14.2.0", ""), resolver.Wheel("nvidia-cudnn-cu13", "9.2", ""),
+              resolver.Wheel("cuda-toolkit", "13.0.3.0", ""), resolver.Wheel("nvidia-cublas", "13.1", "")]
+    assert resolver.cuda_majors(wheels) == {"12": {"cupy-cuda12x"}, "13": {"nvidia-cudnn-cu13", "cuda-toolkit"}}
 
 
 def hadolint() -> str:
@@ -85,6 +133,18 @@ def test_entrypoint_token_sources_and_errors(tmp_path):
     assert result.returncode == 2 and "SEGSERVE_CONFIG must be auto, default, gpu or onnxruntime, got 'tpu'" in result.stderr
     result = run_entrypoint({"SEGSERVE_MODEL_REPOSITORY": str(tmp_path / "missing"), "SEGSERVE_TOKEN": "x"})
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_entrypoint_names_the_networks_a_mounted_repository_lacks(tmp_path):
+    repository = copy_2d_repository(tmp_path / "models")
+    result = run_entrypoint({"SEGSERVE_MODEL_REPOSITORY": str(repository), "SEGSERVE_TOKEN": "x"})
+    assert result.returncode == 0, result.stderr
+    shutil.rmtree(repository / DEFAULT_NETWORK / "1")
+    result = run_entrypoint({"SEGSERVE_MODEL_REPOSITORY": str(repository), "SEGSERVE_TOKEN": "x"})
+    assert result.returncode == 2 and result.stdout == ""
+    expected = (f"segserve: model repository {repository} lacks the network(s) {DEFAULT_NETWORK}: mount a repository "
+                "exported with `python -m export` (docs/deploy.md), or use the image's own /models")
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_entrypoint_starts_the_real_server(tmp_path):
@@ -162,7 +222,8 @@ def test_manifests_agree_with_each_other_and_the_image():
     assert {p["targetPort"] for p in service["spec"]["ports"]} == {p["name"] for p in container["ports"]}
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in by_kind("ConfigMap")["data"]["config.yaml"]
+    adapter = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
+    assert [rule["name"]["as"] for rule in adapter["rules"]["custom"]] == [hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert mounts["models"] == "/models" and "persistentVolumeClaim" in volumes["models"]
@@ -171,3 +232,47 @@ def test_manifests_agree_with_each_other_and_the_image():
     assert env["SEGSERVE_TOKEN_FILE"].startswith(mounts["token"])
     kustomization = by_kind("Kustomization")
     assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_models_job_fills_the_claim_the_servers_read_and_prometheus_finds_them():
+    deployment, job, service = by_kind("Deployment"), by_kind("Job"), by_kind("Service")
+    pod, job_pod = deployment["spec"]["template"], job["spec"]["template"]
+    server, filler = pod["spec"]["containers"][0], job_pod["spec"]["containers"][0]
+    assert filler["image"] == server["image"]
+    claim = {v["name"]: v for v in pod["spec"]["volumes"]}["models"]["persistentVolumeClaim"]
+    job_claim = job_pod["spec"]["volumes"][0]["persistentVolumeClaim"]
+    assert claim["claimName"] == job_claim["claimName"] == by_kind("PersistentVolumeClaim")["metadata"]["name"]
+    assert claim["readOnly"] is True and not job_claim.get("readOnly")
+    assert job_pod["spec"]["securityContext"]["runAsUser"] == pod["spec"]["securityContext"]["runAsUser"]
+    assert "/models/. " + filler["volumeMounts"][0]["mountPath"] in filler["args"][0]
+    # Scraping: the annotations name the metrics port; the ServiceMonitor selects the Service's port.
+    annotations = pod["metadata"]["annotations"]
+    metrics_port = {p["name"]: p["containerPort"] for p in server["ports"]}["metrics"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(metrics_port)
+    monitor = yaml.safe_load((K8S / "monitoring" / "servicemonitor.yaml").read_text())
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "ServiceMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
+    overlay = yaml.safe_load((K8S / "monitoring" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["..", "servicemonitor.yaml"]
+
+
+def test_compose_scrapes_the_server_and_provisions_the_dashboard():
+    compose_file = REPO_ROOT / "docker" / "compose.yaml"
+    services = yaml.safe_load(compose_file.read_text())["services"]
+    for service in services.values():  # every mounted file is in the repository
+        for volume in service.get("volumes", []):
+            source = (compose_file.parent / volume.split(":")[0]).resolve()
+            assert source.exists(), volume
+    metrics_port = next(p.split(":")[-1] for p in services["server"]["ports"] if p.endswith("8002"))
+    prometheus = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert targets == [f"server:{metrics_port}"]
+    grafana_mounts = dict(v.rsplit(":", 1)[0].split(":") for v in services["grafana"]["volumes"])
+    provider = yaml.safe_load((REPO_ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "segserve.yaml").read_text())
+    dashboard_dir = provider["providers"][0]["options"]["path"]
+    assert grafana_mounts["../deploy/grafana/segserve-dashboard.json"].startswith(dashboard_dir + "/")
+    assert grafana_mounts["../deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    datasource = yaml.safe_load((REPO_ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+

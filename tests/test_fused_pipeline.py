@@ -25,7 +25,7 @@ from segserve.options import PipelineOptions
 from segserve.postprocess import postprocess, softmax_in_place
 from segserve.preprocess import normalize
 from segserve.sliding_window import blended_logits, pad_batch, resolve_sw_batch_size
-from tests.test_server_parity import assert_matches_reference, frame_of
+from tests.helpers import assert_matches_reference, frame_of
 
 SPEC = NetworkSpec("net", "INPUT__0", "OUTPUT__0", in_channels=1, num_classes=3, tile_size=(16, 12), max_batch_size=32)
 

@@ -14,7 +14,7 @@ from client.__main__ import main as client_main
 from client.api import SegmentationClient
 from client.volumes import ChunkSettings
 from segserve.options import PipelineOptions
-from tests.helpers import assert_matches_reference
+from tests.helpers import assert_matches_reference, ct_volume
 from training.synthetic_3d import synthetic_volume, to_int16_hu
 
 TILE = (64, 64, 64)
@@ -22,10 +22,6 @@ TILE = (64, 64, 64)
 CHUNKED_SHAPE = (197, 171, 45)
 CHUNK_SHAPE = (160, 160, 0)
 
-
-def ct_volume(shape, rng) -> np.ndarray:
-    image, _ = synthetic_volume(shape, rng)
-    return to_int16_hu(image)
 
 
 @pytest.fixture(scope="module")

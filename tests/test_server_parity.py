@@ -9,15 +9,10 @@ import tritonclient.grpc as grpcclient
 
 from client.api import SegmentationClient
 from segserve.options import PipelineOptions
-from tests.helpers import assert_matches_reference
-from training.synthetic import synthetic_slice, to_detector_counts
+from tests.helpers import assert_matches_reference, frame_of
+from training.synthetic import synthetic_slice
 
 
-
-def frame_of(shape, dtype, rng) -> np.ndarray:
-    image, _ = synthetic_slice(shape, rng)
-    pixels = image if dtype == np.float32 else to_detector_counts(image, dtype, rng)
-    return pixels[np.newaxis]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.uint16, np.int16], ids=lambda d: np.dtype(d).name)

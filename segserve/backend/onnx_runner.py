@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import (error_response, instance_gpu, model_parameters, parse_model_config, to_torch,
                                      to_triton)
+from segserve.metrics import METRICS
 from segserve.onnx_network import OnnxNetwork, cuda_provider_available
 from segserve.torchscript_network import TorchScriptNetwork
 
@@ -35,6 +36,7 @@ def choose_engine(setting: str, use_cuda: bool, torchscript_path: pathlib.Path) 
 
 class TritonPythonModel:
     def initialize(self, args):
+        METRICS.bind(args["model_name"])
         config = parse_model_config(args)
         parameters = model_parameters(config)
         self.input_name = config["input"][0]["name"]
@@ -57,7 +59,7 @@ class TritonPythonModel:
             tiles = [to_torch(pb_utils.get_input_tensor_by_name(r, self.input_name)) for r in requests]
             batch = torch.cat(tiles) if len(tiles) > 1 else tiles[0]
             start = time.perf_counter()
-            logits = self.network(batch)
+            logits = METRICS.network_call(self.network, batch)
             self._log_first_of_size(batch.shape[0], time.perf_counter() - start)
         except Exception as error:
             return [error_response(error) for _ in requests]

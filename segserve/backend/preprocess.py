@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import (error_response, input_tensor, instance_gpu, model_parameters, parse_model_config,
                                      to_triton)
+from segserve.metrics import METRICS
 from segserve.options import PipelineOptions, parse_options
 from segserve.preprocess import InputError, normalize, validate_frame
 
@@ -55,15 +56,17 @@ class FramePreparation:
         ``device``. The frame moves to the device in its wire dtype, then becomes float."""
         frame = request_frame(request)
         validate_frame(frame, self.spatial_dims, self.max_pixels)
+        METRICS.frame_accepted(frame)
         return normalize(frame.to(self.device), options)
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        METRICS.bind(args["model_name"])
         self.prepare = FramePreparation(args)
 
     def execute(self, requests):
-        return [self._execute_one(request) for request in requests]
+        return [METRICS.timed(self._execute_one, request) for request in requests]
 
     def _execute_one(self, request):
         try:

@@ -37,6 +37,7 @@ import triton_python_backend_utils as pb_utils
 from segserve.backend.postprocess import forward_package_logs, segmentation_outputs
 from segserve.backend.preprocess import FramePreparation
 from segserve.backend.tensors import error_response, input_tensor, model_parameters, parse_model_config, to_torch, to_triton
+from segserve.metrics import METRICS
 from segserve.network_spec import NetworkConfigError, NetworkSpec, load_network_spec
 from segserve.options import PipelineOptions, parse_options
 from segserve.preprocess import normalize
@@ -50,6 +51,7 @@ class NetworkCallError(RuntimeError):
 
 class TritonPythonModel:
     def initialize(self, args):
+        METRICS.bind(args["model_name"])
         parameters = model_parameters(parse_model_config(args))
         self.name = args["model_name"]
         self.default_network = parameters["default_network"]
@@ -74,7 +76,7 @@ class TritonPythonModel:
             self._loop.close()
 
     def execute(self, requests):
-        return [self._execute_one(request) for request in requests]
+        return [METRICS.timed(self._execute_one, request) for request in requests]
 
     def _execute_one(self, request):
         """The one place a request is finished: its outputs, or its error."""
@@ -111,6 +113,7 @@ class TritonPythonModel:
         if self.pad_last_batch:
             tiles = pad_batch(tiles, batch_size)
         parts = torch.tensor_split(tiles, min(self.requests_in_flight, tiles.shape[0]))
+        METRICS.tile_batch(count, len(parts), tiles.ndim - 2)
         if len(parts) == 1:
             logits = network_logits(network, network_request(network, tiles).exec()).to(tiles.device)
         else:

@@ -9,6 +9,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
 from segproto import is_transient_message, transient_message
+from segserve.metrics import METRICS
 from segserve.network_spec import NetworkConfigError
 from segserve.options import OptionError
 from segserve.preprocess import InputError
@@ -45,6 +46,7 @@ def error_response(error: Exception) -> "pb_utils.InferenceResponse":
     """Response carrying ``error``: INVALID_ARG for bad requests; UNAVAILABLE and the message
     marked ``segproto.TRANSIENT_MARKER`` for failures that pass (the client retries those
     only); INTERNAL for the rest (a bug: the client does not retry it)."""
+    METRICS.refused(error)
     if isinstance(error, REQUEST_ERRORS):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
     if is_transient(error):
