@@ -94,6 +94,8 @@ def test_dockerfile_passes_hadolint():
 def test_dockerfile_pins_a_fixed_triton_release_and_runs_as_non_root():
     text = DOCKERFILE.read_text()
     base = next(line.split()[1] for line in text.splitlines() if line.startswith("FROM "))
+    if base == "${BASE_IMAGE}":  # the first stage's base is a build argument with a default
+        base = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG BASE_IMAGE="))
     image, tag = base.rsplit(":", 1)
     assert image == "nvcr.io/nvidia/tritonserver" and tag.endswith("-py3")
     year, month = (int(part) for part in tag.removesuffix("-py3").split("."))
@@ -162,10 +164,10 @@ def test_entrypoint_starts_the_real_server(tmp_path):
                                stderr=subprocess.STDOUT, start_new_session=True)
     client = httpclient.InferenceServerClient(f"127.0.0.1:{ports['HTTP']}")
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 900  # a busy shared machine loads the stubs slowly
         while not _ready(client):
             assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not ready in 180 s"
+            assert time.monotonic() < deadline, "server not ready in 900 s"
             time.sleep(1)
         with pytest.raises(Exception, match="restricted"):
             client.get_model_config("segment_2d")
