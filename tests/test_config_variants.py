@@ -31,7 +31,7 @@ def variant_files(model: str) -> list[pathlib.Path]:
 
 def signature(config: model_config_pb2.ModelConfig) -> list[tuple]:
     tensors = [*config.input, *config.output]
-    return [(t.name, t.data_type, list(t.dims), getattr(t, "optional", False)) for t in tensors] + [("max_batch_size", config.max_batch_size)]
+    return [(t.name, t.data_type, list(t.dims), getattr(t, "optional", False)) for t in tensors] + [("batching", config.max_batch_size > 0)]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -48,6 +48,8 @@ def test_variants_agree_with_the_default_and_the_model_files(model):
         variant = read_model_config(path)
         assert variant.name == model, path
         assert signature(variant) == signature(default), path
+        # A GPU takes bigger tile batches (fewer BLS calls per frame): never smaller than the CPU's.
+        assert variant.max_batch_size >= default.max_batch_size, path
         kinds = {group.kind for group in variant.instance_group}
         assert kinds == {model_config_pb2.ModelInstanceGroup.KIND_GPU}, path
         version = REPOSITORY / model / "1"
