@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         for allocator in args.allocators.split(","):
             config = ServerConfig(http_port=0, grpc_port=0, metrics_port=0, allocator=allocator)
             server = stack.enter_context(TritonServer(config, log_path=args.out / f"server-{allocator}.log"))
-            client = stack.enter_context(SegmentationClient(server.grpc_url))
+            client = stack.enter_context(SegmentationClient(server.grpc_url, token=server.config.token))
             servers[allocator] = (server, client)
             paths[f"server gRPC ({allocator} allocator)"] = functools.partial(client.segment, frame)
         first_server = next(iter(servers.values()))[0]
