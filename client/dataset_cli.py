@@ -72,8 +72,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.block and min(args.block) < 0:
         parser.error(f"--block extents must be >= 0 (0: the whole axis), got {args.block}")
-    for name in ("retries", "task_retries"):
-        if getattr(args, name) < 0:
+    for name in ("retries", "task_retries", "patience"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
@@ -293,7 +293,7 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
         options = volume_options(plan, group, args, dask_client, segment_options(args))
         # The network by name: workers then need only open metadata, no restricted-endpoint token.
         job = Job(source, str(args.out), plan.layout, plan.channels, urls, args.model, info.name, args.transport,
-                  args.timeout, args.retries, args.inflight, options, tuple(plan.arrays))
+                  args.timeout, args.retries, args.patience, args.inflight, options, tuple(plan.arrays))
         start = time.perf_counter()
         run_tasks(dask_client, job, todo, args, summary)
     finally:

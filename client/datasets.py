@@ -65,7 +65,8 @@ class Job:
     network: str | None
     transport: str
     timeout_s: float | None
-    retries: int
+    retries: int | None  # None: as many as patience_s allows
+    patience_s: float  # seconds an item may keep failing for a retryable reason
     inflight: int
     options: dict  # request options, the same for every task
     outputs: tuple[str, ...]  # mask, probabilities, contour
@@ -173,7 +174,8 @@ def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[i
     results, retries, clients = {}, 0, worker_clients(job)
     for position, client in enumerate(clients):
         todo = [(i, lambda image=image: image) for i, image in items if i not in results]
-        for outcome in client.segment_stream(todo, inflight=job.inflight, retries=job.retries, **job.options):
+        for outcome in client.segment_stream(todo, inflight=job.inflight, retries=job.retries,
+                                              patience_s=job.patience_s, **job.options):
             retries += max(outcome.attempts - 1, 0)
             if outcome.ok:
                 results[outcome.index] = outcome.result
