@@ -91,7 +91,8 @@ def test_concurrent_tile_requests_give_the_same_result(server, second_server, rn
     assert np.abs(sequential.probabilities - concurrent.probabilities).max() <= 1e-5
     assert np.array_equal(sequential.mask, concurrent.mask)
     deadline = time.monotonic() + 30  # stub log lines reach the server log asynchronously
-    while "sliding_window_2d: 3 tile request(s) in flight per batch" not in second_server.log_path.read_text():
+    in_flight = re.compile(r"sliding_window_2d: [^\n]*\b3 tile request\(s\) in flight per batch")
+    while not in_flight.search(second_server.log_path.read_text()):
         assert time.monotonic() < deadline, second_server.log_path.read_text()[-2000:]
         time.sleep(0.5)
 
