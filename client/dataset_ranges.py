@@ -27,7 +27,8 @@ PREFIX_BITS = 16
 
 def order_keys(values: np.ndarray) -> np.ndarray:
     """float32 -> uint32 keys in the same order as the values (sign flipped, negatives inverted)."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).reshape(-1).view(np.uint32)
+    # + 0 turns -0.0 into +0.0: np.unique merges the two, so they must share one bin.
+    bits = (np.ascontiguousarray(values, dtype=np.float32).reshape(-1) + np.float32(0)).view(np.uint32)
     return np.where(bits & np.uint32(0x80000000), ~bits, bits | np.uint32(0x80000000))
 
 

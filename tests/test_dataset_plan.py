@@ -105,3 +105,12 @@ def test_ome_zarr_image_opens_level_zero_without_singleton_axes(tmp_path):
     assert (source.kind, source.inner, source.shape, source.dropped) == ("ome-zarr", "0", (5, 30, 40), 2)
     group["0"][0, 0, 3] = 7
     assert source.read((slice(3, 4),)).tolist() == np.full((1, 30, 40), 7).tolist()
+
+
+def test_exact_percentiles_with_negative_and_positive_zero():
+    """A masked float volume (``ct * mask``) holds -0.0 and +0.0; ranks fall among both."""
+    volume = np.zeros((4, 50, 50), np.float32)
+    volume[:2] = -0.0
+    volume[0, 0, :10] = np.linspace(-5, 5, 10, dtype=np.float32)
+    blocks = [lambda part=part: part for part in np.array_split(volume, 3)]
+    assert exact_percentiles(blocks).tolist() == np.percentile(volume, [1.0, 99.0]).tolist()
