@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from client.chunks import DEFAULT_OVERLAP, window_starts
+from client.chunks import DEFAULT_OVERLAP, Chunk, window_starts
 from client.dataset_sources import DatasetSource
 
 LOCAL_URL_ENV = "SEGSERVE_LOCAL_URL"  # a worker's own node server, tried before the URL list
@@ -36,17 +36,9 @@ DONE_ARRAY = "done"
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class Task(Chunk):
     """One unit of work: ``kept`` (output coordinates, spatial axes) is written; ``sent``
     (spatial axes) is read and sent. For stacks the first axis counts frames and both agree."""
-
-    index: int
-    sent: tuple[slice, ...]
-    kept: tuple[slice, ...]
-
-    @property
-    def sent_kept(self) -> tuple[slice, ...]:
-        return tuple(slice(k.start - s.start, k.stop - s.start) for s, k in zip(self.sent, self.kept))
 
     def describe(self) -> str:
         return "[" + ", ".join(f"{s.start}:{s.stop}" for s in self.kept) + "]"

@@ -177,13 +177,18 @@ def test_ome_zarr_image_gets_a_label_image(server, cluster, stack, reference, tm
     assert (out / ome["image-label"]["source"]["image"]).resolve() == (tmp_path / "image.ome.zarr").resolve()
 
 
+def start_one_frame_tasks(stack, out, server_urls: str, local) -> subprocess.Popen:
+    """The CLI on ``stack``'s file, one frame per task, on the module's cluster (stderr piped)."""
+    return subprocess.Popen(dataset_cli(str(stack[1]), "--out", str(out), "--url", server_urls,
+                                        "--scheduler", local.scheduler_address, "--frames-per-task", "1"),
+                            stderr=subprocess.PIPE, text=True)
+
+
 def test_worker_killed_mid_run(server, second_server, cluster, stack, reference, tmp_path):
     """SIGKILL one worker process once 3 tasks are done: its task reruns on a new worker."""
     local, dask_client = cluster
     out = tmp_path / "out.zarr"
-    process = subprocess.Popen(dataset_cli(str(stack[1]), "--out", str(out), "--url", urls(server, second_server),
-                                           "--scheduler", local.scheduler_address, "--frames-per-task", "1"),
-                               stderr=subprocess.PIPE, text=True)
+    process = start_one_frame_tasks(stack, out, urls(server, second_server), local)
     wait_for_done(out, 3, process)
     pids = dask_client.run(os.getpid)
     os.kill(next(iter(pids.values())), signal.SIGKILL)
@@ -216,9 +221,7 @@ def test_server_killed_mid_run(server, second_server, cluster, stack, reference,
     fail over to the first one; every frame is there and equal."""
     local, _ = cluster
     out = tmp_path / "out.zarr"
-    process = subprocess.Popen(dataset_cli(str(stack[1]), "--out", str(out), "--url", urls(server, second_server),
-                                           "--scheduler", local.scheduler_address, "--frames-per-task", "1"),
-                               stderr=subprocess.PIPE, text=True)
+    process = start_one_frame_tasks(stack, out, urls(server, second_server), local)
     wait_for_done(out, 3, process)
     os.killpg(second_server.process.pid, signal.SIGKILL)
     _, err = process.communicate(timeout=300)
