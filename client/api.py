@@ -32,7 +32,7 @@ from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError
 from client.servers import DEFAULT_COOLDOWN_S, ServerPool, split_urls
 from client.shared_memory import SHM_KINDS, remove_stale_regions
-from client.stream import DEFAULT_PATIENCE_S, Outcome, RetryPolicy, ordered_stream
+from client.stream import DEFAULT_PATIENCE_S, Outcome, RetryPolicy, ordered_stream, wait_for_recovery
 from client.volumes import ChunkSettings, segment_volume
 from client.results import NetworkInfo, SegmentationResult
 from client.transports import TRANSPORTS, InlineTransport, SharedMemoryTransport, as_channel_first, output_specs
@@ -211,6 +211,11 @@ class SegmentationClient:
         """True when at least one server has the model ready (see ``unready_servers``)."""
         return len(self.unready_servers()) < len(self.urls)
 
+    def wait_for_recovery(self, longest_s: float) -> None:
+        """The wait before a retry: ``longest_s``, cut short once a server that had the model
+        unready has it ready again (``client.stream.wait_for_recovery``)."""
+        wait_for_recovery(longest_s, self.is_ready)
+
     def unready_servers(self) -> list[str]:
         return [c.url for c in self._controls if not c.is_model_ready(self.model)]
 
@@ -341,7 +346,7 @@ class SegmentationClient:
             return self._segment_on(slots[worker], as_channel_first(frame, spatial_dims), settings)
 
         try:
-            yield from ordered_stream(_as_items(frames), process, inflight, policy)
+            yield from ordered_stream(_as_items(frames), process, inflight, policy, self.wait_for_recovery)
         finally:
             for slot in slots:
                 self._return_slot(slot)

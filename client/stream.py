@@ -78,6 +78,23 @@ class Outcome:
         return self.error is None
 
 
+def wait_for_recovery(longest_s: float, is_ready: Callable[[], bool], step_s: float = 0.25,
+                      sleep: Callable[[float], None] = time.sleep,
+                      clock: Callable[[], float] = time.monotonic) -> None:
+    """Wait before a retry: ``longest_s`` at most, less when the server comes back. Looks at
+    ``is_ready()`` every ``step_s`` and returns once it turns True after having been False (a
+    reload or restart that ends within the backoff is used at once, not at the next attempt);
+    a server that stays ready (the failure was not about readiness) gets the whole wait."""
+    deadline = clock() + longest_s
+    seen_unready = False
+    while (left := deadline - clock()) > 0:
+        sleep(min(step_s, left))
+        ready = is_ready()
+        if ready and seen_unready:
+            return
+        seen_unready = seen_unready or not ready
+
+
 def call_with_retries(function: Callable[[], object], policy: RetryPolicy,
                       sleep: Callable[[float], None] = time.sleep,
                       clock: Callable[[], float] = time.monotonic) -> tuple[object, int]:
@@ -98,7 +115,8 @@ def call_with_retries(function: Callable[[], object], policy: RetryPolicy,
 
 
 def ordered_stream(items: Iterable[tuple[int, Callable[[], object]]], process: Callable[[int, object], object],
-                   inflight: int = 4, policy: RetryPolicy = RetryPolicy()) -> Iterator[Outcome]:
+                   inflight: int = 4, policy: RetryPolicy = RetryPolicy(),
+                   wait: Callable[[float], None] = time.sleep) -> Iterator[Outcome]:
     """Run ``process(worker, frame)`` over ``items`` with ``inflight`` workers; yield Outcomes
     in the items' order.
 
@@ -109,10 +127,12 @@ def ordered_stream(items: Iterable[tuple[int, Callable[[], object]]], process: C
             Outcome's ``result``.
         inflight: requests in flight at once.
         policy: retries of retryable SegmentationErrors.
+        wait: waits the policy's delay before a retry (e.g. ``wait_for_recovery``, which
+            cuts it short when the server is back).
     """
     if inflight < 1:
         raise ValueError(f"inflight must be >= 1, got {inflight}")
-    pool = _WorkerPool(process, inflight, policy)
+    pool = _WorkerPool(process, inflight, policy, wait)
     window = REORDER_WINDOW_FACTOR * inflight
     finished: dict[int, Outcome] = {}
     source = iter(items)
@@ -149,8 +169,8 @@ class _WorkerPool:
     """``inflight`` daemon threads taking ``(position, index, frame)`` jobs. Daemon threads,
     so a request hung without a deadline cannot keep the interpreter from exiting."""
 
-    def __init__(self, process, workers: int, policy: RetryPolicy):
-        self.process, self.policy = process, policy
+    def __init__(self, process, workers: int, policy: RetryPolicy, wait: Callable[[float], None] = time.sleep):
+        self.process, self.policy, self.wait = process, policy, wait
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
         self.busy = 0
@@ -180,7 +200,7 @@ class _WorkerPool:
         while (job := self.jobs.get()) is not None:
             position, index, frame = job
             try:
-                result, attempts = call_with_retries(lambda frame=frame: self.process(worker, frame), self.policy)
+                result, attempts = call_with_retries(lambda frame=frame: self.process(worker, frame), self.policy, self.wait)
                 outcome = Outcome(index, result=result, attempts=attempts)
             except SegmentationError as error:
                 outcome = Outcome(index, error=str(error), attempts=getattr(error, "attempts", 1))

@@ -1,10 +1,13 @@
 """Kill-to-serving time: `python -m segserve serve` on a model repository, one Python-backend
-stub SIGKILLed, seconds until a frame is segmented again (the launcher reloads the broken model).
+stub SIGKILLed, seconds until a frame is segmented again (the launcher reloads the broken model,
+or restarts the server when requests were inside the dead stub).
 
     python -m scripts.recovery_time [--model-repository DIR] [--victim sliding_window_2d]
-                                    [--cpu-hogs 2] [--repeats 3]
+                                    [--cpu-hogs 2] [--repeats 3] [--during-requests]
 
 ``--cpu-hogs N`` runs N busy loops beside it (a busy machine), stopped at the end.
+``--during-requests`` kills the stub while a stream of 1024x1024 frames (4 in flight) is in
+the pipeline, as on a busy service; by default nothing is in flight at the kill.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -44,12 +48,27 @@ def serving(url: str, frame: np.ndarray) -> bool:
         return False
 
 
+def start_stream(url: str, frames: int) -> threading.Thread:
+    """A thread streaming ``frames`` 1024x1024 frames, 4 in flight, with default patience."""
+    stack = np.random.default_rng(1).random((frames, 1024, 1024), dtype=np.float32)
+
+    def stream() -> None:
+        with SegmentationClient(url) as client:
+            failed = [o.index for o in client.segment_stream(list(stack), inflight=4) if not o.ok]
+        print(f"  the stream of {frames} frames: {frames - len(failed)} done, {len(failed)} failed", flush=True)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=pathlib.Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--victim", default="sliding_window_2d", help="model whose stub is killed (default: %(default)s)")
     parser.add_argument("--cpu-hogs", type=int, default=0, help="busy loops running beside the server (default: 0)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--during-requests", action="store_true", help="kill while frames are in flight")
     args = parser.parse_args(argv)
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="recovery-"))
     grpc_port = free_port()
@@ -69,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             wait_for(lambda: serving(url, frame), 600, "serving", server)
             victim = next(pid for pid, model in python_backend_stubs(server.pid).items() if f"/{args.victim}/" in model)
+            if args.during_requests:
+                busy = start_stream(url, frames=12)
+                time.sleep(3)  # the stream's frames are inside every instance
             killed = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             time.sleep(0.5)  # the supervisor looks every 0.5 s; a request before that meets the dead stub
             wait_for(lambda: serving(url, frame), 900, "serving again", server)
             print(f"kill to serving #{repeat + 1}: {time.monotonic() - killed:.1f} s", flush=True)
+            if args.during_requests:
+                busy.join()
         print((scratch / "serve.out").read_text(), flush=True)
     finally:
         for hog in hogs:

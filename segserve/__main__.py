@@ -12,7 +12,7 @@ import time
 import traceback
 
 from segproto import TOKEN_ENV, TOKEN_HEADER, header_name, new_token, write_token_file
-from segserve.launcher import DEFAULT_REPOSITORY, ServerConfig, ServerError, TritonServer
+from segserve.launcher import DEFAULT_REPOSITORY, STUCK_STOP_S, ServerConfig, ServerError, StuckRequestsError, TritonServer
 
 
 # A server whose stubs keep dying is not fixed by restarting it: give up after this many restarts.
@@ -80,6 +80,7 @@ def recover(server: TritonServer, problem: str, timeout_s: float) -> None:
     """Reload only the models whose stubs died; restart the whole server when that fails or
     the server itself is gone. Clients wait for readiness meanwhile (their patience)."""
     broken = server.broken_models() if server.process is not None and server.process.poll() is None else []
+    stop_timeout_s = 40.0
     if broken:
         print(f"segserve: {problem}; reloading {', '.join(broken)} (clients wait and retry)", file=sys.stderr, flush=True)
         start = time.monotonic()
@@ -87,12 +88,14 @@ def recover(server: TritonServer, problem: str, timeout_s: float) -> None:
             server.reload_models(broken, timeout_s)
         except ServerError as error:
             print(f"segserve: {error}; restarting the server", file=sys.stderr, flush=True)
+            if isinstance(error, StuckRequestsError):
+                stop_timeout_s = STUCK_STOP_S  # a graceful stop would wait its whole timeout for them
         else:
             print(f"segserve ready again: reloaded {', '.join(broken)} in {time.monotonic() - start:.1f} s", flush=True)
             return
     else:
         print(f"segserve: {problem}; restarting the server (clients wait and retry)", file=sys.stderr, flush=True)
-    server.restart(timeout_s)
+    server.restart(timeout_s, stop_timeout_s=stop_timeout_s)
     print(f"segserve ready again: gRPC {server.grpc_url}  HTTP {server.http_url}", flush=True)
 
 

@@ -37,8 +37,13 @@ PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = 600.0
 STUB_TIMEOUT_S = 120
 # How long the old instance of a reloaded model may take to unload before its requests are
-# taken as stuck (then the server is restarted).
-STUCK_GRACE_S = 60.0
+# taken as stuck (then the server is restarted). An instance with nothing in flight unloads as
+# the new one loads (measured: gone before the load returns); one with requests inside a dead
+# stub never unloads. Too short costs only a needless restart.
+STUCK_GRACE_S = 10.0
+# A server with requests stuck in a dead stub cannot finish Triton's graceful shutdown (it waits
+# its whole exit timeout, 30 s): it gets this long after SIGINT, then SIGKILL.
+STUCK_STOP_S = 3.0
 # Preloaded into tritonserver and the stubs. Each frame moves tens of MB between the pipeline's
 # steps; glibc returns such buffers to the OS and faults them in again on every request, tcmalloc
 # keeps them (measured: docs/benchmarks.md). "auto" takes tcmalloc when installed.
@@ -47,6 +52,10 @@ ALLOCATORS = {"auto": None, "tcmalloc": "tcmalloc_minimal", "jemalloc": "jemallo
 
 class ServerError(RuntimeError):
     """The server could not start, become ready, or stop."""
+
+
+class StuckRequestsError(ServerError):
+    """Requests are stuck inside a dead stub: only a restart (a quick one) answers them."""
 
 
 @dataclasses.dataclass
@@ -333,7 +342,7 @@ class TritonServer:
         while old_stubs & set(self.stub_processes()) and time.monotonic() < deadline:
             time.sleep(0.5)
         if old_stubs & set(self.stub_processes()):
-            raise ServerError(f"requests are stuck in the dead instance of {', '.join(models)}")
+            raise StuckRequestsError(f"requests are stuck in the dead instance of {', '.join(models)}")
         current = self.stub_processes()
         expected = _stubs_per_model(self._stubs_at_start)
         short = [m for m in models if _stubs_per_model(current).get(m, 0) < expected.get(m, 0)]
@@ -352,9 +361,10 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
             raise ServerError(f"{action} of {model} failed: {error}") from None
 
-    def restart(self, timeout_s: float = START_TIMEOUT_S) -> "TritonServer":
-        """Stop (killing what does not stop) and start again on the same ports and token."""
-        self.stop()
+    def restart(self, timeout_s: float = START_TIMEOUT_S, stop_timeout_s: float = 40.0) -> "TritonServer":
+        """Stop (killing what has not stopped after ``stop_timeout_s``) and start again on the
+        same ports and token."""
+        self.stop(stop_timeout_s)
         self.process = None
         return self.start(timeout_s)
 

@@ -125,7 +125,9 @@ def server(model_repository, tmp_path_factory) -> TritonServer:
     try:
         yield running
     finally:
-        running.stop()
+        # Killed after 2 s rather than waiting for Triton's graceful unload of every model (10 s);
+        # the graceful stop has its own test (tests/test_faults.py).
+        running.stop(timeout_s=2)
         if previous is None:
             os.environ.pop(TOKEN_ENV, None)
         else:

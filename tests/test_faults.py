@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from client import SegmentationClient
 from segserve.launcher import PYTHON_BACKEND_SHM_PREFIX, REPO_ROOT, free_port, python_backend_stubs
@@ -41,6 +42,7 @@ class Serve:
         self.output = directory / "serve.out"
         self.process: subprocess.Popen | None = None
         self.ready_lines = 0  # "segserve ready" lines printed before the start awaited now
+        self.regions_before: set[str] = set()  # regions before the last start: ours must go at SIGTERM
 
     @property
     def grpc_url(self) -> str:
@@ -52,6 +54,7 @@ class Serve:
                    "--metrics-port", str(self.ports["metrics"]), "--token", self.token,
                    "--token-file", str(self.directory / "token"), "--log-file", str(self.directory / "triton.log"),
                    "--drain-timeout", "20"]
+        self.regions_before = shm_regions()
         self.process = subprocess.Popen(command, stdout=open(self.output, "a"), stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         self.wait_until(lambda: self.text().count("segserve ready") > self.ready_lines, "ready")
 
@@ -91,6 +94,11 @@ def serve(tmp_path_factory):
         running.process.wait(timeout=90)
 
 
+def shm_regions() -> set[str]:
+    """The Python backend's shared-memory regions of every server on this machine."""
+    return {p.name for p in pathlib.Path("/dev/shm").glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")}
+
+
 def test_user_without_token_segments_with_default_options(serve, rng, tmp_path):
     stack = make_stack(rng, 3, (150, 170))
     np.save(tmp_path / "scan.npy", stack)
@@ -100,6 +108,17 @@ def test_user_without_token_segments_with_default_options(serve, rng, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert np.array_equal(np.load(tmp_path / "out" / "scan_mask.npy"), reference_masks(serve, stack))
+
+
+def test_idle_stub_killed_is_reloaded_alone(serve):
+    """A stub that dies with nothing in flight (and no request sent to it since): the launcher
+    reloads that model alone, without a restart."""
+    victim = next(pid for pid, model in serve.stubs().items() if "sliding_window_2d" in model)
+    serve.mark()
+    os.kill(victim, signal.SIGKILL)
+    serve.wait_until(lambda: serve.text().count("segserve ready") > serve.ready_lines, "ready again")
+    assert "segserve ready again: reloaded sliding_window_2d in" in serve.text()
+    assert errors_of_concurrent_requests(serve, count=8) == []
 
 
 def test_killed_stub_is_reloaded_and_the_stream_loses_nothing_with_default_options(serve, rng):
@@ -123,6 +142,28 @@ def test_killed_stub_is_reloaded_and_the_stream_loses_nothing_with_default_optio
     assert [o.index for o in outcomes] == list(range(30)) and all(o.ok for o in outcomes), [(o.index, o.attempts, o.error) for o in outcomes if not o.ok]
     assert np.array_equal(np.stack([o.result.mask for o in outcomes]), reference_masks(serve, frames))
     assert len(serve.stubs()) == stubs_before
+
+
+def errors_of_concurrent_requests(serve: Serve, count: int) -> list[str]:
+    """Send ``count`` small frames to segment_2d at once (so every instance gets one) over plain
+    gRPC; the error messages of those that failed."""
+    errors: list[str] = []
+
+    def request() -> None:
+        with grpcclient.InferenceServerClient(serve.grpc_url) as client:
+            image = grpcclient.InferInput("IMAGE", [1, 64, 64], "FP32")
+            image.set_data_from_numpy(np.zeros((1, 64, 64), np.float32))
+            try:
+                client.infer("segment_2d", [image], client_timeout=120)
+            except InferenceServerException as error:
+                errors.append(error.message())
+
+    threads = [threading.Thread(target=request) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=150)
+    return errors
 
 
 def test_server_killed_mid_stream_then_resumed_writes_every_frame_once(serve, rng, tmp_path):
@@ -153,7 +194,8 @@ def test_server_killed_mid_stream_then_resumed_writes_every_frame_once(serve, rn
 def test_sigterm_lets_requests_in_flight_finish_then_leaves_nothing_behind(serve, rng):
     frames = list(make_stack(rng, 3, (1024, 1024)))
     stub_pids = list(serve.stubs())
-    regions_before = {p.name for p in pathlib.Path("/dev/shm").glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")}
+    assert len(stub_pids) >= 4 and shm_regions() - serve.regions_before
+    assert f"segserve ready: gRPC {serve.grpc_url}  HTTP 127.0.0.1:{serve.ports['http']}" in serve.text()
     results, errors = {}, {}
 
     def segment(index):
@@ -179,5 +221,5 @@ def test_sigterm_lets_requests_in_flight_finish_then_leaves_nothing_behind(serve
     assert serve.process.wait(timeout=90) == 0
     assert time.monotonic() - start < 90
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in stub_pids)
-    regions_after = {p.name for p in pathlib.Path("/dev/shm").glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")}
-    assert not (regions_after - regions_before)
+    assert "stopped (tritonserver exit code 0)" in serve.text()
+    assert shm_regions() - serve.regions_before == set()

@@ -1,5 +1,6 @@
-"""The pipeline's own metrics (segserve.metrics) on the real server's metrics endpoint, read with
-prometheus_client's parser: one request moves every counter by what the request did; refused
+"""The pipeline's own metrics (segserve.metrics) on the session server's metrics endpoint, read
+with prometheus_client's parser (as differences: other tests' requests moved the counters
+before): one request moves every counter by what the request did; refused
 requests count by step and reason; the Grafana dashboard and the autoscaling rules only name
 metrics the server exposes."""
 
@@ -19,9 +20,9 @@ import yaml
 from monai.inferers import sliding_window_inference
 from prometheus_client.parser import text_string_to_metric_families
 
-from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
+from segserve.launcher import REPO_ROOT
 from segserve.metrics import FAMILIES, PipelineMetrics, refusal_reason
-from tests.conftest import DEFAULT_NETWORK, Endpoint, copy_2d_repository
+from tests.conftest import DEFAULT_NETWORK, Endpoint
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "segserve-dashboard.json"
 ADAPTER_VALUES = REPO_ROOT / "deploy" / "prometheus-adapter" / "values.yaml"
@@ -32,8 +33,6 @@ NOT_FROM_THIS_SERVER = {
     "nv_gpu_utilization": "Triton exports GPU families only where it sees a GPU",
 }
 TILE = (128, 128)  # unet2d_particles
-# The module's server starts inside the first test's time limit: room for a busy machine.
-pytestmark = pytest.mark.timeout(1200)
 
 
 Samples = dict[tuple[str, frozenset], float]
@@ -100,20 +99,6 @@ def monai_tiles_and_batches(spatial: tuple[int, ...], sw_batch_size: int, overla
 
 def key(name: str, **labels: str) -> tuple[str, frozenset]:
     return name, frozenset(labels.items())
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A 2D-only server of its own: the counters move only with this module's requests (and a
-    long start timeout: four engineers' servers share this machine's two cores)."""
-    directory = tmp_path_factory.mktemp("metrics_server")
-    config = ServerConfig(model_repository=copy_2d_repository(directory / "model_repository"),
-                          http_port=0, grpc_port=0, metrics_port=0)
-    running = TritonServer(config, log_path=directory / "tritonserver.log").start(timeout_s=900)
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,12 @@ down, even with several servers."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -100,3 +105,22 @@ def test_triton_wording_matched_is_this_versions(server):
         with pytest.raises(InferenceServerException) as absent:
             client.infer("no_such_model", [image])
         assert not is_transient(str(absent.value.status()), absent.value.message())
+        # A dead stub, then its model being reloaded: what the launcher's recovery goes through.
+        frame = grpcclient.InferInput("IMAGE", list(GOOD_FRAME.shape), "FP32")
+        frame.set_data_from_numpy(GOOD_FRAME)
+        [stub] = [pid for pid, model in server.stub_processes().items() if f"/{FAULTY_MODEL}/" in model]
+        os.kill(stub, signal.SIGKILL)
+        while psutil.pid_exists(stub) and psutil.Process(stub).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.05)  # dead (tritonserver reaps its stubs only when it unloads them)
+        try:
+            with pytest.raises(InferenceServerException) as dead:
+                client.infer(FAULTY_MODEL, [frame])
+            client.unload_model(FAULTY_MODEL, headers=server.token_headers("grpc"))
+            with pytest.raises(InferenceServerException) as reloading:
+                client.infer(FAULTY_MODEL, [frame])
+        finally:
+            client.load_model(FAULTY_MODEL, headers=server.token_headers("grpc"))
+        for failure, phrase in ((dead, "is not healthy"), (reloading, "no available versions")):
+            assert phrase in failure.value.message(), failure.value.message()
+            assert is_transient(str(failure.value.status()), failure.value.message())
+        assert client.is_model_ready(FAULTY_MODEL)  # a new stub for the other tests

@@ -12,7 +12,7 @@ import pytest
 
 from client.connection import SegmentationError
 from client.stacks import RunRecord, is_stack_shape, open_sources, split_hdf5_argument
-from client.stream import RetryPolicy, call_with_retries, ordered_stream
+from client.stream import RetryPolicy, call_with_retries, ordered_stream, wait_for_recovery
 
 
 def test_outcomes_come_back_in_input_order_whatever_the_finishing_order():
@@ -110,6 +110,33 @@ def test_default_patience_is_time_based_and_outlasts_a_long_restart():
     with pytest.raises(SegmentationError) as caught:
         call_with_retries(back_after(10_000.0), RetryPolicy(patience_s=60.0), sleep=clock.sleep, clock=clock)
     assert 55.0 <= clock() <= 60.0 and caught.value.attempts == len(clock.sleeps) + 1
+
+
+def test_a_retry_follows_the_server_back_rather_than_the_next_5_s_step():
+    """A server restarting from 0 to 200.6 s (not ready meanwhile): with readiness watched,
+    the frame is retried within a quarter second of its return; without, up to 5 s later.
+    A server that stays ready (the failure was not about readiness) gets the whole backoff."""
+    def retried_at(watch_readiness: bool) -> float:
+        clock = FakeClock()
+
+        def call():
+            if clock() < 200.6:
+                raise SegmentationError("failed to connect to all addresses", retryable=True)
+            return "done"
+
+        def wait(seconds: float) -> None:
+            if watch_readiness:
+                wait_for_recovery(seconds, lambda: clock() >= 200.6, sleep=clock.sleep, clock=clock)
+            else:
+                clock.sleep(seconds)
+
+        call_with_retries(call, RetryPolicy(), sleep=wait, clock=clock)
+        return clock()
+
+    assert 200.6 <= retried_at(True) <= 200.85 < 201.0 < retried_at(False)
+    clock = FakeClock()
+    wait_for_recovery(5.0, lambda: True, sleep=clock.sleep, clock=clock)
+    assert clock() == pytest.approx(5.0)
 
 
 def test_final_errors_are_not_retried_whatever_the_patience():
