@@ -40,7 +40,7 @@ STUB_TIMEOUT_S = 120
 # taken as stuck (then the server is restarted). An instance with nothing in flight unloads as
 # the new one loads (measured: gone before the load returns); one with requests inside a dead
 # stub never unloads. Too short costs only a needless restart.
-STUCK_GRACE_S = 10.0
+STUCK_GRACE_S = 5.0
 # A server with requests stuck in a dead stub cannot finish Triton's graceful shutdown (it waits
 # its whole exit timeout, 30 s): it gets this long after SIGINT, then SIGKILL.
 STUCK_STOP_S = 3.0

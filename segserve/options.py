@@ -15,6 +15,11 @@ from typing import Any, Mapping
 BLEND_MODES = ("gaussian", "constant")
 
 
+class InputError(ValueError):
+    """The frame itself is unusable (shape, dtype or values). Here, not in segserve.preprocess,
+    so that the network's stub can name it without importing MONAI (seconds and ~100 MB)."""
+
+
 class OptionError(ValueError):
     """A request parameter has an unknown name or an invalid value."""
 

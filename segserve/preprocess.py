@@ -6,15 +6,11 @@ import torch
 from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
-from segserve.options import PipelineOptions
+from segserve.options import InputError, PipelineOptions
 
 SUPPORTED_DTYPES = (torch.float32, torch.uint8, torch.uint16, torch.int16)
 LOWER_PERCENTILE = 1.0
 UPPER_PERCENTILE = 99.0
-
-
-class InputError(ValueError):
-    """The frame itself is unusable (shape, dtype or values)."""
 
 
 def validate_frame(frame: torch.Tensor, spatial_dims: int, max_pixels: int | None = None) -> None:

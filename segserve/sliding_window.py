@@ -14,8 +14,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from segserve.network_spec import NetworkSpec
-from segserve.options import OptionError, PipelineOptions
-from segserve.preprocess import InputError
+from segserve.options import InputError, OptionError, PipelineOptions
 
 TilePredictor = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_SW_BATCH_SIZE = 8

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import tempfile
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +20,7 @@ from monai.networks import nets
 from client.auth import TOKEN_ENV
 from export.network_export import ExportSettings, build_network, export_network, settings_from_spec
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer, copy_models
+from segserve.network_spec import read_model_config
 from segserve.onnx_network import OnnxNetwork
 from segserve.torchscript_network import TorchScriptNetwork
 
@@ -43,6 +46,62 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if "server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.server)
+
+
+class InBackground:
+    """A slow preparation that needs no server (a virtual env or a resolution from the package
+    index), run in a thread from the moment the tests are chosen, so that it overlaps the
+    session server's start instead of following it; the test that needs it awaits ``result``."""
+
+    def __init__(self, function: Callable[[], object], directory: pathlib.Path):
+        self.directory = directory
+        self._result: object = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Callable[[], object]) -> None:
+        try:
+            self._result = function()
+        except BaseException as error:  # noqa: BLE001 - raised again in the awaiting test
+            self._error = error
+
+    def result(self) -> object:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def discard(self, timeout_s: float = 60.0) -> None:
+        """Let it finish (a session cut short may not have awaited it), then remove its files."""
+        self._thread.join(timeout_s)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+BACKGROUND: dict[str, InBackground] = {}
+
+
+def pytest_collection_finish(session) -> None:
+    """Start the background preparations (``BACKGROUND_PREPARATIONS = {name: function}`` in a
+    test module) of the modules with a chosen test. Each function gets a fresh directory,
+    removed when the session ends."""
+    for item in session.items:
+        preparations = getattr(getattr(item, "module", None), "BACKGROUND_PREPARATIONS", {})
+        for name, function in preparations.items():
+            if name not in BACKGROUND:
+                directory = pathlib.Path(tempfile.mkdtemp(prefix=f"segserve-test-{name}-"))
+                BACKGROUND[name] = InBackground(lambda function=function, directory=directory: function(directory),
+                                                directory)
+
+
+def pytest_sessionfinish(session) -> None:
+    for preparation in BACKGROUND.values():
+        preparation.discard()
+
+
+def background_result(name: str) -> object:
+    """The result of a background preparation started for this session (see InBackground)."""
+    return BACKGROUND[name].result()
 
 
 def copy_2d_repository(destination: pathlib.Path) -> pathlib.Path:
@@ -107,6 +166,14 @@ def model_repository(tmp_path_factory, second_network_checkpoint) -> pathlib.Pat
     # A lower pixel limit than the shipped one, so the over-limit case stays small.
     preprocess_config = repository / "sliding_window_2d" / "config.pbtxt"
     preprocess_config.write_text(preprocess_config.read_text().replace('"100000000"', f'"{4096 * 4096}"'))
+    # Fewer sliding-window instances than shipped (4 and 2): still concurrent, three stubs fewer
+    # to start (~6 s of CPU each). The servers of the fault, scale-out and dataset tests run the
+    # shipped counts.
+    for model, count in (("sliding_window_2d", 2), ("sliding_window_3d", 1)):
+        config = repository / model / "config.pbtxt"
+        shipped = read_model_config(config).instance_group[0].count
+        config.write_text(config.read_text().replace(f"count: {shipped} kind: KIND_CPU", f"count: {count} kind: KIND_CPU", 1))
+        assert read_model_config(config).instance_group[0].count == count, config
     # A model that fails on demand through the server's error marking (tests/test_retry.py).
     shutil.copytree(REPO_ROOT / "tests" / "models" / FAULTY_MODEL, repository / FAULTY_MODEL)
     settings = ExportSettings(checkpoint=second_network_checkpoint, name=SECOND_NETWORK, max_batch_size=8, **SECOND_NETWORK_SETTINGS)

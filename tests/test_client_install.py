@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 
 from client import ChunkSettings, SegmentationClient
 from segserve.launcher import REPO_ROOT
-from tests.conftest import DEFAULT_NETWORK
+from tests.conftest import DEFAULT_NETWORK, background_result
 from training.synthetic import synthetic_slice, to_detector_counts
 from training.synthetic_3d import synthetic_volume, to_int16_hu
 
@@ -36,10 +37,9 @@ print(json.dumps({"chunks": result.chunks, "heavy": heavy}))
 """
 
 
-@pytest.fixture(scope="session")
-def client_env(tmp_path_factory) -> dict[str, str]:
-    """A virtual env with only the client distribution; its environment for subprocesses."""
-    directory = tmp_path_factory.mktemp("client-env")
+def build_client_env(directory: pathlib.Path) -> dict[str, str]:
+    """A virtual env with only the client distribution; its environment for subprocesses.
+    Built in the background from the session's start (tests/conftest.py, InBackground)."""
     subprocess.run([sys.executable, "-m", "venv", str(directory / "venv")], check=True, timeout=300)
     python = directory / "venv" / "bin" / "python"
     installed = subprocess.run([str(python), "-m", "pip", "install", "-q", str(REPO_ROOT / "client")],
@@ -48,6 +48,14 @@ def client_env(tmp_path_factory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{directory / 'venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+BACKGROUND_PREPARATIONS = {"client-env": build_client_env}
+
+
+@pytest.fixture(scope="session")
+def client_env() -> dict[str, str]:
+    return background_result("client-env")
 
 
 def test_client_alone_segments_a_frame_and_a_chunked_volume(server, client_env, tmp_path, rng):

@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 
 from client.auth import RESTRICTED_ENDPOINTS, TOKEN_HEADER
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonDistribution, TritonServer, free_port
-from tests.conftest import DEFAULT_NETWORK, copy_2d_repository
+from tests.conftest import DEFAULT_NETWORK, background_result, copy_2d_repository
 
 pytestmark = pytest.mark.server  # starts its own server
 
@@ -50,15 +50,27 @@ def pinned_version(requirements: pathlib.Path, name: str) -> str:
     raise AssertionError(f"{name} is not pinned in {requirements}")
 
 
-def test_image_requirements_resolve_for_cpython_312_with_one_cuda_major():
-    """What the image's `pip install` does, resolved from the package index for CPython 3.12 /
-    manylinux x86_64 without installing; the download size is printed (`pytest -s`)."""
+def resolve_image_requirements(_directory: pathlib.Path) -> list | str:
+    """The image's wheels with their sizes, or why the index cannot be reached. Resolved in the
+    background from the session's start (half a minute; tests/conftest.py, InBackground)."""
     resolver = load_resolver()
     try:
         resolver.check_index_reachable()
     except resolver.IndexUnreachable as error:
-        pytest.skip(f"cannot check the image's requirements: {error}")
-    wheels = resolver.with_sizes(resolver.resolve())
+        return str(error)
+    return resolver.with_sizes(resolver.resolve())
+
+
+BACKGROUND_PREPARATIONS = {"image-requirements": resolve_image_requirements}
+
+
+def test_image_requirements_resolve_for_cpython_312_with_one_cuda_major():
+    """What the image's `pip install` does, resolved from the package index for CPython 3.12 /
+    manylinux x86_64 without installing; the download size is printed (`pytest -s`)."""
+    wheels = background_result("image-requirements")
+    if isinstance(wheels, str):
+        pytest.skip(f"cannot check the image's requirements: {wheels}")
+    resolver = load_resolver()
     print("\n" + resolver.summary(wheels))
     versions = {w.name.lower(): w.version for w in wheels}
     majors = resolver.cuda_majors(wheels)

@@ -9,9 +9,9 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import KeepLargestConnectedComponent, LabelToContour
 
 from segserve.network_spec import NetworkSpec
-from segserve.options import OptionError, PipelineOptions
+from segserve.options import InputError, OptionError, PipelineOptions
 from segserve.postprocess import class_mask, keep_largest_components, label_contour, postprocess
-from segserve.preprocess import InputError, normalize, validate_frame
+from segserve.preprocess import normalize, validate_frame
 from segserve.sliding_window import blended_logits, resolve_sw_batch_size
 
 SPEC = NetworkSpec("net", "INPUT__0", "OUTPUT__0", in_channels=1, num_classes=3, tile_size=(16, 12), max_batch_size=4)

@@ -15,8 +15,8 @@ import triton_python_backend_utils as pb_utils
 from segserve.backend.tensors import (error_response, input_tensor, instance_gpu, model_parameters, parse_model_config,
                                      to_triton)
 from segserve.metrics import METRICS
-from segserve.options import PipelineOptions, parse_options
-from segserve.preprocess import InputError, normalize, validate_frame
+from segserve.options import InputError, PipelineOptions, parse_options
+from segserve.preprocess import normalize, validate_frame
 
 IMAGE_INPUTS = ("IMAGE", "IMAGE_UINT8", "IMAGE_UINT16", "IMAGE_INT16")
 

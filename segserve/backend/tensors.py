@@ -11,8 +11,7 @@ from torch.utils.dlpack import to_dlpack
 from segproto import is_transient_message, transient_message
 from segserve.metrics import METRICS
 from segserve.network_spec import NetworkConfigError
-from segserve.options import OptionError
-from segserve.preprocess import InputError
+from segserve.options import InputError, OptionError
 
 # Errors caused by the request: reported to the client as INVALID_ARG.
 REQUEST_ERRORS = (InputError, OptionError, NetworkConfigError)
