@@ -104,9 +104,21 @@ def background_result(name: str) -> object:
     return BACKGROUND[name].result()
 
 
-def copy_2d_repository(destination: pathlib.Path) -> pathlib.Path:
-    """A model repository with only the 2D pipeline and its default network."""
-    return copy_models(destination, TWO_D_MODELS)
+def copy_2d_repository(destination: pathlib.Path, sliding_window_instances: int | None = None) -> pathlib.Path:
+    """A model repository with only the 2D pipeline and its default network; with
+    ``sliding_window_instances``, that many sliding-window stubs instead of the shipped count
+    (a server that starts sooner, for tests where the count does not matter)."""
+    repository = copy_models(destination, TWO_D_MODELS)
+    if sliding_window_instances is not None:
+        set_instance_count(repository / "sliding_window_2d" / "config.pbtxt", sliding_window_instances)
+    return repository
+
+
+def set_instance_count(config: pathlib.Path, count: int) -> None:
+    """Rewrite a model's ``instance_group`` count in its config.pbtxt."""
+    shipped = read_model_config(config).instance_group[0].count
+    config.write_text(config.read_text().replace(f"count: {shipped} kind: KIND_CPU", f"count: {count} kind: KIND_CPU", 1))
+    assert read_model_config(config).instance_group[0].count == count, config
 
 
 SECOND_NETWORK_SETTINGS = dict(
@@ -166,14 +178,9 @@ def model_repository(tmp_path_factory, second_network_checkpoint) -> pathlib.Pat
     # A lower pixel limit than the shipped one, so the over-limit case stays small.
     preprocess_config = repository / "sliding_window_2d" / "config.pbtxt"
     preprocess_config.write_text(preprocess_config.read_text().replace('"100000000"', f'"{4096 * 4096}"'))
-    # Fewer sliding-window instances than shipped (4 and 2): still concurrent, three stubs fewer
-    # to start (~6 s of CPU each). The servers of the fault, scale-out and dataset tests run the
-    # shipped counts.
-    for model, count in (("sliding_window_2d", 2), ("sliding_window_3d", 1)):
-        config = repository / model / "config.pbtxt"
-        shipped = read_model_config(config).instance_group[0].count
-        config.write_text(config.read_text().replace(f"count: {shipped} kind: KIND_CPU", f"count: {count} kind: KIND_CPU", 1))
-        assert read_model_config(config).instance_group[0].count == count, config
+    # One 3D sliding-window instance, not the shipped 2: one stub fewer to start (~6 s of CPU).
+    # The 2D pipeline keeps its 4: concurrent frames' tiles must meet in network batches.
+    set_instance_count(repository / "sliding_window_3d" / "config.pbtxt", 1)
     # A model that fails on demand through the server's error marking (tests/test_retry.py).
     shutil.copytree(REPO_ROOT / "tests" / "models" / FAULTY_MODEL, repository / FAULTY_MODEL)
     settings = ExportSettings(checkpoint=second_network_checkpoint, name=SECOND_NETWORK, max_batch_size=8, **SECOND_NETWORK_SETTINGS)

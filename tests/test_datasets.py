@@ -31,7 +31,7 @@ FRAME = (120, 150)
 @pytest.fixture(scope="module")
 def second_server(server, tmp_path_factory):
     """A second real server with the 2D pipeline only (killed by the last test using it)."""
-    repository = copy_2d_repository(tmp_path_factory.mktemp("dataset-second") / "model_repository")
+    repository = copy_2d_repository(tmp_path_factory.mktemp("dataset-second") / "model_repository", 2)
     config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0,
                           token=server.config.token)
     second = TritonServer(config, log_path=tmp_path_factory.mktemp("logs") / "dataset-second.log").start(timeout_s=600)

@@ -162,8 +162,9 @@ def test_entrypoint_names_the_networks_a_mounted_repository_lacks(tmp_path):
 
 
 def test_entrypoint_starts_the_real_server(tmp_path):
-    """The image's entrypoint with the pip-installed tritonserver 2.51 in place of the image's."""
-    repository = copy_2d_repository(tmp_path / "models")
+    """The image's entrypoint with the pip-installed tritonserver 2.51 in place of the image's
+    (one sliding-window instance: the start, not the pipeline, is under test)."""
+    repository = copy_2d_repository(tmp_path / "models", sliding_window_instances=1)
     distribution = TritonDistribution.find()
     backends = distribution.assemble_backends(tmp_path / "backends")
     ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS")}

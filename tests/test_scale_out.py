@@ -69,7 +69,7 @@ def second_server(server, tmp_path_factory):
     """A second real server with the 2D pipeline only, sharing the first one's token, whose
     sliding window splits each tile batch into 3 concurrent network requests (the ``gpu``
     variant's setting, one per GPU there)."""
-    repository = copy_2d_repository(tmp_path_factory.mktemp("second") / "model_repository")
+    repository = copy_2d_repository(tmp_path_factory.mktemp("second") / "model_repository", 2)
     sliding_window = repository / "sliding_window_2d" / "config.pbtxt"
     sliding_window.write_text(sliding_window.read_text()
                               + 'parameters { key: "tile_requests_in_flight" value: { string_value: "3" } }\n')
