@@ -47,6 +47,10 @@ TRITON_TRANSIENT_PHRASES = {
     "no available versions": "2.51",  # model being unloaded or reloaded
     "is not healthy": "2.51",  # a Python-backend stub died ("Stub process ... is not healthy")
     "Unable to find shared memory region": "2.51",  # a restarted server forgot the client's regions
+    # A BLS call of a frame in flight while a server with requests stuck in a dead stub is
+    # restarted (seen with scripts/recovery_time.py --kill in-flight; not reproduced by a plain
+    # SIGINT, where Triton lets in-flight frames finish).
+    "Server not ready": "2.51",
 }
 TRITON_RESTRICTED_PHRASE = "is restricted"  # 2.51: "This protocol is restricted, expecting header ..."
 

@@ -3,11 +3,14 @@ stub SIGKILLed, seconds until a frame is segmented again (the launcher reloads t
 or restarts the server when requests were inside the dead stub).
 
     python -m scripts.recovery_time [--model-repository DIR] [--victim sliding_window_2d]
-                                    [--cpu-hogs 2] [--repeats 3] [--during-requests]
+                                    [--cpu-hogs 2] [--repeats 3] [--kill idle|probed|in-flight]
 
 ``--cpu-hogs N`` runs N busy loops beside it (a busy machine), stopped at the end.
-``--during-requests`` kills the stub while a stream of 1024x1024 frames (4 in flight) is in
-the pipeline, as on a busy service; by default nothing is in flight at the kill.
+``--kill``: ``idle`` (default) kills a stub with nothing in flight (the launcher reloads the
+model alone); ``probed`` also sends 8 requests at once right after the kill, before the
+launcher's next look, so one meets the dead stub (Triton 2.51 then keeps the old instance:
+restart); ``in-flight`` kills it while a stream of 1024x1024 frames (4 in flight) is in the
+pipeline, as on a busy service (requests stuck inside: restart).
 """
 
 from __future__ import annotations
@@ -48,14 +51,32 @@ def serving(url: str, frame: np.ndarray) -> bool:
         return False
 
 
+def probe(clients: list[SegmentationClient], frame: np.ndarray) -> None:
+    """One attempt per client at once (no retries); prints how many failed and why."""
+    errors: list[str] = []
+
+    def attempt(client: SegmentationClient) -> None:
+        try:
+            client.segment(frame)
+        except SegmentationError as error:
+            errors.append(str(error))
+
+    threads = [threading.Thread(target=attempt, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(f"  probes: {len(errors)} of {len(clients)} failed {sorted(set(e[:90] for e in errors))}", flush=True)
+
+
 def start_stream(url: str, frames: int) -> threading.Thread:
     """A thread streaming ``frames`` 1024x1024 frames, 4 in flight, with default patience."""
     stack = np.random.default_rng(1).random((frames, 1024, 1024), dtype=np.float32)
 
     def stream() -> None:
         with SegmentationClient(url) as client:
-            failed = [o.index for o in client.segment_stream(list(stack), inflight=4) if not o.ok]
-        print(f"  the stream of {frames} frames: {frames - len(failed)} done, {len(failed)} failed", flush=True)
+            failed = [(o.index, o.attempts, o.error) for o in client.segment_stream(list(stack), inflight=4) if not o.ok]
+        print(f"  the stream of {frames} frames: {frames - len(failed)} done, {len(failed)} failed {failed}", flush=True)
 
     thread = threading.Thread(target=stream)
     thread.start()
@@ -68,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--victim", default="sliding_window_2d", help="model whose stub is killed (default: %(default)s)")
     parser.add_argument("--cpu-hogs", type=int, default=0, help="busy loops running beside the server (default: 0)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--during-requests", action="store_true", help="kill while frames are in flight")
+    parser.add_argument("--kill", choices=("idle", "probed", "in-flight"), default="idle",
+                        help="what the server is doing at the kill (default: %(default)s)")
     args = parser.parse_args(argv)
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="recovery-"))
     grpc_port = free_port()
@@ -78,27 +100,46 @@ def main(argv: list[str] | None = None) -> int:
     output = open(scratch / "serve.out", "w")
     hogs: list[subprocess.Popen] = []
     server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+
+    def log_text() -> str:
+        return (scratch / "serve.out").read_text()
+
     url, frame = f"127.0.0.1:{grpc_port}", np.random.default_rng(0).random((256, 256), dtype=np.float32)
     try:
         start = time.monotonic()
-        wait_for(lambda: "segserve ready" in (scratch / "serve.out").read_text(), 900, "ready", server)
+        wait_for(lambda: "segserve ready" in log_text(), 900, "ready", server)
         print(f"start to ready: {time.monotonic() - start:.1f} s", flush=True)
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.cpu_hogs)]
         print(f"cpu hogs: {[h.pid for h in hogs]}", flush=True)
         for repeat in range(args.repeats):
             wait_for(lambda: serving(url, frame), 600, "serving", server)
             victim = next(pid for pid, model in python_backend_stubs(server.pid).items() if f"/{args.victim}/" in model)
-            if args.during_requests:
+            if args.kill == "in-flight":
                 busy = start_stream(url, frames=12)
                 time.sleep(3)  # the stream's frames are inside every instance
+            elif args.kill == "probed":
+                probes = [SegmentationClient(url) for _ in range(8)]
+                for client in probes:  # connected and configured: they reach the server at once
+                    client.segment(frame)
+            recoveries = log_text().count("segserve ready again")
             killed = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            time.sleep(0.5)  # the supervisor looks every 0.5 s; a request before that meets the dead stub
+            if args.kill == "probed":
+                probe(probes, frame)
+                for client in probes:
+                    client.close()
+            else:
+                time.sleep(0.5)  # the supervisor looks every 0.5 s; a request before that meets the dead stub
             wait_for(lambda: serving(url, frame), 900, "serving again", server)
-            print(f"kill to serving #{repeat + 1}: {time.monotonic() - killed:.1f} s", flush=True)
-            if args.during_requests:
+            serving_s = time.monotonic() - killed
+            # A reload serves at once; a restart follows it when requests reached the dead stub.
+            wait_for(lambda: log_text().count("segserve ready again") > recoveries, 900, "recovered", server)
+            wait_for(lambda: serving(url, frame), 900, "serving after the recovery", server)
+            print(f"kill #{repeat + 1}: first frame served after {serving_s:.1f} s, the launcher's recovery done and "
+                  f"serving after {time.monotonic() - killed:.1f} s", flush=True)
+            if args.kill == "in-flight":
                 busy.join()
-        print((scratch / "serve.out").read_text(), flush=True)
+        print(log_text(), flush=True)
     finally:
         for hog in hogs:
             hog.kill()
