@@ -12,11 +12,16 @@ ratio from one run, and the server's peak memory for a large frame.
 Runs alternate (a)/(b) so machine noise hits both alike; medians are reported.
 Cold start: the first request a fresh server answers (the first server's; its warm-up ran
 before it reported ready) against the median of the timed ones.
-Per-step breakdown: Triton's statistics per model, with the network calls (BLS) per frame.
+(d) the same server path with preprocessing as its own step (a 2D-only server whose
+    segment_2d hands a float32 frame from preprocess_2d to the sliding window: the layout
+    before the fusion, less its postprocess step).
+Per-step breakdown: Triton's statistics per model for (b) and (d), with the network calls
+(BLS) per frame.
 Memory: proportional set size (PSS, shared pages split between processes) of tritonserver
-and its stub processes: idle on the fresh server; for one large frame with MASK only, then
-one with PROBABILITIES too, the peak sampled every 0.5 s during the request minus the PSS just
-before it, and what the server keeps after it (allocator caches, Python-backend shared memory).
+and its stub processes: idle on the fresh server; for one large frame with MASK only, with
+PROBABILITIES too, and with both over system shared memory, each on a fresh 2D-only server,
+the peak sampled every 0.5 s during the request minus the PSS just before it, and what the
+server keeps after it (allocator caches, Python-backend shared memory).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import functools
 import pathlib
 import platform
 import statistics
+import shutil
 import sys
+import tempfile
 import threading
 import time
 
@@ -37,7 +44,7 @@ import torch
 
 from client.api import SegmentationClient
 from export.network_export import build_network, settings_from_spec
-from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
+from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer, copy_models
 from segserve.onnx_network import OnnxNetwork
 from segserve.reference import reference_logits
 from segserve.postprocess import class_mask
@@ -45,6 +52,41 @@ from training.synthetic import synthetic_slice, to_detector_counts
 
 CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "unet2d_particles"
 ONNX = REPO_ROOT / "model_repository" / "unet2d_particles" / "1" / "model.onnx"
+
+
+SPLIT_PREPROCESS_CONFIG = """name: "preprocess_2d"
+backend: "python"
+max_batch_size: 0
+input [
+  { name: "IMAGE" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] optional: true },
+  { name: "IMAGE_UINT8" data_type: TYPE_UINT8 dims: [ -1, -1, -1 ] optional: true },
+  { name: "IMAGE_UINT16" data_type: TYPE_UINT16 dims: [ -1, -1, -1 ] optional: true },
+  { name: "IMAGE_INT16" data_type: TYPE_INT16 dims: [ -1, -1, -1 ] optional: true }
+]
+output [ { name: "NORMALIZED" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] } ]
+instance_group [ { count: 2 kind: KIND_CPU } ]
+parameters { key: "spatial_dims" value: { string_value: "2" } }
+parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }
+"""
+
+
+def split_preprocess_repository(destination: pathlib.Path) -> pathlib.Path:
+    """A 2D-only repository whose segment_2d runs preprocessing as its own step (two instances)
+    and hands the float32 frame (NORMALIZED) to sliding_window_2d: the layout before the fusion,
+    less the separate postprocess step."""
+    repository = copy_models(destination, ("sliding_window_2d", "segment_2d", "unet2d_particles"))
+    (repository / "preprocess_2d" / "1").mkdir(parents=True)
+    (repository / "preprocess_2d" / "1" / "model.py").write_text("from segserve.backend.preprocess import TritonPythonModel  # noqa: F401\n")
+    (repository / "preprocess_2d" / "config.pbtxt").write_text(SPLIT_PREPROCESS_CONFIG)
+    ensemble = repository / "segment_2d" / "config.pbtxt"
+    text = ensemble.read_text()
+    step = text[text.index("    {"):text.rindex("    }") + len("    }")]
+    images = "".join(f'      input_map {{ key: "{name}" value: "{name}" }}\n' for name in ("IMAGE", "IMAGE_UINT8", "IMAGE_UINT16", "IMAGE_INT16"))
+    preprocess = ('    {\n      model_name: "preprocess_2d"\n      model_version: -1\n' + images
+                  + '      output_map { key: "NORMALIZED" value: "normalized" }\n    },\n')
+    fused = step.replace(images, '      input_map { key: "NORMALIZED" value: "normalized" }\n')
+    ensemble.write_text(text.replace(step, preprocess + fused))
+    return repository
 
 
 def machine_description() -> str:
@@ -158,6 +200,32 @@ def load_torch_network() -> torch.nn.Module:
     return build_network(settings_from_spec(CHECKPOINT.with_suffix(".json"), CHECKPOINT.with_suffix(".pt"), "bench"))
 
 
+SPLIT_PATH = "server gRPC, preprocessing as its own step (2D-only server)"
+# The 8192² cases, each on a fresh server so that none inherits another's grown buffers:
+# (label, client transport, segment options).
+LARGE_FRAME_CASES = (("MASK only", "grpc", {}), ("MASK and PROBABILITIES", "grpc", {"probabilities": True}),
+                     ("MASK and PROBABILITIES, outputs in system shared memory", "shm", {"probabilities": True}))
+
+
+def large_frame_memory(size: int, rng: np.random.Generator, scratch: pathlib.Path) -> list[tuple]:
+    """``(label, idle, peak, after, seconds)`` per LARGE_FRAME_CASES entry: one ``size``²
+    uint16 frame through a fresh 2D-only server (PSS in bytes, end-to-end seconds)."""
+    large, _ = synthetic_slice((size, size), rng)
+    large = to_detector_counts(large, np.uint16, rng)
+    rows = []
+    for number, (label, transport, options) in enumerate(LARGE_FRAME_CASES):
+        repository = copy_models(scratch / f"large-{number}", ("sliding_window_2d", "segment_2d", "unet2d_particles"))
+        config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
+        with TritonServer(config, log_path=scratch / f"large-{number}.log") as server, \
+                SegmentationClient(server.grpc_url, transport=transport, token=server.config.token) as client:
+            client.segment(large[:256, :256])  # connections and regions made before the idle reading
+            elapsed = []
+            idle, peak = peak_memory_during(server, lambda: elapsed.append(timed(lambda: client.segment(large, **options))))
+            time.sleep(2)
+            rows.append((label, idle, peak, process_tree_pss(psutil.Process(server.process.pid)), elapsed[0]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=2048, help="frame side for the timing (default: %(default)s)")
@@ -178,17 +246,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False  # as the server's GPU engine (parity bound 1e-4)
         cuda_network = load_torch_network().cuda()
         paths["in-process torch (cuda)"] = lambda: in_process_mask(frame, cuda_network, tile, "cuda")
-    memory, idle_footprint, cold = [], None, {}
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="bench_2d_"))
+    idle_footprint, cold, breakdowns = None, {}, {}
     with contextlib.ExitStack() as stack:
         servers = {}
         for allocator in args.allocators.split(","):
             config = ServerConfig(http_port=0, grpc_port=0, metrics_port=0, allocator=allocator)
             server = stack.enter_context(TritonServer(config, log_path=args.out / f"server-{allocator}.log"))
             client = stack.enter_context(SegmentationClient(server.grpc_url, token=server.config.token))
-            servers[allocator] = (server, client)
+            servers[f"server gRPC ({allocator} allocator)"] = server
             paths[f"server gRPC ({allocator} allocator)"] = functools.partial(client.segment, frame)
-        first_server = next(iter(servers.values()))[0]
+        first_server = next(iter(servers.values()))
         idle_footprint = process_tree_pss(psutil.Process(first_server.process.pid))
+        split_config = ServerConfig(model_repository=split_preprocess_repository(scratch / "split"), http_port=0,
+                                    grpc_port=0, metrics_port=0)
+        split_server = stack.enter_context(TritonServer(split_config, log_path=args.out / "server-split.log"))
+        split_client = stack.enter_context(SegmentationClient(split_server.grpc_url, token=split_server.config.token))
+        servers[SPLIT_PATH] = split_server
+        paths[SPLIT_PATH] = functools.partial(split_client.segment, frame)
         remote = RemoteNetwork(first_server.grpc_url)
         paths["client-side tiling (gRPC per tile batch)"] = lambda: in_process_mask(frame, remote, tile)
         times = {name: [] for name in paths}
@@ -197,35 +272,31 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             for name, run in paths.items():
                 times[name].append(timed(run))
-        first_server_path = next(name for name in paths if name.startswith("server"))
-        stages = stage_breakdown(first_server, statistics.median(times[first_server_path]))
-        calls_before = network_requests(first_server)
-        paths[first_server_path]()  # one frame alone: the network calls it makes are its BLS calls
-        stages += ["", f"network calls (BLS) per frame: {network_requests(first_server) - calls_before}"]
-        if args.large_size:
-            server, client = next(iter(servers.values()))
-            large, _ = synthetic_slice((args.large_size, args.large_size), rng)
-            large = to_detector_counts(large, np.uint16, rng)
-            root = psutil.Process(server.process.pid)
-            for outputs, extra in (("MASK only", {}), ("MASK and PROBABILITIES", {"probabilities": True})):
-                elapsed = []
-                idle, peak = peak_memory_during(server, lambda: elapsed.append(timed(lambda: client.segment(large, **extra))))
-                time.sleep(2)
-                memory.append((outputs, idle, peak, process_tree_pss(root), elapsed[0]))
+        first_server_path = next(iter(servers))
+        for name in (first_server_path, SPLIT_PATH):
+            breakdowns[name] = stage_breakdown(servers[name], statistics.median(times[name]))
+            calls_before = network_requests(servers[name])
+            paths[name]()  # one frame alone: the network calls it makes are its BLS calls
+            breakdowns[name] += ["", f"network calls (BLS) per frame: {network_requests(servers[name]) - calls_before}"]
+        remote.client.close()
+    memory = large_frame_memory(args.large_size, rng, scratch) if args.large_size else []
+    shutil.rmtree(scratch, ignore_errors=True)
     medians = {name: statistics.median(values) for name, values in times.items()}
     reference_name = min((name for name in medians if name.startswith("in-process")), key=medians.get)
     lines = [f"machine: {machine_description()}",
              f"frame {args.size}x{args.size} uint16, tile {tile}, overlap 0.25, gaussian, sw_batch_size 8, {args.repeats} runs each",
              "", "| path | median s | ratio to best in-process |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {value:.3f} | {value / medians[reference_name]:.3f} |" for name, value in medians.items()]
-    lines += ["", "Per-request time in each model of the first server (all requests, warm-up included):", "", *stages]
+    lines += ["", "Per-request time in each model (Triton statistics, all requests, warm-up included), the shipped "
+              "fused pipeline (after) and preprocessing as its own step (before the fusion, less its postprocess step):"]
+    for name, table in breakdowns.items():
+        lines += ["", f"{name}:", "", *table]
     steady = medians[first_server_path]
     lines += ["", f"first request to a fresh server (warm-up done before ready): {cold[first_server_path]:.3f} s, "
               f"{cold[first_server_path] / steady:.2f}x the steady median ({steady:.3f} s)"]
     lines += ["", f"idle footprint of the fresh server (PSS of tritonserver and its stubs): {idle_footprint / 2**30:.2f} GiB"]
     for outputs, idle, peak, after, seconds in memory:
-        first_allocator = args.allocators.split(",")[0]
-        lines += ["", f"{args.large_size}x{args.large_size} uint16 frame, {outputs} ({first_allocator} allocator): {seconds:.1f} s "
+        lines += ["", f"{args.large_size}x{args.large_size} uint16 frame, {outputs}, fresh 2D-only server: {seconds:.1f} s "
                   f"end to end; server PSS before {idle / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB "
                   f"(**+{(peak - idle) / 2**30:.2f} GiB**), after {after / 2**30:.2f} GiB (kept +{(after - idle) / 2**30:.2f} GiB)"]
     write_report(lines, args.out / "bench_2d.md")

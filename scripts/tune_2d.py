@@ -30,7 +30,7 @@ from google.protobuf import text_format
 from client.api import SegmentationClient
 from segserve.network_spec import read_model_config
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer, copy_models
-from scripts.bench_2d import timed
+from scripts.bench_2d import split_preprocess_repository, timed
 from segserve.onnx_network import OnnxNetwork
 from training.synthetic import synthetic_slice, to_detector_counts
 
@@ -102,41 +102,6 @@ def compare_spin_wait(frame: np.ndarray, repeats: int) -> list[str]:
     medians = {name: statistics.median(values) for name, values in times.items()}
     return ["network model spin_wait, two servers side by side", "", "| network threads | median s | ratio |", "| --- | ---: | ---: |",
             *[f"| {name} | {value:.3f} | {value / medians['spinning (default)']:.3f} |" for name, value in medians.items()]]
-
-
-SPLIT_PREPROCESS_CONFIG = """name: "preprocess_2d"
-backend: "python"
-max_batch_size: 0
-input [
-  { name: "IMAGE" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] optional: true },
-  { name: "IMAGE_UINT8" data_type: TYPE_UINT8 dims: [ -1, -1, -1 ] optional: true },
-  { name: "IMAGE_UINT16" data_type: TYPE_UINT16 dims: [ -1, -1, -1 ] optional: true },
-  { name: "IMAGE_INT16" data_type: TYPE_INT16 dims: [ -1, -1, -1 ] optional: true }
-]
-output [ { name: "NORMALIZED" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] } ]
-instance_group [ { count: 2 kind: KIND_CPU } ]
-parameters { key: "spatial_dims" value: { string_value: "2" } }
-parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }
-"""
-
-
-def split_preprocess_repository(destination: pathlib.Path) -> pathlib.Path:
-    """A 2D-only repository whose segment_2d runs preprocessing as its own step (two instances)
-    and hands the float32 frame (NORMALIZED) to sliding_window_2d: the layout before the fusion,
-    less the separate postprocess step."""
-    repository = copy_models(destination, ("sliding_window_2d", "segment_2d", "unet2d_particles"))
-    (repository / "preprocess_2d" / "1").mkdir(parents=True)
-    (repository / "preprocess_2d" / "1" / "model.py").write_text("from segserve.backend.preprocess import TritonPythonModel  # noqa: F401\n")
-    (repository / "preprocess_2d" / "config.pbtxt").write_text(SPLIT_PREPROCESS_CONFIG)
-    ensemble = repository / "segment_2d" / "config.pbtxt"
-    text = ensemble.read_text()
-    step = text[text.index("    {"):text.rindex("    }") + len("    }")]
-    images = "".join(f'      input_map {{ key: "{name}" value: "{name}" }}\n' for name in ("IMAGE", "IMAGE_UINT8", "IMAGE_UINT16", "IMAGE_INT16"))
-    preprocess = ('    {\n      model_name: "preprocess_2d"\n      model_version: -1\n' + images
-                  + '      output_map { key: "NORMALIZED" value: "normalized" }\n    },\n')
-    fused = step.replace(images, '      input_map { key: "NORMALIZED" value: "normalized" }\n')
-    ensemble.write_text(text.replace(step, preprocess + fused))
-    return repository
 
 
 def compare_preprocess_step(frame: np.ndarray, repeats: int) -> list[str]:
