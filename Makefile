@@ -22,7 +22,7 @@ help:
 	@echo "make test-fast - the tests that need no server (under a minute): the edit loop"
 	@echo "make lint   - Python (ruff), Dockerfile (hadolint), entrypoint and Kubernetes manifests (schemas)"
 	@echo "make docker-build / docker-run - server image on tritonserver:25.07; compose with a client demo (needs Docker + NVIDIA toolkit)"
-	@echo "make bench  - server vs in-process MONAI on a 2048x2048 frame; 8192x8192 peak memory"
+	@echo "make bench  - server vs in-process MONAI on a 2048x2048 frame (fused and split layouts, per-step breakdown); 8192x8192 peak memory"
 	@echo "make bench-3d - segment_3d vs in-process MONAI on a 256^3 volume; 512x512x256 peak memory"
 	@echo "make bench-transport - latency per transport (gRPC, HTTP, shm) at 2048/4096; stream frames/s vs in-flight"
 	@echo "make loadtest - perf_analyzer sweep (gRPC, shared memory) with real frames: CSV, PNG, table"
