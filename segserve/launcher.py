@@ -178,7 +178,8 @@ def _stubs_per_model(stubs: dict[int, str]) -> dict[str, int]:
     return counts
 
 
-def _python_backend_regions() -> set[str]:
+def python_backend_regions() -> set[str]:
+    """Names of the Python backend's shared-memory regions in /dev/shm, every server's."""
     shm = pathlib.Path("/dev/shm")
     return {p.name for p in shm.glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")} if shm.is_dir() else set()
 
@@ -281,7 +282,7 @@ class TritonServer:
         distribution = TritonDistribution.find()
         self._scratch = tempfile.TemporaryDirectory(prefix="segserve-backends-")
         backends = distribution.assemble_backends(pathlib.Path(self._scratch.name))
-        self._regions_before = _python_backend_regions()
+        self._regions_before = python_backend_regions()
         output = None  # without a log file the server writes to this process's terminal
         if self.log_path is not None:
             self._log_file = open(self.log_path, "ab")
@@ -444,7 +445,7 @@ class TritonServer:
 
     def _cleanup(self, remove_regions: bool = True) -> None:
         if remove_regions:
-            for name in _python_backend_regions() - self._regions_before:
+            for name in python_backend_regions() - self._regions_before:
                 pathlib.Path("/dev/shm", name).unlink(missing_ok=True)
         if self._scratch is not None:
             self._scratch.cleanup()

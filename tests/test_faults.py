@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import SegmentationClient
-from segserve.launcher import PYTHON_BACKEND_SHM_PREFIX, REPO_ROOT, free_port, python_backend_stubs
+from segserve.launcher import REPO_ROOT, free_port, python_backend_regions, python_backend_stubs
 from tests.conftest import copy_2d_repository
 from tests.helpers import environment_without_token, make_stack, reference_masks, wait_for_record
 
@@ -54,7 +54,7 @@ class Serve:
                    "--metrics-port", str(self.ports["metrics"]), "--token", self.token,
                    "--token-file", str(self.directory / "token"), "--log-file", str(self.directory / "triton.log"),
                    "--drain-timeout", "20"]
-        self.regions_before = shm_regions()
+        self.regions_before = python_backend_regions()
         self.process = subprocess.Popen(command, stdout=open(self.output, "a"), stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         self.wait_until(lambda: self.text().count("segserve ready") > self.ready_lines, "ready")
 
@@ -93,11 +93,6 @@ def serve(tmp_path_factory):
     if running.process.poll() is None:
         running.process.send_signal(signal.SIGTERM)
         running.process.wait(timeout=90)
-
-
-def shm_regions() -> set[str]:
-    """The Python backend's shared-memory regions of every server on this machine."""
-    return {p.name for p in pathlib.Path("/dev/shm").glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")}
 
 
 def test_user_without_token_segments_with_default_options(serve, rng, tmp_path):
@@ -195,7 +190,7 @@ def test_server_killed_mid_stream_then_resumed_writes_every_frame_once(serve, rn
 def test_sigterm_lets_requests_in_flight_finish_then_leaves_nothing_behind(serve, rng):
     frames = list(make_stack(rng, 3, (1024, 1024)))
     stub_pids = list(serve.stubs())
-    assert len(stub_pids) >= 3 and shm_regions() - serve.regions_before  # 2 sliding windows, the network
+    assert len(stub_pids) >= 3 and python_backend_regions() - serve.regions_before  # 2 sliding windows, the network
     assert f"segserve ready: gRPC {serve.grpc_url}  HTTP 127.0.0.1:{serve.ports['http']}" in serve.text()
     results, errors = {}, {}
 
@@ -223,4 +218,4 @@ def test_sigterm_lets_requests_in_flight_finish_then_leaves_nothing_behind(serve
     assert time.monotonic() - start < 90
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in stub_pids)
     assert "stopped (tritonserver exit code 0)" in serve.text()
-    assert shm_regions() - serve.regions_before == set()
+    assert python_backend_regions() - serve.regions_before == set()
