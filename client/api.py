@@ -226,7 +226,7 @@ class SegmentationClient:
 
     def network_info(self) -> NetworkInfo:
         """The network this client's requests run: the ``network`` argument, else the
-        default of the pipeline step that has one (``sliding_window_2d``/``_3d``)."""
+        pipeline's default (its ``default_network`` parameter)."""
         if self._network_info is None:
             name = self.network or self._default_network()
             metadata = self._control.model_metadata(name)
@@ -254,12 +254,15 @@ class SegmentationClient:
         return self._only_network()
 
     def _configured_default_network(self) -> str:
-        steps = self._control.model_config(self.model).get("ensemble_scheduling", {}).get("step", [])
-        for step in steps:
-            parameters = self._control.model_config(step["model_name"]).get("parameters", {})
+        """The ``default_network`` parameter of the pipeline model (``segment_2d`` is one Python
+        model), else of the first step that has one (an ensemble, e.g. ``segment_2d_uint16``)."""
+        config = self._control.model_config(self.model)
+        steps = config.get("ensemble_scheduling", {}).get("step", [])
+        for parameters in [config.get("parameters", {}),
+                           *(self._control.model_config(step["model_name"]).get("parameters", {}) for step in steps)]:
             if DEFAULT_NETWORK_PARAMETER in parameters:
                 return parameters[DEFAULT_NETWORK_PARAMETER]["string_value"]
-        raise SegmentationError(f"model {self.model!r} has no step with a default network; pass network=...")
+        raise SegmentationError(f"model {self.model!r} has no default network; pass network=...")
 
     def _only_network(self) -> str:
         """Without the token: the one loaded network of this pipeline's spatial dimensions

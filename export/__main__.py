@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         export_network(settings, args.repository)
         if args.set_default:
             dims = len(settings.tile)
-            set_default_network(args.repository, settings.name, pipeline=f"sliding_window_{dims}d")
+            set_default_network(args.repository, settings.name, pipeline=f"segment_{dims}d")
             print(f"segment_{dims}d now uses {settings.name} by default (restart the server)")
     except Exception as error:  # one-line errors; --debug for the traceback
         if args.debug:

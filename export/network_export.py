@@ -43,7 +43,7 @@ class ExportSettings:
         name: model name in the repository.
         max_batch_size: largest tile batch the network model accepts (CPU configuration).
         gpu_max_batch_size: the same in the ``gpu`` and ``onnxruntime`` variants; None: 256
-            for 2D tiles (room for sliding_window_2d's 128-tile calls there, and for the
+            for 2D tiles (room for segment_2d's 128-tile calls there, and for the
             dynamic batcher to merge two), ``max_batch_size`` for 3D tiles (GPU memory).
         tolerance: largest allowed |onnxruntime - torch| on the check batch.
         instances_per_gpu: network instances on each GPU in the ``gpu`` and ``onnxruntime``
@@ -71,8 +71,8 @@ class ExportSettings:
 
     @property
     def gpu_warmup_batches(self) -> tuple[int, ...]:
-        """The GPU sliding window's default tiles per call (sliding_window_2d: 128,
-        sliding_window_3d: 8; their configs/gpu.pbtxt) and the largest merged batch."""
+        """The GPU sliding window's default tiles per call (segment_2d: 128,
+        segment_3d: 8; their configs/gpu.pbtxt) and the largest merged batch."""
         return (128 if len(self.tile) == 2 else 8, self.gpu_batch_limit)
 
     def __post_init__(self) -> None:
@@ -248,7 +248,7 @@ def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: p
     return model_dir
 
 
-def set_default_network(repository: pathlib.Path, name: str, pipeline: str = "sliding_window_2d") -> None:
+def set_default_network(repository: pathlib.Path, name: str, pipeline: str = "segment_2d") -> None:
     """Make ``name`` the network the pipeline uses when a request names none, in its
     ``config.pbtxt`` and every configuration variant (``configs/*.pbtxt``; links follow)."""
     model_dir = repository / pipeline

@@ -39,7 +39,7 @@ from training.synthetic_3d import synthetic_volume, to_int16_hu
 
 CHECKPOINT = REPO_ROOT / "training" / "checkpoints" / "unet3d_organs"
 ONNX = REPO_ROOT / "model_repository" / "unet3d_organs" / "1" / "model.onnx"
-THREE_D_MODELS = ("sliding_window_3d", "segment_3d", "unet3d_organs")
+THREE_D_MODELS = ("segment_3d", "unet3d_organs")
 
 
 def pre_post_seconds(volume: np.ndarray, logits: torch.Tensor, device: str, repeats: int = 3) -> float:

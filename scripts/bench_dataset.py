@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-TWO_D_MODELS = ("sliding_window_2d", "segment_2d", "unet2d_particles")
+TWO_D_MODELS = ("segment_2d", "unet2d_particles")
 
 
 def noop(index: int) -> int:

@@ -2,7 +2,7 @@
 stub SIGKILLed, seconds until a frame is segmented again (the launcher reloads the broken model,
 or restarts the server when requests were inside the dead stub).
 
-    python -m scripts.recovery_time [--model-repository DIR] [--victim sliding_window_2d]
+    python -m scripts.recovery_time [--model-repository DIR] [--victim segment_2d]
                                     [--cpu-hogs 2] [--repeats 3] [--kill idle|probed|in-flight]
 
 ``--cpu-hogs N`` runs N busy loops beside it (a busy machine), stopped at the end.
@@ -86,7 +86,7 @@ def start_stream(url: str, frames: int) -> threading.Thread:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=pathlib.Path, default=DEFAULT_REPOSITORY)
-    parser.add_argument("--victim", default="sliding_window_2d", help="model whose stub is killed (default: %(default)s)")
+    parser.add_argument("--victim", default="segment_2d", help="model whose stub is killed (default: %(default)s)")
     parser.add_argument("--cpu-hogs", type=int, default=0, help="busy loops running beside the server (default: 0)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kill", choices=("idle", "probed", "in-flight"), default="idle",

@@ -108,7 +108,7 @@ def compare_preprocess_step(frame: np.ndarray, repeats: int) -> list[str]:
     """One frame at a time (median s) and two in flight (frames/s), preprocessing inside the
     sliding-window step vs as its own step, two 2D-only servers side by side."""
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="tune_2d_split_"))
-    repositories = {"in the sliding-window step (shipped)": copy_models(scratch / "fused", ("sliding_window_2d", "segment_2d", "unet2d_particles")),
+    repositories = {"in the sliding-window step (shipped)": copy_models(scratch / "fused", ("segment_2d", "unet2d_particles")),
                     "its own step": split_preprocess_repository(scratch / "split")}
     lone, throughput = {name: [] for name in repositories}, {name: [] for name in repositories}
     with contextlib.ExitStack() as stack:

@@ -2,7 +2,7 @@
 ``nv_*`` families, through the Python backend's custom metrics (``pb_utils.MetricFamily``;
 histograms since Triton 2.51).
 
-Families (``step`` is the Triton model of the step: ``sliding_window_2d``, ``sliding_window_3d``,
+Families (``step`` is the Triton model of the step: ``segment_2d``, ``segment_3d``,
 ``unet2d_particles``, ...; ``pipeline`` is ``segment_2d`` or ``segment_3d``, after the frame's
 spatial dims, so ``segment_2d_uint16`` counts as ``segment_2d``):
 

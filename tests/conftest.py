@@ -35,9 +35,10 @@ FAULTY_MODEL = "faulty_2d"
 # A small valid frame [1, 70, 90] float32: the "good request" after each bad one.
 GOOD_FRAME = np.random.default_rng(0).random((1, 70, 90), dtype=np.float32)
 # The 2D pipeline alone: for extra servers that need to start (and restart) quickly.
-# Its Python-backend steps (one: preprocessing, sliding window and postprocessing in one process).
-TWO_D_STEPS = ("sliding_window_2d",)
-TWO_D_MODELS = (*TWO_D_STEPS, "segment_2d", DEFAULT_NETWORK)
+# Its Python-backend steps (one, segment_2d itself: preprocessing, sliding window and
+# postprocessing in one process).
+TWO_D_STEPS = ("segment_2d",)
+TWO_D_MODELS = (*TWO_D_STEPS, DEFAULT_NETWORK)
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -110,7 +111,7 @@ def copy_2d_repository(destination: pathlib.Path, sliding_window_instances: int 
     (a server that starts sooner, for tests where the count does not matter)."""
     repository = copy_models(destination, TWO_D_MODELS)
     if sliding_window_instances is not None:
-        set_instance_count(repository / "sliding_window_2d" / "config.pbtxt", sliding_window_instances)
+        set_instance_count(repository / "segment_2d" / "config.pbtxt", sliding_window_instances)
     return repository
 
 
@@ -176,11 +177,11 @@ def model_repository(tmp_path_factory, second_network_checkpoint) -> pathlib.Pat
         if not (repository / network / "1" / "model.onnx").exists():
             pytest.fail(f"default network {network} not exported: run `make setup`")
     # A lower pixel limit than the shipped one, so the over-limit case stays small.
-    preprocess_config = repository / "sliding_window_2d" / "config.pbtxt"
+    preprocess_config = repository / "segment_2d" / "config.pbtxt"
     preprocess_config.write_text(preprocess_config.read_text().replace('"100000000"', f'"{4096 * 4096}"'))
     # One 3D sliding-window instance, not the shipped 2: one stub fewer to start (~6 s of CPU).
     # The 2D pipeline keeps its 4: concurrent frames' tiles must meet in network batches.
-    set_instance_count(repository / "sliding_window_3d" / "config.pbtxt", 1)
+    set_instance_count(repository / "segment_3d" / "config.pbtxt", 1)
     # A model that fails on demand through the server's error marking (tests/test_retry.py).
     shutil.copytree(REPO_ROOT / "tests" / "models" / FAULTY_MODEL, repository / FAULTY_MODEL)
     settings = ExportSettings(checkpoint=second_network_checkpoint, name=SECOND_NETWORK, max_batch_size=8, **SECOND_NETWORK_SETTINGS)

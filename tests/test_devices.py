@@ -21,13 +21,13 @@ def server_log(server, rng) -> str:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machine: see test_pipeline_runs_on_the_gpu")
 def test_pipeline_runs_on_the_cpu_without_a_gpu(server, rng):
     log = server_log(server, rng)
-    assert "sliding_window_2d: pipeline tensors on cpu" in log
+    assert "segment_2d: pipeline tensors on cpu" in log
     assert "unet2d_particles: onnxruntime engine, ['CPUExecutionProvider']" in log
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here; scripts/gpu_check.sh runs this on a GPU machine")
 def test_pipeline_runs_on_the_gpu(server, rng):
     log = server_log(server, rng)
-    assert "sliding_window_2d: pipeline tensors on cuda" in log
+    assert "segment_2d: pipeline tensors on cuda" in log
     expected = "CUDAExecutionProvider" if cuda_provider_available() else "torchscript engine, ['TorchScript on cuda']"
     assert expected in log, onnxruntime.get_available_providers()

@@ -109,11 +109,11 @@ def test_user_without_token_segments_with_default_options(serve, rng, tmp_path):
 def test_idle_stub_killed_is_reloaded_alone(serve):
     """A stub that dies with nothing in flight (and no request sent to it since): the launcher
     reloads that model alone, without a restart."""
-    victim = next(pid for pid, model in serve.stubs().items() if "sliding_window_2d" in model)
+    victim = next(pid for pid, model in serve.stubs().items() if "segment_2d" in model)
     serve.mark()
     os.kill(victim, signal.SIGKILL)
     serve.wait_until(lambda: serve.text().count("segserve ready") > serve.ready_lines, "ready again")
-    assert "segserve ready again: reloaded sliding_window_2d in" in serve.text()
+    assert "segserve ready again: reloaded segment_2d in" in serve.text()
     assert errors_of_concurrent_requests(serve, count=8) == []
 
 
@@ -127,13 +127,13 @@ def test_killed_stub_is_reloaded_and_the_stream_loses_nothing_with_default_optio
         stream.start()
         serve.wait_until(lambda: len(outcomes) >= 5, "5 frames in")
         serve.mark()
-        victim = next(pid for pid, model in serve.stubs().items() if "sliding_window_2d" in model)
+        victim = next(pid for pid, model in serve.stubs().items() if "segment_2d" in model)
         os.kill(victim, signal.SIGKILL)
         stream.join(timeout=900)
     assert not stream.is_alive()
     # Frames were inside the dead stub: Triton 2.51 never answers them, so after the reload the
     # launcher restarts the server to drop them (docs/recovery.md); the client retries them.
-    assert "stub(s) of sliding_window_2d died" in serve.text() and "reloading sliding_window_2d" in serve.text()
+    assert "stub(s) of segment_2d died" in serve.text() and "reloading segment_2d" in serve.text()
     serve.wait_until(lambda: serve.text().count("segserve ready") > serve.ready_lines, "ready again")
     assert [o.index for o in outcomes] == list(range(30)) and all(o.ok for o in outcomes), [(o.index, o.attempts, o.error) for o in outcomes if not o.ok]
     assert np.array_equal(np.stack([o.result.mask for o in outcomes]), reference_masks(serve, frames))

@@ -45,7 +45,7 @@ def old_pipeline(frame: torch.Tensor, options: PipelineOptions):
 
 
 def fused_pipeline(frame: torch.Tensor, options: PipelineOptions):
-    """What sliding_window_2d now does in one process: the probabilities overwrite the logits."""
+    """What segment_2d now does in one process: the probabilities overwrite the logits."""
     logits = blended_logits(normalize(frame, options), SPEC, toy_network, options)
     return postprocess(logits, options.probabilities, options.keep_largest, options.contour, overwrite_logits=True)
 
@@ -133,16 +133,21 @@ def test_network_spec_reads_the_active_variant(model_repository):
 # --- on the real server -------------------------------------------------------------------
 
 
-def test_segment_2d_is_one_step_with_public_tensors_only(grpc, server):
-    """Only the frame (wire dtype) and the outputs cross: one step, no intermediate tensors."""
+def test_pipelines_are_one_python_model_with_public_tensors_only(grpc, server):
+    """segment_2d and segment_3d are one Python model each, not ensembles (an ensemble allocates
+    every output once more): only the frame (wire dtype) and the outputs cross. The one-input
+    segment_2d_uint16 is an ensemble of that one step."""
     headers = server.token_headers("grpc")
-    for name in ("segment_2d", "segment_2d_uint16", "segment_3d"):
-        steps = grpc.get_model_config(name, headers=headers, as_json=True)["config"]["ensemble_scheduling"]["step"]
-        assert len(steps) == 1, name
-        step = steps[0]
-        assert set(step["input_map"]) == set(step["input_map"].values()) and set(step["input_map"]) <= {
-            "IMAGE", "IMAGE_UINT8", "IMAGE_UINT16", "IMAGE_INT16"}
-        assert step["output_map"] == {"MASK": "MASK", "PROBABILITIES": "PROBABILITIES", "CONTOUR": "CONTOUR"}
+    outputs = {"MASK", "PROBABILITIES", "CONTOUR"}
+    for name in ("segment_2d", "segment_3d"):
+        config = grpc.get_model_config(name, headers=headers, as_json=True)["config"]
+        assert config["backend"] == "python" and "ensemble_scheduling" not in config, name
+        assert {tensor["name"] for tensor in config["input"]} == {"IMAGE", "IMAGE_UINT8", "IMAGE_UINT16", "IMAGE_INT16"}
+        assert {tensor["name"] for tensor in config["output"]} == outputs
+    steps = grpc.get_model_config("segment_2d_uint16", headers=headers, as_json=True)["config"]["ensemble_scheduling"]["step"]
+    assert [step["model_name"] for step in steps] == ["segment_2d"]
+    assert steps[0]["input_map"] == {"IMAGE_UINT16": "IMAGE_UINT16"}
+    assert steps[0]["output_map"] == {name: name for name in outputs}
 
 
 def test_server_contour_and_keep_largest_equal_monai_on_its_mask(server, default_network, rng):
@@ -191,8 +196,8 @@ def test_warm_up_runs_before_the_models_are_ready(server):
     """The sliding window warms itself in initialize and the network through model_warmup, both
     logged before Triton reports the model loaded (so before the server is ready)."""
     log = server.log_path.read_text()
-    for model, warmed in (("sliding_window_2d", "sliding_window_2d: warm-up done"),
-                          ("sliding_window_3d", "sliding_window_3d: warm-up done"),
+    for model, warmed in (("segment_2d", "segment_2d: warm-up done"),
+                          ("segment_3d", "segment_3d: warm-up done"),
                           ("unet2d_particles", "unet2d_particles: first batch of 8 tiles"),
                           ("unet3d_organs", "unet3d_organs: first batch of 8 tiles")):
         loaded = log.find(f"successfully loaded '{model}'")

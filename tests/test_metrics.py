@@ -127,17 +127,17 @@ def test_one_frame_moves_the_counters_by_what_it_did(server, grpc_endpoint):
         key("segserve_network_batch_tiles_count", network=DEFAULT_NETWORK): batches,
         key("segserve_network_batch_tiles_sum", network=DEFAULT_NETWORK): tiles,
         # One Python step: preprocessing, sliding window and postprocessing in one process.
-        key("segserve_step_seconds_count", step="sliding_window_2d"): 1,
+        key("segserve_step_seconds_count", step="segment_2d"): 1,
         key("segserve_step_seconds_count", step=DEFAULT_NETWORK): batches,
     }
     after = scrape_until(server, before, set(expected))
     moved = changes(before, after)
     seconds = {k: v for k, v in moved.items() if k[0] == "segserve_step_seconds_sum"}
     assert {k: v for k, v in moved.items() if k[0] != "segserve_step_seconds_sum"} == expected
-    assert {dict(k[1])["step"] for k in seconds} == {"sliding_window_2d", DEFAULT_NETWORK}
+    assert {dict(k[1])["step"] for k in seconds} == {"segment_2d", DEFAULT_NETWORK}
     assert all(0 < v < 60 for v in seconds.values()), seconds
     # The sliding window waits for the network inside its step: its time covers the network's.
-    assert seconds[key("segserve_step_seconds_sum", step="sliding_window_2d")] > \
+    assert seconds[key("segserve_step_seconds_sum", step="segment_2d")] > \
         seconds[key("segserve_step_seconds_sum", step=DEFAULT_NETWORK)]
     # Histogram buckets: the one frame's tile count falls in the buckets at and above it.
     bucket = key("segserve_tiles_per_frame_bucket", pipeline="segment_2d", le="+Inf")
@@ -145,9 +145,9 @@ def test_one_frame_moves_the_counters_by_what_it_did(server, grpc_endpoint):
 
 
 @pytest.mark.parametrize("case, step, reason", [
-    ("nan_pixels", "sliding_window_2d", "input_error"),
-    ("bad_option", "sliding_window_2d", "option_error"),
-    ("unknown_network", "sliding_window_2d", "network_config_error"),
+    ("nan_pixels", "segment_2d", "input_error"),
+    ("bad_option", "segment_2d", "option_error"),
+    ("unknown_network", "segment_2d", "network_config_error"),
 ])
 def test_refused_requests_count_by_step_and_reason(server, grpc_endpoint, case, step, reason):
     """Every refusal happens before the frame is accepted (options and network are checked
@@ -176,7 +176,7 @@ def test_refusal_reasons_and_a_missing_metrics_api():
     assert refusal_reason(NetworkCallError("x")) == "network_call_error"
     assert refusal_reason(torch.cuda.OutOfMemoryError("x")) == "out_of_memory_error"
     metrics = PipelineMetrics(metric_api=None)
-    metrics.bind("sliding_window_2d")
+    metrics.bind("segment_2d")
     metrics.frame_accepted(np.zeros((1, 4, 4), np.uint8))
     metrics.refused(ValueError("x"))
     assert metrics.timed(lambda r: r + 1, 1) == 2

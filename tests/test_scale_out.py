@@ -70,7 +70,7 @@ def second_server(server, tmp_path_factory):
     sliding window splits each tile batch into 3 concurrent network requests (the ``gpu``
     variant's setting, one per GPU there)."""
     repository = copy_2d_repository(tmp_path_factory.mktemp("second") / "model_repository", 2)
-    sliding_window = repository / "sliding_window_2d" / "config.pbtxt"
+    sliding_window = repository / "segment_2d" / "config.pbtxt"
     sliding_window.write_text(sliding_window.read_text()
                               + 'parameters { key: "tile_requests_in_flight" value: { string_value: "3" } }\n')
     config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0,
@@ -91,7 +91,7 @@ def test_concurrent_tile_requests_give_the_same_result(server, second_server, rn
     assert np.abs(sequential.probabilities - concurrent.probabilities).max() <= 1e-5
     assert np.array_equal(sequential.mask, concurrent.mask)
     deadline = time.monotonic() + 30  # stub log lines reach the server log asynchronously
-    in_flight = re.compile(r"sliding_window_2d: [^\n]*\b3 tile request\(s\) in flight per batch")
+    in_flight = re.compile(r"segment_2d: [^\n]*\b3 tile request\(s\) in flight per batch")
     while not in_flight.search(second_server.log_path.read_text()):
         assert time.monotonic() < deadline, second_server.log_path.read_text()[-2000:]
         time.sleep(0.5)

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import GOOD_FRAME, Endpoint
 
-# The test server's sliding_window_2d limit (conftest lowers the shipped 100M to keep the case small).
+# The test server's segment_2d limit (conftest lowers the shipped 100M to keep the case small).
 TEST_MAX_PIXELS = 4096 * 4096
 REFUSED_STATUS = {"grpc": "StatusCode.INVALID_ARGUMENT", "http": "400"}
 

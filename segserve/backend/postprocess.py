@@ -2,16 +2,17 @@
 [K, *spatial], CONTOUR [*spatial]. The sliding-window steps run this code in their own process
 (parameter ``postprocess``), so the logits never cross to another one.
 
-Triton asks a composing model for every output its ensemble maps, whatever the client
-requested, so PROBABILITIES and CONTOUR are computed only when the request parameters
-``probabilities`` / ``contour`` say so (the client sets them when it requests those outputs);
-otherwise they are sent empty with shape [0, ...].
+What a request asks for is read from its parameters, not from its requested outputs (an
+ensemble such as ``segment_2d_uint16`` asks its step for every output it maps): PROBABILITIES
+and CONTOUR are computed only when ``probabilities`` / ``contour`` say so (the client sets them
+when it requests those outputs); otherwise they are sent empty with shape [0, ...].
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 import triton_python_backend_utils as pb_utils
 
 from segserve.backend.tensors import to_triton
@@ -34,12 +35,12 @@ def forward_package_logs() -> None:
     package_logger.setLevel(logging.INFO)
 
 
-def segmentation_outputs(logits, options, overwrite_logits: bool = False) -> list:
-    """The pipeline's outputs from ``[K, *spatial]`` blended logits: MASK, and PROBABILITIES and
-    CONTOUR when the options ask for them (else empty, shape ``[0, ...]``).
-    ``overwrite_logits``: the probabilities may reuse the logits' memory."""
+def segmentation_outputs(logits: torch.Tensor, options) -> list:
+    """The pipeline's outputs from ``[K, *spatial]`` float32 blended logits: MASK, and
+    PROBABILITIES and CONTOUR when the options ask for them (else empty, shape ``[0, ...]``).
+    The probabilities are written over the logits (no second full-size tensor)."""
     empty_probabilities = logits.new_empty((0, *logits.shape[1:]))
-    result = postprocess(logits, options.probabilities, options.keep_largest, options.contour, overwrite_logits)
+    result = postprocess(logits, options.probabilities, options.keep_largest, options.contour, overwrite_logits=True)
     empty_contour = result.mask.new_empty((0, *result.mask.shape[1:]))
     return [
         to_triton("MASK", result.mask),

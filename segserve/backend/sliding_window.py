@@ -1,12 +1,13 @@
-"""``sliding_window_2d`` / ``_3d``: a frame [C, *spatial] -> the pipeline's outputs, through
-BLS tile batches to the network model.
+"""``segment_2d`` / ``segment_3d``: the whole pipeline as one Python model, a frame
+[C, *spatial] -> MASK, PROBABILITIES, CONTOUR, through BLS tile batches to the network model.
 
-Input: either one raw IMAGE* input in its wire dtype (validated and normalised here, as the
-preprocess step would: ``segment_2d``), or NORMALIZED float32 from a preprocess step
-(``segment_3d``). Parameter ``postprocess``: ``true`` makes the step emit MASK, PROBABILITIES
-and CONTOUR (the postprocess step's code) instead of LOGITS, so the K-channel logits never
-travel between processes. With both, the only full-size tensors crossing a process boundary
-are the frame in its wire dtype and the outputs (docs/benchmarks.md, memory).
+Input: one raw IMAGE* input in its wire dtype, validated and normalised here; or, where a
+model's configuration declares it (the split layout ``make bench`` compares against),
+NORMALIZED float32 from a preprocess step. Parameter ``postprocess``: ``true`` makes the model
+emit MASK, PROBABILITIES and CONTOUR instead of LOGITS, so the K-channel logits never travel
+between processes. The only full-size tensors crossing a process boundary are the frame in
+its wire dtype and the outputs (docs/benchmarks.md, memory). The pipelines are not ensembles:
+an ensemble allocates every output of its step once more before the response.
 
 Parameters of the tile batches:
 - ``sw_batch_size``: tiles per BLS call when a request names none (default 8; the GPU
@@ -85,7 +86,7 @@ class TritonPythonModel:
             network = self._network_spec(options.network or self.default_network)
             logits = self._blended_logits(request, network, options)
             if self.postprocess:
-                return pb_utils.InferenceResponse(output_tensors=segmentation_outputs(logits, options, overwrite_logits=True))
+                return pb_utils.InferenceResponse(output_tensors=segmentation_outputs(logits, options))
             return pb_utils.InferenceResponse(output_tensors=[to_triton("LOGITS", logits)])
         except Exception as error:
             return error_response(error)

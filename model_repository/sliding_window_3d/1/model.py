@@ -1,3 +1,0 @@
-"""sliding_window_3d: thin shim; the logic is segserve.backend.sliding_window."""
-
-from segserve.backend.sliding_window import TritonPythonModel  # noqa: F401
