@@ -35,6 +35,7 @@ import time
 import torch
 import triton_python_backend_utils as pb_utils
 
+from segserve.backend.allocator import release_free_memory
 from segserve.backend.postprocess import forward_package_logs, segmentation_outputs
 from segserve.backend.preprocess import FramePreparation
 from segserve.backend.tensors import error_response, input_tensor, model_parameters, parse_model_config, to_torch, to_triton
@@ -85,6 +86,9 @@ class TritonPythonModel:
             options = parse_options(request.parameters())
             network = self._network_spec(options.network or self.default_network)
             logits = self._blended_logits(request, network, options)
+            # The float frame and the count map are freed: their pages go back before the
+            # outputs are copied (a large frame's; the allocator keeps a small frame's).
+            release_free_memory(logits.numel() * logits.element_size())
             if self.postprocess:
                 return pb_utils.InferenceResponse(output_tensors=segmentation_outputs(logits, options))
             return pb_utils.InferenceResponse(output_tensors=[to_triton("LOGITS", logits)])
