@@ -19,7 +19,8 @@ Per-step breakdown: Triton's statistics per model for (b) and (d), with the netw
 (BLS) per frame.
 Memory: proportional set size (PSS, shared pages split between processes) of tritonserver
 and its stub processes: idle on the fresh server; for one large frame with MASK only, with
-PROBABILITIES too, and with both over system shared memory, each on a fresh 2D-only server,
+PROBABILITIES too over gRPC, over HTTP and with the outputs in system shared memory, each on a
+fresh 2D-only server,
 the peak sampled every 0.5 s during the request minus the PSS just before it, and what the
 server keeps after it (allocator caches, Python-backend shared memory).
 """
@@ -242,6 +243,7 @@ SPLIT_PATH = "server gRPC, preprocessing as its own step (2D-only server)"
 # The 8192² cases, each on a fresh server so that none inherits another's grown buffers:
 # (label, client transport, segment options).
 LARGE_FRAME_CASES = (("MASK only", "grpc", {}), ("MASK and PROBABILITIES", "grpc", {"probabilities": True}),
+                     ("MASK and PROBABILITIES over HTTP", "http", {"probabilities": True}),
                      ("MASK and PROBABILITIES, outputs in system shared memory", "shm", {"probabilities": True}))
 
 
@@ -255,7 +257,8 @@ def large_frame_memory(size: int, rng: np.random.Generator, scratch: pathlib.Pat
         repository = copy_models(scratch / f"large-{number}", ("segment_2d", "unet2d_particles"))
         config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
         with TritonServer(config, log_path=scratch / f"large-{number}.log") as server, \
-                SegmentationClient(server.grpc_url, transport=transport, token=server.config.token) as client:
+                SegmentationClient(server.http_url if transport == "http" else server.grpc_url, transport=transport,
+                                   token=server.config.token) as client:
             client.segment(large[:256, :256])  # connections and regions made before the idle reading
             elapsed = []
             idle, peak = peak_memory_during(server, lambda: elapsed.append(timed(lambda: client.segment(large, **options))))
