@@ -10,6 +10,7 @@ ceil(tiles / sw_batch_size) times per frame; warm-up runs before the server is r
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -194,11 +195,14 @@ def test_bls_calls_per_frame(grpc, server, rng, sw_batch_size):
 
 def test_warm_up_runs_before_the_models_are_ready(server):
     """The sliding window warms itself in initialize and the network through model_warmup, both
-    logged before Triton reports the model loaded (so before the server is ready)."""
+    done before Triton reports the model loaded (so before the server is ready). The stubs'
+    lines carry the time they were written (they may reach the log after Triton's own)."""
     log = server.log_path.read_text()
     for model, warmed in (("segment_2d", "segment_2d: warm-up done"),
                           ("segment_3d", "segment_3d: warm-up done"),
                           ("unet2d_particles", "unet2d_particles: first batch of 8 tiles"),
                           ("unet3d_organs", "unet3d_organs: first batch of 8 tiles")):
-        loaded = log.find(f"successfully loaded '{model}'")
-        assert 0 <= log.find(warmed) < loaded, (warmed, loaded)
+        warmed_at = re.search(re.escape(warmed) + r".*? \(at (\d{4} [\d:.]+)\)", log)
+        loaded_at = re.search(r"^I(\d{4} [\d:.]+) .*successfully loaded '" + re.escape(model) + "'", log, re.MULTILINE)
+        assert warmed_at and loaded_at, (warmed, model)
+        assert warmed_at.group(1) < loaded_at.group(1), (warmed_at.group(0), loaded_at.group(0))

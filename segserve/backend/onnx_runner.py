@@ -19,6 +19,7 @@ import time
 import torch
 import triton_python_backend_utils as pb_utils
 
+from segserve.backend.log import stamped
 from segserve.backend.tensors import (error_response, instance_gpu, model_parameters, parse_model_config, to_torch,
                                      to_triton)
 from segserve.metrics import METRICS
@@ -72,4 +73,4 @@ class TritonPythonModel:
     def _log_first_of_size(self, batch_size: int, seconds: float) -> None:
         if batch_size not in self._batch_sizes_seen:
             self._batch_sizes_seen.add(batch_size)
-            pb_utils.Logger.log_info(f"{self.name}: first batch of {batch_size} tiles ran in {seconds:.3f} s")
+            pb_utils.Logger.log_info(stamped(f"{self.name}: first batch of {batch_size} tiles ran in {seconds:.3f} s"))

@@ -36,6 +36,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from segserve.backend.allocator import release_free_memory
+from segserve.backend.log import stamped
 from segserve.backend.postprocess import forward_package_logs, segmentation_outputs
 from segserve.backend.preprocess import FramePreparation
 from segserve.backend.tensors import error_response, input_tensor, model_parameters, parse_model_config, to_torch, to_triton
@@ -150,7 +151,7 @@ class TritonPythonModel:
             postprocess(logits, probabilities=True, keep_largest=True, contour=True)
         if image.is_cuda:
             torch.cuda.synchronize(image.device)
-        pb_utils.Logger.log_info(f"{self.name}: warm-up done in {time.perf_counter() - start:.2f} s")
+        pb_utils.Logger.log_info(stamped(f"{self.name}: warm-up done in {time.perf_counter() - start:.2f} s"))
 
 
 async def exec_all(requests: list) -> list:
