@@ -21,6 +21,7 @@ from monai.transforms import KeepLargestConnectedComponent, LabelToContour
 
 from client.api import SegmentationClient
 from export.network_export import ExportSettings, gpu_variant, model_config
+from segserve.backend.allocator import LARGE_TENSOR_BYTES
 from segserve.network_spec import NetworkSpec, load_network_spec
 from segserve.options import PipelineOptions
 from segserve.postprocess import postprocess, softmax_in_place
@@ -206,3 +207,19 @@ def test_warm_up_runs_before_the_models_are_ready(server):
         loaded_at = re.search(r"^I(\d{4} [\d:.]+) .*successfully loaded '" + re.escape(model) + "'", log, re.MULTILINE)
         assert warmed_at and loaded_at, (warmed, model)
         assert warmed_at.group(1) < loaded_at.group(1), (warmed_at.group(0), loaded_at.group(0))
+
+
+def test_large_probabilities_computed_in_shared_memory_equal_monai(server, default_network, rng):
+    """Probabilities of at least LARGE_TENSOR_BYTES are computed in the Python backend's shared
+    memory (moved there before the response: docs/benchmarks.md, peak memory) and are still
+    MONAI's within 1e-4, on an odd size; the server says it moved them."""
+    frame = frame_of((2049, 1603), np.uint16, rng)
+    assert 3 * frame[0].size * 4 >= LARGE_TENSOR_BYTES
+    with SegmentationClient(server.grpc_url) as client:
+        result = client.segment(frame, probabilities=True, contour=True)
+    assert_matches_reference(result, frame, default_network, PipelineOptions())
+    edges = np.asarray(LabelToContour()(torch.from_numpy(result.mask)[None].float()))[0] != 0
+    assert np.array_equal(result.contour, np.where(edges, result.mask, 0))
+    log = server.log_path.read_text()
+    assert "large outputs are moved into the Python backend's shared memory" in log
+    assert "did not move a BLS input" not in log

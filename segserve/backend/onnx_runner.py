@@ -20,8 +20,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from segserve.backend.log import stamped
-from segserve.backend.tensors import (error_response, instance_gpu, model_parameters, parse_model_config, to_torch,
-                                     to_triton)
+from segserve.backend.tensors import (error_response, instance_gpu, model_parameters, output_tensor, parse_model_config,
+                                     to_torch)
 from segserve.metrics import METRICS
 from segserve.onnx_network import OnnxNetwork, cuda_provider_available
 from segserve.torchscript_network import TorchScriptNetwork
@@ -66,7 +66,7 @@ class TritonPythonModel:
             return [error_response(error) for _ in requests]
         sizes = [t.shape[0] for t in tiles]
         return [
-            pb_utils.InferenceResponse(output_tensors=[to_triton(self.output_name, part)])
+            pb_utils.InferenceResponse(output_tensors=[output_tensor(self.output_name, part)])
             for part in torch.split(logits, sizes)
         ]
 

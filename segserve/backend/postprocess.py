@@ -15,8 +15,8 @@ import logging
 import torch
 import triton_python_backend_utils as pb_utils
 
-from segserve.backend.tensors import to_triton
-from segserve.postprocess import postprocess
+from segserve.backend.tensors import output_in_shared_memory, output_tensor
+from segserve.postprocess import postprocess, softmax_in_place
 
 
 class TritonLogHandler(logging.Handler):
@@ -38,12 +38,15 @@ def forward_package_logs() -> None:
 def segmentation_outputs(logits: torch.Tensor, options) -> list:
     """The pipeline's outputs from ``[K, *spatial]`` float32 blended logits: MASK, and
     PROBABILITIES and CONTOUR when the options ask for them (else empty, shape ``[0, ...]``).
-    The probabilities are written over the logits (no second full-size tensor)."""
-    empty_probabilities = logits.new_empty((0, *logits.shape[1:]))
-    result = postprocess(logits, options.probabilities, options.keep_largest, options.contour, overwrite_logits=True)
-    empty_contour = result.mask.new_empty((0, *result.mask.shape[1:]))
-    return [
-        to_triton("MASK", result.mask),
-        to_triton("PROBABILITIES", result.probabilities if result.probabilities is not None else empty_probabilities),
-        to_triton("CONTOUR", result.contour if result.contour is not None else empty_contour),
-    ]
+
+    The logits are used up: the probabilities are computed where they are sent from, the
+    backend's shared memory (``output_in_shared_memory``), else over the logits; so no second
+    full-size ``[K, *spatial]`` tensor exists in the step."""
+    result = postprocess(logits, probabilities=False, keep_largest=options.keep_largest, contour=options.contour)
+    if options.probabilities:
+        probabilities, values = output_in_shared_memory("PROBABILITIES", logits)
+        softmax_in_place(values)
+    else:
+        probabilities = output_tensor("PROBABILITIES", logits.new_empty((0, *logits.shape[1:])))
+    contour = result.contour if result.contour is not None else result.mask.new_empty((0, *result.mask.shape[1:]))
+    return [output_tensor("MASK", result.mask), probabilities, output_tensor("CONTOUR", contour)]

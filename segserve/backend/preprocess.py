@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import triton_python_backend_utils as pb_utils
 
-from segserve.backend.tensors import (error_response, input_tensor, instance_gpu, model_parameters, parse_model_config,
-                                     to_triton)
+from segserve.backend.tensors import (error_response, input_tensor, instance_gpu, model_parameters, output_tensor,
+                                     parse_model_config)
 from segserve.metrics import METRICS
 from segserve.options import InputError, PipelineOptions, parse_options
 from segserve.preprocess import normalize, validate_frame
@@ -71,6 +71,6 @@ class TritonPythonModel:
     def _execute_one(self, request):
         try:
             normalized = self.prepare(request, parse_options(request.parameters()))
-            return pb_utils.InferenceResponse(output_tensors=[to_triton("NORMALIZED", normalized)])
+            return pb_utils.InferenceResponse(output_tensors=[output_tensor("NORMALIZED", normalized)])
         except Exception as error:  # every failure becomes this request's error response
             return error_response(error)

@@ -35,11 +35,12 @@ import time
 import torch
 import triton_python_backend_utils as pb_utils
 
-from segserve.backend.allocator import release_free_memory
+from segserve.backend.allocator import release_free_memory, release_when_freed
 from segserve.backend.log import stamped
 from segserve.backend.postprocess import forward_package_logs, segmentation_outputs
 from segserve.backend.preprocess import FramePreparation
-from segserve.backend.tensors import error_response, input_tensor, model_parameters, parse_model_config, to_torch, to_triton
+from segserve.backend.tensors import (error_response, input_tensor, model_parameters, output_tensor, parse_model_config,
+                                     to_torch, to_triton)
 from segserve.metrics import METRICS
 from segserve.network_spec import NetworkConfigError, NetworkSpec, load_network_spec
 from segserve.options import PipelineOptions, parse_options
@@ -91,8 +92,12 @@ class TritonPythonModel:
             # outputs are copied (a large frame's; the allocator keeps a small frame's).
             release_free_memory(logits.numel() * logits.element_size())
             if self.postprocess:
-                return pb_utils.InferenceResponse(output_tensors=segmentation_outputs(logits, options))
-            return pb_utils.InferenceResponse(output_tensors=[to_triton("LOGITS", logits)])
+                outputs = segmentation_outputs(logits, options)
+                # The logits' memory (the probabilities' too where they are not in shared
+                # memory) is freed once the stub has handed the response over: released then.
+                release_when_freed(logits)
+                return pb_utils.InferenceResponse(output_tensors=outputs)
+            return pb_utils.InferenceResponse(output_tensors=[output_tensor("LOGITS", logits)])
         except Exception as error:
             return error_response(error)
 

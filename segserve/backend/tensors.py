@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -9,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
 from segproto import is_transient_message, transient_message
+from segserve.backend.allocator import LARGE_TENSOR_BYTES, discard_backend_copy, discard_pages
 from segserve.metrics import METRICS
 from segserve.network_spec import NetworkConfigError
 from segserve.options import InputError, OptionError
@@ -25,14 +27,85 @@ def to_torch(tensor: "pb_utils.Tensor") -> torch.Tensor:
 
 
 def to_triton(name: str, tensor: torch.Tensor) -> "pb_utils.Tensor":
-    """Zero-copy Triton tensor named ``name`` from a torch tensor (made contiguous)."""
+    """Zero-copy Triton tensor named ``name`` from a torch tensor (made contiguous), for a BLS
+    request's inputs."""
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))
 
 
+def output_tensor(name: str, tensor: torch.Tensor) -> "pb_utils.Tensor":
+    """A response's output ``name`` from a torch tensor (made contiguous), through DLPack.
+
+    For a CPU tensor the Python backend (2.51 up to at least 25.07, ``pb_tensor.cc``) also
+    makes a numpy copy of the whole buffer, which it never sends (pybind11 copies an array
+    given without a base; in 2.51 its content is even wrong: pybind11 2.10 misreads NumPy 2's
+    item size). A large copy's pages are discarded at once (measured: 0.83 GiB for an 8192²
+    frame's PROBABILITIES and MASK; docs/benchmarks.md). The numpy route
+    (``pb_utils.Tensor(name, array)``) would avoid the copy, but in 2.51 with NumPy 2 it sends
+    0 bytes.
+    """
+    tensor = tensor.contiguous()
+    triton_tensor = pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor))
+    if not tensor.is_cuda:
+        discard_backend_copy(triton_tensor.as_numpy(), tensor)
+    return triton_tensor
+
+
+# No repository holds a model of this name: a BLS request to it fails at once, after the
+# backend has moved the request's inputs into its shared memory (``output_in_shared_memory``).
+PLACEMENT_ONLY_MODEL = "segserve-shared-memory-placement"
+
+
+def output_in_shared_memory(name: str, tensor: torch.Tensor) -> tuple["pb_utils.Tensor", torch.Tensor]:
+    """Output ``name`` with ``tensor``'s values, moved into the Python backend's shared memory
+    now, and a torch view of that memory for the caller to finish the values in (e.g. the
+    softmax of logits). ``tensor``'s own pages are then given back: the caller must not read
+    it again.
+
+    Why: the backend copies an output into its shared memory only when the step returns, and
+    frees the step's buffer only after the server has copied the output on into the response,
+    so a large output existed three times at once (step, shared memory, response: 2.25 GiB
+    for an 8192² frame's PROBABILITIES). Moved now, it exists twice. The backend moves a BLS
+    request's inputs into shared memory when the request is sent, and an output that is
+    already there is sent from there (2.51, ``pb_tensor.cc``, ``infer_request.cc``); the
+    request goes to a model no repository holds, so it ends there.
+
+    Where the backend did not move the tensor (a GPU tensor, or another backend version), the
+    output is the usual one and the view is ``tensor`` itself.
+    """
+    tensor = tensor.contiguous()
+    output = output_tensor(name, tensor)
+    if tensor.is_cuda or tensor.numel() * tensor.element_size() < LARGE_TENSOR_BYTES:
+        return output, tensor
+    pb_utils.InferenceRequest(model_name=PLACEMENT_ONLY_MODEL, requested_output_names=[], inputs=[output]).exec()
+    view = to_torch(output)
+    moved = view.data_ptr() != tensor.data_ptr()
+    log_placement_once(moved)
+    if not moved:
+        return output, tensor
+    discard_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+    return output, view
+
+
+@functools.cache
+def log_placement_once(moved: bool) -> None:
+    if moved:
+        pb_utils.Logger.log_info("large outputs are moved into the Python backend's shared memory before the response")
+    else:
+        pb_utils.Logger.log_warn("this Python backend did not move a BLS input into its shared memory: large outputs "
+                                 "are sent the usual way, with one more full-size copy at once (docs/benchmarks.md)")
+
+
 def input_tensor(request, name: str) -> torch.Tensor | None:
-    """The request's input ``name`` as torch, or None when the optional input is absent."""
+    """The request's input ``name`` as torch (a view of the backend's shared memory), or None
+    when the optional input is absent. The numpy copy the backend made of a large CPU input
+    (as of an output: ``output_tensor``) is discarded."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else to_torch(tensor)
+    if tensor is None:
+        return None
+    view = to_torch(tensor)
+    if not view.is_cuda:
+        discard_backend_copy(tensor.as_numpy(), view)
+    return view
 
 
 def is_transient(error: Exception) -> bool:
