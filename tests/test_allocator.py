@@ -54,15 +54,18 @@ def test_discarded_pages_leave_memory_and_read_as_zeros():
     assert not buffer[2 * page:-2 * page].any()  # every whole page inside the range
 
 
-def test_the_backends_copy_is_discarded_only_when_large_and_separate():
-    source = torch.ones(LARGE_TENSOR_BYTES // 4)
+def test_the_backends_copy_is_discarded_only_when_large_separate_and_its_own():
+    storage = torch.ones(LARGE_TENSOR_BYTES // 2)  # 2x the threshold, float32
+    source = storage[len(storage) // 4:]  # a view with an offset into its storage
     copy = source.numpy().copy()
-    assert not discard_backend_copy(source.numpy(), source)  # a view of the source: kept
-    assert not discard_backend_copy(copy[: len(copy) // 2], source)  # small: kept
+    assert not discard_backend_copy(source.numpy(), source)  # the source itself
+    assert not discard_backend_copy(storage.numpy()[: len(storage) // 2], source)  # overlaps the storage
+    assert not discard_backend_copy(copy[: len(copy) // 4], source)  # small
+    assert not discard_backend_copy(np.frombuffer(memoryview(copy), dtype=np.float32), source)  # numpy does not own it
     assert not discard_backend_copy(None, source)
-    assert source.all() and copy.all()
-    assert discard_backend_copy(copy, source)
-    assert source.all() and not copy[len(copy) // 2: len(copy) // 2 + 1024].any()
+    assert storage.all() and copy.all()
+    assert discard_backend_copy(copy.view(np.float32), source)  # a view of a numpy-owned buffer, as the backend's
+    assert storage.all() and not copy[len(copy) // 2: len(copy) // 2 + 1024].any()
 
 
 # Under the launcher's allocator: a large output's memory goes back when it is freed (the
@@ -88,7 +91,8 @@ def test_a_large_outputs_memory_is_released_once_freed():
     if library is None:
         pytest.skip("tcmalloc is not installed (make setup installs libtcmalloc-minimal4)")
     result = subprocess.run([sys.executable, "-c", CHILD_RELEASE_WHEN_FREED], env={**os.environ, "LD_PRELOAD": library},
-                            capture_output=True, text=True, timeout=120, check=True)
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
     waited, still_waiting, released_mib = (int(value) for value in result.stdout.split())
     assert waited == 1 and still_waiting == 0
     assert released_mib > 400, result.stdout

@@ -27,7 +27,7 @@ from segserve.options import PipelineOptions
 from segserve.postprocess import postprocess, softmax_in_place
 from segserve.preprocess import normalize
 from segserve.sliding_window import blended_logits, pad_batch, resolve_sw_batch_size
-from tests.helpers import assert_matches_reference, frame_of
+from tests.helpers import NETWORK_DEVICE, assert_matches_reference, frame_of
 
 SPEC = NetworkSpec("net", "INPUT__0", "OUTPUT__0", in_channels=1, num_classes=3, tile_size=(16, 12), max_batch_size=32)
 
@@ -212,14 +212,15 @@ def test_warm_up_runs_before_the_models_are_ready(server):
 def test_large_probabilities_computed_in_shared_memory_equal_monai(server, default_network, rng):
     """Probabilities of at least LARGE_TENSOR_BYTES are computed in the Python backend's shared
     memory (moved there before the response: docs/benchmarks.md, peak memory) and are still
-    MONAI's within 1e-4, on an odd size; the server says it moved them."""
+    MONAI's within 1e-4, on an odd size; the server says it moved them (CPU tensors only)."""
     frame = frame_of((2049, 1603), np.uint16, rng)
-    assert 3 * frame[0].size * 4 >= LARGE_TENSOR_BYTES
     with SegmentationClient(server.grpc_url) as client:
         result = client.segment(frame, probabilities=True, contour=True)
+    assert result.probabilities.nbytes >= LARGE_TENSOR_BYTES
     assert_matches_reference(result, frame, default_network, PipelineOptions())
     edges = np.asarray(LabelToContour()(torch.from_numpy(result.mask)[None].float()))[0] != 0
     assert np.array_equal(result.contour, np.where(edges, result.mask, 0))
-    log = server.log_path.read_text()
-    assert "large outputs are moved into the Python backend's shared memory" in log
-    assert "did not move a BLS input" not in log
+    if NETWORK_DEVICE == "cpu":
+        log = server.log_path.read_text()
+        assert "large outputs are moved into the Python backend's shared memory" in log
+        assert "did not move a BLS input" not in log

@@ -35,7 +35,8 @@ LARGE_TENSOR_BYTES = 32 << 20
 # How long a released output may stay referenced (the server copying it) before the thread
 # that waits for it gives up: longer than any response of a frame below the pixel limit.
 RELEASE_WAIT_S = 600.0
-MADV_DONTNEED = 4
+# How often that thread looks: the server's copy of an 8192² output takes about 0.3 s.
+RELEASE_POLL_S = 0.005
 
 
 @functools.cache
@@ -65,7 +66,7 @@ def release_when_freed(tensor: torch.Tensor) -> threading.Thread | None:
     def release_once_freed():
         deadline = time.monotonic() + RELEASE_WAIT_S
         while not storage.expired() and time.monotonic() < deadline:
-            time.sleep(0.002)
+            time.sleep(RELEASE_POLL_S)
         release()
 
     thread = threading.Thread(target=release_once_freed, name="release-output", daemon=True)
@@ -73,30 +74,38 @@ def release_when_freed(tensor: torch.Tensor) -> threading.Thread | None:
     return thread
 
 
+@functools.cache
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise
+
+
 def discard_pages(address: int, size: int) -> None:
     """Give the whole pages inside ``size`` bytes at ``address`` back to the system
-    (``madvise`` ``MADV_DONTNEED``): they read as zeros from then on. Only for memory that
-    nobody reads again; the partial pages at either end (allocator headers) are kept."""
+    (``madvise`` ``MADV_DONTNEED``): they read as zeros from then on. Only for private memory
+    that nobody reads again; the partial pages at either end (allocator headers) are kept."""
     page = mmap.PAGESIZE
     start = -(-address // page) * page
     end = (address + size) // page * page
-    if end > start:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        libc.madvise(start, end - start, MADV_DONTNEED)
+    if end > start and _madvise()(start, end - start, mmap.MADV_DONTNEED) != 0:
+        raise OSError(ctypes.get_errno(), f"madvise of {end - start} bytes failed")
 
 
 def discard_backend_copy(backend_copy: np.ndarray | None, source: torch.Tensor) -> bool:
-    """Discard the pages of the copy that the Python backend keeps of a CPU output it sends
-    from ``source`` (see ``segserve.backend.tensors.output_tensor``), when it is large (at
-    least LARGE_TENSOR_BYTES) and really a separate buffer: never ``source``'s memory.
-    Returns whether it was discarded."""
-    if backend_copy is None:  # the backend keeps none (e.g. bfloat16)
+    """Discard the pages of the copy that the Python backend keeps of a CPU tensor it sends or
+    received from ``source``'s memory (see ``segserve.backend.tensors.output_tensor``), when
+    it is large (at least LARGE_TENSOR_BYTES) and really a buffer of its own: numpy owns it
+    and it does not overlap ``source``'s storage. Returns whether it was discarded."""
+    if backend_copy is None or backend_copy.nbytes < LARGE_TENSOR_BYTES or backend_copy.dtype.hasobject:
         return False
+    owner = backend_copy
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    storage = source.untyped_storage()
     copy_start, copy_end = backend_copy.ctypes.data, backend_copy.ctypes.data + backend_copy.nbytes
-    source_start, source_end = source.data_ptr(), source.data_ptr() + source.untyped_storage().nbytes()
-    separate = copy_end <= source_start or source_end <= copy_start
-    if not separate or backend_copy.nbytes < LARGE_TENSOR_BYTES:
+    source_start, source_end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    if not owner.flags.owndata or not (copy_end <= source_start or source_end <= copy_start):
         return False
-    discard_pages(backend_copy.ctypes.data, backend_copy.nbytes)
+    discard_pages(copy_start, backend_copy.nbytes)
     return True

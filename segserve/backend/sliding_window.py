@@ -93,11 +93,12 @@ class TritonPythonModel:
             release_free_memory(logits.numel() * logits.element_size())
             if self.postprocess:
                 outputs = segmentation_outputs(logits, options)
-                # The logits' memory (the probabilities' too where they are not in shared
-                # memory) is freed once the stub has handed the response over: released then.
-                release_when_freed(logits)
-                return pb_utils.InferenceResponse(output_tensors=outputs)
-            return pb_utils.InferenceResponse(output_tensors=[output_tensor("LOGITS", logits)])
+            else:
+                outputs = [output_tensor("LOGITS", logits)]
+            # The logits' memory (sent from, where an output is not in shared memory) is
+            # freed once the stub has handed the response over: released then.
+            release_when_freed(logits)
+            return pb_utils.InferenceResponse(output_tensors=outputs)
         except Exception as error:
             return error_response(error)
 

@@ -33,21 +33,26 @@ def to_triton(name: str, tensor: torch.Tensor) -> "pb_utils.Tensor":
 
 
 def output_tensor(name: str, tensor: torch.Tensor) -> "pb_utils.Tensor":
-    """A response's output ``name`` from a torch tensor (made contiguous), through DLPack.
+    """A response's output ``name`` from a torch tensor of any shape and dtype (made
+    contiguous), through DLPack.
 
     For a CPU tensor the Python backend (2.51 up to at least 25.07, ``pb_tensor.cc``) also
     makes a numpy copy of the whole buffer, which it never sends (pybind11 copies an array
     given without a base; in 2.51 its content is even wrong: pybind11 2.10 misreads NumPy 2's
-    item size). A large copy's pages are discarded at once (measured: 0.83 GiB for an 8192²
-    frame's PROBABILITIES and MASK; docs/benchmarks.md). The numpy route
-    (``pb_utils.Tensor(name, array)``) would avoid the copy, but in 2.51 with NumPy 2 it sends
-    0 bytes.
+    item size). A large copy's pages are discarded at once (docs/benchmarks.md, peak memory).
+    The numpy route (``pb_utils.Tensor(name, array)``) would avoid the copy, but in 2.51 with
+    NumPy 2 it sends 0 bytes.
     """
     tensor = tensor.contiguous()
     triton_tensor = pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor))
-    if not tensor.is_cuda:
+    if has_backend_copy(tensor):
         discard_backend_copy(triton_tensor.as_numpy(), tensor)
     return triton_tensor
+
+
+def has_backend_copy(tensor: torch.Tensor) -> bool:
+    """Whether the backend keeps a numpy copy of ``tensor`` (CPU; numpy has no bfloat16)."""
+    return not tensor.is_cuda and tensor.dtype != torch.bfloat16
 
 
 # No repository holds a model of this name: a BLS request to it fails at once, after the
@@ -56,10 +61,10 @@ PLACEMENT_ONLY_MODEL = "segserve-shared-memory-placement"
 
 
 def output_in_shared_memory(name: str, tensor: torch.Tensor) -> tuple["pb_utils.Tensor", torch.Tensor]:
-    """Output ``name`` with ``tensor``'s values, moved into the Python backend's shared memory
-    now, and a torch view of that memory for the caller to finish the values in (e.g. the
-    softmax of logits). ``tensor``'s own pages are then given back: the caller must not read
-    it again.
+    """Output ``name`` with ``tensor``'s values (any shape and dtype), moved into the Python
+    backend's shared memory now, and a torch view of that memory (same shape and dtype) for
+    the caller to finish the values in (e.g. the softmax of logits). ``tensor``'s own pages
+    are then given back: the caller must not read it again.
 
     Why: the backend copies an output into its shared memory only when the step returns, and
     frees the step's buffer only after the server has copied the output on into the response,
@@ -69,25 +74,31 @@ def output_in_shared_memory(name: str, tensor: torch.Tensor) -> tuple["pb_utils.
     already there is sent from there (2.51, ``pb_tensor.cc``, ``infer_request.cc``); the
     request goes to a model no repository holds, so it ends there.
 
-    Where the backend did not move the tensor (a GPU tensor, or another backend version), the
-    output is the usual one and the view is ``tensor`` itself.
+    Where the backend did not move the tensor (a GPU tensor, a small one, another backend
+    version), the output is the usual one and the view is ``tensor`` itself.
     """
     tensor = tensor.contiguous()
     output = output_tensor(name, tensor)
-    if tensor.is_cuda or tensor.numel() * tensor.element_size() < LARGE_TENSOR_BYTES:
+    if not has_backend_copy(tensor) or tensor.numel() * tensor.element_size() < LARGE_TENSOR_BYTES:
         return output, tensor
-    pb_utils.InferenceRequest(model_name=PLACEMENT_ONLY_MODEL, requested_output_names=[], inputs=[output]).exec()
+    try:
+        placement = pb_utils.InferenceRequest(model_name=PLACEMENT_ONLY_MODEL, requested_output_names=[],
+                                              inputs=[output]).exec()
+        ended_as_expected = placement.has_error()
+    except pb_utils.TritonModelException:
+        ended_as_expected = False
     view = to_torch(output)
-    moved = view.data_ptr() != tensor.data_ptr()
+    moved = ended_as_expected and view.data_ptr() != tensor.data_ptr()
     log_placement_once(moved)
     if not moved:
-        return output, tensor
+        return output_tensor(name, tensor), tensor
     discard_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())
     return output, view
 
 
 @functools.cache
 def log_placement_once(moved: bool) -> None:
+    """Say once per stub whether large outputs go into shared memory early (``moved``)."""
     if moved:
         pb_utils.Logger.log_info("large outputs are moved into the Python backend's shared memory before the response")
     else:
@@ -103,7 +114,7 @@ def input_tensor(request, name: str) -> torch.Tensor | None:
     if tensor is None:
         return None
     view = to_torch(tensor)
-    if not view.is_cuda:
+    if has_backend_copy(view):
         discard_backend_copy(tensor.as_numpy(), view)
     return view
 
