@@ -156,17 +156,16 @@ def process_tree_pss(root: psutil.Process) -> int:
     return total
 
 
-def peak_memory_during(server: TritonServer, work) -> tuple[int, int]:
-    """(idle PSS, peak PSS) in bytes of the server's process tree while ``work()`` runs."""
-    root = psutil.Process(server.process.pid)
-    idle = process_tree_pss(root)
-    peak, done = idle, threading.Event()
+def sampled_during(measure, work, interval_s: float) -> list[tuple[float, object]]:
+    """``(seconds since start, measure())`` every ``interval_s`` while ``work()`` runs (reading
+    PSS, smaps, costs CPU: slower sampling disturbs less)."""
+    samples, done = [], threading.Event()
 
     def sample():
-        nonlocal peak
+        start = time.perf_counter()
         while not done.is_set():
-            peak = max(peak, process_tree_pss(root))
-            time.sleep(0.5)  # reading PSS (smaps) costs CPU; slower sampling disturbs less
+            samples.append((time.perf_counter() - start, measure()))
+            time.sleep(interval_s)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -175,7 +174,15 @@ def peak_memory_during(server: TritonServer, work) -> tuple[int, int]:
     finally:
         done.set()
         sampler.join()
-    return idle, peak
+    return samples
+
+
+def peak_memory_during(server: TritonServer, work) -> tuple[int, int]:
+    """(idle PSS, peak PSS) in bytes of the server's process tree while ``work()`` runs."""
+    root = psutil.Process(server.process.pid)
+    idle = process_tree_pss(root)
+    samples = sampled_during(lambda: process_tree_pss(root), work, 0.5)
+    return idle, max([idle, *(pss for _, pss in samples)])
 
 
 def in_process_mask(frame: np.ndarray, network, tile: tuple[int, ...], device: str = "cpu") -> torch.Tensor:

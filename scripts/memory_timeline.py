@@ -13,14 +13,13 @@ import argparse
 import pathlib
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 import psutil
 
 from client.api import SegmentationClient
-from scripts.bench_2d import timed
+from scripts.bench_2d import sampled_during, timed
 from segserve.launcher import ServerConfig, TritonServer, copy_models
 from training.synthetic import synthetic_slice, to_detector_counts
 
@@ -36,26 +35,6 @@ def pss_by_process(root: psutil.Process) -> dict[str, int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return sizes
-
-
-def sample_during(root: psutil.Process, work, interval_s: float) -> list[tuple[float, dict[str, int]]]:
-    """``(seconds since start, pss_by_process)`` every ``interval_s`` while ``work()`` runs."""
-    trace, done = [], threading.Event()
-
-    def sample():
-        start = time.perf_counter()
-        while not done.is_set():
-            trace.append((time.perf_counter() - start, pss_by_process(root)))
-            time.sleep(interval_s)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        work()
-    finally:
-        done.set()
-        sampler.join()
-    return trace
 
 
 def growth(sizes: dict[str, int], idle: dict[str, int]) -> dict[str, float]:
@@ -81,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         client.segment(frame[:256, :256])  # connections and regions made before the idle reading
         root = psutil.Process(server.process.pid)
         idle, elapsed = pss_by_process(root), []
-        trace = sample_during(root, lambda: elapsed.append(timed(lambda: client.segment(frame, probabilities=args.probabilities))),
-                              args.interval)
+        trace = sampled_during(lambda: pss_by_process(root),
+                               lambda: elapsed.append(timed(lambda: client.segment(frame, probabilities=args.probabilities))),
+                               args.interval)
         time.sleep(2)
         after = pss_by_process(root)
     peak_s, peak = max(trace, key=lambda sample: sum(sample[1].values()))
