@@ -146,14 +146,20 @@ def timed(function) -> float:
     return time.perf_counter() - start
 
 
-def process_tree_pss(root: psutil.Process) -> int:
-    total = 0
+def pss_by_process(root: psutil.Process) -> dict[str, int]:
+    """PSS in bytes of ``root`` and its descendants, keyed ``name:pid``."""
+    sizes = {}
     for process in [root, *root.children(recursive=True)]:
         try:
-            total += process.memory_full_info().pss
+            sizes[f"{process.name()}:{process.pid}"] = process.memory_full_info().pss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return total
+    return sizes
+
+
+def process_tree_pss(root: psutil.Process) -> int:
+    """PSS in bytes of ``root`` and its descendants together."""
+    return sum(pss_by_process(root).values())
 
 
 def sampled_during(measure, work, interval_s: float) -> list[tuple[float, object]]:

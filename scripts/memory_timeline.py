@@ -19,22 +19,11 @@ import numpy as np
 import psutil
 
 from client.api import SegmentationClient
-from scripts.bench_2d import sampled_during, timed
+from scripts.bench_2d import pss_by_process, sampled_during, timed
 from segserve.launcher import ServerConfig, TritonServer, copy_models
 from training.synthetic import synthetic_slice, to_detector_counts
 
 GIB = 2**30
-
-
-def pss_by_process(root: psutil.Process) -> dict[str, int]:
-    """PSS in bytes of ``root`` and its descendants, keyed ``name:pid``."""
-    sizes = {}
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            sizes[f"{process.name()}:{process.pid}"] = process.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return sizes
 
 
 def growth(sizes: dict[str, int], idle: dict[str, int]) -> dict[str, float]:
