@@ -109,20 +109,15 @@ def label_contour(mask: torch.Tensor) -> torch.Tensor:
 
 def postprocess(
     logits: torch.Tensor, probabilities: bool = False, keep_largest: bool = False, contour: bool = False,
-    overwrite_logits: bool = False,
 ) -> Segmentation:
-    """Turn ``[K, *spatial]`` float32 blended logits into the pipeline's outputs.
-
-    ``overwrite_logits``: the caller no longer needs the logits, so the probabilities are
-    computed in their memory (saves one full-size ``[K, *spatial]`` float32 tensor).
-    """
+    """Turn ``[K, *spatial]`` float32 blended logits into the pipeline's outputs. The server's
+    step asks for no probabilities here: it computes them with :func:`softmax_in_place` where
+    they are sent from (``segserve.backend.postprocess.segmentation_outputs``)."""
     mask = class_mask(logits)
     if keep_largest:
         mask = keep_largest_components(mask, logits.shape[0])
-    if probabilities:
-        probabilities_ = softmax_in_place(logits) if overwrite_logits else torch.softmax(logits, dim=0).contiguous()
     return Segmentation(
         mask=mask.contiguous(),
-        probabilities=probabilities_ if probabilities else None,
+        probabilities=torch.softmax(logits, dim=0).contiguous() if probabilities else None,
         contour=label_contour(mask).contiguous() if contour else None,
     )

@@ -47,9 +47,14 @@ def old_pipeline(frame: torch.Tensor, options: PipelineOptions):
 
 
 def fused_pipeline(frame: torch.Tensor, options: PipelineOptions):
-    """What segment_2d now does in one process: the probabilities overwrite the logits."""
+    """What segment_2d now does in one process (``segmentation_outputs``): mask and contour
+    from the logits, then the probabilities written over them (on the server, over their copy
+    in the backend's shared memory)."""
     logits = blended_logits(normalize(frame, options), SPEC, toy_network, options)
-    return postprocess(logits, options.probabilities, options.keep_largest, options.contour, overwrite_logits=True)
+    result = postprocess(logits, probabilities=False, keep_largest=options.keep_largest, contour=options.contour)
+    if options.probabilities:
+        result.probabilities = softmax_in_place(logits)
+    return result
 
 
 @pytest.mark.parametrize("shape", [(1, 301, 517), (1, 64, 48), (1, 9, 7)], ids=lambda s: f"{s[2]}x{s[1]}")
