@@ -79,7 +79,7 @@ def output_in_shared_memory(name: str, tensor: torch.Tensor) -> tuple["pb_utils.
     """
     tensor = tensor.contiguous()
     output = output_tensor(name, tensor)
-    if not has_backend_copy(tensor) or tensor.numel() * tensor.element_size() < LARGE_TENSOR_BYTES:
+    if not has_backend_copy(tensor) or tensor.nbytes < LARGE_TENSOR_BYTES:
         return output, tensor
     try:
         placement = pb_utils.InferenceRequest(model_name=PLACEMENT_ONLY_MODEL, requested_output_names=[],
@@ -91,8 +91,10 @@ def output_in_shared_memory(name: str, tensor: torch.Tensor) -> tuple["pb_utils.
     moved = ended_as_expected and view.data_ptr() != tensor.data_ptr()
     log_placement_once(moved)
     if not moved:
+        # A fresh output: had the request run somewhere, ``output`` would hold the values
+        # as they were then, not the caller's finished ones.
         return output_tensor(name, tensor), tensor
-    discard_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+    discard_pages(tensor.data_ptr(), tensor.nbytes)
     return output, view
 
 
