@@ -76,19 +76,29 @@ def merged_executions(grpc, network: str, tiles_per_request: int) -> int:
     return sum(int(b["compute_infer"]["count"]) for b in statistics.get("batch_stats", []) if int(b["batch_size"]) > tiles_per_request)
 
 
+# Rounds of four concurrent frames given to their tiles to meet in one network execution. The
+# network's batcher waits 200 us for more requests; on a machine whose cores other jobs hold,
+# the four frames' tile requests can miss each other for a whole round (seen with two CPU hogs).
+MERGE_ROUNDS = 5
+
+
 def test_concurrent_frames_share_network_batches(server, grpc, default_network, rng):
     """Frames in flight together come back right, and their tiles meet in dynamic batches."""
     from concurrent.futures import ThreadPoolExecutor
 
-    frames = [frame_of((300 + 17 * i, 400 - 13 * i), np.uint16, rng) for i in range(4)]
     merged_before = merged_executions(grpc, "unet2d_particles", 4)
 
     def segment(frame):
         with SegmentationClient(server.grpc_url) as client:
             return client.segment(frame, probabilities=True, sw_batch_size=4)
 
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(segment, frames))
-    for frame, result in zip(frames, results):
-        assert_matches_reference(result, frame, default_network, PipelineOptions(sw_batch_size=4))
-    assert merged_executions(grpc, "unet2d_particles", 4) > merged_before
+    for _ in range(MERGE_ROUNDS):
+        frames = [frame_of((300 + 17 * i, 400 - 13 * i), np.uint16, rng) for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(segment, frames))
+        for frame, result in zip(frames, results):
+            assert_matches_reference(result, frame, default_network, PipelineOptions(sw_batch_size=4))
+        if merged_executions(grpc, "unet2d_particles", 4) > merged_before:
+            break
+    assert merged_executions(grpc, "unet2d_particles", 4) > merged_before, (
+        f"no network execution merged tiles of two frames in {MERGE_ROUNDS} rounds of 4 concurrent frames")
