@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from client import SegmentationClient, SegmentationError
-from segserve.launcher import DEFAULT_REPOSITORY, REPO_ROOT, free_port, python_backend_stubs
+from segserve.launcher import DEFAULT_REPOSITORY, REPO_ROOT, free_ports, python_backend_stubs
 
 
 def wait_for(condition, timeout_s: float, what: str, server: subprocess.Popen) -> None:
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="what the server is doing at the kill (default: %(default)s)")
     args = parser.parse_args(argv)
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="recovery-"))
-    grpc_port = free_port()
+    grpc_port, http_port, metrics_port = free_ports(3)
     command = [sys.executable, "-m", "segserve", "serve", "--model-repository", str(args.model_repository),
-               "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+               "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
                "--token", "recovery-time", "--token-file", str(scratch / "token"), "--log-file", str(scratch / "triton.log")]
     output = open(scratch / "serve.out", "w")
     hogs: list[subprocess.Popen] = []

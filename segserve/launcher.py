@@ -9,6 +9,7 @@ the ``python3`` on ``PATH``, so this interpreter's ``bin/`` goes first on the se
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -16,6 +17,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +38,9 @@ PR_SET_PDEATHSIG = 1
 # other work shares a 2-core machine (measured: docs/recovery.md).
 START_TIMEOUT_S = 600.0
 STUB_TIMEOUT_S = 120
+PORT_FIELDS = ("http_port", "grpc_port", "metrics_port")
+# Starts on newly picked ports when one picked port was taken before tritonserver bound it.
+PORT_ATTEMPTS = 3
 # How long the old instance of a reloaded model may take to unload before its requests are
 # taken as stuck (then the server is restarted). An instance with nothing in flight unloads as
 # the new one loads (measured: gone before the load returns); one with requests inside a dead
@@ -52,6 +57,10 @@ ALLOCATORS = {"auto": None, "tcmalloc": "tcmalloc_minimal", "jemalloc": "jemallo
 
 class ServerError(RuntimeError):
     """The server could not start, become ready, or stop."""
+
+
+class ServerExitedError(ServerError):
+    """The server exited before it was ready (a model failed to load, a port was taken)."""
 
 
 class StuckRequestsError(ServerError):
@@ -130,10 +139,48 @@ def copy_models(destination: pathlib.Path, models: tuple[str, ...],
     return destination
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+LOG_ERROR_LINES = 12
+LOG_LINE_CHARS = 400
+
+
+def log_errors(log_path: pathlib.Path, start: int = 0) -> list[str]:
+    """The last error lines of a server log from byte ``start`` on: Triton's own (``E`` then
+    the date) and Python tracebacks' last lines; the last lines of all when none match.
+    Each is cut to ``LOG_LINE_CHARS``."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(start)
+            lines = log.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    errors = [line for line in lines if re.match(r"E\d{4} |\w*(Error|Exception)\b", line)]
+    chosen = (errors or lines)[-LOG_ERROR_LINES:]
+    return [line[:LOG_LINE_CHARS] for line in chosen]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free on ``host`` now (the probes are held open together: picked
+    one at a time, the same port can come back twice). Another process may still take one
+    before the server binds it: ``TritonServer.start`` then picks again."""
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for _ in range(count):
+            probe = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind((host, 0))
+            ports.append(probe.getsockname()[1])
+        return ports
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``port`` now (a closed connection's TIME_WAIT does not
+    count: Triton binds with SO_REUSEADDR too)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def visible_gpu_count() -> int:
@@ -184,6 +231,35 @@ def python_backend_regions() -> set[str]:
     return {p.name for p in shm.glob(f"{PYTHON_BACKEND_SHM_PREFIX}*")} if shm.is_dir() else set()
 
 
+def python_backend_region_users() -> dict[str, set[int]]:
+    """Region name -> pids of the live processes mapping it (those whose maps this user may
+    read: a region of another user's server cannot be removed by this one anyway)."""
+    users: dict[str, set[int]] = {}
+    marker = f"/dev/shm/{PYTHON_BACKEND_SHM_PREFIX}"
+    for maps in pathlib.Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        for line in text.splitlines():
+            if marker in line:
+                name = line.split("/dev/shm/", 1)[1].split()[0]
+                users.setdefault(name, set()).add(int(maps.parent.name))
+    return users
+
+
+def stub_parent_pid(pid: int) -> int | None:
+    """The tritonserver pid a Python-backend stub was started for (its command line names it;
+    a stub outlives a killed server for a moment), or None for any other process."""
+    try:
+        command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if command and command[0].endswith(b"triton_python_backend_stub") and len(command) > 5 and command[5].isdigit():
+        return int(command[5])
+    return None
+
+
 class TritonServer:
     """A ``tritonserver`` child process: ``start()`` waits for readiness, ``stop()`` shuts down.
 
@@ -200,6 +276,7 @@ class TritonServer:
         self._regions_before: set[str] = set()
         self._stubs_at_start: dict[int, str] = {}
         self._log_file = None
+        self._log_start = 0  # where this start's output begins in the appended log
 
     @property
     def http_url(self) -> str:
@@ -274,9 +351,29 @@ class TritonServer:
         return env
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> "TritonServer":
-        for field in ("http_port", "grpc_port", "metrics_port"):
-            if getattr(self.config, field) == 0:
-                setattr(self.config, field, free_port(self.config.host))
+        """Start and wait until ready. Ports given as 0 are picked here; when another process
+        took one of them before the server bound it, the start is tried again on new ports."""
+        picked = [field for field in PORT_FIELDS if getattr(self.config, field) == 0]
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            for field, port in zip(picked, free_ports(len(picked), self.config.host)):
+                setattr(self.config, field, port)
+            try:
+                return self._start_once(timeout_s)
+            except ServerExitedError as error:
+                taken = self._ports_taken(picked, str(error))
+                if not taken or attempt == PORT_ATTEMPTS:
+                    raise
+                print(f"segserve: port(s) {', '.join(map(str, taken))} were taken before tritonserver bound them; "
+                      "starting again on new ports", file=sys.stderr, flush=True)
+        raise AssertionError("unreachable")
+
+    def _ports_taken(self, fields: list[str], error: str) -> list[int]:
+        """Of the ports in ``fields``, those in use by another process now or named in the
+        failed start's error lines (Triton names the socket it could not bind)."""
+        ports = [getattr(self.config, field) for field in fields]
+        return [port for port in ports if re.search(rf":{port}\b", error) or not port_is_free(port, self.config.host)]
+
+    def _start_once(self, timeout_s: float) -> "TritonServer":
         if self.config.token is None:
             self.config.token = new_token()
         distribution = TritonDistribution.find()
@@ -286,6 +383,7 @@ class TritonServer:
         output = None  # without a log file the server writes to this process's terminal
         if self.log_path is not None:
             self._log_file = open(self.log_path, "ab")
+            self._log_start = self._log_file.tell()
             output = self._log_file
         self.process = subprocess.Popen(
             self.command(backends, distribution.server_binary), env=self.environment(distribution),
@@ -381,7 +479,7 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self._cleanup()
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} before ready{self._log_hint()}")
+                raise ServerExitedError(f"tritonserver exited with code {self.process.returncode} before ready{self._log_hint()}")
             if self.is_ready():
                 return
             time.sleep(0.25)
@@ -390,7 +488,12 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
 
     def _log_hint(self) -> str:
-        return f"; see {self.log_path}" if self.log_path else "; see the server output above"
+        """Where to read why the server failed, with this start's error lines when in a log file
+        (CI shows the exception, not the log)."""
+        if self.log_path is None:
+            return "; see the server output above"
+        errors = log_errors(self.log_path, self._log_start)
+        return f"; see {self.log_path}" + "".join(f"\n  {line}" for line in errors)
 
     def activity(self) -> tuple[int, ...] | None:
         """Execution counts of every model (they move while any request is in the pipeline),
@@ -445,7 +548,7 @@ class TritonServer:
 
     def _cleanup(self, remove_regions: bool = True) -> None:
         if remove_regions:
-            for name in python_backend_regions() - self._regions_before:
+            for name in self._regions_left():
                 pathlib.Path("/dev/shm", name).unlink(missing_ok=True)
         if self._scratch is not None:
             self._scratch.cleanup()
@@ -453,6 +556,18 @@ class TritonServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+    def _regions_left(self) -> set[str]:
+        """Python-backend regions this server left: made since it started, and mapped by no
+        live process but its own (stubs still dying). Other servers on this machine keep theirs."""
+        users = python_backend_region_users()
+        server = self.process.pid if self.process is not None else None
+
+        def ours(pid: int) -> bool:
+            return pid == server or stub_parent_pid(pid) == server
+
+        return {name for name in python_backend_regions() - self._regions_before
+                if all(ours(pid) for pid in users.get(name, ()))}
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self

@@ -19,7 +19,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from client.auth import RESTRICTED_ENDPOINTS, TOKEN_HEADER
-from segserve.launcher import REPO_ROOT, ServerConfig, TritonDistribution, TritonServer, free_port
+from segserve.launcher import REPO_ROOT, ServerConfig, TritonDistribution, TritonServer, free_ports
 from tests.conftest import DEFAULT_NETWORK, background_result, copy_2d_repository
 
 pytestmark = pytest.mark.server  # starts its own server
@@ -167,7 +167,7 @@ def test_entrypoint_starts_the_real_server(tmp_path):
     repository = copy_2d_repository(tmp_path / "models", sliding_window_instances=1)
     distribution = TritonDistribution.find()
     backends = distribution.assemble_backends(tmp_path / "backends")
-    ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS")}
+    ports = dict(zip(("HTTP", "GRPC", "METRICS"), free_ports(3)))
     env = TritonServer(ServerConfig()).environment(distribution)
     env.update({"TRITONSERVER": str(distribution.server_binary), "SEGSERVE_MODEL_REPOSITORY": str(repository),
                 "SEGSERVE_BIND": "127.0.0.1", "SEGSERVE_TOKEN": "entrypoint-token", "SEGSERVE_CONFIG": "auto",

@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import SegmentationClient
-from segserve.launcher import REPO_ROOT, free_port, python_backend_regions, python_backend_stubs
+from segserve.launcher import REPO_ROOT, free_ports, python_backend_regions, python_backend_stubs
 from tests.conftest import copy_2d_repository
 from tests.helpers import environment_without_token, make_stack, reference_masks, wait_for_record
 
@@ -37,7 +37,7 @@ class Serve:
 
     def __init__(self, directory: pathlib.Path, model_repository: pathlib.Path):
         self.directory, self.model_repository = directory, model_repository
-        self.ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+        self.ports = dict(zip(("grpc", "http", "metrics"), free_ports(3)))
         self.token = "faults-test-token"
         self.output = directory / "serve.out"
         self.process: subprocess.Popen | None = None

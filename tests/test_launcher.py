@@ -1,0 +1,117 @@
+"""The launcher on the real server: a failed start's exception carries the error lines of that
+start's log (CI prints the exception, not the log file); a port taken before the server binds it
+is picked again; a killed server's cleanup removes its own shared memory, never another's."""
+
+from __future__ import annotations
+
+import pathlib
+import socket
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from segserve import launcher
+from segserve.launcher import ServerConfig, ServerError, TritonServer, log_errors, python_backend_regions
+
+def broken_repository(root: pathlib.Path, model: str) -> pathlib.Path:
+    """A repository whose only model names a backend that does not exist."""
+    (root / model).mkdir(parents=True)
+    (root / model / "config.pbtxt").write_text(f'name: "{model}"\nbackend: "no_such_backend"\n')
+    return root
+
+
+def start_error(repository: pathlib.Path, log: pathlib.Path) -> str:
+    config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
+    with pytest.raises(ServerError, match="exited with code 1 before ready") as raised:
+        TritonServer(config, log_path=log).start()
+    return str(raised.value)
+
+
+@pytest.mark.server  # starts its own server
+def test_a_failed_start_says_which_model_failed_and_only_from_its_own_log_lines(tmp_path):
+    log = tmp_path / "server.log"
+    first = start_error(broken_repository(tmp_path / "a", "first_broken"), log)
+    assert "failed to load model 'first_broken'" in first
+    second = start_error(broken_repository(tmp_path / "b", "second_broken"), log)
+    assert "failed to load model 'second_broken'" in second
+    assert "first_broken" not in second  # the same log, appended: the earlier start's lines stay out
+    assert "first_broken" in log.read_text()
+
+
+def test_log_errors_keeps_error_lines_else_the_last_lines(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("I1201 loading\nE1201 21:12:11 x.cc:1] \"boom\"\nTraceback (most recent call last):\n"
+                   "  File \"model.py\"\nValueError: bad tile\nI1201 exiting\n")
+    assert log_errors(log) == ['E1201 21:12:11 x.cc:1] "boom"', "ValueError: bad tile"]
+    quiet = tmp_path / "quiet.log"
+    quiet.write_text("".join(f"I line {i}\n" for i in range(30)) + "x" * 1000 + "\n")
+    tail = log_errors(quiet)
+    assert len(tail) == 12 and tail[0] == "I line 19" and len(tail[-1]) == 400
+    assert log_errors(tmp_path / "missing.log") == []
+
+
+@pytest.mark.server
+def test_a_port_taken_before_the_server_binds_it_is_picked_again(tmp_path, monkeypatch, capfd):
+    with socket.socket() as thief:
+        thief.bind(("127.0.0.1", 0))
+        thief.listen()
+        taken = thief.getsockname()[1]
+        real_free_ports = launcher.free_ports
+        picks = iter([[taken, *real_free_ports(2)]])
+        monkeypatch.setattr(launcher, "free_ports", lambda count, host: next(picks, None) or real_free_ports(count, host))
+        (tmp_path / "repository").mkdir()
+        config = ServerConfig(model_repository=tmp_path / "repository", http_port=0, grpc_port=0, metrics_port=0)
+        with TritonServer(config, log_path=tmp_path / "server.log") as server:
+            assert server.is_ready()
+            assert taken not in (config.http_port, config.grpc_port, config.metrics_port)
+    assert f"port(s) {taken} were taken" in capfd.readouterr().err
+    assert f":{taken}" in (tmp_path / "server.log").read_text()  # the first try did fail on it
+
+
+ECHO_MODEL = '''
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):  # through DLPack: pb_utils.Tensor(name, numpy) sends nothing with NumPy 2 here
+        return [pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("OUT", pb_utils.get_input_tensor_by_name(r, "IN"))])
+                for r in requests]
+'''
+ECHO_CONFIG = '''name: "echo"
+backend: "python"
+input [{ name: "IN", data_type: TYPE_INT32, dims: [ 1 ] }]
+output [{ name: "OUT", data_type: TYPE_INT32, dims: [ 1 ] }]
+instance_group [{ kind: KIND_CPU, count: 1 }]
+'''
+
+
+def echo_repository(root: pathlib.Path) -> pathlib.Path:
+    """A repository of one Python-backend model (one stub, one shared-memory region)."""
+    (root / "echo" / "1").mkdir(parents=True)
+    (root / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (root / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    return root
+
+
+def echo(server: TritonServer, value: int) -> int:
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        tensor = httpclient.InferInput("IN", [1], "INT32")
+        tensor.set_data_from_numpy(np.array([value], dtype=np.int32))
+        return int(client.infer("echo", [tensor]).as_numpy("OUT")[0])
+
+
+@pytest.mark.server
+def test_a_killed_server_removes_its_regions_and_leaves_a_later_servers_alone(tmp_path):
+    def config(name: str) -> ServerConfig:
+        return ServerConfig(model_repository=echo_repository(tmp_path / name), http_port=0, grpc_port=0, metrics_port=0)
+
+    first = TritonServer(config("first"), log_path=tmp_path / "first.log").start()
+    first_regions = python_backend_regions()
+    with TritonServer(config("second"), log_path=tmp_path / "second.log") as second:
+        second_regions = python_backend_regions() - first_regions
+        assert second_regions  # its stub's region
+        first.stop(timeout_s=0)  # SIGKILL: the launcher removes what the server left
+        assert not first_regions & python_backend_regions() - first._regions_before
+        assert second_regions <= python_backend_regions()
+        assert echo(second, 41) == 41  # its stub still has its shared memory
