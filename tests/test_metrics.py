@@ -58,6 +58,17 @@ def exposed_names(server) -> set[str]:
             for line in metrics_text(server).splitlines() if line and not line.startswith("#")}
 
 
+def exposed_names_after_a_frame(server, endpoint, timeout_s: float = 10.0) -> set[str]:
+    """Names exposed once one small frame's updates have all arrived (the stubs' reporter
+    threads send them in order, after the response): the frame's BLS-call count and the
+    network's batch size are the last update each of the two stubs queues."""
+    before = scrape(server)
+    endpoint.infer({"IMAGE": np.zeros((1, 70, 90), np.float32)})
+    scrape_until(server, before, {key("segserve_bls_calls_per_frame_count", pipeline="segment_2d"),
+                                  key("segserve_network_batch_tiles_count", network=DEFAULT_NETWORK)}, timeout_s)
+    return exposed_names(server)
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
@@ -113,7 +124,7 @@ def test_one_frame_moves_the_counters_by_what_it_did(server, grpc_endpoint):
     sw_batch_size = 5
     tiles, batches = monai_tiles_and_batches(frame.shape[1:], sw_batch_size)
     assert batches == math.ceil(tiles / sw_batch_size) and batches > 1
-    grpc_endpoint.infer({"IMAGE": np.zeros((1, 70, 90), np.float32)})  # every step's metrics exist
+    exposed_names_after_a_frame(server, grpc_endpoint)  # every step's metrics exist, all updates in
     before = scrape(server)
     grpc_endpoint.infer({"IMAGE_UINT16": frame}, parameters={"sw_batch_size": sw_batch_size})
     expected = {
@@ -162,10 +173,11 @@ def test_refused_requests_count_by_step_and_reason(server, grpc_endpoint, case, 
     before = scrape(server)
     with pytest.raises(grpcclient.InferenceServerException):
         grpc_endpoint.infer({"IMAGE": image}, parameters=parameters)
-    refused = key("segserve_refused_requests_total", step=step, reason=reason)
-    after = scrape_until(server, before, {refused})
+    expected = {key("segserve_refused_requests_total", step=step, reason=reason): 1,
+                key("segserve_step_seconds_count", step=step): 1}
+    after = scrape_until(server, before, set(expected))
     moved = {k: v for k, v in changes(before, after).items() if k[0] != "segserve_step_seconds_sum"}
-    assert moved == {refused: 1, key("segserve_step_seconds_count", step=step): 1}
+    assert moved == expected
 
 
 def test_refusal_reasons_and_a_missing_metrics_api():
@@ -209,8 +221,7 @@ def dashboard_queries() -> list[str]:
 
 
 def test_every_dashboard_query_names_a_metric_the_server_exposes(server, grpc_endpoint):
-    grpc_endpoint.infer({"IMAGE": np.zeros((1, 70, 90), np.float32)})
-    exposed = exposed_names(server)
+    exposed = exposed_names_after_a_frame(server, grpc_endpoint)
     queries = dashboard_queries()
     assert len(queries) >= 8
     named = set()
@@ -234,8 +245,7 @@ def test_promql_name_extraction():
 
 
 def test_autoscaling_rule_reads_metrics_the_server_exposes(server, grpc_endpoint):
-    grpc_endpoint.infer({"IMAGE": np.zeros((1, 70, 90), np.float32)})
-    exposed = exposed_names(server)
+    exposed = exposed_names_after_a_frame(server, grpc_endpoint)
     rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
     assert rules
     for rule in rules:

@@ -55,6 +55,9 @@ class TritonPythonModel:
         self._batch_sizes_seen: set[int] = set()
         pb_utils.Logger.log_info(f"{self.name}: {engine} engine, {self.network.providers}")
 
+    def finalize(self):
+        METRICS.close()
+
     def execute(self, requests):
         try:
             tiles = [to_torch(pb_utils.get_input_tensor_by_name(r, self.input_name)) for r in requests]

@@ -65,6 +65,9 @@ class TritonPythonModel:
         METRICS.bind(args["model_name"])
         self.prepare = FramePreparation(args)
 
+    def finalize(self):
+        METRICS.close()
+
     def execute(self, requests):
         return [METRICS.timed(self._execute_one, request) for request in requests]
 

@@ -76,6 +76,7 @@ class TritonPythonModel:
         self._warm_up()
 
     def finalize(self):
+        METRICS.close()
         if self._loop is not None:
             self._loop.close()
 
