@@ -38,6 +38,9 @@ PR_SET_PDEATHSIG = 1
 # other work shares a 2-core machine (measured: docs/recovery.md).
 START_TIMEOUT_S = 600.0
 STUB_TIMEOUT_S = 120
+# Set when the launcher chose OMP_WAIT_POLICY: the network stubs then drop it (the name is
+# repeated in segserve.backend.onnx_runner, which imports nothing of the launcher's).
+NETWORK_STUB_OMP_DEFAULT = "SEGSERVE_NETWORK_OMP_DEFAULT_WAIT"
 PORT_FIELDS = ("http_port", "grpc_port", "metrics_port")
 # Starts on newly picked ports when one picked port was taken before tritonserver bound it.
 PORT_ATTEMPTS = 3
@@ -346,8 +349,13 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(distribution.libraries)]))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         # The pipeline's steps run in separate stub processes that hand work to each other; an
-        # OpenMP thread spinning after its step steals the cores the next step needs.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # OpenMP thread spinning after its step steals the cores the next step needs. The network
+        # models' stubs go back to libgomp's default (segserve.backend.onnx_runner): they run
+        # the network alone, and TorchScript's threads sleeping between operators cost it half
+        # again. A policy the user set stays everywhere.
+        if "OMP_WAIT_POLICY" not in env:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+            env[NETWORK_STUB_OMP_DEFAULT] = "1"
         return env
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> "TritonServer":

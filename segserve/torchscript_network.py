@@ -1,5 +1,6 @@
-"""A network exported as TorchScript (``model.ts``), run on the GPU: the network engine used when
-onnxruntime has no CUDA provider (the CPU-only onnxruntime wheel) but a GPU is present."""
+"""A network exported as TorchScript (``model.ts``): the network engine on a GPU where
+onnxruntime has no CUDA provider (the CPU-only onnxruntime wheel), and for 2D networks on the
+CPU (segserve.backend.onnx_runner)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class TorchScriptNetwork:
         disable_tf32()
         self.device = device
         self.module = torch.jit.load(str(model_path), map_location=device).eval()
+        if device.type == "cpu":
+            # Weights as constants: 19 vs 21 ms per batch of eight 128² tiles, the logits
+            # bit for bit those of eager torch (measured). The GPU keeps the module as traced.
+            self.module = torch.jit.freeze(self.module)
         self.providers = [f"TorchScript on {device}"]
 
     @torch.no_grad()  # not inference_mode: MONAI's sliding window updates the outputs in place

@@ -22,7 +22,9 @@ def server_log(server, rng) -> str:
 def test_pipeline_runs_on_the_cpu_without_a_gpu(server, rng):
     log = server_log(server, rng)
     assert "segment_2d: pipeline tensors on cpu" in log
-    assert "unet2d_particles: onnxruntime engine, ['CPUExecutionProvider']" in log
+    # On the CPU the engine follows the network's dimensionality (segserve.backend.onnx_runner).
+    assert "unet2d_particles: torchscript engine, ['TorchScript on cpu']" in log
+    assert "unet3d_organs: onnxruntime engine, ['CPUExecutionProvider']" in log
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here; scripts/gpu_check.sh runs this on a GPU machine")

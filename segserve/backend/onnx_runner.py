@@ -1,8 +1,11 @@
 """Network model: runs ``<version>/model.onnx`` with onnxruntime on dynamically batched tiles.
 
-Engine: onnxruntime, on the GPU through its CUDA provider when both exist. With a GPU but a
-CPU-only onnxruntime, the TorchScript twin ``model.ts`` written by the export runs on the GPU
-instead (parameter ``engine``: auto | onnxruntime | torchscript).
+Engine (parameter ``engine``: auto | onnxruntime | torchscript). ``auto``: on a GPU,
+onnxruntime through its CUDA provider, or the TorchScript twin ``model.ts`` written by the
+export where onnxruntime is the CPU-only build. On the CPU, the engine measured faster for the
+network's dimensionality on this project's machine (docs/benchmarks.md): TorchScript for 2D
+networks (19 vs 20.5 ms per batch of eight 128² tiles), onnxruntime for 3D (65 vs 86 ms per
+four 64³ tiles).
 
 Each request carries ``[b, C, *tile]`` tiles; the requests Triton batched together run as one
 ``[sum(b), C, *tile]`` call and the logits are split back per request.
@@ -13,10 +16,18 @@ The first execution of each batch size is logged with its time: with the export'
 
 from __future__ import annotations
 
+import os
 import pathlib
 import time
 
-import torch
+# Before torch is imported: libgomp reads its waiting policy once, when torch loads it. This
+# stub runs the network alone, so its OpenMP threads keep libgomp's default (spin a moment,
+# then sleep) instead of the launcher's PASSIVE for the other steps: TorchScript on the CPU took
+# 29-30 ms per batch of eight 128² tiles under PASSIVE, 19 ms with the default.
+if os.environ.pop("SEGSERVE_NETWORK_OMP_DEFAULT_WAIT", None):
+    os.environ.pop("OMP_WAIT_POLICY", None)
+
+import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils
 
 from segserve.backend.log import stamped
@@ -27,12 +38,20 @@ from segserve.onnx_network import OnnxNetwork, cuda_provider_available
 from segserve.torchscript_network import TorchScriptNetwork
 
 
-def choose_engine(setting: str, use_cuda: bool, torchscript_path: pathlib.Path) -> str:
-    """``onnxruntime`` or ``torchscript`` for the ``engine`` parameter on this machine."""
+ENGINES = ("auto", "onnxruntime", "torchscript")
+
+
+def choose_engine(setting: str, on_gpu: bool, torchscript_path: pathlib.Path, spatial_dims: int) -> str:
+    """``onnxruntime`` or ``torchscript`` for the ``engine`` parameter (module docstring)."""
+    if setting not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {setting!r}")
     if setting != "auto":
         return setting
-    gpu_without_ort_cuda = use_cuda and torch.cuda.is_available() and not cuda_provider_available()
-    return "torchscript" if gpu_without_ort_cuda and torchscript_path.exists() else "onnxruntime"
+    if not torchscript_path.exists():
+        return "onnxruntime"
+    if on_gpu:
+        return "onnxruntime" if cuda_provider_available() else "torchscript"
+    return "torchscript" if spatial_dims == 2 else "onnxruntime"
 
 
 class TritonPythonModel:
@@ -44,10 +63,12 @@ class TritonPythonModel:
         self.output_name = config["output"][0]["name"]
         version_dir = pathlib.Path(args["model_repository"]) / args["model_version"]
         use_cuda = parameters.get("use_cuda", "true").lower() == "true"
+        on_gpu = use_cuda and torch.cuda.is_available()
         gpu = instance_gpu(args) or 0  # KIND_GPU: this instance's GPU
-        engine = choose_engine(parameters.get("engine", "auto"), use_cuda, version_dir / "model.ts")
+        spatial_dims = len(config["input"][0]["dims"]) - 1  # [C, *tile]
+        engine = choose_engine(parameters.get("engine", "auto"), on_gpu, version_dir / "model.ts", spatial_dims)
         if engine == "torchscript":
-            self.network = TorchScriptNetwork(version_dir / "model.ts", torch.device("cuda", gpu) if use_cuda else torch.device("cpu"))
+            self.network = TorchScriptNetwork(version_dir / "model.ts", torch.device("cuda", gpu) if on_gpu else torch.device("cpu"))
         else:
             self.network = OnnxNetwork(version_dir / "model.onnx", int(parameters.get("intra_op_threads", "0")), use_cuda,
                                        spin_wait=parameters.get("spin_wait", "false").lower() == "true", device_id=gpu)
