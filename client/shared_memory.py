@@ -52,21 +52,45 @@ def is_stale(name: str) -> bool:
     return pid is not None and pid != os.getpid() and not process_alive(pid)
 
 
-def remove_stale_regions(connection: Connection, kind: str) -> list[str]:
+def remove_stale_regions(connection: Connection, kind: str, grace_s: float = CLOSE_GRACE_S) -> list[str]:
     """Unregister ``kind`` (``system``/``cuda``) regions left by dead clients, unlink their
-    ``/dev/shm`` files, and return the names removed."""
+    ``/dev/shm`` files, and return the names removed.
+
+    A region the dead client's last request still uses in the server ("in use": the client was
+    killed with frames in flight) is retried for up to ``grace_s`` seconds, then left
+    registered for a later client, with a warning: a new run never fails on it."""
     removed = []
+    in_use = []
     for region in connection.shared_memory_status(kind):
         name = region.get("name", "")
         if is_stale(name):
-            connection.call(f"unregister_{kind}_shared_memory", name)
-            removed.append(name)
+            (removed if _unregistered(connection, kind, name) else in_use).append(name)
+    deadline = time.monotonic() + grace_s
+    while in_use and time.monotonic() < deadline:
+        time.sleep(0.2)
+        done = [name for name in in_use if _unregistered(connection, kind, name)]
+        removed += done
+        in_use = [name for name in in_use if name not in done]
+    if in_use:
+        warnings.warn(f"shared-memory regions of a dead client still in use by the server after {grace_s:.0f} s, "
+                      f"left registered: {', '.join(sorted(in_use))}", stacklevel=2)
     if kind == "system" and DEV_SHM.is_dir():
         for path in DEV_SHM.glob(f"{REGION_PREFIX}_*"):
             if is_stale(path.name):
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
     return sorted(set(removed))
+
+
+def _unregistered(connection: Connection, kind: str, name: str) -> bool:
+    """Unregister ``name``; False while a request in the server still uses it."""
+    try:
+        connection.call(f"unregister_{kind}_shared_memory", name)
+    except SegmentationError as error:
+        if "in use" in str(error):
+            return False
+        raise
+    return True
 
 
 def rounded_size(nbytes: int) -> int:

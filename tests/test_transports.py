@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -94,6 +95,32 @@ def test_regions_of_a_dead_client_are_removed_by_the_next_one(server, odd_frames
     with client_for(server, "shm") as client:
         assert client.stale_regions_removed == [name]
         client.segment(odd_frames["uint16"])
+    assert registered_regions(server) == [] and our_dev_shm_entries() == []
+
+
+def test_a_dead_clients_region_still_in_use_is_removed_once_its_request_ends(server, rng):
+    """A client killed with a frame in flight leaves a region the server still reads: the next
+    client waits for that request instead of failing on "in use"."""
+    dead_pid = int(subprocess.check_output(["sh", "-c", "echo $$"]))  # a pid that has exited
+    name = f"{REGION_PREFIX}_{dead_pid}_0_image_1"
+    frame = to_detector_counts(synthetic_slice((2048, 2048), rng)[0], np.uint16, rng)[np.newaxis]
+    region = system_shm.create_shared_memory_region(name, f"/{name}", frame.nbytes)
+    system_shm.set_shared_memory_region(region, [frame])
+    finished = threading.Event()
+    with grpcclient.InferenceServerClient(server.grpc_url) as control:
+        control.register_system_shared_memory(name, f"/{name}", frame.nbytes, headers=server.token_headers())
+        image = grpcclient.InferInput("IMAGE_UINT16", list(frame.shape), "UINT16")
+        image.set_shared_memory(name, frame.nbytes)
+        results = []
+        control.async_infer("segment_2d", [image], callback=lambda result, error: (results.append((result, error)), finished.set()))
+        time.sleep(0.5)  # the request is in the server (a 2048² frame takes over a second here)
+        assert not finished.is_set()
+        with client_for(server, "shm") as client:
+            assert client.stale_regions_removed == [name]
+            assert finished.is_set()  # it waited for the request, which then let the region go
+        finished.wait(60)
+    region._mpsm_handle.close()
+    assert results and results[0][1] is None, results
     assert registered_regions(server) == [] and our_dev_shm_entries() == []
 
 
