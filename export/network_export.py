@@ -21,7 +21,7 @@ from segserve.network_spec import read_model_config
 
 SUPPORTED_ARCHITECTURES = ("UNet", "BasicUNet", "SegResNet", "AttentionUnet", "FlexibleUNet", "DynUNet")
 INPUT_NAME, OUTPUT_NAME = "INPUT__0", "OUTPUT__0"
-MODEL_PY = '''"""Network model {name}: onnxruntime runner (logic in segserve.backend.onnx_runner)."""
+MODEL_PY = '''"""Network model {name}: onnxruntime or TorchScript runner (logic in segserve.backend.onnx_runner)."""
 
 from segserve.backend.onnx_runner import TritonPythonModel  # noqa: F401
 '''
@@ -128,7 +128,8 @@ def export_onnx(network: torch.nn.Module, in_channels: int, tile: tuple[int, ...
 
 
 def export_torchscript(network: torch.nn.Module, in_channels: int, tile: tuple[int, ...], path: pathlib.Path) -> None:
-    """Traced TorchScript twin of the ONNX file, the GPU engine where onnxruntime has no CUDA."""
+    """Traced TorchScript twin of the ONNX file: the GPU engine where onnxruntime has no CUDA,
+    and the CPU engine of 2D networks (segserve.backend.onnx_runner)."""
     example = torch.zeros((2, in_channels, *tile), dtype=torch.float32)
     with torch.no_grad():
         torch.jit.trace(network, example, check_trace=False).save(str(path))
@@ -173,7 +174,7 @@ def preferred_batch_sizes(max_batch_size: int, sizes: tuple[int, ...]) -> list[i
 
 
 def model_config(settings: ExportSettings, in_channels: int, num_classes: int) -> model_config_pb2.ModelConfig:
-    """``config.pbtxt`` of the network model: Python-backend onnxruntime runner, dynamic batching."""
+    """``config.pbtxt`` of the network model: Python-backend runner (onnxruntime or TorchScript), dynamic batching."""
     config = model_config_pb2.ModelConfig(name=settings.name, backend="python", max_batch_size=settings.max_batch_size)
     config.input.add(name=INPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[in_channels, *settings.tile])
     config.output.add(name=OUTPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[num_classes, *settings.tile])

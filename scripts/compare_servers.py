@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 
 import numpy as np
 
@@ -50,6 +51,8 @@ def start_other(checkout: pathlib.Path, log: pathlib.Path) -> tuple[subprocess.P
     process = subprocess.Popen(command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         if line.startswith("segserve ready"):
+            # Its later output is read and dropped: a full pipe would stop the server.
+            threading.Thread(target=process.stdout.read, daemon=True).start()
             return process, grpc
     raise SystemExit(f"compare_servers: the server of {checkout} exited with code {process.wait()}; see {log}")
 

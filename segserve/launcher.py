@@ -146,18 +146,21 @@ LOG_ERROR_LINES = 12
 LOG_LINE_CHARS = 400
 
 
-def log_errors(log_path: pathlib.Path, start: int = 0) -> list[str]:
-    """The last error lines of a server log from byte ``start`` on: Triton's own (``E`` then
-    the date) and Python tracebacks' last lines; the last lines of all when none match.
-    Each is cut to ``LOG_LINE_CHARS``."""
+LOG_TAIL_BYTES = 1 << 20  # a long-running server's log since its start can be large
+
+
+def log_errors(log_path: pathlib.Path, start: int = 0, fallback: bool = True) -> list[str]:
+    """The last error lines of a server log from byte ``start`` on (its last MiB at most):
+    Triton's own (``E`` then the date) and Python tracebacks' last lines; with ``fallback``,
+    the last lines of all when none match. Each is cut to ``LOG_LINE_CHARS``."""
     try:
         with open(log_path, "rb") as log:
-            log.seek(start)
+            log.seek(max(start, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
             lines = log.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return []
     errors = [line for line in lines if re.match(r"E\d{4} |\w*(Error|Exception)\b", line)]
-    chosen = (errors or lines)[-LOG_ERROR_LINES:]
+    chosen = (errors or (lines if fallback else []))[-LOG_ERROR_LINES:]
     return [line[:LOG_LINE_CHARS] for line in chosen]
 
 
@@ -241,7 +244,7 @@ def python_backend_region_users() -> dict[str, set[int]]:
     marker = f"/dev/shm/{PYTHON_BACKEND_SHM_PREFIX}"
     for maps in pathlib.Path("/proc").glob("[0-9]*/maps"):
         try:
-            text = maps.read_text()
+            text = maps.read_bytes().decode("utf-8", "replace")
         except OSError:  # gone, or not ours to read
             continue
         for line in text.splitlines():
@@ -252,8 +255,9 @@ def python_backend_region_users() -> dict[str, set[int]]:
 
 
 def stub_parent_pid(pid: int) -> int | None:
-    """The tritonserver pid a Python-backend stub was started for (its command line names it;
-    a stub outlives a killed server for a moment), or None for any other process."""
+    """The tritonserver pid a Python-backend stub was started for (its command line names it,
+    argument 5 in r24.10's ``stub_launcher.cc``; a stub outlives a killed server for a moment),
+    or None for any other process."""
     try:
         command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -261,6 +265,14 @@ def stub_parent_pid(pid: int) -> int | None:
     if command and command[0].endswith(b"triton_python_backend_stub") and len(command) > 5 and command[5].isdigit():
         return int(command[5])
     return None
+
+
+def has_exited(pid: int) -> bool:
+    """Gone, or a zombie (its maps are gone with it, and so is its command line)."""
+    try:
+        return not pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
 
 
 class TritonServer:
@@ -356,6 +368,8 @@ class TritonServer:
         if "OMP_WAIT_POLICY" not in env:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
             env[NETWORK_STUB_OMP_DEFAULT] = "1"
+        else:  # the user's policy, everywhere (an inherited marker must not drop it)
+            env.pop(NETWORK_STUB_OMP_DEFAULT, None)
         return env
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> "TritonServer":
@@ -367,19 +381,21 @@ class TritonServer:
                 setattr(self.config, field, port)
             try:
                 return self._start_once(timeout_s)
-            except ServerExitedError as error:
-                taken = self._ports_taken(picked, str(error))
+            except ServerExitedError:
+                taken = self._ports_taken(picked)
                 if not taken or attempt == PORT_ATTEMPTS:
                     raise
                 print(f"segserve: port(s) {', '.join(map(str, taken))} were taken before tritonserver bound them; "
                       "starting again on new ports", file=sys.stderr, flush=True)
         raise AssertionError("unreachable")
 
-    def _ports_taken(self, fields: list[str], error: str) -> list[int]:
+    def _ports_taken(self, fields: list[str]) -> list[int]:
         """Of the ports in ``fields``, those in use by another process now or named in the
-        failed start's error lines (Triton names the socket it could not bind)."""
+        failed start's error lines (Triton names the socket it could not bind; its other lines
+        name every port it did bind, so only error lines count)."""
+        errors = "\n".join(log_errors(self.log_path, self._log_start, fallback=False)) if self.log_path else ""
         ports = [getattr(self.config, field) for field in fields]
-        return [port for port in ports if re.search(rf":{port}\b", error) or not port_is_free(port, self.config.host)]
+        return [port for port in ports if re.search(rf":{port}\b", errors) or not port_is_free(port, self.config.host)]
 
     def _start_once(self, timeout_s: float) -> "TritonServer":
         if self.config.token is None:
@@ -486,8 +502,9 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                error = ServerExitedError(f"tritonserver exited with code {self.process.returncode} before ready{self._log_hint()}")
                 self._cleanup()
-                raise ServerExitedError(f"tritonserver exited with code {self.process.returncode} before ready{self._log_hint()}")
+                raise error
             if self.is_ready():
                 return
             time.sleep(0.25)
@@ -557,7 +574,8 @@ class TritonServer:
     def _cleanup(self, remove_regions: bool = True) -> None:
         if remove_regions:
             for name in self._regions_left():
-                pathlib.Path("/dev/shm", name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # another user's (sticky /dev/shm), or gone
+                    pathlib.Path("/dev/shm", name).unlink(missing_ok=True)
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
@@ -572,7 +590,7 @@ class TritonServer:
         server = self.process.pid if self.process is not None else None
 
         def ours(pid: int) -> bool:
-            return pid == server or stub_parent_pid(pid) == server
+            return pid == server or stub_parent_pid(pid) == server or has_exited(pid)
 
         return {name for name in python_backend_regions() - self._regions_before
                 if all(ours(pid) for pid in users.get(name, ()))}

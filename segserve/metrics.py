@@ -22,9 +22,9 @@ spatial dims, so ``segment_2d_uint16`` counts as ``segment_2d``):
 Cost: each update is one message from the stub to the server process (a round trip, about
 0.5 ms on a busy 2-core machine), so updates are per request or per network batch, never per
 tile or pixel (seven per 2D frame, plus two per network batch). A reporter thread sends them:
-the step only queues an update, and the messages go while the step waits for its next request
-(the two per network batch were ~4% of a 2048² frame on the critical path, measured with
-py-spy). The metrics endpoint shows an update a moment after the response. Outside Triton, or
+the step only queues an update, and the messages go while the step goes on or waits for its
+next request (the two per network batch were ~4% of a 2048² frame on the critical path,
+measured with py-spy). The metrics endpoint shows an update a moment after the response. Outside Triton, or
 where the backend has no custom metrics, every method does nothing.
 
 Use in a Python-backend model::

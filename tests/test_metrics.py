@@ -85,13 +85,16 @@ def changes(before: Samples, after: Samples) -> dict[tuple[str, frozenset], floa
     return moved
 
 
-def scrape_until(server, before: Samples, expected_keys: set, timeout_s: float = 10.0) -> Samples:
-    """Scrape until every expected sample moved (each stub's update is its own message to the
-    server; the response may overtake the last one), at most ``timeout_s``."""
+def scrape_until(server, before: Samples, expected: set | dict, timeout_s: float = 10.0) -> Samples:
+    """Scrape until every expected sample moved (a set of keys) or moved by at least its
+    expected amount (a dict), at most ``timeout_s``: each stub's reporter thread sends its
+    updates after the response, one message each, and the stubs' threads race each other."""
+    minimum = expected if isinstance(expected, dict) else dict.fromkeys(expected, 0.0)
     deadline = time.monotonic() + timeout_s
     while True:
         after = scrape(server)
-        if expected_keys <= set(changes(before, after)) or time.monotonic() > deadline:
+        moved = changes(before, after)
+        if all(key in moved and moved[key] >= amount for key, amount in minimum.items()) or time.monotonic() > deadline:
             return after
         time.sleep(0.2)
 
@@ -141,7 +144,7 @@ def test_one_frame_moves_the_counters_by_what_it_did(server, grpc_endpoint):
         key("segserve_step_seconds_count", step="segment_2d"): 1,
         key("segserve_step_seconds_count", step=DEFAULT_NETWORK): batches,
     }
-    after = scrape_until(server, before, set(expected))
+    after = scrape_until(server, before, expected)
     moved = changes(before, after)
     seconds = {k: v for k, v in moved.items() if k[0] == "segserve_step_seconds_sum"}
     assert {k: v for k, v in moved.items() if k[0] != "segserve_step_seconds_sum"} == expected
@@ -175,7 +178,7 @@ def test_refused_requests_count_by_step_and_reason(server, grpc_endpoint, case, 
         grpc_endpoint.infer({"IMAGE": image}, parameters=parameters)
     expected = {key("segserve_refused_requests_total", step=step, reason=reason): 1,
                 key("segserve_step_seconds_count", step=step): 1}
-    after = scrape_until(server, before, set(expected))
+    after = scrape_until(server, before, expected)
     moved = {k: v for k, v in changes(before, after).items() if k[0] != "segserve_step_seconds_sum"}
     assert moved == expected
 

@@ -1,4 +1,5 @@
-"""Network model: runs ``<version>/model.onnx`` with onnxruntime on dynamically batched tiles.
+"""Network model: runs ``<version>/model.onnx`` (onnxruntime) or its TorchScript twin
+``model.ts`` on dynamically batched tiles.
 
 Engine (parameter ``engine``: auto | onnxruntime | torchscript). ``auto``: on a GPU,
 onnxruntime through its CUDA provider, or the TorchScript twin ``model.ts`` written by the
