@@ -223,12 +223,11 @@ class RegionSet:
 
     def _unregister(self, name: str) -> None:
         try:
-            self.connection.call(f"unregister_{self.kind}_shared_memory", name)
-        except SegmentationError as error:
-            if "in use" in str(error):  # an abandoned request still runs on it: try again later
+            if not _unregistered(self.connection, self.kind, name):  # an abandoned request still runs on it
                 self._still_registered.add(name)
                 return
-            # Otherwise the server is gone or has forgotten it (restart): nothing left to undo.
+        except SegmentationError:
+            pass  # the server is gone or has forgotten it (restart): nothing left to undo
         self._still_registered.discard(name)
 
     def _unregister_pending(self) -> None:

@@ -144,8 +144,6 @@ def copy_models(destination: pathlib.Path, models: tuple[str, ...],
 
 LOG_ERROR_LINES = 12
 LOG_LINE_CHARS = 400
-
-
 LOG_TAIL_BYTES = 1 << 20  # a long-running server's log since its start can be large
 
 
@@ -217,9 +215,23 @@ def python_backend_stubs(root_pid: int) -> dict[int, str]:
             command = child.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if command and command[0].endswith("triton_python_backend_stub"):
+        if is_stub_command(command):
             stubs[child.pid] = command[1] if len(command) > 1 else "?"
     return stubs
+
+
+def is_stub_command(command: list[str]) -> bool:
+    """Whether a process's command line is a Python-backend stub's."""
+    return bool(command) and command[0].endswith("triton_python_backend_stub")
+
+
+def process_command(pid: int) -> list[str]:
+    """Process ``pid``'s command line; empty once it has exited (gone, or a zombie)."""
+    try:
+        raw = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode("utf-8", "replace").split("\0")[:-1] if raw else []
 
 
 def _stubs_per_model(stubs: dict[int, str]) -> dict[str, int]:
@@ -252,27 +264,6 @@ def python_backend_region_users() -> dict[str, set[int]]:
                 name = line.split("/dev/shm/", 1)[1].split()[0]
                 users.setdefault(name, set()).add(int(maps.parent.name))
     return users
-
-
-def stub_parent_pid(pid: int) -> int | None:
-    """The tritonserver pid a Python-backend stub was started for (its command line names it,
-    argument 5 in r24.10's ``stub_launcher.cc``; a stub outlives a killed server for a moment),
-    or None for any other process."""
-    try:
-        command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if command and command[0].endswith(b"triton_python_backend_stub") and len(command) > 5 and command[5].isdigit():
-        return int(command[5])
-    return None
-
-
-def has_exited(pid: int) -> bool:
-    """Gone, or a zombie (its maps are gone with it, and so is its command line)."""
-    try:
-        return not pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True
 
 
 class TritonServer:
@@ -590,7 +581,13 @@ class TritonServer:
         server = self.process.pid if self.process is not None else None
 
         def ours(pid: int) -> bool:
-            return pid == server or stub_parent_pid(pid) == server or has_exited(pid)
+            """This server, one of its stubs (argument 5 of a stub's command line is its parent's
+            pid, r24.10 ``stub_launcher.cc``; a stub outlives a killed server for a moment), or
+            a process that has exited since its maps were read."""
+            if pid == server:
+                return True
+            command = process_command(pid)
+            return not command or (is_stub_command(command) and len(command) > 5 and command[5] == str(server))
 
         return {name for name in python_backend_regions() - self._regions_before
                 if all(ours(pid) for pid in users.get(name, ()))}
