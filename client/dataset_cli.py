@@ -30,6 +30,7 @@ import os
 import pathlib
 import sys
 import time
+import uuid
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from client.api import SegmentationClient
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, DEFAULT_OVERLAP
 from client.cli_options import add_pipeline_options, add_server_options, check_servers, segment_options
 from client.dataset_ranges import intensity_range
-from client.dataset_sources import DatasetSource, open_source
+from client.dataset_sources import DatasetSource, open_source, release_handles
 from client.datasets import DONE_ARRAY, Job, Task, TaskReport, default_block, plan_stack, plan_volume, run_task
 
 ATTRIBUTE = "segment_dataset"
@@ -114,7 +115,7 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
         return DatasetPlan(source, "stack", channels, tasks, arrays, (frames, *frame))
     spatial = shape[1:] if channels else shape
     overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
-    block = tuple(args.block) if args.block else default_block(spatial, info.tile, args.max_chunk_voxels)
+    block = tuple(args.block) if args.block else default_block(spatial, info.tile, args.max_chunk_voxels, overlap)
     block = tuple(min(b, n) if b else n for b, n in zip(block, spatial))
     tasks = plan_volume(spatial, info.tile, block, overlap)
     if len(tasks) > 1 and (args.keep_largest or args.contour):
@@ -247,6 +248,8 @@ class Summary:
 
 
 def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace, summary: Summary) -> None:
+    """Run ``tasks`` on the cluster; each one that did not finish goes to ``summary.failed``
+    with its reason, and the rest still run (``--resume`` does the failed ones later)."""
     from distributed import as_completed
     from tqdm import tqdm
 
@@ -254,14 +257,33 @@ def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace
     task_of = {future.key: task for future, task in zip(futures, tasks)}
     with tqdm(total=len(tasks), unit="task", disable=args.no_progress, dynamic_ncols=True) as progress:
         for future in as_completed(futures):
-            if future.status == "finished":
+            try:
                 summary.reports.append(future.result())
-            else:
+            except Exception as error:  # noqa: BLE001 - the task's own error, or its loss by the cluster
                 task = task_of[future.key]
-                summary.failed.append(f"task {task.index} {task.describe()}: {future.exception()}")
-                progress.write(f"client: error: {summary.failed[-1]}")
+                summary.failed.append(f"task {task.index} {task.describe()}: {task_failure(error)}")
+                progress.write(f"client: error: {summary.failed[-1]}", file=sys.stderr)
             progress.update(1)
             progress.set_postfix(failed=len(summary.failed), refresh=False)
+
+
+def task_failure(error: Exception) -> str:
+    """Why a task did not finish: its exception, or that the cluster cancelled it (its
+    scheduler restarted, or another client cancelled its key), which has no exception of its own."""
+    from concurrent.futures import CancelledError
+
+    if isinstance(error, CancelledError):
+        return "cancelled by the cluster (scheduler restarted, or the task was cancelled)"
+    return str(error) or type(error).__name__
+
+
+def release_worker_handles(dask_client, run: str) -> None:
+    """Close the run's input files on every worker of a cluster that outlives the run."""
+    try:
+        dask_client.run(release_handles, run)
+    except Exception as error:  # noqa: BLE001 - workers gone or unreachable: their files closed with them
+        print(f"client: warning: could not close the input on every worker ({type(error).__name__}: {error})",
+              file=sys.stderr)
 
 
 def segment_dataset(args: argparse.Namespace) -> int:
@@ -276,7 +298,7 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
         check_servers(client, args.model)
         info = client.network_info()
         urls = tuple(client.urls)
-    source = open_source(args.input, info.spatial_dims)
+    source = dataclasses.replace(open_source(args.input, info.spatial_dims), run=uuid.uuid4().hex)
     plan = plan_dataset(source, info, args)
     settings = run_settings(plan, info, args)
     group = open_output(plan, settings, args)
@@ -291,9 +313,10 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
               f"task(s) of {list(plan.arrays['mask'][1])}, {summary.skipped} already done, {len(todo)} to do -> "
               f"{args.out}", file=sys.stderr)
         options = volume_options(plan, group, args, dask_client, segment_options(args))
-        # The network by name: workers then need only open metadata, no restricted-endpoint token.
-        job = Job(source, str(args.out), plan.layout, plan.channels, urls, args.model, info.name, args.transport,
-                  args.timeout, args.retries, args.patience, args.inflight, options, tuple(plan.arrays))
+        # The network by name: workers then need only open metadata; the token only for shared memory.
+        job = Job(source, os.path.abspath(args.out), plan.layout, plan.channels, urls, args.model, info.name,
+                  args.transport, args.token, args.timeout, args.retries, args.patience, args.inflight, options,
+                  tuple(plan.arrays))
         start = time.perf_counter()
         run_tasks(dask_client, job, todo, args, summary)
     finally:
@@ -302,6 +325,8 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
         if summary.reports:
             print("client: per server: " + ", ".join(f"{u} {n} answered" for u, n in summary.per_server().items()),
                   file=sys.stderr)
+        if cluster is None:
+            release_worker_handles(dask_client, source.run)
         dask_client.close()
         if cluster is not None:
             cluster.close()

@@ -2,15 +2,21 @@
 OME-Zarr images (level 0 of the first multiscale), HDF5 datasets (``FILE.h5:/path``), TIFF
 stacks and NPY files.
 
-A ``DatasetSource`` is a small picklable description (shape, dtype, where it is); each Dask
-worker opens the file itself (``read``) and keeps the handle for its lifetime, so no process
-ever holds more than the region it was asked for. Leading axes of length 1 beyond the rank
-the network needs (an OME-Zarr ``t`` or ``c`` of 1) are dropped.
+A ``DatasetSource`` is a small picklable description (shape, dtype, where it is, by absolute
+path: a worker's working directory is not the driver's); each Dask worker opens the file
+itself (``read``) and keeps the handle for the rest of the run, so no process ever holds more
+than the region it was asked for. Handles belong to one run (``run``): a later run on the
+same long-lived cluster opens the file anew (it may have been rewritten), and the driver
+closes a run's handles on every worker when it ends (``release_handles``), so that an HDF5
+input is not left locked against writing. Leading axes of length 1 beyond the rank the
+network needs (an OME-Zarr ``t`` or ``c`` of 1) are dropped.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
 import pathlib
 
 import numpy as np
@@ -18,7 +24,8 @@ import numpy as np
 from client.stacks import split_hdf5_argument
 
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
-_HANDLES: dict[tuple, object] = {}  # per process: (kind, path, inner) -> open array
+MAX_OPEN_HANDLES = 4  # per process: handles of runs whose driver died before releasing them go first
+_HANDLES: collections.OrderedDict[tuple, object] = collections.OrderedDict()  # (kind, path, inner, run) -> array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +33,8 @@ class DatasetSource:
     """An input array as the network takes it: ``shape`` without the dropped leading axes.
 
     ``dropped``: leading axes of length 1 not part of ``shape``; ``ome``: the OME-Zarr image's
-    multiscale metadata (axes, level-0 transformations), None for other inputs."""
+    multiscale metadata (axes, level-0 transformations), None for other inputs; ``run``: the
+    run whose handles this source's reads use."""
 
     argument: str
     kind: str  # zarr | ome-zarr | hdf5 | tiff | npy
@@ -36,13 +44,18 @@ class DatasetSource:
     dtype: str
     dropped: int = 0
     ome: dict | None = None
+    run: str = ""
 
     def open(self):
-        """The stored array (zarr array, h5py dataset, memmap), opened once per process."""
-        key = (self.kind, self.path, self.inner)
-        if key not in _HANDLES:
-            _HANDLES[key] = open_stored_array(self.kind, self.path, self.inner)
-        return _HANDLES[key]
+        """The stored array (zarr array, h5py dataset, memmap), opened once per process and run."""
+        key = (self.kind, self.path, self.inner, self.run)
+        if key in _HANDLES:
+            _HANDLES.move_to_end(key)
+            return _HANDLES[key]
+        _HANDLES[key] = handle = open_stored_array(self.kind, self.path, self.inner)
+        while len(_HANDLES) > MAX_OPEN_HANDLES:
+            close_stored_array(_HANDLES.popitem(last=False)[1])
+        return handle
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """The voxels of ``region`` (over ``shape``'s axes) as a numpy array."""
@@ -70,6 +83,22 @@ def open_stored_array(kind: str, path: str, inner: str | None):
 
         return zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
     raise ValueError(f"unknown input kind {kind!r}")
+
+
+def close_stored_array(array) -> None:
+    """Close the file behind an array ``open_stored_array`` returned (memmaps close when dropped)."""
+    if hasattr(array, "file"):  # h5py dataset
+        array.file.close()
+    elif hasattr(array, "store"):  # zarr array; a TIFF's store holds the open file
+        array.store.close()
+
+
+def release_handles(run: str) -> int:
+    """Close this process's handles of ``run``; how many (run on every worker at a run's end)."""
+    keys = [key for key in _HANDLES if key[3] == run]
+    for key in keys:
+        close_stored_array(_HANDLES.pop(key))
+    return len(keys)
 
 
 def split_zarr_argument(argument: str) -> tuple[str, str] | None:
@@ -116,12 +145,12 @@ def open_source(argument: str, rank: int) -> DatasetSource:
 
 
 def locate(argument: str) -> tuple[str, str, str | None, dict | None]:
-    """(kind, file or store path, path inside it, OME-Zarr multiscale metadata)."""
+    """(kind, absolute file or store path, path inside it, OME-Zarr multiscale metadata)."""
     hdf5 = split_hdf5_argument(argument)
     if hdf5 is not None:
         if not hdf5[0].exists():
             raise FileNotFoundError(f"{hdf5[0]}: no such file")
-        return "hdf5", str(hdf5[0]), hdf5[1], None
+        return "hdf5", os.path.abspath(hdf5[0]), hdf5[1], None
     zarr_parts = split_zarr_argument(argument)
     if zarr_parts is not None:
         return locate_zarr(*zarr_parts)
@@ -130,9 +159,9 @@ def locate(argument: str) -> tuple[str, str, str | None, dict | None]:
         raise FileNotFoundError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return "npy", str(path), None, None
+        return "npy", os.path.abspath(path), None, None
     if suffix in (".tif", ".tiff"):
-        return "tiff", str(path), None, None
+        return "tiff", os.path.abspath(path), None, None
     raise ValueError(f"{argument}: unsupported input; use a zarr array or OME-Zarr image (.zarr), FILE.h5:/dataset, "
                      ".tif or .npy")
 
@@ -142,6 +171,7 @@ def locate_zarr(store: str, inner: str) -> tuple[str, str, str | None, dict | No
 
     if not pathlib.Path(store).exists():
         raise FileNotFoundError(f"{store}: no such zarr store")
+    store = os.path.abspath(store)
     node = zarr.open(store=store, path=inner, mode="r")
     if isinstance(node, zarr.Array):
         return "zarr", store, inner, None

@@ -56,6 +56,7 @@ class Job:
     model: str
     network: str | None
     transport: str
+    token: str | None  # --token as given; None: each worker's own $SEGSERVE_TOKEN or token file
     timeout_s: float | None
     retries: int | None  # None: as many as patience_s allows
     patience_s: float  # seconds an item may keep failing for a retryable reason
@@ -94,6 +95,16 @@ def axis_halo(length: int, tile: int, overlap: float, start: int, stop: int) -> 
     return min(touching), max(s + min(tile, length) for s in touching)
 
 
+def axis_spans(length: int, tile: int, overlap: float, extent: int) -> list[tuple[slice, slice]]:
+    """(sent, kept) of each block of ``extent`` voxels along one axis: kept ``[a, b)``, sent
+    with the halo ``axis_halo`` gives it."""
+    spans = []
+    for start in range(0, length, extent):
+        stop = min(start + extent, length)
+        spans.append((slice(*axis_halo(length, tile, overlap, start, stop)), slice(start, stop)))
+    return spans
+
+
 def plan_volume(shape: tuple[int, ...], tile: tuple[int, ...], block: tuple[int, ...],
                 overlap: float = DEFAULT_OVERLAP) -> list[Task]:
     """Blocks of ``block`` voxels (the last ones along an axis shorter) with their halos.
@@ -107,24 +118,36 @@ def plan_volume(shape: tuple[int, ...], tile: tuple[int, ...], block: tuple[int,
         raise ValueError(f"block extents must be >= 1, got {list(block)}")
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    per_axis = []
-    for length, size, extent in zip(shape, tile, block):
-        spans = []
-        for start in range(0, length, extent):
-            stop = min(start + extent, length)
-            spans.append((slice(*axis_halo(length, size, overlap, start, stop)), slice(start, stop)))
-        per_axis.append(spans)
+    per_axis = [axis_spans(length, size, overlap, extent) for length, size, extent in zip(shape, tile, block)]
     return [Task(i, tuple(s for s, _ in combo), tuple(k for _, k in combo))
             for i, combo in enumerate(itertools.product(*per_axis))]
 
 
-def default_block(shape: tuple[int, ...], tile: tuple[int, ...], max_voxels: int) -> tuple[int, ...]:
-    """Equal block extents (multiples of the tile where possible) whose region with halos stays
-    under ``max_voxels``: each halo adds about a tile per axis."""
+def largest_request(shape: tuple[int, ...], tile: tuple[int, ...], block: tuple[int, ...], overlap: float) -> int:
+    """Voxels of the largest region a task sends with blocks of ``block`` (its block and halos)."""
+    return math.prod(max(sent.stop - sent.start for sent, _ in axis_spans(n, t, overlap, b))
+                     for n, t, b in zip(shape, tile, block))
+
+
+def default_block(shape: tuple[int, ...], tile: tuple[int, ...], max_voxels: int,
+                  overlap: float = DEFAULT_OVERLAP) -> tuple[int, ...]:
+    """Equal block extents, the tile's largest extent times a power of two, whose largest
+    request (block and halos, ``largest_request``) stays within ``max_voxels``.
+
+    Raises:
+        ValueError: even blocks of one tile send more than ``max_voxels``.
+    """
+    def blocks(extent: int) -> tuple[int, ...]:
+        return tuple(min(extent, n) for n in shape)
+
     extent = max(tile)
-    while math.prod(min(extent * 2, n) + t for n, t in zip(shape, tile)) <= max_voxels and extent * 2 < max(shape):
+    smallest = largest_request(shape, tile, blocks(extent), overlap)
+    if smallest > max_voxels:
+        raise ValueError(f"--max-chunk-voxels {max_voxels} is below the smallest request blocks can make here "
+                         f"({smallest} voxels: blocks of {list(blocks(extent))} with their halos); raise it or give --block")
+    while extent < max(shape) and largest_request(shape, tile, blocks(extent * 2), overlap) <= max_voxels:
         extent *= 2
-    return tuple(min(extent, n) for n in shape)
+    return blocks(extent)
 
 
 # --- what a worker runs -------------------------------------------------------------------------
@@ -142,10 +165,10 @@ def worker_clients(job: Job) -> list:
     choices = ([(local,)] if local else []) + ([job.urls] if job.urls != (local,) else [])
     clients = []
     for urls in choices:
-        key = (urls, job.model, job.network, job.transport, job.timeout_s)
+        key = (urls, job.model, job.network, job.transport, job.token, job.timeout_s)
         if key not in _CLIENTS:
             _CLIENTS[key] = SegmentationClient(list(urls), transport=job.transport, model=job.model, network=job.network,
-                                               timeout_s=job.timeout_s)
+                                               timeout_s=job.timeout_s, token=job.token)
         clients.append(_CLIENTS[key])
     return clients
 

@@ -4,6 +4,7 @@ whole output chunks, the exact whole-volume percentiles, and input names."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -58,11 +59,26 @@ def test_stack_tasks_and_bad_values():
         plan_volume((10, 10), (4, 4), (0, 4))
 
 
-def test_default_block_stays_under_the_request_limit():
-    block = default_block((1000, 1000, 1000), (64, 64, 64), 512 * 512 * 256)
-    assert block == (256, 256, 256)
-    assert np.prod([b + 64 for b in block]) <= 512 * 512 * 256
+@pytest.mark.parametrize("shape, tile, max_voxels", [
+    ((1000, 1000, 1000), (64, 64, 64), 512 * 512 * 256),
+    ((300, 300, 300), (32, 32, 32), 2**20),  # the old estimate (a tile of halo per axis) sent 1124864 voxels here
+    ((777, 500, 300), (96, 64, 64), 2**25),
+    ((2000, 2000, 2000), (128, 128, 128), 2**27),
+])
+def test_default_block_sends_at_most_the_request_limit_and_is_the_largest_that_does(shape, tile, max_voxels):
+    block = default_block(shape, tile, max_voxels)
+    sent = [math.prod(s.stop - s.start for s in task.sent) for task in plan_volume(shape, tile, block)]
+    assert max(sent) <= max_voxels
+    assert len(set(block)) == 1 and block[0] % max(tile) == 0
+    doubled = tuple(min(2 * b, n) for b, n in zip(block, shape))
+    assert max(math.prod(s.stop - s.start for s in task.sent) for task in plan_volume(shape, tile, doubled)) > max_voxels
+
+
+def test_default_block_of_a_small_volume_is_the_volume_and_a_too_small_limit_is_refused():
     assert default_block((40, 50, 60), (64, 64, 64), 512 * 512 * 256) == (40, 50, 60)
+    assert default_block((100, 100, 100), (64, 64, 64), 512 * 512 * 256) == (100, 100, 100)
+    with pytest.raises(ValueError, match=r"--max-chunk-voxels 1048576 is below the smallest request .* \(3796416 voxels"):
+        default_block((300, 300, 300), (64, 64, 64), 2**20)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "uint16", "int16", "uint8", "float64"])

@@ -239,3 +239,110 @@ def test_tiff_stack_in_a_local_cluster(server, stack, reference, tmp_path):
                              timeout=300)
     assert process.returncode == 0, process.stderr
     assert_complete(tmp_path / "o.zarr", reference[0][:6], 2)
+
+
+def close_worker_clients() -> int:
+    """Run on a worker: close its dataset clients (and so their shared-memory regions)."""
+    from client import datasets
+
+    clients = list(datasets._CLIENTS.values())
+    for client in clients:
+        client.close()
+    datasets._CLIENTS.clear()
+    return len(clients)
+
+
+def test_shared_memory_workers_use_the_token_given_to_the_command(server, cluster, stack, reference, tmp_path):
+    """Workers with neither $SEGSERVE_TOKEN nor a token file register their regions with
+    `--token` (shared memory is a restricted endpoint)."""
+    from client.auth import TOKEN_ENV, TOKEN_FILE_ENV
+
+    _, dask_client = cluster
+
+    def forget_token(missing_file: str) -> tuple:
+        previous = os.environ.pop(TOKEN_ENV, None), os.environ.get(TOKEN_FILE_ENV)
+        os.environ[TOKEN_FILE_ENV] = missing_file
+        return previous
+
+    def restore_token(previous: tuple) -> None:
+        for name, value in zip((TOKEN_ENV, TOKEN_FILE_ENV), previous):
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+
+    np.save(tmp_path / "frames.npy", stack[0][:4])
+    previous = dask_client.run(forget_token, str(tmp_path / "no-token"))
+    try:
+        code = client_main(["segment-dataset", str(tmp_path / "frames.npy"), "--out", str(tmp_path / "o.zarr"),
+                            "--url", server.grpc_url, "--scheduler", dask_client.scheduler.address, "--transport",
+                            "shm", "--token", server.config.token, "--frames-per-task", "2", "--no-progress"])
+    finally:
+        for address, values in previous.items():
+            dask_client.run(restore_token, values, workers=[address])
+        dask_client.run(close_worker_clients)
+    assert code == 0
+    assert_complete(tmp_path / "o.zarr", reference[0][:4], 2)
+
+
+def test_paths_relative_to_the_command_reach_workers_elsewhere(server, cluster, stack, reference, tmp_path,
+                                                               monkeypatch):
+    """The workers' working directory is not the command's: they get absolute paths."""
+    _, dask_client = cluster
+    np.save(tmp_path / "frames.npy", stack[0][:4])
+    monkeypatch.chdir(tmp_path)
+    assert set(dask_client.run(os.getcwd).values()) != {str(tmp_path)}
+    code = client_main(["segment-dataset", "frames.npy", "--out", "o.zarr", "--url", server.grpc_url, "--scheduler",
+                        dask_client.scheduler.address, "--frames-per-task", "2", "--no-progress"])
+    assert code == 0
+    assert_complete(tmp_path / "o.zarr", reference[0][:4], 2)
+
+
+def test_an_input_rewritten_between_runs_on_one_cluster_is_read_anew(server, cluster, stack, reference, tmp_path):
+    """The run's end closes its HDF5 input on every worker (HDF5 locks an open file against
+    writing), and the next run on the same workers reads the rewritten file, not a stale handle."""
+    import h5py
+
+    _, dask_client = cluster
+    common = ["--url", server.grpc_url, "--scheduler", dask_client.scheduler.address, "--frames-per-task", "2",
+              "--no-progress"]
+    for run, frames in enumerate((slice(0, 4), slice(4, 10))):
+        with h5py.File(tmp_path / "scan.h5", "w") as file:  # fails while a worker holds the file open
+            file.create_dataset("/entry/data", data=stack[0][frames], chunks=(1, *FRAME))
+        out = tmp_path / f"run{run}.zarr"
+        assert client_main(["segment-dataset", f"{tmp_path / 'scan.h5'}:/entry/data", "--out", str(out), *common]) == 0
+        assert_complete(out, reference[0][frames], 2 if run == 0 else 3)
+
+
+def dataset_tasks(dask_scheduler, states=("queued", "waiting", "no-worker", "processing")) -> list:
+    """Run on the scheduler: the keys of `segment-dataset` tasks in ``states``."""
+    return [key for key, task in dask_scheduler.tasks.items() if str(key).startswith("run_task") and task.state in states]
+
+
+def test_tasks_the_cluster_cancels_are_reported_and_resumed(server, cluster, stack, reference, tmp_path):
+    """Tasks cancelled by the cluster (here: another client cancelling their keys) are listed
+    as failed with the reason, the others still run, the run ends with exit 1 and its state,
+    and --resume does exactly the unfinished ones."""
+    from distributed import Future
+
+    local, dask_client = cluster
+    out = tmp_path / "out.zarr"
+    process = start_one_frame_tasks(stack, out, urls(server), local)
+    wait_for_done(out, 3, process)
+    keys = dask_client.run_on_scheduler(dataset_tasks, states=("queued", "waiting", "no-worker"))
+    assert keys, "no task left waiting to cancel"
+    dask_client.cancel([Future(key, dask_client) for key in keys], force=True)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err
+    cancelled = re.findall(r"client: error: task \d+ \[\d+:\d+\]: cancelled by the cluster", err)
+    assert 1 <= len(cancelled) <= len(keys) and "Traceback" not in err, err
+    assert f"{len(cancelled)} task(s) failed" in err and "rerun with --resume" in err, err
+    state = zarr.open_group(out, mode="r").attrs["segment_dataset"]
+    assert not state["complete"] and state["remaining_tasks"] >= 1
+    deadline = time.monotonic() + 60  # a task cancelled while starting may still be finishing on its worker
+    while dask_client.run_on_scheduler(dataset_tasks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    remaining = 30 - done_count(out)
+    resumed = subprocess.run(dataset_cli(str(stack[1]), "--out", str(out), "--url", urls(server), "--scheduler",
+                                         local.scheduler_address, "--frames-per-task", "1", "--resume"),
+                             stderr=subprocess.PIPE, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert remaining >= 1 and f"{30 - remaining} already done, {remaining} to do" in resumed.stderr
+    assert_complete(out, reference[0], 30)
