@@ -24,6 +24,7 @@ node's server) when set there, else to the --url list, failing over between them
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import os
@@ -133,10 +134,20 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
 
 def run_settings(plan: DatasetPlan, info, args: argparse.Namespace) -> dict:
     """What a resumed run must share with the run it continues."""
-    return {"input": plan.source.argument, "input_shape": list(plan.source.shape), "input_dtype": plan.source.dtype,
+    source = plan.source
+    return {"input": source.argument, "input_location": f"{source.path}:{source.inner or ''}",
+            "input_shape": list(source.shape), "input_dtype": source.dtype,
             "layout": plan.layout, "model": args.model, "network": info.name,
             "task_extent": list(plan.arrays["mask"][1]), "tasks": len(plan.tasks),
             "options": {k: v for k, v in segment_options(args).items() if v is not None}}
+
+
+def differing_settings(previous: dict, settings: dict) -> list[str]:
+    """This run's settings that differ from those of the run it resumes. The input counts by
+    its location (absolute path; a relative name means another file from another directory),
+    or as it was spelled where the earlier run recorded no location."""
+    ignored = "input" if "input_location" in previous else "input_location"
+    return sorted(k for k in settings if k != ignored and previous.get(k) != settings[k])
 
 
 def open_output(plan: DatasetPlan, settings: dict, args: argparse.Namespace):
@@ -153,7 +164,7 @@ def open_output(plan: DatasetPlan, settings: dict, args: argparse.Namespace):
         previous = dict(group.attrs).get(ATTRIBUTE, {}).get("settings")
         if previous is None:
             raise ValueError(f"{args.out}: not written by segment-dataset; nothing to resume")
-        differing = sorted(k for k in settings if previous.get(k) != settings[k])
+        differing = differing_settings(previous, settings)
         if differing:
             raise ValueError(f"{args.out}: written with other settings ({', '.join(differing)}: "
                              f"{[previous.get(k) for k in differing]}); resume with the same ones or --overwrite")
@@ -255,7 +266,8 @@ def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace
 
     futures = dask_client.map(run_task, [job] * len(tasks), tasks, retries=args.task_retries, pure=False)
     task_of = {future.key: task for future, task in zip(futures, tasks)}
-    with tqdm(total=len(tasks), unit="task", disable=args.no_progress, dynamic_ncols=True) as progress:
+    with tqdm(total=len(tasks), unit="task", disable=args.no_progress, dynamic_ncols=True) as progress, \
+            cancelled_on_exit(dask_client, futures):
         for future in as_completed(futures):
             try:
                 summary.reports.append(future.result())
@@ -267,23 +279,38 @@ def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace
             progress.set_postfix(failed=len(summary.failed), refresh=False)
 
 
+@contextlib.contextmanager
+def cancelled_on_exit(dask_client, futures: list):
+    """Cancel the tasks still queued when the driver stops early (Ctrl-C, a lost scheduler):
+    they would otherwise run on, reopening the input after the run released it."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            dask_client.cancel([future for future in futures if not future.done()])
+        raise
+
+
 def task_failure(error: Exception) -> str:
-    """Why a task did not finish: its exception, or that the cluster cancelled it (its
-    scheduler restarted, or another client cancelled its key), which has no exception of its own."""
+    """Why a task did not finish: its exception, or that the cluster cancelled it (Dask's
+    reason: its scheduler restarted, the driver lost the scheduler, another client cancelled it)."""
     from concurrent.futures import CancelledError
 
     if isinstance(error, CancelledError):
-        return "cancelled by the cluster (scheduler restarted, or the task was cancelled)"
+        return f"cancelled by the cluster (reason: {getattr(error, 'reason', None) or 'unknown'})"
     return str(error) or type(error).__name__
 
 
-def release_worker_handles(dask_client, run: str) -> None:
-    """Close the run's input files on every worker of a cluster that outlives the run."""
+def release_worker_handles(dask_client, source: DatasetSource) -> None:
+    """Close the input on every worker of a cluster that outlives the run."""
     try:
-        dask_client.run(release_handles, run)
-    except Exception as error:  # noqa: BLE001 - workers gone or unreachable: their files closed with them
-        print(f"client: warning: could not close the input on every worker ({type(error).__name__}: {error})",
-              file=sys.stderr)
+        answers = dask_client.run(release_handles, source, on_error="return")
+    except Exception as error:  # noqa: BLE001 - scheduler gone: nothing to close through it
+        answers = {"the scheduler": error}
+    failed = {worker: answer for worker, answer in answers.items() if isinstance(answer, BaseException)}
+    if failed:
+        print("client: warning: the input may still be open on " + ", ".join(
+            f"{worker} ({type(error).__name__}: {error})" for worker, error in failed.items()), file=sys.stderr)
 
 
 def segment_dataset(args: argparse.Namespace) -> int:
@@ -326,7 +353,7 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
             print("client: per server: " + ", ".join(f"{u} {n} answered" for u, n in summary.per_server().items()),
                   file=sys.stderr)
         if cluster is None:
-            release_worker_handles(dask_client, source.run)
+            release_worker_handles(dask_client, source)
         dask_client.close()
         if cluster is not None:
             cluster.close()

@@ -7,8 +7,8 @@ path: a worker's working directory is not the driver's); each Dask worker opens 
 itself (``read``) and keeps the handle for the rest of the run, so no process ever holds more
 than the region it was asked for. Handles belong to one run (``run``): a later run on the
 same long-lived cluster opens the file anew (it may have been rewritten), and the driver
-closes a run's handles on every worker when it ends (``release_handles``), so that an HDF5
-input is not left locked against writing. Leading axes of length 1 beyond the rank the
+closes the input's handles on every worker when a run ends (``release_handles``), so that an
+HDF5 input is not left locked against writing. Leading axes of length 1 beyond the rank the
 network needs (an OME-Zarr ``t`` or ``c`` of 1) are dropped.
 """
 
@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import os
 import pathlib
+import threading
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from client.stacks import split_hdf5_argument
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 MAX_OPEN_HANDLES = 4  # per process: handles of runs whose driver died before releasing them go first
 _HANDLES: collections.OrderedDict[tuple, object] = collections.OrderedDict()  # (kind, path, inner, run) -> array
+_RELEASED_RUNS: set[str] = set()  # a task of one of these still starting reads without keeping the file open
+_HANDLES_LOCK = threading.Lock()  # tasks open in their threads, release_handles runs in the worker's event loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +50,25 @@ class DatasetSource:
     run: str = ""
 
     def open(self):
-        """The stored array (zarr array, h5py dataset, memmap), opened once per process and run."""
+        """The stored array (zarr array, h5py dataset, memmap), opened once per process and run
+        (each time, and closed when dropped, once the run's handles were released)."""
         key = (self.kind, self.path, self.inner, self.run)
-        if key in _HANDLES:
-            _HANDLES.move_to_end(key)
-            return _HANDLES[key]
-        _HANDLES[key] = handle = open_stored_array(self.kind, self.path, self.inner)
-        while len(_HANDLES) > MAX_OPEN_HANDLES:
-            close_stored_array(_HANDLES.popitem(last=False)[1])
+        with _HANDLES_LOCK:
+            if key in _HANDLES:
+                _HANDLES.move_to_end(key)
+                return _HANDLES[key]
+        handle = open_stored_array(self.kind, self.path, self.inner)  # outside the lock: a slow file system
+        with _HANDLES_LOCK:
+            if self.run in _RELEASED_RUNS:
+                return handle
+            if key in _HANDLES:  # another thread of this worker opened it meanwhile
+                handle, duplicate = _HANDLES[key], handle
+                close_stored_array(duplicate)
+                return handle
+            _HANDLES[key] = handle
+            evicted = [_HANDLES.popitem(last=False)[1] for _ in range(len(_HANDLES) - MAX_OPEN_HANDLES)]
+        for array in evicted:
+            close_stored_array(array)
         return handle
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
@@ -93,12 +107,21 @@ def close_stored_array(array) -> None:
         array.store.close()
 
 
-def release_handles(run: str) -> int:
-    """Close this process's handles of ``run``; how many (run on every worker at a run's end)."""
-    keys = [key for key in _HANDLES if key[3] == run]
-    for key in keys:
-        close_stored_array(_HANDLES.pop(key))
-    return len(keys)
+def release_handles(source: DatasetSource) -> int:
+    """Close this process's handles of ``source``'s run and of its file from other runs (those
+    of a driver killed before its end: the run resuming it releases them); how many. Run on
+    every worker at a run's end. Another run using the file reopens it (a read caught at that
+    instant fails, and Dask reruns its task)."""
+    location = (source.kind, source.path, source.inner)
+    with _HANDLES_LOCK:
+        _RELEASED_RUNS.add(source.run)
+        released = [_HANDLES.pop(key) for key in list(_HANDLES) if key[3] == source.run or key[:3] == location]
+    for array in released:
+        try:
+            close_stored_array(array)
+        except Exception:  # noqa: BLE001, S112 - a file that fails to close is closed when dropped
+            continue
+    return len(released)
 
 
 def split_zarr_argument(argument: str) -> tuple[str, str] | None:

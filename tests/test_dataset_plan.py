@@ -3,6 +3,7 @@ whole output chunks, the exact whole-volume percentiles, and input names."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -130,3 +131,27 @@ def test_exact_percentiles_with_negative_and_positive_zero():
     volume[0, 0, :10] = np.linspace(-5, 5, 10, dtype=np.float32)
     blocks = [lambda part=part: part for part in np.array_split(volume, 3)]
     assert exact_percentiles(blocks).tolist() == np.percentile(volume, [1.0, 99.0]).tolist()
+
+
+def test_a_runs_end_closes_its_input_and_that_files_handles_of_a_killed_run(tmp_path):
+    """HDF5 locks an open file against writing: after ``release_handles`` the file can be
+    rewritten, handles a killed run left on the same file are closed too, and a late task of
+    the released run reads without keeping the file open."""
+    import h5py
+
+    from client import dataset_sources
+
+    path = tmp_path / "scan.h5"
+    with h5py.File(path, "w") as file:
+        file["data"] = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    killed = dataclasses.replace(open_source(f"{path}:/data", 2), run="killed")
+    resumed = dataclasses.replace(killed, run="resumed")
+    assert killed.read((slice(0, 1),)).sum() == resumed.read((slice(1, 2),)).sum() - 144
+    with pytest.raises(OSError, match="already open|lock"):
+        h5py.File(path, "w")
+    assert dataset_sources.release_handles(resumed) == 2
+    assert resumed.read((slice(None),)).shape == (2, 3, 4)  # a task still starting
+    assert not any(key[3] == "resumed" for key in dataset_sources._HANDLES)
+    with h5py.File(path, "w") as file:
+        file["data"] = np.ones((2, 3, 4), np.uint16)
+    assert dataclasses.replace(killed, run="next").read((slice(None),)).sum() == 24

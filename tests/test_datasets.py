@@ -283,16 +283,25 @@ def test_shared_memory_workers_use_the_token_given_to_the_command(server, cluste
 
 
 def test_paths_relative_to_the_command_reach_workers_elsewhere(server, cluster, stack, reference, tmp_path,
-                                                               monkeypatch):
-    """The workers' working directory is not the command's: they get absolute paths."""
+                                                               monkeypatch, capsys):
+    """The workers' working directory is not the command's: they get absolute paths, and
+    --resume compares the input's location, not its name."""
     _, dask_client = cluster
     np.save(tmp_path / "frames.npy", stack[0][:4])
     monkeypatch.chdir(tmp_path)
     assert set(dask_client.run(os.getcwd).values()) != {str(tmp_path)}
-    code = client_main(["segment-dataset", "frames.npy", "--out", "o.zarr", "--url", server.grpc_url, "--scheduler",
-                        dask_client.scheduler.address, "--frames-per-task", "2", "--no-progress"])
-    assert code == 0
+    common = ["--url", server.grpc_url, "--scheduler", dask_client.scheduler.address, "--frames-per-task", "2",
+              "--no-progress"]
+    assert client_main(["segment-dataset", "frames.npy", "--out", "o.zarr", *common]) == 0
     assert_complete(tmp_path / "o.zarr", reference[0][:4], 2)
+    (tmp_path / "elsewhere").mkdir()
+    np.save(tmp_path / "elsewhere" / "frames.npy", stack[0][4:8])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert client_main(["segment-dataset", "frames.npy", "--out", "../o.zarr", "--resume", *common]) == 1
+    assert "written with other settings (input_location" in capsys.readouterr().err  # another file, same name
+    assert client_main(["segment-dataset", "../frames.npy", "--out", "../o.zarr", "--resume", *common]) == 0
+    assert "2 already done, 0 to do" in capsys.readouterr().err  # the same file, named otherwise
 
 
 def test_an_input_rewritten_between_runs_on_one_cluster_is_read_anew(server, cluster, stack, reference, tmp_path):
@@ -316,6 +325,12 @@ def dataset_tasks(dask_scheduler, states=("queued", "waiting", "no-worker", "pro
     return [key for key, task in dask_scheduler.tasks.items() if str(key).startswith("run_task") and task.state in states]
 
 
+def dataset_tasks_running(dask_worker) -> list:
+    """Run on a worker: its `segment-dataset` tasks still executing (cancelled ones included)."""
+    return [key for key, task in dask_worker.state.tasks.items()
+            if str(key).startswith("run_task") and task.state in ("executing", "long-running", "cancelled")]
+
+
 def test_tasks_the_cluster_cancels_are_reported_and_resumed(server, cluster, stack, reference, tmp_path):
     """Tasks cancelled by the cluster (here: another client cancelling their keys) are listed
     as failed with the reason, the others still run, the run ends with exit 1 and its state,
@@ -337,7 +352,7 @@ def test_tasks_the_cluster_cancels_are_reported_and_resumed(server, cluster, sta
     state = zarr.open_group(out, mode="r").attrs["segment_dataset"]
     assert not state["complete"] and state["remaining_tasks"] >= 1
     deadline = time.monotonic() + 60  # a task cancelled while starting may still be finishing on its worker
-    while dask_client.run_on_scheduler(dataset_tasks) and time.monotonic() < deadline:
+    while any(dask_client.run(dataset_tasks_running).values()) and time.monotonic() < deadline:
         time.sleep(0.1)
     remaining = 30 - done_count(out)
     resumed = subprocess.run(dataset_cli(str(stack[1]), "--out", str(out), "--url", urls(server), "--scheduler",
@@ -346,3 +361,32 @@ def test_tasks_the_cluster_cancels_are_reported_and_resumed(server, cluster, sta
     assert resumed.returncode == 0, resumed.stderr
     assert remaining >= 1 and f"{30 - remaining} already done, {remaining} to do" in resumed.stderr
     assert_complete(out, reference[0], 30)
+
+
+def test_an_interrupted_run_leaves_no_task_queued_and_its_input_writable(server, cluster, stack, reference, tmp_path):
+    """SIGTERM (Ctrl-C's path) mid-run: exit 130, the queued tasks are cancelled, the HDF5
+    input is closed on every worker (it can be rewritten), and --resume finishes the rest."""
+    import h5py
+
+    local, dask_client = cluster
+    path, out = tmp_path / "scan.h5", tmp_path / "out.zarr"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("/entry/data", data=stack[0][:12], chunks=(1, *FRAME))
+    common = ["--url", urls(server), "--scheduler", local.scheduler_address, "--frames-per-task", "1"]
+    process = subprocess.Popen(dataset_cli(f"{path}:/entry/data", "--out", str(out), *common), stderr=subprocess.PIPE,
+                               text=True)
+    wait_for_done(out, 3, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted; rerun with --resume" in err, err
+    deadline = time.monotonic() + 30  # a task that was running when the command stopped may still finish
+    while (dask_client.run_on_scheduler(dataset_tasks) or any(dask_client.run(dataset_tasks_running).values())) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not dask_client.run_on_scheduler(dataset_tasks), "tasks of the interrupted run still queued"
+    with h5py.File(path, "r+") as file:  # raises while a worker holds the file open
+        file.attrs["rewritten"] = True
+    resumed = subprocess.run(dataset_cli(f"{path}:/entry/data", "--out", str(out), *common, "--resume"),
+                             stderr=subprocess.PIPE, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_complete(out, reference[0][:12], 12)
