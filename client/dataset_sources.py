@@ -15,6 +15,7 @@ network needs (an OME-Zarr ``t`` or ``c`` of 1) are dropped.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -62,9 +63,8 @@ class DatasetSource:
             if self.run in _RELEASED_RUNS:
                 return handle
             if key in _HANDLES:  # another thread of this worker opened it meanwhile
-                handle, duplicate = _HANDLES[key], handle
-                close_stored_array(duplicate)
-                return handle
+                close_stored_array(handle)
+                return _HANDLES[key]
             _HANDLES[key] = handle
             evicted = [_HANDLES.popitem(last=False)[1] for _ in range(len(_HANDLES) - MAX_OPEN_HANDLES)]
         for array in evicted:
@@ -117,10 +117,8 @@ def release_handles(source: DatasetSource) -> int:
         _RELEASED_RUNS.add(source.run)
         released = [_HANDLES.pop(key) for key in list(_HANDLES) if key[3] == source.run or key[:3] == location]
     for array in released:
-        try:
+        with contextlib.suppress(Exception):  # a file that fails to close is closed when dropped
             close_stored_array(array)
-        except Exception:  # noqa: BLE001, S112 - a file that fails to close is closed when dropped
-            continue
     return len(released)
 
 

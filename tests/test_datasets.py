@@ -266,7 +266,10 @@ def test_shared_memory_workers_use_the_token_given_to_the_command(server, cluste
 
     def restore_token(previous: tuple) -> None:
         for name, value in zip((TOKEN_ENV, TOKEN_FILE_ENV), previous):
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     np.save(tmp_path / "frames.npy", stack[0][:4])
     previous = dask_client.run(forget_token, str(tmp_path / "no-token"))
@@ -331,6 +334,15 @@ def dataset_tasks_running(dask_worker) -> list:
             if str(key).startswith("run_task") and task.state in ("executing", "long-running", "cancelled")]
 
 
+def wait_until_no_dataset_task_runs(dask_client, timeout_s: float) -> None:
+    """Until no `segment-dataset` task is queued or processing on the scheduler nor executing
+    on a worker (a cancelled task runs on there), or ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (dask_client.run_on_scheduler(dataset_tasks) or any(dask_client.run(dataset_tasks_running).values())) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_tasks_the_cluster_cancels_are_reported_and_resumed(server, cluster, stack, reference, tmp_path):
     """Tasks cancelled by the cluster (here: another client cancelling their keys) are listed
     as failed with the reason, the others still run, the run ends with exit 1 and its state,
@@ -351,9 +363,7 @@ def test_tasks_the_cluster_cancels_are_reported_and_resumed(server, cluster, sta
     assert f"{len(cancelled)} task(s) failed" in err and "rerun with --resume" in err, err
     state = zarr.open_group(out, mode="r").attrs["segment_dataset"]
     assert not state["complete"] and state["remaining_tasks"] >= 1
-    deadline = time.monotonic() + 60  # a task cancelled while starting may still be finishing on its worker
-    while any(dask_client.run(dataset_tasks_running).values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until_no_dataset_task_runs(dask_client, 60)  # one cancelled while starting may still be finishing
     remaining = 30 - done_count(out)
     resumed = subprocess.run(dataset_cli(str(stack[1]), "--out", str(out), "--url", urls(server), "--scheduler",
                                          local.scheduler_address, "--frames-per-task", "1", "--resume"),
@@ -379,10 +389,7 @@ def test_an_interrupted_run_leaves_no_task_queued_and_its_input_writable(server,
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "interrupted; rerun with --resume" in err, err
-    deadline = time.monotonic() + 30  # a task that was running when the command stopped may still finish
-    while (dask_client.run_on_scheduler(dataset_tasks) or any(dask_client.run(dataset_tasks_running).values())) \
-            and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until_no_dataset_task_runs(dask_client, 30)  # one running when the command stopped may still finish
     assert not dask_client.run_on_scheduler(dataset_tasks), "tasks of the interrupted run still queued"
     with h5py.File(path, "r+") as file:  # raises while a worker holds the file open
         file.attrs["rewritten"] = True
