@@ -141,7 +141,7 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
                     progress.write(f"{source.frame_label(outcome.index)} -> {', '.join(str(p) for p in written)}")
             else:
                 tally.failed.append(f"{source.frame_label(outcome.index)}: {outcome.error}")
-                progress.write(f"client: error: {tally.failed[-1]}")
+                progress.write(f"client: error: {tally.failed[-1]}", file=sys.stderr)
                 if plan.record is not None:
                     writer.write_failed(outcome.index)
             if plan.record is not None:

@@ -43,7 +43,10 @@ def test_cli_reports_a_bad_file_and_goes_on(server, tmp_path, rng, capsys):
     code = client_main(["segment", str(tmp_path / "bad.npy"), str(tmp_path / "good.npy"), "--out", str(tmp_path / "out"),
                         "--url", server.grpc_url, "--no-overlay"])
     assert code == 1
-    assert "bad.npy" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "client: error: " in captured.err and "bad.npy" in captured.err.split("client: error: ", 1)[1]
+    assert "error" not in captured.out, "stdout lists written files only; errors go to stderr"
+    assert "good.npy -> " in captured.out
     assert (tmp_path / "out" / "good_mask.tif").exists()
 
 
@@ -51,7 +54,10 @@ def test_cli_reports_server_errors_in_one_line(server, tmp_path, rng, capsys):
     np.save(tmp_path / "f.npy", rng.random((64, 64), dtype=np.float32))
     code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path), "--url", server.grpc_url, "--overlap", "1.5"])
     assert code == 1
-    assert "overlap must be in [0, 1)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    error_lines = [line for line in captured.err.splitlines() if line.startswith("client: error: ")]
+    assert len(error_lines) == 1 and "overlap must be in [0, 1)" in error_lines[0]
+    assert "overlap" not in captured.out
 
 
 def test_cli_without_server_says_so(tmp_path, capsys):
