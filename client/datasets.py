@@ -131,23 +131,24 @@ def largest_request(shape: tuple[int, ...], tile: tuple[int, ...], block: tuple[
 
 def default_block(shape: tuple[int, ...], tile: tuple[int, ...], max_voxels: int,
                   overlap: float = DEFAULT_OVERLAP) -> tuple[int, ...]:
-    """Equal block extents, the tile's largest extent times a power of two, whose largest
-    request (block and halos, ``largest_request``) stays within ``max_voxels``.
+    """The tile's shape times the largest power of two (each extent cut to the volume) whose
+    largest request (block and halos, ``largest_request``) stays within ``max_voxels``.
+    Blocks keep the tile's proportions, so a flat tile gets flat blocks.
 
     Raises:
         ValueError: even blocks of one tile send more than ``max_voxels``.
     """
-    def blocks(extent: int) -> tuple[int, ...]:
-        return tuple(min(extent, n) for n in shape)
+    def blocks(scale: int) -> tuple[int, ...]:
+        return tuple(min(size * scale, n) for size, n in zip(tile, shape))
 
-    extent = max(tile)
-    smallest = largest_request(shape, tile, blocks(extent), overlap)
+    scale = 1
+    smallest = largest_request(shape, tile, blocks(scale), overlap)
     if smallest > max_voxels:
         raise ValueError(f"--max-chunk-voxels {max_voxels} is below the smallest request blocks can make here "
-                         f"({smallest} voxels: blocks of {list(blocks(extent))} with their halos); raise it or give --block")
-    while extent < max(shape) and largest_request(shape, tile, blocks(extent * 2), overlap) <= max_voxels:
-        extent *= 2
-    return blocks(extent)
+                         f"({smallest} voxels: blocks of {list(blocks(scale))} with their halos); raise it or give --block")
+    while blocks(scale) != tuple(shape) and largest_request(shape, tile, blocks(scale * 2), overlap) <= max_voxels:
+        scale *= 2
+    return blocks(scale)
 
 
 # --- what a worker runs -------------------------------------------------------------------------

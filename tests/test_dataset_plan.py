@@ -65,6 +65,8 @@ def test_stack_tasks_and_bad_values():
     ((300, 300, 300), (32, 32, 32), 2**20),  # the old estimate (a tile of halo per axis) sent 1124864 voxels here
     ((777, 500, 300), (96, 64, 64), 2**25),
     ((2000, 2000, 2000), (128, 128, 128), 2**27),
+    ((300, 1000, 1000), (16, 128, 128), 2**23),  # a flat tile: cubes of 128 (15922432 voxels sent) were refused
+    ((300, 1000, 1000), (16, 128, 128), 2**24),
 ])
 def test_default_block_sends_at_most_the_request_limit_and_is_the_largest_that_does(shape, tile, max_voxels):
     def largest_sent(extents: tuple[int, ...]) -> int:
@@ -72,9 +74,16 @@ def test_default_block_sends_at_most_the_request_limit_and_is_the_largest_that_d
 
     block = default_block(shape, tile, max_voxels)
     assert largest_sent(block) <= max_voxels
-    assert len(set(block)) == 1 and block[0] % max(tile) == 0
-    doubled = tuple(min(2 * b, n) for b, n in zip(block, shape))
+    scale = max(b // t for b, t in zip(block, tile))
+    assert scale & (scale - 1) == 0 and block == tuple(min(t * scale, n) for t, n in zip(tile, shape))
+    doubled = tuple(min(2 * scale * t, n) for t, n in zip(tile, shape))
     assert largest_sent(doubled) > max_voxels
+
+
+def test_default_block_keeps_the_tiles_proportions():
+    assert default_block((300, 1000, 1000), (16, 128, 128), 2**23) == (16, 128, 128)
+    assert default_block((300, 1000, 1000), (16, 128, 128), 2**24) == (32, 256, 256)
+    assert default_block((1000, 1000, 1000), (64, 64, 64), 512 * 512 * 256) == (256, 256, 256)
 
 
 def test_default_block_of_a_small_volume_is_the_volume_and_a_too_small_limit_is_refused():
