@@ -160,11 +160,11 @@ def segment_inputs(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
-        check_servers(client, args.model)
+        check_servers(client, args.model, args.patience)
         if client.stale_regions_removed:
             print(f"client: removed {len(client.stale_regions_removed)} shared-memory region(s) left by an earlier "
                   "run that did not exit cleanly", file=sys.stderr)
-        in_channels, num_classes = client.network_shape()
+        in_channels, num_classes = client.network_shape(args.patience)
         plans = [plan_source(source, args, num_classes) for source in open_sources(args.frames, in_channels)]
         tally = Tally(skipped=sum(p.source.count - len(p.todo) for p in plans))
         total = sum(len(p.todo) for p in plans)

@@ -26,17 +26,20 @@ import atexit
 import dataclasses
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError
 from client.servers import DEFAULT_COOLDOWN_S, ServerPool, split_urls
 from client.shared_memory import SHM_KINDS, remove_stale_regions
-from client.stream import DEFAULT_PATIENCE_S, Outcome, RetryPolicy, ordered_stream, wait_for_recovery
+from client.stream import DEFAULT_PATIENCE_S, Outcome, RetryPolicy, call_with_retries, ordered_stream, wait_for_recovery
 from client.volumes import ChunkSettings, segment_volume
 from client.results import NetworkInfo, SegmentationResult
 from client.transports import TRANSPORTS, InlineTransport, SharedMemoryTransport, as_channel_first, output_specs
 from segproto import DEFAULT_NETWORK_PARAMETER, TRITON_RESTRICTED_PHRASE
+
+T = TypeVar("T")
 
 CONTROL_TIMEOUT_S = 30.0
 
@@ -219,27 +222,40 @@ class SegmentationClient:
     def unready_servers(self) -> list[str]:
         return [c.url for c in self._controls if not c.is_model_ready(self.model)]
 
-    def network_shape(self) -> tuple[int, int]:
+    def live_servers(self) -> list[str]:
+        """Servers that answer at all (their model may still be loading)."""
+        return [c.url for c in self._controls if c.is_server_live()]
+
+    def _with_patience(self, fetch: Callable[[], T], patience_s: float) -> T:
+        """``fetch()``, tried again after a passing failure (a model reloading after its stub
+        died answers "no available versions") for up to ``patience_s`` seconds; 0: once."""
+        value, _ = call_with_retries(fetch, RetryPolicy(patience_s=patience_s), sleep=self.wait_for_recovery)
+        return value
+
+    def network_shape(self, patience_s: float = 0.0) -> tuple[int, int]:
         """``(in_channels, num_classes)`` of the network this client's requests run."""
-        info = self.network_info()
+        info = self.network_info(patience_s)
         return info.in_channels, info.num_classes
 
-    def network_info(self) -> NetworkInfo:
+    def network_info(self, patience_s: float = 0.0) -> NetworkInfo:
         """The network this client's requests run: the ``network`` argument, else the
-        pipeline's default (its ``default_network`` parameter)."""
+        pipeline's default (its ``default_network`` parameter). Asked once, then remembered;
+        ``patience_s``: how long a passing failure of that question is ridden out."""
         if self._network_info is None:
-            name = self.network or self._default_network()
-            metadata = self._control.model_metadata(name)
-            image_shape = [int(d) for d in metadata["inputs"][0]["shape"]]
-            self._network_info = NetworkInfo(name, image_shape[1], int(metadata["outputs"][0]["shape"][1]),
-                                             tuple(image_shape[2:]))
+            self._network_info = self._with_patience(self._fetch_network_info, patience_s)
         return self._network_info
 
-    def spatial_dims(self) -> int:
+    def _fetch_network_info(self) -> NetworkInfo:
+        name = self.network or self._default_network()
+        metadata = self._control.model_metadata(name)
+        image_shape = [int(d) for d in metadata["inputs"][0]["shape"]]
+        return NetworkInfo(name, image_shape[1], int(metadata["outputs"][0]["shape"][1]), tuple(image_shape[2:]))
+
+    def spatial_dims(self, patience_s: float = 0.0) -> int:
         """2 for ``segment_2d``, 3 for ``segment_3d``: from the pipeline's metadata (open to
-        all; the network's configuration needs the token)."""
+        all; the network's configuration needs the token). ``patience_s``: as ``network_info``."""
         if self._spatial_dims is None:
-            inputs = self._control.model_metadata(self.model)["inputs"]
+            inputs = self._with_patience(lambda: self._control.model_metadata(self.model)["inputs"], patience_s)
             self._spatial_dims = len(inputs[0]["shape"]) - 1
         return self._spatial_dims
 
@@ -342,7 +358,7 @@ class SegmentationClient:
         """
         settings = SegmentOptions(**options)
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s, patience_s=patience_s)
-        spatial_dims = self.spatial_dims()
+        spatial_dims = self.spatial_dims(patience_s)
         slots = [self._take_slot() for _ in range(inflight)]  # this stream's own, returned at its end
 
         def process(worker: int, frame):

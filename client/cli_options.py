@@ -25,7 +25,7 @@ def add_server_options(parser: argparse.ArgumentParser, default_model: str, defa
                              "connection lost) is tried again before it is given up (default: %(default)s)")
     parser.add_argument("--retries", type=int, help=f"at most this many further attempts per {unit[:-1]} "
                         "(default: as many as --patience allows)")
-    parser.add_argument("--model", default=default_model, help="pipeline ensemble (default: %(default)s)")
+    parser.add_argument("--model", default=default_model, help="pipeline model (default: %(default)s)")
     parser.add_argument("--network", help="network model to run (default: the server's default network)")
     parser.add_argument("--timeout", type=float, help="seconds before a request is abandoned and retried (default: none)")
 
@@ -50,12 +50,24 @@ def segment_options(args: argparse.Namespace) -> dict:
                 intensity_min=args.intensity_min, intensity_max=args.intensity_max)
 
 
-def check_servers(client, model: str) -> None:
-    """Refuse when no server has the model ready; warn about those that have not (the
-    stream sends them nothing until they answer)."""
+def check_servers(client, model: str, patience_s: float = 0.0) -> None:
+    """Refuse at once when no server answers, or when they answer that ``model`` is unknown.
+    While servers answer but none has the model available (loading, or reloading after a stub
+    died: "no available versions"), wait up to ``patience_s`` seconds, saying so once. Then warn
+    about the servers still without it (the stream sends them nothing until they answer)."""
     unready = client.unready_servers()
     if len(unready) == len(client.urls):
         where = ", ".join(client.urls)
-        raise SegmentationError(f"model {model!r} is not ready at {where} (is the server running? `make serve`)")
+        if not client.live_servers():
+            raise SegmentationError(f"model {model!r} is not ready at {where} (is the server running? `make serve`)")
+        try:
+            client.spatial_dims()  # one look: an unknown model fails here with the server's words
+        except SegmentationError as error:
+            if not error.retryable:
+                raise
+            print(f"client: model {model!r} is not available yet at {where} ({error}); waiting up to "
+                  f"{patience_s:g} s (--patience)", file=sys.stderr)
+            client.spatial_dims(patience_s)
+        unready = client.unready_servers()
     for url in unready:
         print(f"client: warning: model {model!r} is not ready at {url}; using the other server(s)", file=sys.stderr)

@@ -134,6 +134,12 @@ class Connection:
             raise SegmentationError(f"the response has no {name} output")
         return [int(d) for d in (output["shape"] if self.protocol == "http" else output.shape)]
 
+    def is_server_live(self) -> bool:
+        try:
+            return bool(self.call("is_server_live"))
+        except SegmentationError:
+            return False
+
     def is_model_ready(self, model: str) -> bool:
         try:
             return bool(self.call("is_model_ready", model))

@@ -322,8 +322,8 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
     """``segment_dataset`` with its summary and the seconds the tasks took (for benchmarks)."""
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
-        check_servers(client, args.model)
-        info = client.network_info()
+        check_servers(client, args.model, args.patience)
+        info = client.network_info(args.patience)
         urls = tuple(client.urls)
     source = dataclasses.replace(open_source(args.input, info.spatial_dims), run=uuid.uuid4().hex)
     plan = plan_dataset(source, info, args)

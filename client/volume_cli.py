@@ -50,8 +50,8 @@ def segment_volumes(args: argparse.Namespace) -> int:
     failed = []
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
-        check_servers(client, args.model)
-        if client.network_info().spatial_dims != 3:
+        check_servers(client, args.model, args.patience)
+        if client.network_info(args.patience).spatial_dims != 3:
             raise SegmentationError(f"network {client.network_info().name!r} of {args.model!r} is not 3D; "
                                     "use `python -m client segment` for frames")
         for argument in args.volumes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -17,9 +18,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import SegmentationClient, SegmentationError
+from client.__main__ import main as client_main
 from client.connection import is_transient
 from segproto import TRANSIENT_MARKER, TRITON_RESTRICTED_PHRASE, TRITON_TRANSIENT_PHRASES, is_transient_message
-from tests.conftest import FAULTY_MODEL, GOOD_FRAME
+from tests.conftest import DEFAULT_NETWORK, FAULTY_MODEL, GOOD_FRAME, SECOND_NETWORK
 
 BUG_FRAME = np.full((1, 16, 16), -1.0, dtype=np.float32)
 MEMORY_SHORT_FRAME = np.full((1, 16, 16), -2.0, dtype=np.float32)
@@ -124,3 +126,63 @@ def test_triton_wording_matched_is_this_versions(server):
             assert phrase in failure.value.message(), failure.value.message()
             assert is_transient(str(failure.value.status()), failure.value.message())
         assert client.is_model_ready(FAULTY_MODEL)  # a new stub for the other tests
+
+
+def test_a_command_started_while_its_network_reloads_rides_it_out(server, tmp_path, capsys):
+    """`serve` reloading a network after its stub died (unload, then load): a command started
+    meanwhile waits for it (its first question, the network's shape, is answered "no available
+    versions") and segments, instead of failing before its first frame."""
+    np.save(tmp_path / "f.npy", GOOD_FRAME[0])
+    headers = server.token_headers("grpc")
+    with grpcclient.InferenceServerClient(server.grpc_url) as control:
+        control.unload_model(SECOND_NETWORK, headers=headers)
+        while control.is_model_ready(SECOND_NETWORK):
+            time.sleep(0.1)
+        loader = threading.Timer(3.0, control.load_model, args=(SECOND_NETWORK,), kwargs={"headers": headers})
+        loader.start()
+        try:
+            code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path / "out"), "--url",
+                                server.grpc_url, "--network", SECOND_NETWORK, "--no-overlay", "--no-progress",
+                                "--patience", "120"])
+        finally:
+            loader.join()
+            if not control.is_model_ready(SECOND_NETWORK):
+                control.load_model(SECOND_NETWORK, headers=headers)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert (tmp_path / "out" / "f_mask.tif").exists()
+
+
+def test_a_command_started_while_its_pipeline_reloads_rides_it_out(server, tmp_path, capsys):
+    """The same for the pipeline model itself: not ready at the start, so the command says it
+    waits, and goes on once it is loaded."""
+    np.save(tmp_path / "f.npy", GOOD_FRAME[0])
+    headers = server.token_headers("grpc")
+    with grpcclient.InferenceServerClient(server.grpc_url) as control:
+        control.unload_model(FAULTY_MODEL, headers=headers)
+        while control.is_model_ready(FAULTY_MODEL):
+            time.sleep(0.1)
+        loader = threading.Timer(3.0, control.load_model, args=(FAULTY_MODEL,), kwargs={"headers": headers})
+        loader.start()
+        try:
+            code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path / "out"), "--url",
+                                server.grpc_url, "--model", FAULTY_MODEL, "--network", DEFAULT_NETWORK, "--no-overlay", "--no-progress",
+                                "--patience", "120"])
+        finally:
+            loader.join()
+            if not control.is_model_ready(FAULTY_MODEL):
+                control.load_model(FAULTY_MODEL, headers=headers)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"model {FAULTY_MODEL!r} is not available yet" in err and "no available versions" in err
+    assert (tmp_path / "out" / "f_mask.tif").exists()
+
+
+def test_a_command_naming_an_unknown_model_fails_at_once(server, tmp_path, capsys):
+    np.save(tmp_path / "f.npy", GOOD_FRAME[0])
+    code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path / "out"), "--url", server.grpc_url,
+                        "--model", "no_such_model", "--no-progress", "--patience", "120"])
+    err = capsys.readouterr().err
+    assert code == 1
+    [error] = [line for line in err.splitlines() if line.startswith("client: error: ")]
+    assert "no_such_model" in error and "waiting" not in err
