@@ -92,8 +92,11 @@ def split_axis(length: int, tile: int, overlap: float, max_extent: int, min_shar
         ChunkingError: ``max_extent`` too small for the tile (the message says the minimum).
     """
     starts = window_starts(length, tile, overlap)
-    if length <= max_extent or len(starts) == 1:
+    if length <= max_extent:
         return [AxisSpan(0, length, 0, length)]
+    if len(starts) == 1:
+        raise ChunkingError(f"chunk extent {max_extent} cannot cut an axis of {length} voxels: one window of tile {tile} "
+                            "covers it; use 0 (the whole axis)")
     smallest = minimum_chunk_extent(tile, overlap) + max(min_shared, 0)
     if max_extent < smallest:
         raise ChunkingError(f"chunk extent {max_extent} is too small for tile {tile} at overlap {overlap}: "
@@ -116,13 +119,14 @@ def split_axis(length: int, tile: int, overlap: float, max_extent: int, min_shar
 
 def default_max_extents(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float,
                         max_voxels: int) -> tuple[int, ...]:
-    """Largest chunk extents under ``max_voxels``, cutting the slowest axes first."""
+    """Largest chunk extents under ``max_voxels``, cutting the slowest axes first; no axis is
+    cut finer than ``minimum_chunk_extent`` (then the extents exceed ``max_voxels``)."""
     extents = list(shape)
     for axis in range(len(shape)):
         if math.prod(extents) <= max_voxels:
             break
-        rest = math.prod(extents[axis + 1:])
-        extents[axis] = min(shape[axis], max(max_voxels // rest, minimum_chunk_extent(tile[axis], overlap)))
+        others = math.prod(extents[:axis] + extents[axis + 1:])
+        extents[axis] = min(shape[axis], max(max_voxels // others, minimum_chunk_extent(tile[axis], overlap)))
     return tuple(extents)
 
 
@@ -137,7 +141,8 @@ def plan_chunks(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float = 
         min_shared: voxels sent twice at each seam, at least (default: what the grid needs).
 
     Raises:
-        ChunkingError: a bad setting, named with its value.
+        ChunkingError: a bad setting, named with its value; a ``max_voxels`` that even the
+            smallest chunks exceed (the volume is larger and cannot be cut finer).
     """
     if len(tile) != len(shape):
         raise ChunkingError(f"volume shape {list(shape)} and tile {list(tile)} differ in rank")
@@ -154,6 +159,11 @@ def plan_chunks(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float = 
             raise ChunkingError(f"chunk shape values must be >= 0, got {list(max_extents)}")
         extents = tuple(e if e else n for e, n in zip(max_extents, shape))
     per_axis = [split_axis(n, t, overlap, e, min_shared) for n, t, e in zip(shape, tile, extents)]
+    largest = [max(s.stop - s.start for s in spans) for spans in per_axis]
+    if max_extents is None and math.prod(largest) > max_voxels:
+        raise ChunkingError(f"max_voxels (--max-chunk-voxels) {max_voxels} is below the smallest chunk this volume "
+                            f"can be cut into for tile {list(tile)} at overlap {overlap}: {largest} = "
+                            f"{math.prod(largest)} voxels; raise it, or give the chunk shape")
     return [
         Chunk(index, tuple(slice(s.start, s.stop) for s in spans), tuple(slice(s.keep_start, s.keep_stop) for s in spans))
         for index, spans in enumerate(itertools.product(*per_axis))

@@ -12,7 +12,8 @@ NAME_contour on request.
 
 A volume above --max-chunk-voxels (default 512x512x256) is sent as overlapping chunks along
 its slowest axes, --inflight at a time, cut on the network's tile grid so that the stitched
-result equals one whole-volume request. The intensity range (default: 1st..99th percentile)
+result equals one whole-volume request; no chunk exceeds the limit (one below the smallest
+chunk the tile allows is refused). The intensity range (default: 1st..99th percentile)
 is then taken over the whole volume, and --keep-largest runs on the stitched mask.
 """
 

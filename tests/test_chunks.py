@@ -54,6 +54,26 @@ def test_default_extents_cut_slowest_axis_first():
     assert len(plan_chunks((256, 512, 512), (64, 64, 64))) == 1
 
 
+
+@pytest.mark.parametrize("shape, max_voxels", [
+    ((1000, 1000, 1000), 2**22),  # the old extents, (160, 1000, 1000), sent 160000000 voxels
+    ((256, 512, 512), 2**24),  # old: 41943040 voxels
+    ((1024, 1024, 1024), 512 * 512 * 256),  # the default limit; old: 167772160 voxels
+    ((300, 401, 517), 5_000_000),
+])
+def test_default_chunks_stay_within_the_limit(shape, max_voxels):
+    chunks = plan_chunks(shape, (64, 64, 64), max_voxels=max_voxels)
+    assert len(chunks) > 1 and max(math.prod(c.shape) for c in chunks) <= max_voxels
+
+
+def test_a_limit_below_the_smallest_chunk_is_refused_with_the_size_it_needs():
+    with pytest.raises(ChunkingError, match=r"2097152 is below the smallest chunk .*\[160, 160, 160\] = 4096000 voxels"):
+        plan_chunks((1000, 1000, 1000), (64, 64, 64), max_voxels=2**21)
+    with pytest.raises(ChunkingError, match=r"\[40, 50, 60\] = 120000 voxels"):
+        plan_chunks((40, 50, 60), (64, 64, 64), max_voxels=1000)  # smaller than one tile: cannot be cut at all
+    with pytest.raises(ChunkingError, match="chunk extent 16 cannot cut an axis of 64 voxels"):
+        plan_chunks((64, 96, 96), (64, 64, 64), max_extents=(16, 0, 0))
+
 @pytest.fixture(scope="module")
 def small_network() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ from monai.transforms import KeepLargestConnectedComponent, LabelToContour
 
 from client.__main__ import main as client_main
 from client.api import SegmentationClient
+from client.chunks import ChunkingError
 from client.volumes import ChunkSettings
 from segserve.options import PipelineOptions
 from tests.helpers import assert_matches_reference, ct_volume
@@ -101,10 +102,12 @@ def test_chunked_equals_whole_with_defaults(client, rng):
     assert np.abs(chunked.probabilities - whole.probabilities).max() <= 1e-5
 
 
-def test_small_volume_goes_whole(client, rng):
+def test_small_volume_goes_whole_and_a_limit_it_cannot_meet_is_refused(client, rng):
     volume = ct_volume((40, 50, 60), rng)
-    result = client.segment_volume(volume, chunks=ChunkSettings(max_voxels=1000))  # too small to cut: one tile
+    result = client.segment_volume(volume)
     assert result.chunks == 1 and np.array_equal(result.mask, client.segment(volume).mask)
+    with pytest.raises(ChunkingError, match=r"1000 is below the smallest chunk .* = 120000 voxels"):
+        client.segment_volume(volume, chunks=ChunkSettings(max_voxels=1000))  # smaller than one tile: cannot be cut
 
 
 def test_nifti_round_trip_keeps_affine(server, client, rng, tmp_path):
