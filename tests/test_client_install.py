@@ -40,7 +40,9 @@ print(json.dumps({"chunks": result.chunks, "heavy": heavy}))
 def build_client_env(directory: pathlib.Path) -> dict[str, str]:
     """A virtual env with only the client distribution; its environment for subprocesses.
     Built in the background from the session's start (tests/conftest.py, InBackground)."""
-    subprocess.run([sys.executable, "-m", "venv", str(directory / "venv")], check=True, timeout=300)
+    # $CLIENT_ENV_PYTHON: build it with another interpreter (the client's oldest Python, 3.10).
+    base_python = os.environ.get("CLIENT_ENV_PYTHON", sys.executable)
+    subprocess.run([base_python, "-m", "venv", str(directory / "venv")], check=True, timeout=300)
     python = directory / "venv" / "bin" / "python"
     installed = subprocess.run([str(python), "-m", "pip", "install", "-q", str(REPO_ROOT / "client")],
                                capture_output=True, text=True, timeout=1800, cwd=directory)
