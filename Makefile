@@ -12,12 +12,13 @@ NETWORK_3D_ONNX := model_repository/unet3d_organs/1/model.onnx
 
 PERF_ANALYZER := .tools/bin/perf_analyzer
 
-.PHONY: setup serve demo test test-fast lint bench bench-3d bench-transport loadtest soak train train-3d docker-build docker-run clean help
+.PHONY: setup serve demo samples test test-fast lint bench bench-3d bench-transport loadtest soak train train-3d docker-build docker-run clean help
 
 help:
 	@echo "make setup  - virtual env with every dependency, default network exported (idempotent)"
 	@echo "make serve  - run the server on 127.0.0.1 (gRPC 8001, HTTP 8000, metrics 8002) until Ctrl-C"
 	@echo "make demo   - start the server, segment the sample frames into out/demo/, stop"
+	@echo "make samples - sample data for the README's commands in samples/: frames, a TIFF stack, a CT volume, zarr"
 	@echo "make test   - unit and integration tests against a real tritonserver"
 	@echo "make test-fast - the tests that need no server (under a minute): the edit loop"
 	@echo "make lint   - Python (ruff), Dockerfile (hadolint), entrypoint and Kubernetes manifests (schemas)"
@@ -61,6 +62,9 @@ serve: setup
 
 demo: setup
 	$(PY) -m scripts.demo
+
+samples: $(SETUP_STAMP)
+	$(PY) -m training.samples --out samples
 
 # Tiers (README "Tests"): test = everything (CI); test-fast = no server, under a minute.
 test: setup
