@@ -32,7 +32,7 @@ import traceback
 from tqdm import tqdm
 
 from client import dataset_cli, volume_cli
-from client.cli_options import add_pipeline_options, add_server_options, check_servers, segment_options
+from client.cli_options import add_pipeline_options, add_server_options, check_servers, network_info, segment_options
 from client.api import SegmentationClient, SegmentationError
 from client.stacks import FileWriter, RunRecord, Source, StackWriter, open_sources, stack_outputs
 
@@ -164,7 +164,8 @@ def segment_inputs(args: argparse.Namespace) -> int:
         if client.stale_regions_removed:
             print(f"client: removed {len(client.stale_regions_removed)} shared-memory region(s) left by an earlier "
                   "run that did not exit cleanly", file=sys.stderr)
-        in_channels, num_classes = client.network_shape(args.patience)
+        info = network_info(client, args.patience)
+        in_channels, num_classes = info.in_channels, info.num_classes
         plans = [plan_source(source, args, num_classes) for source in open_sources(args.frames, in_channels)]
         tally = Tally(skipped=sum(p.source.count - len(p.todo) for p in plans))
         total = sum(len(p.todo) for p in plans)

@@ -154,8 +154,8 @@ class SegmentationClient:
                 self._ready_control = self._controls[0]
             else:
                 ready = next((c for c in self._controls if c.is_model_ready(self.model)), None)
-                if ready is None:
-                    return self._controls[0]  # none ready yet: look again next time
+                if ready is None:  # none ready yet: one that answers at all; look again next time
+                    return next((c for c in self._controls if c.is_server_live()), self._controls[0])
                 self._ready_control = ready
         return self._ready_control
 
@@ -358,7 +358,7 @@ class SegmentationClient:
         """
         settings = SegmentOptions(**options)
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s, patience_s=patience_s)
-        spatial_dims = self.spatial_dims(patience_s)
+        spatial_dims = self.spatial_dims()
         slots = [self._take_slot() for _ in range(inflight)]  # this stream's own, returned at its end
 
         def process(worker: int, frame):

@@ -118,15 +118,17 @@ def split_axis(length: int, tile: int, overlap: float, max_extent: int, min_shar
 
 
 def default_max_extents(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float,
-                        max_voxels: int) -> tuple[int, ...]:
+                        max_voxels: int, min_shared: int = 0) -> tuple[int, ...]:
     """Largest chunk extents under ``max_voxels``, cutting the slowest axes first; no axis is
-    cut finer than ``minimum_chunk_extent`` (then the extents exceed ``max_voxels``)."""
+    cut finer than ``split_axis`` allows (``minimum_chunk_extent`` plus ``min_shared``; then
+    the extents exceed ``max_voxels``)."""
     extents = list(shape)
     for axis in range(len(shape)):
         if math.prod(extents) <= max_voxels:
             break
         others = math.prod(extents[:axis] + extents[axis + 1:])
-        extents[axis] = min(shape[axis], max(max_voxels // others, minimum_chunk_extent(tile[axis], overlap)))
+        smallest = minimum_chunk_extent(tile[axis], overlap) + max(min_shared, 0)
+        extents[axis] = min(shape[axis], max(max_voxels // others, smallest))
     return tuple(extents)
 
 
@@ -151,7 +153,7 @@ def plan_chunks(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float = 
     if max_voxels < 1:
         raise ChunkingError(f"max_voxels must be >= 1, got {max_voxels}")
     if max_extents is None:
-        extents = default_max_extents(shape, tile, overlap, max_voxels)
+        extents = default_max_extents(shape, tile, overlap, max_voxels, min_shared)
     else:
         if len(max_extents) != len(shape):
             raise ChunkingError(f"chunk shape {list(max_extents)} needs {len(shape)} values")

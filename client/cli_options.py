@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from client.connection import SegmentationError
 from client.stream import DEFAULT_PATIENCE_S
 from client.transports import TRANSPORTS
 
+T = TypeVar("T")
 
-def add_server_options(parser: argparse.ArgumentParser, default_model: str, default_inflight: int, unit: str) -> None:
+
+def add_server_options(parser: argparse.ArgumentParser, default_model: str, default_inflight: int, unit: str,
+                       item: str | None = None) -> None:
+    """``unit``: what is in flight (plural); ``item``: what is retried (default: ``unit`` less its s)."""
+    item = item or unit[:-1]
     parser.add_argument("--url", help="server address host:port (default: 127.0.0.1:8001, or :8000 for http); several "
                         "comma-separated spread the work by fewest requests in flight and fail over between them")
     parser.add_argument("--token", help="token of the server's restricted endpoints, needed for shared memory "
@@ -21,9 +28,10 @@ def add_server_options(parser: argparse.ArgumentParser, default_model: str, defa
     parser.add_argument("--inflight", type=int, default=default_inflight,
                         help=f"{unit} in flight at once (default: %(default)s)")
     parser.add_argument("--patience", type=float, default=DEFAULT_PATIENCE_S,
-                        help=f"seconds a {unit[:-1]} that fails for a passing reason (server restarting, busy, "
-                             "connection lost) is tried again before it is given up (default: %(default)s)")
-    parser.add_argument("--retries", type=int, help=f"at most this many further attempts per {unit[:-1]} "
+                        help=f"seconds a {item} that fails for a passing reason (server restarting, busy, "
+                             "connection lost) is tried again before it is given up; also how long a command started while "
+                             "the server loads its model waits (default: %(default)s)")
+    parser.add_argument("--retries", type=int, help=f"at most this many further attempts per {item} "
                         "(default: as many as --patience allows)")
     parser.add_argument("--model", default=default_model, help="pipeline model (default: %(default)s)")
     parser.add_argument("--network", help="network model to run (default: the server's default network)")
@@ -50,24 +58,39 @@ def segment_options(args: argparse.Namespace) -> dict:
                 intensity_min=args.intensity_min, intensity_max=args.intensity_max)
 
 
+def ride_out(ask: Callable[[float], T], what: str, where: str, patience_s: float) -> T:
+    """``ask(patience_s)``: asked once; after a passing failure (the model being loaded or
+    reloaded: "no available versions") said once on stderr, then asked again with the
+    command's patience and readiness watch. Failures that do not pass raise at once."""
+    try:
+        return ask(0.0)
+    except SegmentationError as error:
+        if not error.retryable or patience_s <= 0:
+            raise
+        print(f"client: {what} is not available yet at {where} ({error}); waiting up to {patience_s:g} s (--patience)",
+              file=sys.stderr)
+    try:
+        return ask(patience_s)
+    except SegmentationError as error:
+        raise SegmentationError(f"{error} (still after waiting {patience_s:g} s)") from None
+
+
 def check_servers(client, model: str, patience_s: float = 0.0) -> None:
     """Refuse at once when no server answers, or when they answer that ``model`` is unknown.
     While servers answer but none has the model available (loading, or reloading after a stub
-    died: "no available versions"), wait up to ``patience_s`` seconds, saying so once. Then warn
-    about the servers still without it (the stream sends them nothing until they answer)."""
+    died), wait up to ``patience_s`` seconds (``ride_out``). Then warn about the servers still
+    without it (the stream sends them nothing until they answer)."""
     unready = client.unready_servers()
     if len(unready) == len(client.urls):
         where = ", ".join(client.urls)
         if not client.live_servers():
             raise SegmentationError(f"model {model!r} is not ready at {where} (is the server running? `make serve`)")
-        try:
-            client.spatial_dims()  # one look: an unknown model fails here with the server's words
-        except SegmentationError as error:
-            if not error.retryable:
-                raise
-            print(f"client: model {model!r} is not available yet at {where} ({error}); waiting up to "
-                  f"{patience_s:g} s (--patience)", file=sys.stderr)
-            client.spatial_dims(patience_s)
+        ride_out(client.spatial_dims, f"model {model!r}", where, patience_s)
         unready = client.unready_servers()
     for url in unready:
         print(f"client: warning: model {model!r} is not ready at {url}; using the other server(s)", file=sys.stderr)
+
+
+def network_info(client, patience_s: float = 0.0):
+    """The network the command's requests run (``client.network_info``), a reload ridden out."""
+    return ride_out(client.network_info, "the network", ", ".join(client.urls), patience_s)

@@ -37,7 +37,7 @@ import numpy as np
 
 from client.api import SegmentationClient
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, DEFAULT_OVERLAP
-from client.cli_options import add_pipeline_options, add_server_options, check_servers, segment_options
+from client.cli_options import add_pipeline_options, add_server_options, check_servers, network_info, segment_options
 from client.dataset_ranges import intensity_range
 from client.dataset_sources import DatasetSource, open_source, release_handles
 from client.datasets import DONE_ARRAY, Job, Task, TaskReport, default_block, plan_stack, plan_volume, run_task
@@ -49,7 +49,7 @@ DEFAULT_FRAMES_PER_TASK = 4
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="STORE.zarr[/array], an OME-Zarr image, FILE.h5:/dataset, .tif or .npy")
     parser.add_argument("--out", type=pathlib.Path, required=True, help="output zarr group (OUTPUT.zarr)")
-    add_server_options(parser, "segment_2d", 1, "requests per worker")
+    add_server_options(parser, "segment_2d", 1, "requests per worker", "request")
     parser.add_argument("--scheduler", help="address of a running Dask scheduler (default: a LocalCluster here)")
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default: %(default)s)")
     parser.add_argument("--frames-per-task", type=int, default=DEFAULT_FRAMES_PER_TASK,
@@ -323,7 +323,7 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
         check_servers(client, args.model, args.patience)
-        info = client.network_info(args.patience)
+        info = network_info(client, args.patience)
         urls = tuple(client.urls)
     source = dataclasses.replace(open_source(args.input, info.spatial_dims), run=uuid.uuid4().hex)
     plan = plan_dataset(source, info, args)

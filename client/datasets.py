@@ -189,14 +189,22 @@ def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[i
 
     results, retries, clients = {}, 0, worker_clients(job)
     for position, client in enumerate(clients):
+        last = position == len(clients) - 1
         todo = [(i, lambda image=image: image) for i, image in items if i not in results]
-        for outcome in client.segment_stream(todo, inflight=job.inflight, retries=job.retries,
-                                              patience_s=job.patience_s, **job.options):
-            retries += max(outcome.attempts - 1, 0)
-            if outcome.ok:
-                results[outcome.index] = outcome.result
-            elif position == len(clients) - 1:
-                raise SegmentationError(f"item {outcome.index} failed: {outcome.error}")
+        # The node's own server, when the URL list follows it, hands over at its first failure:
+        # the list's patience, not a wait on one server, rides out a restart.
+        patience = dict(retries=job.retries, patience_s=job.patience_s) if last else dict(retries=0, patience_s=0.0)
+        try:
+            for outcome in client.segment_stream(todo, inflight=job.inflight, **patience, **job.options):
+                retries += max(outcome.attempts - 1, 0)
+                if outcome.ok:
+                    results[outcome.index] = outcome.result
+                elif last:
+                    raise SegmentationError(f"item {outcome.index} failed: {outcome.error}")
+        except SegmentationError as error:
+            if last or not error.retryable:
+                raise
+            continue  # e.g. its server is down: its first question failed
         if len(results) == len(items):
             break
     return results, retries

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
-from client.cli_options import check_servers, segment_options
+from client.cli_options import check_servers, network_info, segment_options
 from client.volume_files import read_volume, write_volume_outputs
 from client.volumes import ChunkSettings
 
@@ -52,7 +52,7 @@ def segment_volumes(args: argparse.Namespace) -> int:
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
         check_servers(client, args.model, args.patience)
-        if client.network_info(args.patience).spatial_dims != 3:
+        if network_info(client, args.patience).spatial_dims != 3:
             raise SegmentationError(f"network {client.network_info().name!r} of {args.model!r} is not 3D; "
                                     "use `python -m client segment` for frames")
         for argument in args.volumes:

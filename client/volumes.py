@@ -92,7 +92,7 @@ def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), i
         ChunkingError: chunk settings that cannot give exact seams.
         SegmentationError: a chunk failed after its retries (named by its voxel range).
     """
-    info = client.network_info(patience_s)
+    info = client.network_info()
     image = as_channel_first(np.asarray(volume), info.spatial_dims)
     spatial_shape = tuple(image.shape[1:])
     overlap = DEFAULT_OVERLAP if options.get("overlap") is None else options["overlap"]

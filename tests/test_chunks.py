@@ -66,6 +66,15 @@ def test_default_chunks_stay_within_the_limit(shape, max_voxels):
     assert len(chunks) > 1 and max(math.prod(c.shape) for c in chunks) <= max_voxels
 
 
+def test_default_chunks_leave_room_for_the_shared_margin():
+    """--chunk-overlap makes the smallest chunk larger; the default extents allow for it (they
+    were cut to the margin-less minimum, and split_axis refused them)."""
+    chunks = plan_chunks((1024, 1024, 1024), (64, 64, 64), max_voxels=512 * 512 * 256, min_shared=64)
+    assert max(math.prod(c.shape) for c in chunks) <= 512 * 512 * 256
+    with pytest.raises(ChunkingError, match=r"below the smallest chunk .*\[208, 208, 208\]"):
+        plan_chunks((1000, 1000, 1000), (64, 64, 64), max_voxels=2**22, min_shared=64)
+
+
 def test_a_limit_below_the_smallest_chunk_is_refused_with_the_size_it_needs():
     with pytest.raises(ChunkingError, match=r"2097152 is below the smallest chunk .*\[160, 160, 160\] = 4096000 voxels"):
         plan_chunks((1000, 1000, 1000), (64, 64, 64), max_voxels=2**21)

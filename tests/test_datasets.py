@@ -21,7 +21,7 @@ from distributed import Client, LocalCluster
 from client.__main__ import main as client_main
 from client.api import SegmentationClient
 from client.volumes import ChunkSettings
-from segserve.launcher import ServerConfig, TritonServer
+from segserve.launcher import ServerConfig, TritonServer, free_ports
 from tests.conftest import copy_2d_repository
 from tests.helpers import ct_volume, make_stack
 
@@ -280,6 +280,35 @@ def test_shared_memory_workers_use_the_token_given_to_the_command(server, cluste
     finally:
         for address, values in previous.items():
             dask_client.run(restore_token, values, workers=[address])
+        dask_client.run(close_worker_clients)
+    assert code == 0
+    assert_complete(tmp_path / "o.zarr", reference[0][:4], 2)
+
+
+def test_workers_whose_own_server_is_down_hand_over_to_the_url_list(server, cluster, stack, reference, tmp_path):
+    """$SEGSERVE_LOCAL_URL names a node server that does not answer: each task goes to the
+    --url list at once (it raised out of the task before, on every retry of every task)."""
+    from client.datasets import LOCAL_URL_ENV
+
+    _, dask_client = cluster
+    dead = f"127.0.0.1:{free_ports(1)[0]}"
+
+    def set_local_url(url: str | None) -> None:
+        if url is None:
+            os.environ.pop(LOCAL_URL_ENV, None)
+        else:
+            os.environ[LOCAL_URL_ENV] = url
+
+    np.save(tmp_path / "frames.npy", stack[0][:4])
+    previous = dask_client.run(os.environ.get, LOCAL_URL_ENV)
+    dask_client.run(set_local_url, dead)
+    try:
+        code = client_main(["segment-dataset", str(tmp_path / "frames.npy"), "--out", str(tmp_path / "o.zarr"),
+                            "--url", server.grpc_url, "--scheduler", dask_client.scheduler.address,
+                            "--frames-per-task", "2", "--task-retries", "0", "--no-progress"])
+    finally:
+        for address, value in previous.items():
+            dask_client.run(set_local_url, value, workers=[address])
         dask_client.run(close_worker_clients)
     assert code == 0
     assert_complete(tmp_path / "o.zarr", reference[0][:4], 2)

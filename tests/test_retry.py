@@ -21,6 +21,7 @@ from client import SegmentationClient, SegmentationError
 from client.__main__ import main as client_main
 from client.connection import is_transient
 from segproto import TRANSIENT_MARKER, TRITON_RESTRICTED_PHRASE, TRITON_TRANSIENT_PHRASES, is_transient_message
+from segserve.launcher import free_ports
 from tests.conftest import DEFAULT_NETWORK, FAULTY_MODEL, GOOD_FRAME, SECOND_NETWORK
 
 BUG_FRAME = np.full((1, 16, 16), -1.0, dtype=np.float32)
@@ -150,6 +151,7 @@ def test_a_command_started_while_its_network_reloads_rides_it_out(server, tmp_pa
                 control.load_model(SECOND_NETWORK, headers=headers)
     err = capsys.readouterr().err
     assert code == 0, err
+    assert "client: the network is not available yet" in err and "no available versions" in err
     assert (tmp_path / "out" / "f_mask.tif").exists()
 
 
@@ -178,11 +180,21 @@ def test_a_command_started_while_its_pipeline_reloads_rides_it_out(server, tmp_p
     assert (tmp_path / "out" / "f_mask.tif").exists()
 
 
-def test_a_command_naming_an_unknown_model_fails_at_once(server, tmp_path, capsys):
+@pytest.mark.parametrize("protocol, servers", [("grpc", "one"), ("http", "one"), ("grpc", "a dead one first")])
+@pytest.mark.parametrize("option", ["--model", "--network"])
+def test_a_command_naming_an_unknown_model_fails_at_once(server, tmp_path, capsys, protocol, servers, option):
+    """A typo is no reload: told at once, not after --patience (the error is not retried),
+    also when the first of several servers is down (the server that answers is asked)."""
     np.save(tmp_path / "f.npy", GOOD_FRAME[0])
-    code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path / "out"), "--url", server.grpc_url,
-                        "--model", "no_such_model", "--no-progress", "--patience", "120"])
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    if servers == "a dead one first":
+        url = f"127.0.0.1:{free_ports(1)[0]},{url}"
+    started = time.monotonic()
+    code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path / "out"), "--url", url,
+                        "--transport", protocol, option, "no_such_model", "--no-progress", "--patience", "300"])
     err = capsys.readouterr().err
     assert code == 1
+    # Not a speed check: a retried error would take the whole 300 s; one refusal takes well under a second.
+    assert time.monotonic() - started < 150
     [error] = [line for line in err.splitlines() if line.startswith("client: error: ")]
     assert "no_such_model" in error and "waiting" not in err
