@@ -117,19 +117,53 @@ def split_axis(length: int, tile: int, overlap: float, max_extent: int, min_shar
         keep_start = keep_stop
 
 
+@dataclasses.dataclass(frozen=True)
+class AxisCut:
+    """One way to cut an axis: ``split_axis`` with ``max_extent`` sends ``count`` chunks along
+    it, the longest ``longest`` voxels, ``total`` voxels in all (shared margins twice)."""
+
+    max_extent: int
+    longest: int
+    total: int
+    count: int
+
+
+def axis_cuts(length: int, tile: int, overlap: float, min_shared: int = 0) -> list[AxisCut]:
+    """Every distinct cut of one axis on the window grid (a chunk's extent runs from the first
+    window's start to some window's end), but those another cut beats in both ``longest`` and
+    ``total``."""
+    starts = window_starts(length, tile, overlap)
+    smallest = minimum_chunk_extent(tile, overlap) + max(min_shared, 0)
+    # split_axis refuses extents below `smallest`, which its own chunks may undercut.
+    extents = {length, smallest} | {start + min(tile, length) for start in starts if start + tile >= smallest}
+    cuts = set()
+    for extent in extents:
+        try:
+            spans = split_axis(length, tile, overlap, extent, min_shared)
+        except ValueError:  # too small for the tile, or for the shared margin on this grid
+            continue
+        lengths = [span.stop - span.start for span in spans]
+        cuts.add(AxisCut(extent, max(lengths), sum(lengths), len(lengths)))
+    return [c for c in cuts if not any(o.longest <= c.longest and o.total < c.total
+                                       or o.longest < c.longest and o.total <= c.total for o in cuts)]
+
+
 def default_max_extents(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float,
                         max_voxels: int, min_shared: int = 0) -> tuple[int, ...]:
-    """Largest chunk extents under ``max_voxels``, cutting the slowest axes first; no axis is
-    cut finer than ``split_axis`` allows (``minimum_chunk_extent`` plus ``min_shared``; then
-    the extents exceed ``max_voxels``)."""
-    extents = list(shape)
-    for axis in range(len(shape)):
-        if math.prod(extents) <= max_voxels:
-            break
-        others = math.prod(extents[:axis] + extents[axis + 1:])
-        smallest = minimum_chunk_extent(tile[axis], overlap) + max(min_shared, 0)
-        extents[axis] = min(shape[axis], max(max_voxels // others, smallest))
-    return tuple(extents)
+    """Chunk extents whose chunks send the fewest voxels in all (halos included, so the least
+    network work), none above ``max_voxels``; among equals, the fewest chunks, then the slowest
+    axes cut first. A search over every axis's cuts (``axis_cuts``: tens each). When every
+    choice has a chunk above ``max_voxels``, the one with the smallest (``plan_chunks``
+    refuses it, naming its size)."""
+    per_axis = [axis_cuts(n, t, overlap, min_shared) for n, t in zip(shape, tile)]
+    choices = list(itertools.product(*per_axis))
+    within = [c for c in choices if math.prod(cut.longest for cut in c) <= max_voxels]
+    if not within:
+        return tuple(min(cuts, key=lambda cut: cut.longest).max_extent for cuts in per_axis)
+    # Among equals, the slowest axes cut first: whole rows and planes stay together.
+    best = min(within, key=lambda c: (math.prod(cut.total for cut in c), math.prod(cut.count for cut in c),
+                                      tuple(-cut.max_extent for cut in reversed(c))))
+    return tuple(cut.max_extent for cut in best)
 
 
 def plan_chunks(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float = DEFAULT_OVERLAP,
@@ -139,7 +173,8 @@ def plan_chunks(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float = 
 
     Args:
         max_extents: largest chunk extent per axis (None or 0: the whole axis); default:
-            derived from ``max_voxels``, cutting the slowest axes first.
+            the extents that send the fewest voxels with no chunk above ``max_voxels``
+            (``default_max_extents``).
         min_shared: voxels sent twice at each seam, at least (default: what the grid needs).
 
     Raises:

@@ -10,8 +10,8 @@ in the input's kind of file: NAME_mask.nii.gz (uint8, same affine and header as 
 NAME_mask.tif or NAME_mask.npy, or NAME_segmentation.h5 for HDF5; NAME_probabilities and
 NAME_contour on request.
 
-A volume above --max-chunk-voxels (default 512x512x256) is sent as overlapping chunks along
-its slowest axes, --inflight at a time, cut on the network's tile grid so that the stitched
+A volume above --max-chunk-voxels (default 512x512x256) is sent as overlapping chunks shaped
+to send the fewest voxels in all, --inflight at a time, cut on the network's tile grid so that the stitched
 result equals one whole-volume request; no chunk exceeds the limit (one below the smallest
 chunk the tile allows is refused). The intensity range (default: 1st..99th percentile)
 is then taken over the whole volume, and --keep-largest runs on the stitched mask.
@@ -37,7 +37,7 @@ def add_chunk_options(parser: argparse.ArgumentParser) -> None:
                         help="largest request in voxels; bigger volumes go in chunks (default: %(default)s)")
     parser.add_argument("--chunk-shape", type=int, nargs=3, metavar=("D", "H", "W"),
                         help="largest chunk extent per axis, 0 for the whole axis (default: from --max-chunk-voxels, "
-                             "cutting the slowest axes first)")
+                             "the chunk shape that sends the fewest voxels)")
     parser.add_argument("--chunk-overlap", type=int, default=0,
                         help="voxels sent twice at each seam, at least (default: what the tile grid needs, about one tile)")
 

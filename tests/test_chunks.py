@@ -46,7 +46,7 @@ def test_bad_chunk_settings_name_the_value():
         plan_chunks((100, 100, 100), (16, 16, 16), overlap=1.5)
 
 
-def test_default_extents_cut_slowest_axis_first():
+def test_default_extents_cut_slowest_axis_first_among_equals():
     chunks = plan_chunks((512, 512, 512), (64, 64, 64), max_voxels=512 * 512 * 256)
     assert len(chunks) == 3  # 512 slices in chunks of <= 256, sharing one window at each seam
     assert all(c.sent[1:] == (slice(0, 512), slice(0, 512)) for c in chunks)
@@ -64,6 +64,22 @@ def test_default_extents_cut_slowest_axis_first():
 def test_default_chunks_stay_within_the_limit(shape, max_voxels):
     chunks = plan_chunks(shape, (64, 64, 64), max_voxels=max_voxels)
     assert len(chunks) > 1 and max(math.prod(c.shape) for c in chunks) <= max_voxels
+
+
+@pytest.mark.parametrize("shape, max_voxels", [((512, 2048, 2048), 512 * 512 * 256), ((1024, 1024, 1024), 512 * 512 * 256),
+                                                ((300, 401, 517), 5_000_000), ((512, 512, 512), 512 * 512 * 256)])
+def test_default_chunks_send_no_more_than_cubes_or_slabs_within_the_limit(shape, max_voxels):
+    """Halos cost network work: the default sends the fewest voxels of the plans within the
+    limit. Slowest-axis slabs sent 2.44x a 512x2048x2048 volume where 400^3 cubes send 1.5x."""
+    def sent(plan) -> int:
+        return sum(math.prod(c.shape) for c in plan)
+
+    chosen = plan_chunks(shape, (64, 64, 64), max_voxels=max_voxels)
+    alternatives = [plan_chunks(shape, (64, 64, 64), max_extents=extents)
+                    for size in (160, 208, 256, 304, 352, 400, 448, 512)
+                    for extents in ((size, size, size), (size, 0, 0), (size, size, 0))]
+    within = [plan for plan in alternatives if max(math.prod(c.shape) for c in plan) <= max_voxels]
+    assert within and sent(chosen) <= min(sent(plan) for plan in within)
 
 
 def test_default_chunks_leave_room_for_the_shared_margin():
