@@ -129,13 +129,14 @@ class AxisCut:
 
 
 def axis_cuts(length: int, tile: int, overlap: float, min_shared: int = 0) -> list[AxisCut]:
-    """Every distinct cut of one axis on the window grid (a chunk's extent runs from the first
-    window's start to some window's end), but those another cut beats in both ``longest`` and
-    ``total``."""
+    """Every distinct cut of one axis on the window grid (a chunk runs from one window's start
+    to a later one's end, so only those spans matter as extents), but those another cut beats
+    in both ``longest`` and ``total``."""
     starts = window_starts(length, tile, overlap)
     smallest = minimum_chunk_extent(tile, overlap) + max(min_shared, 0)
     # split_axis refuses extents below `smallest`, which its own chunks may undercut.
-    extents = {length, smallest} | {start + min(tile, length) for start in starts if start + tile >= smallest}
+    size = min(tile, length)
+    extents = {length, smallest} | {b + size - a for a in starts for b in starts if b + size - a >= smallest}
     cuts = set()
     for extent in extents:
         try:

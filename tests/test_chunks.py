@@ -82,6 +82,19 @@ def test_default_chunks_send_no_more_than_cubes_or_slabs_within_the_limit(shape,
     assert within and sent(chosen) <= min(sent(plan) for plan in within)
 
 
+def test_default_chunks_consider_spans_between_later_windows():
+    """Near an axis's end MONAI shifts the last window back, so spans between later windows
+    differ from those from the first: (320, 288, 288) sent 125091820 voxels here while a search
+    over spans from the first window only chose a plan sending 136479980."""
+    def sent(plan) -> int:
+        return sum(math.prod(c.shape) for c in plan)
+
+    shape, limit = (556, 575, 287), 24969472
+    chosen = plan_chunks(shape, (64, 64, 64), max_voxels=limit)
+    assert max(math.prod(c.shape) for c in chosen) <= limit
+    assert sent(chosen) <= sent(plan_chunks(shape, (64, 64, 64), max_extents=(320, 288, 288))) == 125091820
+
+
 def test_default_chunks_leave_room_for_the_shared_margin():
     """--chunk-overlap makes the smallest chunk larger; the default extents allow for it (they
     were cut to the margin-less minimum, and split_axis refused them)."""
