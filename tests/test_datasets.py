@@ -5,6 +5,7 @@ end with equal outputs and nothing missing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -241,6 +242,30 @@ def test_tiff_stack_in_a_local_cluster(server, stack, reference, tmp_path):
     assert_complete(tmp_path / "o.zarr", reference[0][:6], 2)
 
 
+def set_environment(values: dict[str, str | None]) -> dict[str, str | None]:
+    """Run on a worker: set (None: remove) environment variables; their previous values."""
+    previous = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    return previous
+
+
+@contextlib.contextmanager
+def workers_environment(dask_client, values: dict[str, str | None]):
+    """Every worker with ``values`` in its environment (None: removed) while the block runs;
+    then each worker's own values back, and its dataset clients (made with them) closed."""
+    previous = dask_client.run(set_environment, values)
+    try:
+        yield
+    finally:
+        for address, values_before in previous.items():
+            dask_client.run(set_environment, values_before, workers=[address])
+        dask_client.run(close_worker_clients)
+
+
 def close_worker_clients() -> int:
     """Run on a worker: close its dataset clients (and so their shared-memory regions)."""
     from client import datasets
@@ -258,29 +283,11 @@ def test_shared_memory_workers_use_the_token_given_to_the_command(server, cluste
     from client.auth import TOKEN_ENV, TOKEN_FILE_ENV
 
     _, dask_client = cluster
-
-    def forget_token(missing_file: str) -> tuple:
-        previous = os.environ.pop(TOKEN_ENV, None), os.environ.get(TOKEN_FILE_ENV)
-        os.environ[TOKEN_FILE_ENV] = missing_file
-        return previous
-
-    def restore_token(previous: tuple) -> None:
-        for name, value in zip((TOKEN_ENV, TOKEN_FILE_ENV), previous):
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
     np.save(tmp_path / "frames.npy", stack[0][:4])
-    previous = dask_client.run(forget_token, str(tmp_path / "no-token"))
-    try:
+    with workers_environment(dask_client, {TOKEN_ENV: None, TOKEN_FILE_ENV: str(tmp_path / "no-token")}):
         code = client_main(["segment-dataset", str(tmp_path / "frames.npy"), "--out", str(tmp_path / "o.zarr"),
                             "--url", server.grpc_url, "--scheduler", dask_client.scheduler.address, "--transport",
                             "shm", "--token", server.config.token, "--frames-per-task", "2", "--no-progress"])
-    finally:
-        for address, values in previous.items():
-            dask_client.run(restore_token, values, workers=[address])
-        dask_client.run(close_worker_clients)
     assert code == 0
     assert_complete(tmp_path / "o.zarr", reference[0][:4], 2)
 
@@ -291,25 +298,11 @@ def test_workers_whose_own_server_is_down_hand_over_to_the_url_list(server, clus
     from client.datasets import LOCAL_URL_ENV
 
     _, dask_client = cluster
-    dead = f"127.0.0.1:{free_ports(1)[0]}"
-
-    def set_local_url(url: str | None) -> None:
-        if url is None:
-            os.environ.pop(LOCAL_URL_ENV, None)
-        else:
-            os.environ[LOCAL_URL_ENV] = url
-
     np.save(tmp_path / "frames.npy", stack[0][:4])
-    previous = dask_client.run(os.environ.get, LOCAL_URL_ENV)
-    dask_client.run(set_local_url, dead)
-    try:
+    with workers_environment(dask_client, {LOCAL_URL_ENV: f"127.0.0.1:{free_ports(1)[0]}"}):
         code = client_main(["segment-dataset", str(tmp_path / "frames.npy"), "--out", str(tmp_path / "o.zarr"),
                             "--url", server.grpc_url, "--scheduler", dask_client.scheduler.address,
                             "--frames-per-task", "2", "--task-retries", "0", "--no-progress"])
-    finally:
-        for address, value in previous.items():
-            dask_client.run(set_local_url, value, workers=[address])
-        dask_client.run(close_worker_clients)
     assert code == 0
     assert_complete(tmp_path / "o.zarr", reference[0][:4], 2)
 

@@ -129,54 +129,33 @@ def test_triton_wording_matched_is_this_versions(server):
         assert client.is_model_ready(FAULTY_MODEL)  # a new stub for the other tests
 
 
-def test_a_command_started_while_its_network_reloads_rides_it_out(server, tmp_path, capsys):
-    """`serve` reloading a network after its stub died (unload, then load): a command started
-    meanwhile waits for it (its first question, the network's shape, is answered "no available
-    versions") and segments, instead of failing before its first frame."""
+@pytest.mark.parametrize("reloading, options, waiting", [
+    (SECOND_NETWORK, ["--network", SECOND_NETWORK], "client: the network is not available yet"),
+    (FAULTY_MODEL, ["--model", FAULTY_MODEL, "--network", DEFAULT_NETWORK], f"model {FAULTY_MODEL!r} is not available yet"),
+], ids=["network", "pipeline"])
+def test_a_command_started_while_a_model_reloads_rides_it_out(server, tmp_path, capsys, reloading, options, waiting):
+    """`serve` reloading a model after its stub died (unload, then load): a command started
+    meanwhile says it waits (its first question, the pipeline's or the network's metadata, is
+    answered "no available versions") and segments once the model is back, instead of failing
+    before its first frame."""
     np.save(tmp_path / "f.npy", GOOD_FRAME[0])
     headers = server.token_headers("grpc")
     with grpcclient.InferenceServerClient(server.grpc_url) as control:
-        control.unload_model(SECOND_NETWORK, headers=headers)
-        while control.is_model_ready(SECOND_NETWORK):
+        control.unload_model(reloading, headers=headers)
+        while control.is_model_ready(reloading):
             time.sleep(0.1)
-        loader = threading.Timer(3.0, control.load_model, args=(SECOND_NETWORK,), kwargs={"headers": headers})
+        loader = threading.Timer(3.0, control.load_model, args=(reloading,), kwargs={"headers": headers})
         loader.start()
         try:
             code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path / "out"), "--url",
-                                server.grpc_url, "--network", SECOND_NETWORK, "--no-overlay", "--no-progress",
-                                "--patience", "120"])
+                                server.grpc_url, *options, "--no-overlay", "--no-progress", "--patience", "120"])
         finally:
             loader.join()
-            if not control.is_model_ready(SECOND_NETWORK):
-                control.load_model(SECOND_NETWORK, headers=headers)
+            if not control.is_model_ready(reloading):
+                control.load_model(reloading, headers=headers)
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "client: the network is not available yet" in err and "no available versions" in err
-    assert (tmp_path / "out" / "f_mask.tif").exists()
-
-
-def test_a_command_started_while_its_pipeline_reloads_rides_it_out(server, tmp_path, capsys):
-    """The same for the pipeline model itself: not ready at the start, so the command says it
-    waits, and goes on once it is loaded."""
-    np.save(tmp_path / "f.npy", GOOD_FRAME[0])
-    headers = server.token_headers("grpc")
-    with grpcclient.InferenceServerClient(server.grpc_url) as control:
-        control.unload_model(FAULTY_MODEL, headers=headers)
-        while control.is_model_ready(FAULTY_MODEL):
-            time.sleep(0.1)
-        loader = threading.Timer(3.0, control.load_model, args=(FAULTY_MODEL,), kwargs={"headers": headers})
-        loader.start()
-        try:
-            code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path / "out"), "--url",
-                                server.grpc_url, "--model", FAULTY_MODEL, "--network", DEFAULT_NETWORK, "--no-overlay", "--no-progress",
-                                "--patience", "120"])
-        finally:
-            loader.join()
-            if not control.is_model_ready(FAULTY_MODEL):
-                control.load_model(FAULTY_MODEL, headers=headers)
-    err = capsys.readouterr().err
-    assert code == 0, err
-    assert f"model {FAULTY_MODEL!r} is not available yet" in err and "no available versions" in err
+    assert waiting in err and "no available versions" in err
     assert (tmp_path / "out" / "f_mask.tif").exists()
 
 
