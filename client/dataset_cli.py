@@ -52,11 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_options(parser, "segment_2d", 1, "requests per worker", "request")
     parser.add_argument("--scheduler", help="address of a running Dask scheduler (default: a LocalCluster here)")
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default: %(default)s)")
-    parser.add_argument("--frames-per-task", type=int, default=DEFAULT_FRAMES_PER_TASK,
-                        help="frames per task and per output chunk, stacks (default: %(default)s)")
+    parser.add_argument("--frames-per-task", type=int,
+                        help=f"frames per task and per output chunk, stacks (default: {DEFAULT_FRAMES_PER_TASK}; with "
+                             "--resume, the run's own)")
     parser.add_argument("--block", type=int, nargs=3, metavar=("D", "H", "W"),
                         help="voxels per task and per output chunk, volumes, 0 for the whole axis (default: the largest power-of-two "
-                             "multiple of the tile whose request with halos stays under --max-chunk-voxels)")
+                             "multiple of the tile whose request with halos stays under --max-chunk-voxels; with --resume, the run's own)")
     parser.add_argument("--max-chunk-voxels", type=int, default=DEFAULT_MAX_CHUNK_VOXELS,
                         help="largest request in voxels, for the default --block (default: %(default)s)")
     parser.add_argument("--task-retries", type=int, default=3,
@@ -70,7 +71,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     for name in ("workers", "frames_per_task", "inflight", "max_chunk_voxels"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.block and min(args.block) < 0:
         parser.error(f"--block extents must be >= 0 (0: the whole axis), got {args.block}")
@@ -106,8 +107,9 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
             raise ValueError(f"{source.argument}: frames have {shape[1]} channels, network {info.name!r} takes "
                              f"{info.in_channels}")
         frames, frame = shape[0], shape[-2:]
-        tasks = plan_stack(frames, args.frames_per_task)
-        extent = min(args.frames_per_task, frames)
+        frames_per_task = args.frames_per_task or DEFAULT_FRAMES_PER_TASK
+        tasks = plan_stack(frames, frames_per_task)
+        extent = min(frames_per_task, frames)
         arrays = {"mask": ((frames, *frame), (extent, *frame), "uint8")}
         if args.probabilities:
             arrays["probabilities"] = ((frames, info.num_classes, *frame), (extent, info.num_classes, *frame), "float32")
@@ -130,6 +132,32 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
     if args.contour:
         arrays["contour"] = (spatial, block, "uint8")
     return DatasetPlan(source, "volume", channels, tasks, arrays, spatial)
+
+
+def recorded_settings(out: pathlib.Path) -> dict | None:
+    """The settings of the run that wrote ``out`` (see ``run_settings``); None where there is
+    no such group or another program wrote it."""
+    import zarr
+
+    try:
+        group = zarr.open_group(out, mode="r")
+    except (OSError, ValueError):  # no such path; zarr 3's GroupNotFoundError is both
+        return None
+    return dict(group.attrs).get(ATTRIBUTE, {}).get("settings")
+
+
+def with_recorded_extent(args: argparse.Namespace, previous: dict | None) -> argparse.Namespace:
+    """``args`` where a resumed run takes the earlier run's task extent for the one it was not
+    given (``--block``, ``--frames-per-task``): the default may have changed since (another
+    ``--max-chunk-voxels``, another client version), and the tasks must be the same."""
+    if previous is None or "task_extent" not in previous:
+        return args
+    extent = previous["task_extent"]
+    if previous.get("layout") == "volume" and args.block is None:
+        return argparse.Namespace(**{**vars(args), "block": list(extent)})
+    if previous.get("layout") == "stack" and args.frames_per_task is None:
+        return argparse.Namespace(**{**vars(args), "frames_per_task": extent[0]})
+    return args
 
 
 def run_settings(plan: DatasetPlan, info, args: argparse.Namespace) -> dict:
@@ -326,6 +354,8 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
         info = network_info(client, args.patience)
         urls = tuple(client.urls)
     source = dataclasses.replace(open_source(args.input, info.spatial_dims), run=uuid.uuid4().hex)
+    if args.resume:
+        args = with_recorded_extent(args, recorded_settings(args.out))
     plan = plan_dataset(source, info, args)
     settings = run_settings(plan, info, args)
     group = open_output(plan, settings, args)

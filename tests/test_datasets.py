@@ -217,6 +217,44 @@ def test_killed_run_resumes_only_unfinished_tasks(server, second_server, cluster
     assert_complete(out, reference[0], 30)
 
 
+def undo_tasks(out, indices) -> None:
+    """What an interrupted run leaves for these tasks: their done element 0 and no mask."""
+    group = zarr.open_group(out, mode="r+")
+    extent = group["mask"].chunks
+    for index in indices:
+        group["done"][index] = 0
+        start = np.unravel_index(index, group["mask"].cdata_shape)
+        group["mask"][tuple(slice(i * e, (i + 1) * e) for i, e in zip(start, extent))] = 0
+
+
+@pytest.mark.parametrize("layout", ["stack", "volume"])
+def test_resume_keeps_the_task_extent_of_the_run_it_continues(layout, server, cluster, stack, rng, tmp_path, capsys):
+    """An extent given to the first run (--frames-per-task, --block) and left out of --resume
+    is the run's own, not the default; another extent given to --resume is refused."""
+    _, dask_client = cluster
+    if layout == "stack":
+        source, extent, tasks = str(stack[1]), ["--frames-per-task", "3"], 10
+        common = ["--url", server.grpc_url]
+    else:
+        np.save(tmp_path / "ct.npy", ct_volume((90, 70, 40), rng))
+        source, extent, tasks = str(tmp_path / "ct.npy"), ["--block", "45", "35", "0"], 4
+        common = ["--url", server.grpc_url, "--model", "segment_3d"]
+    out = tmp_path / "out.zarr"
+    common += ["--out", str(out), "--scheduler", dask_client.scheduler.address, "--no-progress"]
+    assert client_main(["segment-dataset", source, *common, *extent]) == 0, capsys.readouterr().err
+    expected = zarr.open_array(out, path="mask", mode="r")[:]
+    undo_tasks(out, [1, tasks - 1])
+    assert not np.array_equal(zarr.open_array(out, path="mask", mode="r")[:], expected)  # something to redo
+    capsys.readouterr()
+    code = client_main(["segment-dataset", source, *common, "--resume"])
+    err = capsys.readouterr().err
+    assert code == 0 and f"{tasks - 2} already done, 2 to do" in err, err
+    assert_complete(out, expected, tasks)
+    other = ["--frames-per-task", "4"] if layout == "stack" else ["--block", "45", "0", "0"]
+    assert client_main(["segment-dataset", source, *common, "--resume", *other]) == 1
+    assert "written with other settings (task_extent, tasks" in capsys.readouterr().err
+
+
 def test_server_killed_mid_run(server, second_server, cluster, stack, reference, tmp_path):
     """SIGKILL the second server (server and stubs) once 3 tasks are done: the workers' clients
     fail over to the first one; every frame is there and equal."""
