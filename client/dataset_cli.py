@@ -146,6 +146,19 @@ def recorded_settings(out: pathlib.Path) -> dict | None:
     return dict(group.attrs).get(ATTRIBUTE, {}).get("settings")
 
 
+def check_output_place(source: DatasetSource, out: pathlib.Path) -> None:
+    """Refuse an output that is the input, lies inside it or holds it (--overwrite would
+    delete the input; a group inside it would change it)."""
+    output, data = out.resolve(), pathlib.Path(source.path).resolve()
+    if output == data or data in output.parents or output in data.parents:
+        relation = "is" if output == data else "lies inside" if data in output.parents else "holds"
+        raise ValueError(f"--out {out} {relation} the input {source.argument}; choose another --out")
+
+
+def is_empty_directory(path: pathlib.Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def with_recorded_extent(args: argparse.Namespace, previous: dict | None) -> argparse.Namespace:
     """``args`` where a resumed run takes the earlier run's task extent for the one it was not
     given (``--block``, ``--frames-per-task``): the default may have changed since (another
@@ -178,25 +191,41 @@ def differing_settings(previous: dict, settings: dict) -> list[str]:
     return sorted(k for k in settings if k != ignored and previous.get(k) != settings[k])
 
 
-def open_output(plan: DatasetPlan, settings: dict, args: argparse.Namespace):
-    """Create (or, with --resume, reopen and check) the output group; the driver alone writes
-    its attributes."""
+def reopen_output(plan: DatasetPlan, settings: dict, args: argparse.Namespace):
+    """Check ``--out`` before anything is written: the group a --resume continues, or None
+    where a new one is to be created (nothing there, an empty directory, or an earlier run's
+    output and --overwrite).
+
+    Raises:
+        ValueError: ``--out`` is or holds the input, holds something else, or holds an earlier
+            run that this one may neither resume (other settings) nor replace (no --overwrite).
+    """
     import zarr
 
-    if args.out.exists() and not args.resume:
+    check_output_place(plan.source, args.out)
+    if not args.out.exists() or is_empty_directory(args.out):
+        return None
+    previous = recorded_settings(args.out)
+    if previous is None:
+        raise ValueError(f"{args.out} exists and is not the output of a segment-dataset run; choose another --out "
+                         "(--resume and --overwrite take only such an output)")
+    if not args.resume:
         if not args.overwrite:
             raise ValueError(f"{args.out} exists; add --resume to continue the run that wrote it or --overwrite to "
                              "start again")
-    if args.resume and args.out.exists():
-        group = zarr.open_group(args.out, mode="r+")
-        previous = dict(group.attrs).get(ATTRIBUTE, {}).get("settings")
-        if previous is None:
-            raise ValueError(f"{args.out}: not written by segment-dataset; nothing to resume")
-        differing = differing_settings(previous, settings)
-        if differing:
-            raise ValueError(f"{args.out}: written with other settings ({', '.join(differing)}: "
-                             f"{[previous.get(k) for k in differing]}); resume with the same ones or --overwrite")
-        return group
+        return None
+    differing = differing_settings(previous, settings)
+    if differing:
+        raise ValueError(f"{args.out}: written with other settings ({', '.join(differing)}: "
+                         f"{[previous.get(k) for k in differing]}); resume with the same ones or --overwrite")
+    return zarr.open_group(args.out, mode="r+")
+
+
+def create_output(plan: DatasetPlan, settings: dict, args: argparse.Namespace):
+    """A new output group (replacing what ``reopen_output`` allowed); the driver alone writes
+    its attributes."""
+    import zarr
+
     group = zarr.open_group(args.out, mode="w", zarr_format=3)
     for name, (shape, chunks, dtype) in plan.arrays.items():
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
@@ -230,9 +259,19 @@ def start_cluster(args: argparse.Namespace):
     from distributed import Client, LocalCluster
 
     if args.scheduler:
-        return Client(args.scheduler), None
+        try:
+            return Client(args.scheduler), None
+        except (OSError, ValueError, TypeError) as error:  # unreachable; no port, or not a number
+            raise ValueError(f"--scheduler {args.scheduler}: {error}") from error
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0")
     return Client(cluster), cluster
+
+
+def close_cluster(dask_client, cluster) -> None:
+    """Close the client, and the LocalCluster ``start_cluster`` made (None: --scheduler's)."""
+    dask_client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 def volume_options(plan: DatasetPlan, group, args: argparse.Namespace, dask_client, options: dict) -> dict:
@@ -358,11 +397,17 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
         args = with_recorded_extent(args, recorded_settings(args.out))
     plan = plan_dataset(source, info, args)
     settings = run_settings(plan, info, args)
-    group = open_output(plan, settings, args)
-    done = np.asarray(group[DONE_ARRAY][:]) if args.resume else np.zeros(len(plan.tasks), np.uint8)
+    group = reopen_output(plan, settings, args)
+    done = np.zeros(len(plan.tasks), np.uint8) if group is None else np.asarray(group[DONE_ARRAY][:])
     todo = [task for task in plan.tasks if not done[task.index]]
     summary = Summary(skipped=len(plan.tasks) - len(todo))
-    dask_client, cluster = start_cluster(args)
+    dask_client, cluster = start_cluster(args)  # before the output is written: a bad --scheduler leaves nothing
+    if group is None:
+        try:
+            group = create_output(plan, settings, args)
+        except BaseException:
+            close_cluster(dask_client, cluster)
+            raise
     start = time.perf_counter()
     try:
         print(f"client: Dask dashboard {dask_client.dashboard_link}", file=sys.stderr)
@@ -384,9 +429,7 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
                   file=sys.stderr)
         if cluster is None:
             release_worker_handles(dask_client, source)
-        dask_client.close()
-        if cluster is not None:
-            cluster.close()
+        close_cluster(dask_client, cluster)
     remaining = int(len(plan.tasks) - np.count_nonzero(group[DONE_ARRAY][:]))
     state = dict(group.attrs)[ATTRIBUTE]
     group.attrs[ATTRIBUTE] = {**state, "complete": remaining == 0, "remaining_tasks": remaining}

@@ -255,6 +255,25 @@ def test_resume_keeps_the_task_extent_of_the_run_it_continues(layout, server, cl
     assert "written with other settings (task_extent, tasks" in capsys.readouterr().err
 
 
+def test_overwrite_replaces_only_an_earlier_runs_output(server, stack, tmp_path, capsys):
+    """--overwrite never deletes the input or a directory no run wrote; refused before any
+    cluster starts, and a bad --scheduler leaves no output behind."""
+    frames = tmp_path / "frames.npy"
+    np.save(frames, stack[0][:2])
+    notes = tmp_path / "results" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    common = ["--url", server.grpc_url, "--no-progress"]
+    for out, reason in [(frames, "is the input"), (tmp_path, "holds the input"), (frames / "seg.zarr", "lies inside"),
+                        (notes.parent, "is not the output of a segment-dataset run")]:
+        assert client_main(["segment-dataset", str(frames), "--out", str(out), "--overwrite", *common]) == 1
+        assert reason in capsys.readouterr().err
+    assert notes.read_text() == "mine" and np.array_equal(np.load(frames), stack[0][:2])
+    out = tmp_path / "out.zarr"
+    assert client_main(["segment-dataset", str(frames), "--out", str(out), "--scheduler", "localhost:abc", *common]) == 1
+    assert "--scheduler localhost:abc" in capsys.readouterr().err and not out.exists()
+
+
 def test_server_killed_mid_run(server, second_server, cluster, stack, reference, tmp_path):
     """SIGKILL the second server (server and stubs) once 3 tasks are done: the workers' clients
     fail over to the first one; every frame is there and equal."""
