@@ -36,6 +36,8 @@ from client.cli_options import add_pipeline_options, add_server_options, check_s
 from client.api import SegmentationClient, SegmentationError
 from client.stacks import FileWriter, RunRecord, Source, StackWriter, open_sources, stack_outputs
 
+MAX_INFLIGHT = 256  # requests in flight per client (one thread each); 100000 exhausts the threads
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,8 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "segment-dataset":
         dataset_cli.check_arguments(dataset, args)
-    if args.inflight < 1:
-        parser.error(f"--inflight must be >= 1, got {args.inflight}")
+    if not 1 <= args.inflight <= MAX_INFLIGHT:
+        parser.error(f"--inflight must be in 1..{MAX_INFLIGHT}, got {args.inflight}")
     if args.retries is not None and args.retries < 0:
         parser.error(f"--retries must be >= 0, got {args.retries}")
     if args.patience < 0:
@@ -206,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"client: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("client: interrupted; rerun with --resume to continue", file=sys.stderr)
+        if args.command == "segment-volume":  # no --resume: a volume is written whole or not at all
+            print("client: interrupted; the volumes reported written are complete, the one in progress was not "
+                  "written", file=sys.stderr)
+        else:
+            print("client: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
     finally:
         for signum, handler in previous.items():

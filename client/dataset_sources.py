@@ -23,6 +23,7 @@ import threading
 
 import numpy as np
 
+from client.frames import load_npy
 from client.stacks import split_hdf5_argument
 
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
@@ -88,9 +89,13 @@ def open_stored_array(kind: str, path: str, inner: str | None):
     if kind == "hdf5":
         import h5py
 
-        return h5py.File(path, "r")[inner]
+        file = h5py.File(path, "r")
+        if not isinstance(file.get(inner), h5py.Dataset):
+            file.close()
+            raise ValueError(f"{path}: no dataset {inner!r}")
+        return file[inner]
     if kind == "npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return load_npy(path, mmap_mode="r")
     if kind == "tiff":
         import tifffile
         import zarr

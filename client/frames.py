@@ -27,7 +27,7 @@ def read_frame(path: pathlib.Path) -> np.ndarray:
     if suffix in (".tif", ".tiff"):
         frame = tifffile.imread(path)
     elif suffix == ".npy":
-        frame = np.load(path, allow_pickle=False)
+        frame = load_npy(path)
     elif suffix == ".png":
         with Image.open(path) as image:
             if image.mode in ("RGB", "RGBA", "P", "LA"):
@@ -38,6 +38,15 @@ def read_frame(path: pathlib.Path) -> np.ndarray:
     if frame.ndim not in (2, 3):
         raise ValueError(f"{path}: expected a 2D frame [H, W] or [C, H, W], got shape {list(frame.shape)}")
     return frame
+
+
+def load_npy(path, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` without pickles; an empty or truncated file raises ValueError naming it
+    (NumPy raises a bare EOFError)."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except EOFError as error:
+        raise ValueError(f"{path}: empty or truncated .npy file ({error})") from error
 
 
 def write_array(path: pathlib.Path, array: np.ndarray) -> pathlib.Path:

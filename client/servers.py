@@ -29,7 +29,22 @@ def split_urls(url: str | list[str] | tuple[str, ...] | None, default: str) -> l
         raise ValueError(f"server URLs must be host:port, comma-separated, got {url!r}")
     if len(set(urls)) != len(urls):
         raise ValueError(f"a server is listed twice in {url!r}")
+    for entry in urls:
+        check_host_port(entry)
     return urls
+
+
+def check_host_port(entry: str) -> None:
+    """Refuse what is not ``host:port`` (``[v6 address]:port`` too): a scheme, no port, a port
+    that is not a number in 1..65535. tritonclient would take them and fail to connect, which
+    reads as "is the server running?"."""
+    if "://" in entry:
+        raise ValueError(f"server URL {entry!r}: give host:port without a scheme, e.g. {entry.split('://', 1)[1]!r}")
+    host, _, port = entry.rpartition(":")
+    if not host:
+        raise ValueError(f"server URL {entry!r}: expected host:port, e.g. localhost:8001")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"server URL {entry!r}: the port must be a number in 1..65535, got {port!r}")
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import tifffile
 
-from client.frames import FRAME_SUFFIXES, overlay, read_frame, write_array
+from client.frames import FRAME_SUFFIXES, load_npy, overlay, read_frame, write_array
 
 FAILED_VALUE = 255  # mask/contour value of a frame that failed: never a class of our networks
 RECORD_VERSION = 1
@@ -101,7 +101,7 @@ def open_stack(argument: str, in_channels: int) -> Source | None:
         raise ValueError(f"{path}: name the dataset, e.g. {path}:/entry/data")
     try:
         if suffix == ".npy":
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = load_npy(path, mmap_mode="r")
             return array_source(path.name, "npy", array, path) if is_stack_shape(array.shape, in_channels) else None
         if suffix in (".tif", ".tiff"):
             return tiff_source(path, in_channels)
@@ -260,7 +260,7 @@ class StackWriter:
     def _open_array(self, name: str, resume: bool):
         path, shape, dtype = self.paths[name], self.shapes[name], OUTPUT_DTYPES[name]
         if resume:
-            array = tifffile.memmap(path, mode="r+") if path.suffix == ".tif" else np.load(path, mmap_mode="r+")
+            array = tifffile.memmap(path, mode="r+") if path.suffix == ".tif" else load_npy(path, mmap_mode="r+")
             if array.shape != shape or array.dtype != dtype:
                 raise ValueError(f"{path}: shape {list(array.shape)} {array.dtype} does not match this run "
                                  f"({list(shape)} {np.dtype(dtype)}); rerun without --resume")

@@ -14,6 +14,7 @@ import pathlib
 import numpy as np
 import tifffile
 
+from client.frames import load_npy
 from client.stacks import HDF5_SUFFIXES, split_hdf5_argument
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -76,13 +77,17 @@ def read_volume(argument: str) -> Volume:
     if kind == "nifti":
         import nibabel
 
-        nifti = nibabel.load(path)
-        image = channel_first(np.asanyarray(nifti.dataobj), path.name, channel_axis_last=True)
+        try:
+            nifti = nibabel.load(path)
+            data = np.asanyarray(nifti.dataobj)
+        except (nibabel.filebasedimages.ImageFileError, EOFError) as error:  # empty; truncated
+            raise ValueError(f"{path}: not a readable NIfTI file ({error})") from error
+        image = channel_first(data, path.name, channel_axis_last=True)
         return Volume(path.name, kind, image, path, nifti=nifti)
     if kind == "tiff":
         return Volume(path.name, kind, channel_first(tifffile.imread(path), path.name, False), path)
     if kind == "npy":
-        return Volume(path.name, kind, channel_first(np.load(path, allow_pickle=False), path.name, False), path)
+        return Volume(path.name, kind, channel_first(load_npy(path), path.name, False), path)
     if hdf5 is None:
         raise ValueError(f"{path}: name the dataset, e.g. {path}:/entry/data")
     import h5py

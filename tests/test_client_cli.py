@@ -60,6 +60,48 @@ def test_cli_reports_server_errors_in_one_line(server, tmp_path, rng, capsys):
     assert "overlap" not in captured.out
 
 
+def unreadable_inputs(tmp_path) -> list[tuple[str, str, str]]:
+    """(command, input argument, what the one-line error names) for files a reader trips on."""
+    import gzip
+
+    import h5py
+
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    nifti = gzip.compress(b"\x5c\x01" + bytes(400))
+    (tmp_path / "cut.nii.gz").write_bytes(nifti[: len(nifti) // 2])
+    with h5py.File(tmp_path / "s.h5", "w") as file:
+        file["entry/data"] = np.zeros((2, 32, 32), np.uint16)
+    empty, h5 = str(tmp_path / "empty.npy"), str(tmp_path / "s.h5")
+    return [("segment", empty, "empty.npy: empty or truncated .npy"),
+            ("segment-volume", empty, "empty.npy: empty or truncated .npy"),
+            ("segment-dataset", empty, "empty.npy: empty or truncated .npy"),
+            ("segment-volume", str(tmp_path / "empty.nii.gz"), "empty.nii.gz: not a readable NIfTI file"),
+            ("segment-volume", str(tmp_path / "cut.nii.gz"), "cut.nii.gz: not a readable NIfTI file"),
+            ("segment-dataset", f"{h5}:/entry/nothere", "s.h5: no dataset '/entry/nothere'"),
+            ("segment-dataset", f"{h5}:/entry", "s.h5: no dataset '/entry'")]
+
+
+def test_unreadable_inputs_fail_in_one_line_naming_the_file(server, tmp_path, capsys):
+    for command, argument, message in unreadable_inputs(tmp_path):
+        model = ["--model", "segment_3d"] if command == "segment-volume" else []
+        code = client_main([command, argument, "--out", str(tmp_path / f"out-{command}.zarr"), "--url", server.grpc_url,
+                            "--no-progress", *model])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and "Traceback" not in err, (command, argument, err)
+
+
+@pytest.mark.parametrize("argument, reason", [(["--inflight", "100000"], "--inflight must be in 1..256, got 100000"),
+                                              (["--url", "localhost:abc"], "the port must be a number")])
+def test_cli_refuses_out_of_range_settings_before_any_request(argument, reason, tmp_path, capsys):
+    np.save(tmp_path / "f.npy", np.zeros((8, 8), np.float32))
+    try:
+        code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path), *argument])
+    except SystemExit as exit_:  # argparse's refusal
+        code = exit_.code
+    assert code in (1, 2) and reason in capsys.readouterr().err
+
+
 def test_cli_without_server_says_so(tmp_path, capsys):
     np.save(tmp_path / "f.npy", np.zeros((8, 8), np.float32))
     assert client_main(["segment", str(tmp_path / "f.npy"), "--url", "127.0.0.1:1"]) == 1

@@ -40,6 +40,17 @@ def test_split_urls():
         split_urls("a:1,a:1", "x:0")
     with pytest.raises(ValueError, match="host:port"):
         split_urls("a:1,,b:2", "x:0")
+    assert split_urls("[::1]:8001,gpu-2.lab:1", "x:0") == ["[::1]:8001", "gpu-2.lab:1"]
+
+
+@pytest.mark.parametrize("url, reason", [("localhost:abc", "port must be a number in 1..65535, got 'abc'"),
+                                         ("127.0.0.1:99999", "got '99999'"), ("127.0.0.1:0", "got '0'"),
+                                         ("127.0.0.1", "expected host:port"), (":8001", "expected host:port"),
+                                         ("http://127.0.0.1:8000", "without a scheme, e.g. '127.0.0.1:8000'")])
+def test_split_urls_refuses_what_is_not_host_and_port(url, reason):
+    """tritonclient takes these and fails to connect, which read as "is the server running?"."""
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        split_urls(f"a:1,{url}", "x:0")
 
 
 def test_pool_picks_least_in_flight_and_skips_failed_servers():
