@@ -52,10 +52,10 @@ $(SETUP_STAMP): requirements.txt
 	touch $@
 
 $(NETWORK_ONNX): $(SETUP_STAMP) $(CHECKPOINT).pt $(CHECKPOINT).json export/network_export.py
-	$(PY) -m export --spec $(CHECKPOINT).json --checkpoint $(CHECKPOINT).pt --name unet2d_particles
+	$(PY) -m export --spec $(CHECKPOINT).json --checkpoint $(CHECKPOINT).pt --name unet2d_particles --overwrite
 
 $(NETWORK_3D_ONNX): $(SETUP_STAMP) $(CHECKPOINT_3D).pt $(CHECKPOINT_3D).json export/network_export.py
-	$(PY) -m export --spec $(CHECKPOINT_3D).json --checkpoint $(CHECKPOINT_3D).pt --name unet3d_organs
+	$(PY) -m export --spec $(CHECKPOINT_3D).json --checkpoint $(CHECKPOINT_3D).pt --name unet3d_organs --overwrite
 
 serve: setup
 	$(PY) -m segserve serve

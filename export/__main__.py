@@ -10,6 +10,11 @@ Examples:
     python -m export --spec training/checkpoints/unet3d_organs.json \
         --checkpoint training/checkpoints/unet3d_organs.pt --name unet3d_organs
 
+A name the repository already holds is refused: always when it is not a network written by
+this exporter (a pipeline step such as segment_2d, an ensemble, ...), and for such a network
+unless ``--overwrite`` is given; the replacement then takes the old model's place whole, once
+the new one is exported and checked (a failed export leaves the old one as it was).
+
 Afterwards (server restarted) a 2D network serves through ``segment_2d`` and a 3D one through
 ``segment_3d``, with the request parameter ``network=<name>`` (client: ``--network <name>``),
 or by default with ``--set-default``.
@@ -23,7 +28,8 @@ import pathlib
 import sys
 import traceback
 
-from export.network_export import SUPPORTED_ARCHITECTURES, ExportError, ExportSettings, export_network, set_default_network
+from export.network_export import (SUPPORTED_ARCHITECTURES, ExportError, ExportSettings, check_target, export_network,
+                                   set_default_network)
 
 DEFAULT_REPOSITORY = pathlib.Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -37,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=pathlib.Path, help="state dict file; omit to export untrained weights")
     parser.add_argument("--name", required=True, help="model name in the repository")
     parser.add_argument("--repository", type=pathlib.Path, default=DEFAULT_REPOSITORY, help="model repository (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the network of that name exported before (never another kind of model)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="largest tile batch (default: %(default)s)")
     parser.add_argument("--gpu-max-batch-size", type=int,
                         help="largest tile batch in the gpu and onnxruntime variants (default: 256 for 2D tiles, "
@@ -68,11 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = settings_from_args(args)
-        export_network(settings, args.repository)
+        # Up front, before the minutes an export can take.
+        check_target(args.repository, settings.name, args.overwrite)
+        pipeline = f"segment_{len(settings.tile)}d"
+        if args.set_default and not (args.repository / pipeline / "config.pbtxt").is_file():
+            raise ExportError(f"--set-default: {args.repository / pipeline} has no config.pbtxt (no {pipeline} pipeline to set)")
+        if args.checkpoint is not None and not args.checkpoint.is_file():
+            raise ExportError(f"checkpoint {args.checkpoint} is not a file")
+        export_network(settings, args.repository, overwrite=args.overwrite)
         if args.set_default:
-            dims = len(settings.tile)
-            set_default_network(args.repository, settings.name, pipeline=f"segment_{dims}d")
-            print(f"segment_{dims}d now uses {settings.name} by default (restart the server)")
+            set_default_network(args.repository, settings.name, pipeline=pipeline)
+            print(f"{pipeline} now uses {settings.name} by default (restart the server)")
     except Exception as error:  # one-line errors; --debug for the traceback
         if args.debug:
             traceback.print_exc()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
+import re
 import shutil
 import tempfile
 
@@ -25,6 +27,9 @@ MODEL_PY = '''"""Network model {name}: onnxruntime or TorchScript runner (logic 
 
 from segserve.backend.onnx_runner import TritonPythonModel  # noqa: F401
 '''
+# What marks a model directory as a network this exporter wrote (every version of MODEL_PY has
+# it); pipeline steps (segment_2d, segment_3d) are python-backend models too, with other runners.
+EXPORTED_RUNNER = "segserve.backend.onnx_runner"
 
 
 class ExportError(RuntimeError):
@@ -89,8 +94,8 @@ class ExportSettings:
             raise ExportError(f"gpu_max_batch_size must be >= 1, got {self.gpu_max_batch_size}")
         if self.instances_per_gpu < 1:
             raise ExportError(f"instances_per_gpu must be >= 1, got {self.instances_per_gpu}")
-        if not self.name or "/" in self.name:
-            raise ExportError(f"model name must be a plain directory name, got {self.name!r}")
+        if not self.name or "/" in self.name or self.name.startswith("."):  # "..", ".": outside; ".x": staging names
+            raise ExportError(f"model name must be a plain directory name (no '/', not starting with '.'), got {self.name!r}")
 
 
 def settings_from_spec(spec_path: pathlib.Path, checkpoint: pathlib.Path | None, name: str) -> ExportSettings:
@@ -231,12 +236,92 @@ def graph_channels(path: pathlib.Path) -> tuple[int, int]:
     return in_dims[1], out_dims[1]
 
 
+def describe_existing(model_dir: pathlib.Path) -> tuple[str, bool] | None:
+    """What sits at ``model_dir``: None when nothing (or an empty directory), else (a
+    description, whether it is a network this exporter wrote)."""
+    if model_dir.is_symlink():
+        return f"a symbolic link to {os.readlink(model_dir)}", False
+    if not model_dir.exists():
+        return None
+    if not model_dir.is_dir():
+        return "a file, not a model directory", False
+    if not any(model_dir.iterdir()):
+        return None
+    config_path = model_dir / "config.pbtxt"
+    if not config_path.is_file():
+        return "a directory without a config.pbtxt", False
+    try:
+        config = read_model_config(config_path)
+    except Exception as error:  # text_format.ParseError, UnicodeDecodeError, OSError
+        return f"a model whose config.pbtxt does not parse ({str(error).splitlines()[0]})", False
+    if config.platform == "ensemble":
+        return "an ensemble model", False
+    if config.backend != "python":
+        return f"a {config.backend or config.platform or 'model of unknown backend'} model", False
+    runner_path = model_dir / "1" / "model.py"
+    runner = runner_path.read_text(errors="replace") if runner_path.is_file() else ""
+    found = re.search(r"^from\s+([\w.]+)\s+import\s+TritonPythonModel", runner, re.MULTILINE)
+    if found and found.group(1) == EXPORTED_RUNNER:
+        return f"the network {config.name or model_dir.name}", True
+    return f"a python-backend model running {found.group(1) if found else 'its own 1/model.py'}", False
+
+
+def check_target(repository: pathlib.Path, name: str, overwrite: bool = False) -> None:
+    """Refuse to export over ``<repository>/<name>`` when something is there that is not a
+    network this exporter wrote (always), or is one and ``overwrite`` is not set."""
+    model_dir = pathlib.Path(repository) / name
+    existing = describe_existing(model_dir)
+    if existing is None:
+        return
+    what, exported = existing
+    if not exported:
+        raise ExportError(f"{model_dir} is {what}, not a network exported by python -m export: "
+                          "export never replaces it (choose another --name)")
+    if not overwrite:
+        raise ExportError(f"{model_dir} already holds {what} exported by python -m export; add --overwrite to replace it")
+
+
 def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: pathlib.Path,
-                torchscript_path: pathlib.Path) -> pathlib.Path:
+                torchscript_path: pathlib.Path, overwrite: bool = False) -> pathlib.Path:
     """Write ``<repository>/<name>/{config.pbtxt, configs/{gpu,onnxruntime}.pbtxt, 1/model.onnx,
-    1/model.ts, 1/model.py}``; returns the model dir."""
+    1/model.ts, 1/model.py}``; returns the model dir.
+
+    The model is written into a directory beside it (``.<name>.export-*``) and moved into place
+    only once complete; with ``overwrite`` it replaces a network written before as a whole (no
+    file of the old one stays). Leftovers are removed on failure: Triton takes every directory
+    of the repository, hidden ones included, for a model."""
     in_channels, num_classes = graph_channels(onnx_path)
+    repository.mkdir(parents=True, exist_ok=True)
     model_dir = repository / settings.name
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{settings.name}.export-", dir=repository))
+    try:
+        write_model_files(settings, staging, onnx_path, torchscript_path, in_channels, num_classes)
+        check_target(repository, settings.name, overwrite)  # again: the repository may have changed meanwhile
+        replace_directory(staging, model_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model_dir
+
+
+def replace_directory(new: pathlib.Path, target: pathlib.Path) -> None:
+    """Put directory ``new`` at ``target``; what was at ``target`` is moved aside, then deleted
+    (put back if the move fails)."""
+    if not os.path.lexists(target):
+        new.rename(target)
+        return
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+    old.rmdir()  # a free name on the same file system: rename needs it absent
+    target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_model_files(settings: ExportSettings, model_dir: pathlib.Path, onnx_path: pathlib.Path,
+                      torchscript_path: pathlib.Path, in_channels: int, num_classes: int) -> None:
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
     shutil.copyfile(torchscript_path, model_dir / "1" / "model.ts")
@@ -246,7 +331,6 @@ def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: p
     (model_dir / "configs").mkdir(exist_ok=True)
     for variant, build in (("gpu", gpu_variant), ("onnxruntime", onnxruntime_variant)):
         (model_dir / "configs" / f"{variant}.pbtxt").write_text(text_format.MessageToString(build(config, settings)))
-    return model_dir
 
 
 def set_default_network(repository: pathlib.Path, name: str, pipeline: str = "segment_2d") -> None:
@@ -260,8 +344,15 @@ def set_default_network(repository: pathlib.Path, name: str, pipeline: str = "se
         config_path.write_text(text_format.MessageToString(config))
 
 
-def export_network(settings: ExportSettings, repository: pathlib.Path, log=print) -> pathlib.Path:
-    """The whole export: build, ONNX export, checker, onnxruntime-vs-torch check, write."""
+def export_network(settings: ExportSettings, repository: pathlib.Path, log=print, overwrite: bool = False) -> pathlib.Path:
+    """The whole export: build, ONNX export, checker, onnxruntime-vs-torch check, write.
+
+    Refuses (ExportError, before any work) a name under which the repository holds anything but
+    a network this exporter wrote, and such a network unless ``overwrite``; a failed export
+    leaves the repository as it was."""
+    repository = pathlib.Path(repository)
+    check_target(repository, settings.name, overwrite)
+    replaced = describe_existing(repository / settings.name) is not None
     network = build_network(settings)
     in_channels = settings.arguments.get("in_channels", 1)
     with tempfile.TemporaryDirectory() as scratch:
@@ -274,6 +365,6 @@ def export_network(settings: ExportSettings, repository: pathlib.Path, log=print
             raise ExportError(f"onnxruntime differs from torch by {difference:.3g} > {settings.tolerance:g}")
         torchscript_path = pathlib.Path(scratch) / "model.ts"
         export_torchscript(network, in_channels, settings.tile, torchscript_path)
-        model_dir = write_model(settings, repository, onnx_path, torchscript_path)
-    log(f"wrote {model_dir}")
+        model_dir = write_model(settings, repository, onnx_path, torchscript_path, overwrite)
+    log(f"{'replaced' if replaced else 'wrote'} {model_dir}")
     return model_dir

@@ -27,9 +27,9 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$results/gpu.txt"
 python3 -c "import torch, onnxruntime; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 python3 -m export --spec training/checkpoints/unet2d_particles.json --checkpoint training/checkpoints/unet2d_particles.pt \
-    --name unet2d_particles 2>&1 | grep -v -i warn
+    --name unet2d_particles --overwrite 2>&1 | grep -v -i warn
 python3 -m export --spec training/checkpoints/unet3d_organs.json --checkpoint training/checkpoints/unet3d_organs.pt \
-    --name unet3d_organs 2>&1 | grep -v -i warn
+    --name unet3d_organs --overwrite 2>&1 | grep -v -i warn
 python3 -m scripts.gpu_network_probe 2>&1 | grep -v -i warn
 python3 -m pytest tests -q -p no:cacheprovider ${GPU_CHECK_TESTS:+-k "$GPU_CHECK_TESTS"} 2>&1 | tee "$results/tests.log" | tail -25
 tests_status=${PIPESTATUS[0]}

@@ -3,6 +3,11 @@ exported network then serves through segment_2d with no code written."""
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import shutil
+
 import numpy as np
 import onnx
 import pytest
@@ -15,6 +20,22 @@ from segserve.network_spec import load_network_spec
 from segserve.options import PipelineOptions
 from segserve.reference import reference_probabilities
 from tests.conftest import NETWORK_DEVICE, SECOND_NETWORK, SECOND_NETWORK_SETTINGS
+
+SHIPPED_REPOSITORY = pathlib.Path(__file__).resolve().parent.parent / "model_repository"
+TINY_ARGUMENTS = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2]}
+
+
+def export_tiny(repository: pathlib.Path, name: str, *extra: str, out_channels: int = 2) -> int:
+    """``python -m export`` of a tiny 2D UNet (a second or so), in-process."""
+    arguments = json.dumps({**TINY_ARGUMENTS, "out_channels": out_channels})
+    return export_main(["--architecture", "UNet", "--arguments", arguments, "--tile", "32", "32",
+                        "--name", name, "--repository", str(repository), *extra])
+
+
+def snapshot(root: pathlib.Path) -> dict:
+    """Every path under ``root``: a link's target, a file's bytes, None for a directory."""
+    return {str(path.relative_to(root)): os.readlink(path) if path.is_symlink() else path.read_bytes() if path.is_file() else None
+            for path in sorted(root.rglob("*"))}
 
 
 def test_export_writes_model_and_config(tmp_path):
@@ -70,3 +91,75 @@ def test_torchscript_twin_matches_torch_inside_monai_sliding_window(default_netw
     expected = reference_probabilities(frame, default_network_cpu, (128, 128))
     actual = reference_probabilities(frame, twin, (128, 128))
     assert float((actual - expected).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("name, what", [("segment_2d", "a python-backend model running segserve.backend.sliding_window"),
+                                        ("segment_3d", "a python-backend model running segserve.backend.sliding_window"),
+                                        ("segment_2d_uint16", "an ensemble model")],
+                         ids=["segment_2d", "segment_3d", "segment_2d_uint16"])
+def test_export_never_replaces_a_pipeline_model(tmp_path, capsys, name, what, overwrite):
+    """Refused up front (nothing exported), with or without --overwrite; its files unchanged byte for byte."""
+    repository = tmp_path / "model_repository"
+    shutil.copytree(SHIPPED_REPOSITORY / name, repository / name, symlinks=True)
+    before = snapshot(repository)
+    assert export_tiny(repository, name, *overwrite) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (f"export: error: {repository / name} is {what}, not a network exported by python -m export: "
+                            "export never replaces it (choose another --name)\n")
+    assert captured.out == ""  # refused before the export started
+    assert snapshot(repository) == before
+
+
+def test_export_refuses_an_existing_network_without_overwrite(tmp_path, capsys):
+    assert export_tiny(tmp_path, "tiny") == 0
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert export_tiny(tmp_path, "tiny", out_channels=3) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (f"export: error: {tmp_path / 'tiny'} already holds the network tiny exported by python -m export; "
+                            "add --overwrite to replace it\n")
+    assert captured.out == ""
+    assert snapshot(tmp_path) == before
+
+
+def test_export_overwrite_replaces_the_network_whole(tmp_path, capsys):
+    assert export_tiny(tmp_path, "tiny") == 0
+    (tmp_path / "tiny" / "1" / "stale.txt").write_text("from the old model")
+    (tmp_path / "tiny" / "2").mkdir()
+    (tmp_path / "tiny" / "2" / "model.onnx").write_bytes(b"an old version")
+    assert export_tiny(tmp_path, "tiny", "--overwrite", out_channels=3) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"replaced {tmp_path / 'tiny'}"
+    assert sorted(snapshot(tmp_path)) == ["tiny", "tiny/1", "tiny/1/model.onnx", "tiny/1/model.py", "tiny/1/model.ts",
+                                          "tiny/config.pbtxt", "tiny/configs", "tiny/configs/gpu.pbtxt",
+                                          "tiny/configs/onnxruntime.pbtxt"]  # no stale file, no staging directory left
+    assert load_network_spec(tmp_path, "tiny").num_classes == 3
+
+
+@pytest.mark.parametrize("failure, message", [("checkpoint", "export: error: checkpoint "),
+                                              ("parity", "export: error: onnxruntime differs from torch by ")],
+                         ids=["bad-checkpoint", "parity-fails"])
+def test_failed_overwrite_leaves_the_old_network_intact(tmp_path, capsys, second_network_checkpoint, failure, message):
+    repository = tmp_path / "model_repository"
+    torch.manual_seed(0)  # the untrained weights: the parity failure below is reproducible
+    assert export_tiny(repository, "tiny") == 0
+    before = snapshot(repository)
+    capsys.readouterr()
+    extra = ["--checkpoint", str(second_network_checkpoint)] if failure == "checkpoint" else ["--tolerance", "1e-30"]
+    assert export_tiny(repository, "tiny", "--overwrite", *extra) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(message) and error.count("\n") == 1
+    assert snapshot(repository) == before
+
+
+def test_export_checks_set_default_before_exporting(tmp_path, capsys):
+    assert export_tiny(tmp_path, "tiny", "--set-default") == 1
+    assert capsys.readouterr().err == (f"export: error: --set-default: {tmp_path / 'segment_2d'} has no config.pbtxt "
+                                       "(no segment_2d pipeline to set)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden"])
+def test_export_refuses_names_outside_the_repository_or_hidden(name):
+    with pytest.raises(ExportError, match="plain directory name"):
+        ExportSettings("UNet", TINY_ARGUMENTS, None, (32, 32), name)
