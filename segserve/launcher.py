@@ -266,6 +266,12 @@ def python_backend_region_users() -> dict[str, set[int]]:
     return users
 
 
+def repository_models(repository: pathlib.Path) -> list[str]:
+    """The model directories of ``repository``. Hidden ones are not models (an export's staging
+    directory, ``.ipynb_checkpoints``), but ``--load-model=*`` would load them and fail the start."""
+    return sorted(p.name for p in pathlib.Path(repository).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 class TritonServer:
     """A ``tritonserver`` child process: ``start()`` waits for readiness, ``stop()`` shuts down.
 
@@ -303,7 +309,8 @@ class TritonServer:
             f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
             # explicit (every model loaded at start): a model whose stub died is reloaded alone
             # (``reload_models``); the repository API stays restricted to token holders.
-            "--model-control-mode=explicit", "--load-model=*",
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in repository_models(c.model_repository)),
             "--strict-readiness=true",
             "--exit-timeout-secs=30",
             f"--log-verbose={c.log_verbose}",

@@ -41,6 +41,21 @@ def test_a_failed_start_says_which_model_failed_and_only_from_its_own_log_lines(
     assert "first_broken" in log.read_text()
 
 
+@pytest.mark.server
+def test_hidden_directories_of_the_repository_are_not_loaded(tmp_path):
+    """An export killed mid-write leaves ``.<name>.export-*`` in the repository; a notebook
+    leaves ``.ipynb_checkpoints``. Neither is a model, and neither stops the start."""
+    repository = broken_repository(tmp_path / "repository", ".unet.export-1x2y")
+    (repository / ".ipynb_checkpoints").mkdir()
+    config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
+    server = TritonServer(config, log_path=tmp_path / "server.log").start()
+    try:
+        with httpclient.InferenceServerClient(server.http_url) as client:
+            assert client.is_server_ready()
+    finally:
+        server.stop()
+
+
 def test_log_errors_keeps_error_lines_else_the_last_lines(tmp_path):
     log = tmp_path / "server.log"
     log.write_text("I1201 loading\nE1201 21:12:11 x.cc:1] \"boom\"\nTraceback (most recent call last):\n"
