@@ -34,7 +34,8 @@ from tqdm import tqdm
 from client import dataset_cli, volume_cli
 from client.cli_options import add_pipeline_options, add_server_options, check_servers, network_info, segment_options
 from client.api import SegmentationClient, SegmentationError
-from client.stacks import FileWriter, RunRecord, Source, StackWriter, open_sources, stack_outputs
+from client.stacks import (FileWriter, RunRecord, Source, StackWriter, Target, check_distinct_targets, open_sources,
+                           stack_outputs)
 
 MAX_INFLIGHT = 256  # requests in flight per client (one thread each); 100000 exhausts the threads
 
@@ -111,7 +112,9 @@ def plan_source(source: Source, args: argparse.Namespace, num_classes: int) -> P
         writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size)
         todo = [i for i in range(source.count) if not (args.resume and writer.is_done(i))]
         return Plan(source, writer, todo)
-    settings = {"network": args.network, "model": args.model, "source": source.label, **segment_options(args)}
+    # The location too: another file of the same name must not continue this one's record.
+    settings = {"network": args.network, "model": args.model, "source": source.label,
+                "location": str(source.path.resolve()), **segment_options(args)}
     record_path = StackWriter.record_path_for(source, args.out)
     record = None
     if record_path.exists():
@@ -125,6 +128,21 @@ def plan_source(source: Source, args: argparse.Namespace, num_classes: int) -> P
         record = RunRecord(record_path, source.count, settings)
         record.save()
     return Plan(source, writer, record.remaining(), record)
+
+
+def planned_targets(sources: list[Source], args: argparse.Namespace) -> tuple[list[Target], list[pathlib.Path]]:
+    """What every source would write, and the run's inputs (files, and directories given)."""
+    targets, inputs = [], []
+    outputs = stack_outputs(args.probabilities, args.contour)
+    for source in sources:
+        if source.kind in ("files", "directory"):
+            writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size)
+            targets += writer.targets()
+            inputs += [source.files[0].parent] if source.kind == "directory" else source.files
+        else:
+            targets += StackWriter.targets(source, args.out, outputs)
+            inputs.append(source.path)
+    return targets, inputs
 
 
 def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, progress: tqdm, tally: Tally) -> None:
@@ -168,7 +186,9 @@ def segment_inputs(args: argparse.Namespace) -> int:
                   "run that did not exit cleanly", file=sys.stderr)
         info = network_info(client, args.patience)
         in_channels, num_classes = info.in_channels, info.num_classes
-        plans = [plan_source(source, args, num_classes) for source in open_sources(args.frames, in_channels)]
+        sources = open_sources(args.frames, in_channels)
+        check_distinct_targets(*planned_targets(sources, args))  # before any writer opens (and truncates) a file
+        plans = [plan_source(source, args, num_classes) for source in sources]
         tally = Tally(skipped=sum(p.source.count - len(p.todo) for p in plans))
         total = sum(len(p.todo) for p in plans)
         start = time.perf_counter()

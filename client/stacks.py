@@ -181,10 +181,17 @@ class RunRecord:
     @classmethod
     def load(cls, path: pathlib.Path, frames: int, settings: dict) -> "RunRecord":
         saved = json.loads(path.read_text())
-        if saved.get("frames") != frames or saved.get("settings") != settings:
-            raise ValueError(f"{path}: the interrupted run had other inputs or options "
-                             f"({saved.get('frames')} frames, {saved.get('settings')}); rerun without --resume "
-                             "to start again")
+        if saved.get("frames") != frames:
+            raise ValueError(f"{path}: the interrupted run had {saved.get('frames')} frames, this input {frames}; "
+                             "add --overwrite (instead of --resume) to start again")
+        previous = saved.get("settings") or {}
+        if "location" not in previous:  # a record from before locations were kept: the name alone
+            settings = {k: v for k, v in settings.items() if k != "location"}
+        differing = sorted(k for k in {*previous, *settings} if previous.get(k) != settings.get(k))
+        if differing:
+            given = ", ".join(f"{k} {previous.get(k)!r} there, {settings.get(k)!r} now" for k in differing)
+            raise ValueError(f"{path}: the run it continues had other settings ({given}); resume with its settings, "
+                             "or add --overwrite (instead of --resume) to start again")
         record = cls(path, frames, settings)
         record.done = int(saved["done"])
         record.failed = {int(k): v for k, v in saved.get("failed", {}).items()}
@@ -235,15 +242,29 @@ class StackWriter:
         height_width = source.frame_shape[-2:]
         self.shapes = {name: (source.count, num_classes, *height_width) if name == "probabilities"
                        else (source.count, *height_width) for name in outputs}
-        stem = source.path.stem
         self._h5 = None
+        self.paths = self.paths_for(source, out_dir, outputs)
         if source.kind == "hdf5":
-            self.paths = {name: out_dir / f"{stem}_segmentation.h5" for name in outputs}
             self.arrays = self._open_hdf5(self.paths["mask"], source.dataset, resume)
         else:
-            suffix = ".tif" if source.kind == "tiff" else ".npy"
-            self.paths = {name: out_dir / f"{stem}_{name}{suffix}" for name in outputs}
             self.arrays = {name: self._open_array(name, resume) for name in outputs}
+
+    @staticmethod
+    def paths_for(source: Source, out_dir: pathlib.Path, outputs: list[str]) -> dict[str, pathlib.Path]:
+        """Where each output of ``source`` goes (HDF5: one file, a group per input dataset)."""
+        stem = source.path.stem
+        if source.kind == "hdf5":
+            return {name: out_dir / f"{stem}_segmentation.h5" for name in outputs}
+        suffix = ".tif" if source.kind == "tiff" else ".npy"
+        return {name: out_dir / f"{stem}_{name}{suffix}" for name in outputs}
+
+    @classmethod
+    def targets(cls, source: Source, out_dir: pathlib.Path, outputs: list[str]) -> list[Target]:
+        """Everything this stack's run writes, its record included."""
+        place = source.dataset if source.kind == "hdf5" else ""
+        paths = set(cls.paths_for(source, out_dir, outputs).values()) | {cls.record_path_for(source, out_dir)}
+        owner = f"{source.path}:{place}" if place else str(source.path)
+        return [Target(owner, path, place) for path in sorted(paths)]
 
     @staticmethod
     def record_path_for(source: Source, out_dir: pathlib.Path) -> pathlib.Path:
@@ -263,7 +284,7 @@ class StackWriter:
             array = tifffile.memmap(path, mode="r+") if path.suffix == ".tif" else load_npy(path, mmap_mode="r+")
             if array.shape != shape or array.dtype != dtype:
                 raise ValueError(f"{path}: shape {list(array.shape)} {array.dtype} does not match this run "
-                                 f"({list(shape)} {np.dtype(dtype)}); rerun without --resume")
+                                 f"({list(shape)} {np.dtype(dtype)}); add --overwrite (instead of --resume) to start again")
             return array
         if path.suffix == ".tif":
             return tifffile.memmap(path, shape=shape, dtype=dtype, photometric="minisblack")
@@ -281,7 +302,7 @@ class StackWriter:
             shape, dtype = self.shapes[name], OUTPUT_DTYPES[name]
             if name in group and (group[name].shape != shape or group[name].dtype != dtype):
                 raise ValueError(f"{path}:{group_path}/{name}: shape {list(group[name].shape)} does not match this "
-                                 f"run ({list(shape)}); rerun without --resume")
+                                 f"run ({list(shape)}); add --overwrite (instead of --resume) to start again")
             arrays[name] = group.require_dataset(name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]),
                                                  compression="gzip", compression_opts=1)
         return arrays
@@ -318,8 +339,12 @@ class FileWriter:
                  overlay_max_size: int | None):
         self.source, self.outputs, self.format = source, outputs, array_format
         self.out_dir = out_dir / source.label if source.kind == "directory" else out_dir
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.overlay_max_size = overlay_max_size
+
+    def targets(self) -> list[Target]:
+        """Every file this run may write, for every frame."""
+        return [Target(str(self.source.files[index]), path) for index in range(self.source.count)
+                for path in self.paths(index).values()]
 
     def paths(self, index: int) -> dict[str, pathlib.Path]:
         stem = self.source.files[index].stem
@@ -333,12 +358,49 @@ class FileWriter:
 
     def write(self, index: int, result) -> list[pathlib.Path]:
         paths = self.paths(index)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         for name in self.outputs:
             atomic_write(paths[name], lambda tmp, name=name: write_array(tmp, getattr(result, name)))
         if "overlay" in paths:
             picture = overlay(self.source.load(index), result.mask, max_size=self.overlay_max_size)
             atomic_write(paths["overlay"], lambda tmp: picture.save(tmp, format="PNG"))
         return list(paths.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What one input writes: ``path``, and ``place`` inside it (an HDF5 group; "" for a file)."""
+
+    owner: str  # the input, as the user named it
+    path: pathlib.Path
+    place: str = ""
+
+
+def check_distinct_targets(targets: list[Target], inputs: list[pathlib.Path]) -> None:
+    """Refuse a run where two inputs would write the same output (one result would be lost,
+    or one stack record would mix two inputs), an output would replace an input, or a
+    directory input would get its outputs among its frames (a rerun would segment them).
+
+    Args:
+        targets: what every input of the run writes.
+        inputs: the run's input files, and its directory inputs.
+
+    Raises:
+        ValueError: naming both inputs, or the input, and the output.
+    """
+    owners: dict[tuple[pathlib.Path, str], str] = {}
+    for target in targets:
+        key = (target.path.resolve(), target.place)
+        if owners.setdefault(key, target.owner) != target.owner:
+            where = f"{target.path}:{target.place}" if target.place else str(target.path)
+            raise ValueError(f"{owners[key]} and {target.owner} would both write {where}; segment them into "
+                             "different --out directories")
+    written = {path for path, _ in owners}
+    folders = {path.parent for path in written}
+    for path in inputs:
+        if path.resolve() in written or (path.is_dir() and path.resolve() in folders):
+            raise ValueError(f"--out would put outputs {'among the frames of' if path.is_dir() else 'over'} the "
+                             f"input {path}; choose another --out")
 
 
 def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], object]) -> None:

@@ -102,6 +102,39 @@ def test_cli_refuses_out_of_range_settings_before_any_request(argument, reason, 
     assert code in (1, 2) and reason in capsys.readouterr().err
 
 
+def test_inputs_that_would_write_the_same_output_are_refused_before_anything_is_written(server, tmp_path, rng,
+                                                                                      capsys):
+    """Two frames of one stem, two stacks of one name, a directory's outputs among its frames,
+    and a stack's record continued by another file of the same name: refused in one line, and
+    an earlier result stays as it was."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    np.save(frames / "a.npy", rng.random((40, 40), dtype=np.float32))
+    tifffile.imwrite(frames / "a.tif", rng.random((40, 40), dtype=np.float32))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    np.save(scans / "b.npy", rng.random((40, 40), dtype=np.float32))
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "stack.npy", rng.integers(0, 4000, (3, 40, 40), dtype=np.uint16))
+    out = tmp_path / "out"
+    common = ["--url", server.grpc_url, "--no-progress", "--no-overlay"]
+    assert client_main(["segment", str(tmp_path / "one" / "stack.npy"), "--out", str(out), *common]) == 0
+    finished = {p.name: p.read_bytes() for p in out.iterdir()}
+    cases = [([str(frames)], out, f"{frames / 'a.npy'} and {frames / 'a.tif'} would both write {out / 'frames' / 'a_mask.tif'}"),
+             ([str(tmp_path / n / "stack.npy") for n in ("one", "two")] + ["--overwrite"], out,
+              f"{tmp_path / 'one' / 'stack.npy'} and {tmp_path / 'two' / 'stack.npy'} would both write {out}"),
+             ([str(scans)], tmp_path, f"--out would put outputs among the frames of the input {scans}"),
+             ([str(tmp_path / "two" / "stack.npy"), "--resume"], out, "location")]
+    for arguments, destination, message in cases:
+        capsys.readouterr()
+        assert client_main(["segment", *arguments, "--out", str(destination), *common]) == 1, arguments
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (arguments, err)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == finished
+    assert sorted(p.name for p in frames.iterdir()) == ["a.npy", "a.tif"] and [p.name for p in scans.iterdir()] == ["b.npy"]
+
+
 def test_cli_without_server_says_so(tmp_path, capsys):
     np.save(tmp_path / "f.npy", np.zeros((8, 8), np.float32))
     assert client_main(["segment", str(tmp_path / "f.npy"), "--url", "127.0.0.1:1"]) == 1

@@ -168,8 +168,11 @@ def test_run_record_resumes_after_the_done_prefix_and_retries_failures(tmp_path)
     resumed = RunRecord.load(tmp_path / "x.segment.json", 10, settings)
     assert resumed.remaining() == [2, 6, 7, 8, 9]
     assert not RunRecord.is_complete_file(tmp_path / "x.segment.json")
-    with pytest.raises(ValueError, match="other inputs or options"):
+    # The refusal names what differs and the way out (--resume again would loop).
+    with pytest.raises(ValueError, match=r"other settings \(overlap 0.5 there, 0.25 now\).*add --overwrite"):
         RunRecord.load(tmp_path / "x.segment.json", 10, {"network": None, "overlap": 0.25})
+    with pytest.raises(ValueError, match="had 10 frames, this input 12; add --overwrite"):
+        RunRecord.load(tmp_path / "x.segment.json", 12, settings)
     assert json.loads((tmp_path / "x.segment.json").read_text())["failed"] == {"2": "bad frame"}
 
 
