@@ -173,7 +173,7 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
     finally:
         stream.close()
         if isinstance(writer, StackWriter):
-            writer.close()
+            writer.close(publish=plan.record.is_finished())
 
 
 def segment_inputs(args: argparse.Namespace) -> int:
@@ -204,6 +204,9 @@ def segment_inputs(args: argparse.Namespace) -> int:
             for plan in plans:
                 if plan.record is not None:
                     print(f"client: {plan.source.label} -> {plan.writer.describe()}", file=sys.stderr)
+                    if not plan.writer.published:
+                        print(f"client: {plan.source.label}: unfinished, so under partial names until --resume "
+                              "finishes it (the earlier result, if any, is untouched)", file=sys.stderr)
     if tally.failed:
         print("client: failed frames:\n  " + "\n  ".join(tally.failed), file=sys.stderr)
     return 1 if tally.failed else 0

@@ -4,10 +4,11 @@ lets an interrupted run resume.
 
 A container input is a stack when its rank is one more than a frame's: ``[N, H, W]`` for a
 one-channel network, ``[N, C, H, W]`` otherwise; a rank-2 array (or ``[C, H, W]`` with C > 1)
-is one frame. Stack outputs are preallocated (``[N, H, W]`` masks) and written in input order;
-``<stem>.segment.json`` next to them records how many frames are done and which failed, and is
-updated only after a frame's data is in the file, so resuming never skips a frame that is not
-there. A frame that failed is filled with ``FAILED_VALUE`` (mask, contour) or NaN
+is one frame. Stack outputs are preallocated (``[N, H, W]`` masks) under partial names and
+written in input order; ``<stem>.segment.json`` next to them records how many frames are done
+and which failed, and is updated only after a frame's data is in the file, so resuming never
+skips a frame that is not there. Once every frame is processed (and not every one failed) the
+outputs take their own names. A frame that failed is filled with ``FAILED_VALUE`` (mask, contour) or NaN
 (probabilities) and listed in the record and the summary.
 """
 
@@ -197,6 +198,11 @@ class RunRecord:
         record.failed = {int(k): v for k, v in saved.get("failed", {}).items()}
         return record
 
+    def is_finished(self) -> bool:
+        """Every frame processed, and not every one failed (a run that wrote nothing, say with
+        a mistyped option, must not replace an earlier result)."""
+        return self.done >= self.frames and len(self.failed) < self.frames
+
     def remaining(self) -> list[int]:
         """Frames still to segment: earlier failures, then everything after the done prefix."""
         return sorted(self.failed) + list(range(self.done, self.frames))
@@ -225,6 +231,14 @@ class RunRecord:
             return False
 
 
+PARTIAL = ".partial"  # marks a stack output whose run has not finished
+
+
+def partial_name(path: pathlib.Path) -> pathlib.Path:
+    """``scan_mask.tif`` -> ``scan_mask.partial.tif``."""
+    return path.with_name(f"{path.stem}{PARTIAL}{path.suffix}")
+
+
 def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_")
 
@@ -235,6 +249,11 @@ class StackWriter:
     TIFF and NPY: ``<stem>_<output>.tif|.npy`` memory-mapped (TIFF uncompressed, so frames
     land in place). HDF5: ``<stem>_segmentation.h5`` with a group named after the input dataset
     holding ``mask``, ``probabilities``, ``contour`` (one chunk per frame, gzip).
+
+    A run writes under partial names (``<stem>_mask.partial.tif``; the group
+    ``<dataset>.partial``) and ``publish`` renames them once every frame is processed, so a
+    file under its own name is a finished run's, and an earlier result stays as it was until a
+    later run has finished (a mistyped option failing every frame replaces nothing).
     """
 
     def __init__(self, source: Source, out_dir: pathlib.Path, outputs: list[str], num_classes: int, resume: bool):
@@ -244,9 +263,16 @@ class StackWriter:
                        else (source.count, *height_width) for name in outputs}
         self._h5 = None
         self.paths = self.paths_for(source, out_dir, outputs)
+        self.published = False
         if source.kind == "hdf5":
-            self.arrays = self._open_hdf5(self.paths["mask"], source.dataset, resume)
+            self.group = source.dataset
+            self.partial_group = f"{source.dataset.rstrip('/')}{PARTIAL}"
+            self.arrays = self._open_hdf5(self.paths["mask"], resume)
         else:
+            self.partial_paths = {name: partial_name(path) for name, path in self.paths.items()}
+            # Resuming a run whose outputs were published (or written in place, before partial
+            # names) continues in them.
+            self.published = resume and not any(p.exists() for p in self.partial_paths.values())
             self.arrays = {name: self._open_array(name, resume) for name in outputs}
 
     @staticmethod
@@ -275,11 +301,13 @@ class StackWriter:
 
     def describe(self) -> str:
         if self.source.kind == "hdf5":
-            return f"{self.paths['mask']}:/{self.source.dataset.strip('/')}/{{{','.join(self.outputs)}}}"
-        return ", ".join(str(p) for p in self.paths.values())
+            group = (self.group if self.published else self.partial_group).strip("/")
+            return f"{self.paths['mask']}:/{group}/{{{','.join(self.outputs)}}}"
+        return ", ".join(str(p) for p in (self.paths if self.published else self.partial_paths).values())
 
     def _open_array(self, name: str, resume: bool):
-        path, shape, dtype = self.paths[name], self.shapes[name], OUTPUT_DTYPES[name]
+        path = self.paths[name] if self.published else self.partial_paths[name]
+        shape, dtype = self.shapes[name], OUTPUT_DTYPES[name]
         if resume:
             array = tifffile.memmap(path, mode="r+") if path.suffix == ".tif" else load_npy(path, mmap_mode="r+")
             if array.shape != shape or array.dtype != dtype:
@@ -290,10 +318,13 @@ class StackWriter:
             return tifffile.memmap(path, shape=shape, dtype=dtype, photometric="minisblack")
         return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
-    def _open_hdf5(self, path: pathlib.Path, group_path: str, resume: bool) -> dict:
+    def _open_hdf5(self, path: pathlib.Path, resume: bool) -> dict:
         import h5py
 
         self._h5 = h5py.File(path, "a")
+        if resume and self.partial_group not in self._h5 and self.group in self._h5:
+            self.published = True  # a published run (or one from before partial names): continue in it
+        group_path = self.group if self.published else self.partial_group
         if not resume and group_path in self._h5:
             del self._h5[group_path]
         group = self._h5.require_group(group_path)
@@ -323,11 +354,22 @@ class StackWriter:
             for array in self.arrays.values():
                 array.flush()
 
-    def close(self) -> None:
+    def close(self, publish: bool = False) -> None:
+        """Flush and close; with ``publish``, give the outputs their own names (replacing an
+        earlier run's)."""
         self.flush()
-        if self._h5 is not None:
-            self._h5.close()
         self.arrays.clear()
+        if self._h5 is not None:
+            if publish and not self.published:
+                if self.group in self._h5:
+                    del self._h5[self.group]
+                self._h5.move(self.partial_group, self.group)
+                self.published = True
+            self._h5.close()
+        elif publish and not self.published:
+            for name, partial in self.partial_paths.items():
+                os.replace(partial, self.paths[name])
+            self.published = True
 
 
 class FileWriter:

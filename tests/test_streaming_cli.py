@@ -69,8 +69,46 @@ def test_sigint_mid_stream_unregisters_and_keeps_what_was_written(server, tmp_pa
     assert "--resume" in interrupted.stderr.read()
     assert our_dev_shm_entries() == [] and registered_regions(server) == []
     done = json.loads(record.read_text())["done"]
-    masks = tifffile.imread(out / "scan_mask.tif")
+    masks = tifffile.imread(out / "scan_mask.partial.tif")  # unfinished: not under the output's own name
+    assert not (out / "scan_mask.tif").exists()
     assert np.array_equal(masks[:done], reference_masks(server, stack[:done]))
+
+
+@pytest.mark.parametrize("container", ["npy", "hdf5"])
+def test_a_rerun_failing_every_frame_leaves_the_earlier_result_as_it_was(container, server, tmp_path, rng, capsys):
+    """A finished stack rerun with an option the server refuses (every frame fails): the
+    earlier result keeps its name and bytes; the failed run's outputs sit under partial names
+    until a run finishes, which then takes the output's name and leaves no partial behind."""
+    h5py = pytest.importorskip("h5py")
+    stack = make_stack(rng, 3, (60, 50))
+    if container == "npy":
+        np.save(tmp_path / "scan.npy", stack)
+        argument, out = str(tmp_path / "scan.npy"), tmp_path / "out"
+    else:
+        with h5py.File(tmp_path / "scan.h5", "w") as h5:
+            h5.create_dataset("entry/data", data=stack)
+        argument, out = f"{tmp_path / 'scan.h5'}:/entry/data", tmp_path / "out"
+
+    def masks(partial: bool) -> np.ndarray:
+        if container == "npy":
+            return np.load(out / f"scan_mask{'.partial' if partial else ''}.npy")
+        with h5py.File(out / "scan_segmentation.h5", "r") as h5:
+            return h5[f"entry/data{'.partial' if partial else ''}/mask"][:]
+
+    common = ["--out", str(out), "--url", server.grpc_url, "--no-progress"]
+    expected = reference_masks(server, stack)
+    assert client_main(["segment", argument, *common]) == 0
+    assert np.array_equal(masks(partial=False), expected)
+    capsys.readouterr()
+    assert client_main(["segment", argument, *common, "--overlap", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert "0 written, 3 failed" in err and "unfinished, so under partial names" in err, err
+    assert np.array_equal(masks(partial=False), expected)
+    assert (masks(partial=True) == FAILED_VALUE).all()
+    assert client_main(["segment", argument, *common]) == 0  # the failed run was finished: no --overwrite
+    assert np.array_equal(masks(partial=False), expected)
+    with pytest.raises((FileNotFoundError, KeyError)):
+        masks(partial=True)
 
 
 def test_a_malformed_frame_is_reported_and_the_others_written(server, tmp_path, rng, capsys):
