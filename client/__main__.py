@@ -74,6 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--retries must be >= 0, got {args.retries}")
     if args.patience < 0:
         parser.error(f"--patience must be >= 0, got {args.patience}")
+    if getattr(args, "overlay_max_size", 1) < 1:
+        parser.error(f"--overlay-max-size must be >= 1 (--no-overlay for none), got {args.overlay_max_size}")
+    if args.command != "segment-dataset" and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; --out names a directory")
     if getattr(args, "resume", False) and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     return args

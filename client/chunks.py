@@ -188,6 +188,8 @@ def plan_chunks(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float = 
         raise ChunkingError(f"overlap must be in [0, 1), got {overlap}")
     if max_voxels < 1:
         raise ChunkingError(f"max_voxels must be >= 1, got {max_voxels}")
+    if min_shared < 0:
+        raise ChunkingError(f"min_shared (--chunk-overlap) must be >= 0, got {min_shared}")
     if max_extents is None:
         extents = default_max_extents(shape, tile, overlap, max_voxels, min_shared)
     else:

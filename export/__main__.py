@@ -59,8 +59,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_spec(path: pathlib.Path) -> dict:
+    """The --spec JSON object; errors name the file."""
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ExportError(f"--spec {path}: {error}") from error
+    if not isinstance(spec, dict):
+        raise ExportError(f"--spec {path}: expected a JSON object, got {type(spec).__name__}")
+    return spec
+
+
 def settings_from_args(args: argparse.Namespace) -> ExportSettings:
-    spec = json.loads(args.spec.read_text()) if args.spec else {}
+    spec = read_spec(args.spec) if args.spec else {}
     architecture = args.architecture or spec.get("architecture")
     arguments = args.arguments if args.arguments is not None else spec.get("arguments")
     tile = args.tile or spec.get("tile")

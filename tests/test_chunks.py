@@ -44,6 +44,8 @@ def test_bad_chunk_settings_name_the_value():
         plan_chunks((100, 100, 100), (16, 16, 16), max_extents=(50, 50))
     with pytest.raises(ChunkingError, match=r"overlap must be in \[0, 1\), got 1.5"):
         plan_chunks((100, 100, 100), (16, 16, 16), overlap=1.5)
+    with pytest.raises(ChunkingError, match=r"min_shared \(--chunk-overlap\) must be >= 0, got -5"):
+        plan_chunks((100, 100, 100), (16, 16, 16), max_voxels=1000, min_shared=-5)
 
 
 def test_default_extents_cut_slowest_axis_first_among_equals():

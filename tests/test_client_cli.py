@@ -92,9 +92,12 @@ def test_unreadable_inputs_fail_in_one_line_naming_the_file(server, tmp_path, ca
 
 
 @pytest.mark.parametrize("argument, reason", [(["--inflight", "100000"], "--inflight must be in 1..256, got 100000"),
-                                              (["--url", "localhost:abc"], "the port must be a number")])
+                                              (["--url", "localhost:abc"], "the port must be a number"),
+                                              (["--overlay-max-size", "-5"], "--overlay-max-size must be >= 1"),
+                                              (["--out", "f.npy"], "is a file; --out names a directory")])
 def test_cli_refuses_out_of_range_settings_before_any_request(argument, reason, tmp_path, capsys):
     np.save(tmp_path / "f.npy", np.zeros((8, 8), np.float32))
+    argument = [str(tmp_path / a) if a == "f.npy" else a for a in argument]
     try:
         code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path), *argument])
     except SystemExit as exit_:  # argparse's refusal

@@ -163,3 +163,11 @@ def test_export_checks_set_default_before_exporting(tmp_path, capsys):
 def test_export_refuses_names_outside_the_repository_or_hidden(name):
     with pytest.raises(ExportError, match="plain directory name"):
         ExportSettings("UNet", TINY_ARGUMENTS, None, (32, 32), name)
+
+
+@pytest.mark.parametrize("text, reason", [("{", "Expecting property name"), ("[1, 2]", "expected a JSON object, got list")])
+def test_a_bad_spec_file_is_named_in_one_line(tmp_path, capsys, text, reason):
+    (tmp_path / "bad.json").write_text(text)
+    assert export_main(["--spec", str(tmp_path / "bad.json"), "--name", "x", "--repository", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"export: error: --spec {tmp_path / 'bad.json'}: ") and reason in err and err.count("\n") == 1
