@@ -20,12 +20,12 @@ def read_frame(path: pathlib.Path) -> np.ndarray:
     """A frame as ``[H, W]`` or ``[C, H, W]`` in its stored pixel type.
 
     PNG colour images are converted to one grey channel (the networks here take one channel);
-    NPY and TIFF arrays are returned as stored.
+    NPY arrays are returned as stored, TIFF ones too but with RGB(A) samples first (``[C, H, W]``).
     """
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        frame = tifffile.imread(path)
+        frame = read_tiff(path)
     elif suffix == ".npy":
         frame = load_npy(path)
     elif suffix == ".png":
@@ -38,6 +38,15 @@ def read_frame(path: pathlib.Path) -> np.ndarray:
     if frame.ndim not in (2, 3):
         raise ValueError(f"{path}: expected a 2D frame [H, W] or [C, H, W], got shape {list(frame.shape)}")
     return frame
+
+
+def read_tiff(path) -> np.ndarray:
+    """A TIFF's first series; samples of a pixel (RGB, RGBA: stored last, axes ``...YXS``)
+    moved before the image axes, as a channel axis: ``[..., C, H, W]``."""
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        array = series.asarray()
+        return np.moveaxis(array, -1, -3) if series.axes.endswith("S") else array
 
 
 def load_npy(path, mmap_mode: str | None = None) -> np.ndarray:

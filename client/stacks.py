@@ -126,7 +126,12 @@ def array_source(label: str, kind: str, array, path: pathlib.Path, dataset: str 
 def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
     with tifffile.TiffFile(path) as tiff:
         series = tiff.series[0]
-        shape, page_count = tuple(series.shape), len(series.pages)
+        stored, page_count, samples_last = tuple(series.shape), len(series.pages), series.axes.endswith("S")
+    # RGB(A) samples are stored last (axes ...YXS); frames take them as channels first, and
+    # one RGB image [H, W, S] is a frame, not a stack.
+    if samples_last and len(stored) < 4:
+        return None
+    shape = (*stored[:-3], stored[-1], *stored[-3:-1]) if samples_last else stored
     if not is_stack_shape(shape, in_channels):
         return None
     pages_per_frame = page_count // shape[0]
@@ -138,7 +143,8 @@ def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
             raise IndexError(i)
         with tifffile.TiffFile(path) as tiff:
             pages = tiff.series[0].asarray(key=slice(i * pages_per_frame, (i + 1) * pages_per_frame))
-        return pages.reshape(shape[1:])
+        frame = pages.reshape(stored[1:])
+        return np.moveaxis(frame, -1, -3) if samples_last else frame
 
     return Source(label=path.name, kind="tiff", count=shape[0], load=load, frame_label=lambda i: f"{path.name}[{i}]",
                   path=path, frame_shape=shape[1:])

@@ -176,6 +176,25 @@ def test_run_record_resumes_after_the_done_prefix_and_retries_failures(tmp_path)
     assert json.loads((tmp_path / "x.segment.json").read_text())["failed"] == {"2": "bad frame"}
 
 
+def test_rgb_tiffs_have_their_samples_as_channels(tmp_path):
+    """RGB samples are stored last ([H, W, 3]); frames take channels first. One RGB image is
+    one frame (a one-channel network then refuses its 3 channels, not its 40 rows)."""
+    import tifffile
+
+    from client.frames import read_frame
+
+    rgb = np.arange(40 * 50 * 3, dtype=np.uint16).reshape(40, 50, 3)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    assert np.array_equal(read_frame(tmp_path / "rgb.tif"), np.moveaxis(rgb, -1, 0))
+    [single] = open_sources([str(tmp_path / "rgb.tif")], in_channels=1)
+    assert single.kind == "files" and single.load(0).shape == (3, 40, 50)
+    stack = np.stack([rgb, rgb + 1])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="rgb")
+    [source] = open_sources([str(tmp_path / "stack.tif")], in_channels=3)
+    assert source.kind == "tiff" and source.count == 2 and source.frame_shape == (3, 40, 50)
+    assert np.array_equal(source.load(1), np.moveaxis(rgb + 1, -1, 0))
+
+
 def test_stack_or_frame_is_decided_by_rank_and_channels(tmp_path):
     assert is_stack_shape((5, 64, 64), in_channels=1)
     assert not is_stack_shape((64, 64), in_channels=1)
