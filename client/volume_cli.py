@@ -72,8 +72,8 @@ def segment_one(client: SegmentationClient, argument: str, args: argparse.Namesp
     with tqdm(total=None, unit="chunk", desc=volume.label[-30:], disable=args.no_progress, dynamic_ncols=True,
               leave=False) as progress:
         def advance(done: int, total: int) -> None:
-            progress.total = total
-            progress.update(1)
+            progress.total = total  # known from the first call, (0, total): "0/1 chunk", not "0chunk"
+            progress.update(done - progress.n)
 
         result = client.segment_volume(volume.image, chunks=chunk_settings(args), inflight=args.inflight,
                                        retries=args.retries, patience_s=args.patience, progress=advance, **segment_options(args))

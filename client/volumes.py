@@ -21,7 +21,7 @@ from client.results import SegmentationResult
 from client.stream import DEFAULT_PATIENCE_S
 from client.transports import as_channel_first
 
-ProgressCallback = Callable[[int, int], None]  # (chunks done, chunks in all)
+ProgressCallback = Callable[[int, int], None]  # (chunks done, chunks in all): (0, n) first, then each chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,8 @@ def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), i
     spatial_shape = tuple(image.shape[1:])
     overlap = DEFAULT_OVERLAP if options.get("overlap") is None else options["overlap"]
     plan = plan_chunks(spatial_shape, info.tile, overlap, chunks.shape, chunks.max_voxels, chunks.min_shared)
+    if progress:
+        progress(0, len(plan))
     if len(plan) == 1:
         result = client.segment(image, **options)
         if progress:
@@ -107,14 +109,14 @@ def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), i
     items = ((c.index, lambda c=c: np.ascontiguousarray(image[(slice(None), *c.sent)])) for c in plan)
     stream = client.segment_stream(items, inflight=inflight, retries=retries, patience_s=patience_s, **sent)
     try:
-        for outcome in stream:
+        for done, outcome in enumerate(stream, start=1):
             chunk = plan[outcome.index]
             if not outcome.ok:
                 raise SegmentationError(f"chunk {outcome.index + 1}/{len(plan)} {describe_chunk(chunk)} failed: "
                                         f"{outcome.error}")
             store_chunk(outputs, chunk, outcome.result)
             if progress:
-                progress(outcome.index + 1, len(plan))
+                progress(done, len(plan))
     finally:
         stream.close()
     finish_whole_volume(outputs, info.num_classes, after)

@@ -95,17 +95,20 @@ def test_chunked_equals_whole_with_defaults(client, rng):
     batch-dependent rounding."""
     volume = ct_volume(CHUNKED_SHAPE, rng)
     whole = client.segment(volume, probabilities=True, keep_largest=True, contour=True)
+    calls = []
     chunked = client.segment_volume(volume, chunks=ChunkSettings(shape=CHUNK_SHAPE), inflight=3, probabilities=True,
-                                    keep_largest=True, contour=True)
+                                    keep_largest=True, contour=True, progress=lambda *call: calls.append(call))
     assert chunked.chunks == 4
+    assert calls == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]  # the total first, then chunks done
     assert np.array_equal(chunked.mask, whole.mask) and np.array_equal(chunked.contour, whole.contour)
     assert np.abs(chunked.probabilities - whole.probabilities).max() <= 1e-5
 
 
 def test_small_volume_goes_whole_and_a_limit_it_cannot_meet_is_refused(client, rng):
     volume = ct_volume((40, 50, 60), rng)
-    result = client.segment_volume(volume)
-    assert result.chunks == 1 and np.array_equal(result.mask, client.segment(volume).mask)
+    calls = []
+    result = client.segment_volume(volume, progress=lambda *call: calls.append(call))
+    assert result.chunks == 1 and calls == [(0, 1), (1, 1)] and np.array_equal(result.mask, client.segment(volume).mask)
     with pytest.raises(ChunkingError, match=r"1000 is below the smallest chunk .* = 120000 voxels"):
         client.segment_volume(volume, chunks=ChunkSettings(max_voxels=1000))  # smaller than one tile: cannot be cut
 
