@@ -77,6 +77,10 @@ main() {
   local missing
   missing=$(missing_networks "$repository" | paste -sd, -)
   [[ -z $missing ]] || die "model repository $repository lacks the network(s) $missing: mount a repository exported with \`python -m export\` (docs/deploy.md), or use the image's own /models"
+  local hidden
+  hidden=$(find "$repository" -mindepth 1 -maxdepth 1 -type d -name '.*' -printf '%f\n' | sort | paste -sd, -)
+  # Triton (model control none) takes every directory for a model, hidden ones too.
+  [[ -z $hidden ]] || die "model repository $repository holds hidden directories ($hidden), e.g. left by an export that was killed: Triton would take each for a model and fail to start; remove them"
   local bind=${SEGSERVE_BIND:-0.0.0.0} shm=${SEGSERVE_PYTHON_SHM_BYTES:-67108864}
   local token variant
   token=$(read_token)

@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import shutil
 import tempfile
 
@@ -249,6 +250,8 @@ def describe_existing(model_dir: pathlib.Path) -> tuple[str, bool] | None:
         return None
     config_path = model_dir / "config.pbtxt"
     if not config_path.is_file():
+        if only_exporter_files(model_dir):  # an export interrupted before its config (older exporters wrote in place)
+            return "the unfinished export of a network", True
         return "a directory without a config.pbtxt", False
     try:
         config = read_model_config(config_path)
@@ -264,6 +267,15 @@ def describe_existing(model_dir: pathlib.Path) -> tuple[str, bool] | None:
     if found and found.group(1) == EXPORTED_RUNNER:
         return f"the network {config.name or model_dir.name}", True
     return f"a python-backend model running {found.group(1) if found else 'its own 1/model.py'}", False
+
+
+EXPORTER_FILES = {"1", "1/model.onnx", "1/model.onnx.tmp", "1/model.ts", "1/model.py", "configs", "configs/gpu.pbtxt",
+                  "configs/onnxruntime.pbtxt", "config.pbtxt"}
+
+
+def only_exporter_files(model_dir: pathlib.Path) -> bool:
+    """True when every path under ``model_dir`` is one an export writes."""
+    return all(str(path.relative_to(model_dir)) in EXPORTER_FILES for path in model_dir.rglob("*"))
 
 
 def check_target(repository: pathlib.Path, name: str, overwrite: bool = False) -> None:
@@ -293,7 +305,8 @@ def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: p
     in_channels, num_classes = graph_channels(onnx_path)
     repository.mkdir(parents=True, exist_ok=True)
     model_dir = repository / settings.name
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{settings.name}.export-", dir=repository))
+    remove_leftovers(repository, settings.name)
+    staging = make_private_directory(repository, f".{settings.name}.export-")
     try:
         write_model_files(settings, staging, onnx_path, torchscript_path, in_channels, num_classes)
         check_target(repository, settings.name, overwrite)  # again: the repository may have changed meanwhile
@@ -303,13 +316,34 @@ def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: p
     return model_dir
 
 
+def make_private_directory(parent: pathlib.Path, prefix: str) -> pathlib.Path:
+    """A new directory ``parent/prefix<random>`` with the umask's mode, as ``mkdir`` makes it
+    (``mkdtemp``'s 0700 would stay on the renamed model: a server running as another user, the
+    image's, could not read it)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def remove_leftovers(repository: pathlib.Path, name: str) -> None:
+    """Remove the staging directories of an export of ``name`` that was killed (SIGKILL, power)
+    before it could: Triton would take each for a model and fail to start."""
+    for pattern in (f".{name}.export-*", f".{name}.replaced-*"):
+        for leftover in repository.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def replace_directory(new: pathlib.Path, target: pathlib.Path) -> None:
     """Put directory ``new`` at ``target``; what was at ``target`` is moved aside, then deleted
     (put back if the move fails)."""
     if not os.path.lexists(target):
         new.rename(target)
         return
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+    old = make_private_directory(target.parent, f".{target.name}.replaced-")
     old.rmdir()  # a free name on the same file system: rename needs it absent
     target.rename(old)
     try:

@@ -269,6 +269,8 @@ def python_backend_region_users() -> dict[str, set[int]]:
 def repository_models(repository: pathlib.Path) -> list[str]:
     """The model directories of ``repository``. Hidden ones are not models (an export's staging
     directory, ``.ipynb_checkpoints``), but ``--load-model=*`` would load them and fail the start."""
+    if not pathlib.Path(repository).is_dir():
+        raise ServerError(f"model repository {repository} is not a directory")
     return sorted(p.name for p in pathlib.Path(repository).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 

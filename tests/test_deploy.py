@@ -161,6 +161,16 @@ def test_entrypoint_names_the_networks_a_mounted_repository_lacks(tmp_path):
     assert result.stderr.strip().splitlines() == [expected]
 
 
+def test_entrypoint_refuses_hidden_directories_in_the_repository(tmp_path):
+    """With model control none Triton takes a killed export's staging directory for a model."""
+    repository = copy_2d_repository(tmp_path / "models")
+    (repository / ".unet.export-1a2b").mkdir()
+    (repository / ".notes").write_text("a hidden file is no model directory")
+    result = run_entrypoint({"SEGSERVE_MODEL_REPOSITORY": str(repository), "SEGSERVE_TOKEN": "x"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"model repository {repository} holds hidden directories (.unet.export-1a2b)," in result.stderr
+
+
 def test_entrypoint_starts_the_real_server(tmp_path):
     """The image's entrypoint with the pip-installed tritonserver 2.51 in place of the image's
     (one sliding-window instance: the start, not the pipeline, is under test)."""

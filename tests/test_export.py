@@ -171,3 +171,29 @@ def test_a_bad_spec_file_is_named_in_one_line(tmp_path, capsys, text, reason):
     assert export_main(["--spec", str(tmp_path / "bad.json"), "--name", "x", "--repository", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"export: error: --spec {tmp_path / 'bad.json'}: ") and reason in err and err.count("\n") == 1
+
+
+def test_an_exported_network_gets_the_modes_mkdir_gives(tmp_path):
+    """Staged in a directory of its own, yet readable as any directory made here: the image's
+    server runs as another user than the export (a 0700 staging directory locked it out)."""
+    (tmp_path / "plain").mkdir()
+    assert export_tiny(tmp_path, "tiny") == 0
+    assert export_tiny(tmp_path, "tiny", "--overwrite") == 0
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    assert (tmp_path / "tiny").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "tiny" / "1").stat().st_mode & 0o777 == expected
+
+
+def test_leftovers_of_a_killed_export_are_replaced_or_removed(tmp_path, capsys):
+    """SIGKILL leaves a staging directory (Triton would fail on it), and an older exporter,
+    which wrote in place, a model directory without its config: the next export of that name
+    removes the first, and replaces the second with --overwrite (it names it without)."""
+    (tmp_path / ".tiny.export-1a2b" / "1").mkdir(parents=True)
+    (tmp_path / "tiny" / "1").mkdir(parents=True)
+    (tmp_path / "tiny" / "1" / "model.onnx").write_bytes(b"half an export")
+    assert export_tiny(tmp_path, "tiny") == 1
+    assert "holds the unfinished export of a network exported by python -m export; add --overwrite" in capsys.readouterr().err
+    assert export_tiny(tmp_path, "tiny", "--overwrite") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+    assert load_network_spec(tmp_path, "tiny").num_classes == 2
+

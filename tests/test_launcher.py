@@ -41,6 +41,12 @@ def test_a_failed_start_says_which_model_failed_and_only_from_its_own_log_lines(
     assert "first_broken" in log.read_text()
 
 
+def test_a_missing_repository_is_named_before_the_server_starts(tmp_path):
+    config = ServerConfig(model_repository=tmp_path / "missing", http_port=0, grpc_port=0, metrics_port=0)
+    with pytest.raises(ServerError, match=f"model repository {tmp_path / 'missing'} is not a directory"):
+        TritonServer(config, log_path=tmp_path / "server.log").start()
+
+
 @pytest.mark.server
 def test_hidden_directories_of_the_repository_are_not_loaded(tmp_path):
     """An export killed mid-write leaves ``.<name>.export-*`` in the repository; a notebook
