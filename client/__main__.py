@@ -136,9 +136,14 @@ def plan_source(source: Source, args: argparse.Namespace, num_classes: int) -> P
 
 def planned_targets(sources: list[Source], args: argparse.Namespace) -> tuple[list[Target], list[pathlib.Path]]:
     """What every source would write, and the run's inputs (files, and directories given)."""
-    targets, inputs = [], []
+    targets, inputs, seen = [], [], set()
     outputs = stack_outputs(args.probabilities, args.contour)
     for source in sources:
+        location = source.files[0].parent if source.kind == "directory" else source.path
+        identity = (location.resolve() if location else None, source.dataset)
+        if source.kind != "files" and identity in seen:
+            raise ValueError(f"{source.label} is given twice")
+        seen.add(identity)
         if source.kind in ("files", "directory"):
             writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size)
             targets += writer.targets()

@@ -41,7 +41,7 @@ from client.cli_options import add_pipeline_options, add_server_options, check_s
 from client.dataset_ranges import intensity_range
 from client.dataset_sources import DatasetSource, open_source, release_handles
 from client.datasets import DONE_ARRAY, Job, Task, TaskReport, default_block, plan_stack, plan_volume, run_task
-from client.transports import INPUT_BY_DTYPE, LOSSLESS_TO_FLOAT32
+from client.transports import check_pixel_type
 
 ATTRIBUTE = "segment_dataset"
 DEFAULT_FRAMES_PER_TASK = 4
@@ -107,7 +107,7 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
         if channels and shape[1] != info.in_channels:
             raise ValueError(f"{source.argument}: frames have {shape[1]} channels, network {info.name!r} takes "
                              f"{info.in_channels}")
-        check_pixel_type(source)
+        check_pixel_type(source.dtype, f"{source.argument}: ")  # before any task: each would fail
         frames, frame = shape[0], shape[-2:]
         frames_per_task = args.frames_per_task or DEFAULT_FRAMES_PER_TASK
         tasks = plan_stack(frames, frames_per_task)
@@ -118,7 +118,7 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
         if args.contour:
             arrays["contour"] = ((frames, *frame), (extent, *frame), "uint8")
         return DatasetPlan(source, "stack", channels, tasks, arrays, (frames, *frame))
-    check_pixel_type(source)
+    check_pixel_type(source.dtype, f"{source.argument}: ")
     spatial = shape[1:] if channels else shape
     overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
     block = tuple(args.block) if args.block else default_block(spatial, info.tile, args.max_chunk_voxels, overlap)
@@ -174,15 +174,6 @@ def with_recorded_extent(args: argparse.Namespace, previous: dict | None) -> arg
     if previous.get("layout") == "stack" and args.frames_per_task is None:
         return argparse.Namespace(**{**vars(args), "frames_per_task": extent[0]})
     return args
-
-
-def check_pixel_type(source: DatasetSource) -> None:
-    """Refuse, before any task, a pixel type every request would be refused for (each task
-    would fail and be rerun --task-retries times)."""
-    dtype = np.dtype(source.dtype)
-    if dtype not in INPUT_BY_DTYPE and dtype not in LOSSLESS_TO_FLOAT32:
-        supported = ", ".join(str(d) for d in INPUT_BY_DTYPE)
-        raise ValueError(f"{source.argument}: pixel type {dtype} is not supported; use one of {supported}")
 
 
 def run_settings(plan: DatasetPlan, info, args: argparse.Namespace) -> dict:

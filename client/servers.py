@@ -41,8 +41,8 @@ def check_host_port(entry: str) -> None:
     if "://" in entry:
         raise ValueError(f"server URL {entry!r}: give host:port without a scheme, e.g. {entry.split('://', 1)[1]!r}")
     host, _, port = entry.rpartition(":")
-    if not host:
-        raise ValueError(f"server URL {entry!r}: expected host:port, e.g. localhost:8001")
+    if not host or (":" in host and not (host.startswith("[") and host.endswith("]"))):
+        raise ValueError(f"server URL {entry!r}: expected host:port, e.g. localhost:8001 ([v6 address]:port)")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"server URL {entry!r}: the port must be a number in 1..65535, got {port!r}")
 

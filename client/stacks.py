@@ -207,7 +207,7 @@ class RunRecord:
     def is_finished(self) -> bool:
         """Every frame processed, and not every one failed (a run that wrote nothing, say with
         a mistyped option, must not replace an earlier result)."""
-        return self.done >= self.frames and len(self.failed) < self.frames
+        return self.done >= self.frames and (self.frames == 0 or len(self.failed) < self.frames)
 
     def remaining(self) -> list[int]:
         """Frames still to segment: earlier failures, then everything after the done prefix."""
@@ -294,9 +294,9 @@ class StackWriter:
     def targets(cls, source: Source, out_dir: pathlib.Path, outputs: list[str]) -> list[Target]:
         """Everything this stack's run writes, its record included."""
         place = source.dataset if source.kind == "hdf5" else ""
-        paths = set(cls.paths_for(source, out_dir, outputs).values()) | {cls.record_path_for(source, out_dir)}
         owner = f"{source.path}:{place}" if place else str(source.path)
-        return [Target(owner, path, place) for path in sorted(paths)]
+        outputs = [Target(owner, path, place) for path in sorted(set(cls.paths_for(source, out_dir, outputs).values()))]
+        return [*outputs, Target(owner, cls.record_path_for(source, out_dir))]  # the record is a whole file
 
     @staticmethod
     def record_path_for(source: Source, out_dir: pathlib.Path) -> pathlib.Path:

@@ -70,6 +70,16 @@ def to_host(frame) -> np.ndarray:
     return frame.detach().cpu().numpy()
 
 
+def check_pixel_type(dtype, label: str = "", numpy_cast: bool = True) -> None:
+    """Refuse a pixel type no request takes: those of INPUT_BY_DTYPE travel as stored, those
+    of LOSSLESS_TO_FLOAT32 as float32 when ``numpy_cast`` (numpy arrays are cast; tensors are
+    not). ``label``: what the error names first."""
+    dtype = np.dtype(dtype)
+    if dtype not in INPUT_BY_DTYPE and not (numpy_cast and dtype in LOSSLESS_TO_FLOAT32):
+        supported = ", ".join(str(d) for d in INPUT_BY_DTYPE)
+        raise ValueError(f"{label}pixel type {dtype} is not supported; use one of {supported}")
+
+
 def as_channel_first(frame, spatial_dims: int = 2):
     """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` unchanged (one more axis each for a 3D
     network: ``[D, H, W]`` or ``[C, D, H, W]``); float64/float16/int8/bool numpy frames ->
@@ -88,10 +98,7 @@ def as_channel_first(frame, spatial_dims: int = 2):
         axes = ", ".join("DHW"[-spatial_dims:])
         raise ValueError(f"{'volume' if spatial_dims == 3 else 'frame'} must be [{axes}] or [C, {axes}], "
                          f"got shape {list(frame.shape)}")
-    dtype = frame_dtype(frame)
-    if dtype not in INPUT_BY_DTYPE:
-        supported = ", ".join(str(d) for d in INPUT_BY_DTYPE)
-        raise ValueError(f"pixel type {dtype} is not supported; use one of {supported}")
+    check_pixel_type(frame_dtype(frame), numpy_cast=False)  # numpy arrays were cast above
     if isinstance(frame, np.ndarray):
         return np.ascontiguousarray(frame)
     if hasattr(frame, "contiguous"):  # torch

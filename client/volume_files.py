@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import zlib
 
 import numpy as np
 import tifffile
@@ -80,7 +81,7 @@ def read_volume(argument: str) -> Volume:
         try:
             nifti = nibabel.load(path)
             data = np.asanyarray(nifti.dataobj)
-        except (nibabel.filebasedimages.ImageFileError, EOFError) as error:  # empty; truncated
+        except (nibabel.filebasedimages.ImageFileError, EOFError, zlib.error, OSError) as error:  # empty; cut; corrupt
             raise ValueError(f"{path}: not a readable NIfTI file ({error})") from error
         image = channel_first(data, path.name, channel_axis_last=True)
         return Volume(path.name, kind, image, path, nifti=nifti)

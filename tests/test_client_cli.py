@@ -70,6 +70,12 @@ def unreadable_inputs(tmp_path) -> list[tuple[str, str, str]]:
     (tmp_path / "empty.nii.gz").write_bytes(b"")
     nifti = gzip.compress(b"\x5c\x01" + bytes(400))
     (tmp_path / "cut.nii.gz").write_bytes(nifti[: len(nifti) // 2])
+    import nibabel
+
+    nibabel.save(nibabel.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "good.nii.gz")
+    whole = (tmp_path / "good.nii.gz").read_bytes()
+    flipped = bytes(b ^ 0xFF for b in whole[22:38])  # zlib.error (a corrupt deflate stream)
+    (tmp_path / "bad.nii.gz").write_bytes(whole[:22] + flipped + whole[38:])
     with h5py.File(tmp_path / "s.h5", "w") as file:
         file["entry/data"] = np.zeros((2, 32, 32), np.uint16)
     empty, h5 = str(tmp_path / "empty.npy"), str(tmp_path / "s.h5")
@@ -78,6 +84,7 @@ def unreadable_inputs(tmp_path) -> list[tuple[str, str, str]]:
             ("segment-dataset", empty, "empty.npy: empty or truncated .npy"),
             ("segment-volume", str(tmp_path / "empty.nii.gz"), "empty.nii.gz: not a readable NIfTI file"),
             ("segment-volume", str(tmp_path / "cut.nii.gz"), "cut.nii.gz: not a readable NIfTI file"),
+            ("segment-volume", str(tmp_path / "bad.nii.gz"), "bad.nii.gz: not a readable NIfTI file"),
             ("segment-dataset", f"{h5}:/entry/nothere", "s.h5: no dataset '/entry/nothere'"),
             ("segment-dataset", f"{h5}:/entry", "s.h5: no dataset '/entry'")]
 
@@ -120,6 +127,11 @@ def test_inputs_that_would_write_the_same_output_are_refused_before_anything_is_
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
         np.save(tmp_path / name / "stack.npy", rng.integers(0, 4000, (3, 40, 40), dtype=np.uint16))
+    import h5py
+
+    h5 = tmp_path / "scan.h5"
+    with h5py.File(h5, "w") as file:  # two datasets whose names give one record name
+        file["entry/data"] = file["entry_data"] = rng.integers(0, 4000, (2, 40, 40), dtype=np.uint16)
     out = tmp_path / "out"
     common = ["--url", server.grpc_url, "--no-progress", "--no-overlay"]
     assert client_main(["segment", str(tmp_path / "one" / "stack.npy"), "--out", str(out), *common]) == 0
@@ -128,7 +140,11 @@ def test_inputs_that_would_write_the_same_output_are_refused_before_anything_is_
              ([str(tmp_path / n / "stack.npy") for n in ("one", "two")] + ["--overwrite"], out,
               f"{tmp_path / 'one' / 'stack.npy'} and {tmp_path / 'two' / 'stack.npy'} would both write {out}"),
              ([str(scans)], tmp_path, f"--out would put outputs among the frames of the input {scans}"),
-             ([str(tmp_path / "two" / "stack.npy"), "--resume"], out, "location")]
+             ([str(tmp_path / "two" / "stack.npy"), "--resume"], out, "location"),
+             ([str(tmp_path / "one" / "stack.npy"), str(tmp_path / "one" / ".." / "one" / "stack.npy")], out,
+              "stack.npy is given twice"),
+             ([f"{h5}:/entry/data", f"{h5}:/entry_data"], out,
+              f"{h5}:/entry/data and {h5}:/entry_data would both write {out / 'scan_entry_data.segment.json'}")]
     for arguments, destination, message in cases:
         capsys.readouterr()
         assert client_main(["segment", *arguments, "--out", str(destination), *common]) == 1, arguments

@@ -46,6 +46,7 @@ def test_split_urls():
 @pytest.mark.parametrize("url, reason", [("localhost:abc", "port must be a number in 1..65535, got 'abc'"),
                                          ("127.0.0.1:99999", "got '99999'"), ("127.0.0.1:0", "got '0'"),
                                          ("127.0.0.1", "expected host:port"), (":8001", "expected host:port"),
+                                         ("::1", "[v6 address]:port"), ("[::1]", "[v6 address]:port"),
                                          ("http://127.0.0.1:8000", "without a scheme, e.g. '127.0.0.1:8000'")])
 def test_split_urls_refuses_what_is_not_host_and_port(url, reason):
     """tritonclient takes these and fails to connect, which read as "is the server running?"."""

@@ -174,6 +174,7 @@ def test_run_record_resumes_after_the_done_prefix_and_retries_failures(tmp_path)
     with pytest.raises(ValueError, match="had 10 frames, this input 12; add --overwrite"):
         RunRecord.load(tmp_path / "x.segment.json", 12, settings)
     assert json.loads((tmp_path / "x.segment.json").read_text())["failed"] == {"2": "bad frame"}
+    assert RunRecord(tmp_path / "empty.segment.json", 0, settings).is_finished()  # a stack of no frames
 
 
 def test_rgb_tiffs_have_their_samples_as_channels(tmp_path):
