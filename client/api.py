@@ -33,7 +33,8 @@ from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError
 from client.servers import DEFAULT_COOLDOWN_S, ServerPool, split_urls
 from client.shared_memory import SHM_KINDS, remove_stale_regions
-from client.stream import DEFAULT_PATIENCE_S, Outcome, RetryPolicy, call_with_retries, ordered_stream, wait_for_recovery
+from client.stream import (DEFAULT_PATIENCE_S, Outage, Outcome, RetryPolicy, call_with_retries, ordered_stream,
+                           wait_for_recovery)
 from client.volumes import ChunkSettings, segment_volume
 from client.results import NetworkInfo, SegmentationResult
 from client.transports import TRANSPORTS, InlineTransport, SharedMemoryTransport, as_channel_first, output_specs
@@ -99,6 +100,12 @@ class SegmentationClient:
         device_id: GPU of CUDA shared-memory regions.
         cooldown_s: how long a server that failed is passed over while others answer.
 
+    Patience: the ``patience_s`` of ``segment_stream`` and ``segment_volume`` is measured on
+    the client's ``outage`` (``client.stream.Outage``), shared by everything it sends: how
+    long its servers have been failing, from the first passing failure after the last success
+    (reset by any success). Once it has lasted longer than the patience, each further frame is
+    tried once, so a run against servers gone for good ends about one patience after they went.
+
     Thread safety: one client may be used from several threads at once (``segment``,
     ``segment_stream``, ``segment_volume``). Each call takes in-flight slots (a connection and,
     for shared memory, its regions) from the client's pool for its own use and puts them back
@@ -121,6 +128,7 @@ class SegmentationClient:
         self.timeout_s, self.device_id = timeout_s, device_id
         self.headers = {**(headers or {}), **token_headers(resolve_token(token), self.protocol)}
         self.servers = ServerPool(self.urls, cooldown_s)
+        self.outage = Outage()  # how long the servers have been failing: the patience's clock
         # Control calls (readiness, configuration, region cleanup) get their own fixed deadline:
         # a short per-frame timeout must not make a busy server look absent.
         self._controls = [Connection(u, self.protocol, self.headers, CONTROL_TIMEOUT_S) for u in self.urls]
@@ -325,8 +333,10 @@ class SegmentationClient:
         image = as_channel_first(frame, self.spatial_dims())
         settings = SegmentOptions(**options)
         slot = self._take_slot()
-        try:
-            return self._segment_on(slot, image, settings)
+        try:  # one attempt; its answer (or a passing failure) still counts in the client's outage
+            result, _ = call_with_retries(lambda: self._segment_on(slot, image, settings), RetryPolicy(retries=0),
+                                          outage=self.outage)
+            return result
         finally:
             self._return_slot(slot)
 
@@ -353,8 +363,10 @@ class SegmentationClient:
                 (server busy or restarting, connection lost, deadline passed, a failure the
                 server marked transient); None: as many as ``patience_s`` allows.
             backoff_s: wait before the first retry; doubles each time, up to 5 s.
-            patience_s: how long a frame may keep failing for passing reasons before it is
-                given up (default 600 s: a full server restart on a busy machine fits).
+            patience_s: how long the servers may keep failing for passing reasons before
+                frames are given up (default 600 s: a full server restart on a busy machine
+                fits). Measured on the client's ``outage``, shared by every frame and stream:
+                once it is spent, each further frame gets one attempt; any success resets it.
         """
         settings = SegmentOptions(**options)
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s, patience_s=patience_s)
@@ -365,7 +377,7 @@ class SegmentationClient:
             return self._segment_on(slots[worker], as_channel_first(frame, spatial_dims), settings)
 
         try:
-            yield from ordered_stream(_as_items(frames), process, inflight, policy, self.wait_for_recovery)
+            yield from ordered_stream(_as_items(frames), process, inflight, policy, self.wait_for_recovery, self.outage)
         finally:
             for slot in slots:
                 self._return_slot(slot)

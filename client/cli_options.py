@@ -28,9 +28,11 @@ def add_server_options(parser: argparse.ArgumentParser, default_model: str, defa
     parser.add_argument("--inflight", type=int, default=default_inflight,
                         help=f"{unit} in flight at once (default: %(default)s)")
     parser.add_argument("--patience", type=float, default=DEFAULT_PATIENCE_S,
-                        help=f"seconds a {item} that fails for a passing reason (server restarting, busy, "
-                             "connection lost) is tried again before it is given up; also how long a command started while "
-                             "the server loads its model waits (default: %(default)s)")
+                        help=f"seconds the servers may keep failing for a passing reason (restarting, busy, connection "
+                             f"lost) while failed {item}s are tried again, for the whole run: from the first such failure "
+                             f"after the last success (any success resets it); once spent, each further {item} is tried "
+                             "once. Also how long a command started while the server loads its model waits "
+                             "(default: %(default)s)")
     parser.add_argument("--retries", type=int, help=f"at most this many further attempts per {item} "
                         "(default: as many as --patience allows)")
     parser.add_argument("--model", default=default_model, help="pipeline model (default: %(default)s)")

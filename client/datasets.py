@@ -59,7 +59,7 @@ class Job:
     token: str | None  # --token as given; None: each worker's own $SEGSERVE_TOKEN or token file
     timeout_s: float | None
     retries: int | None  # None: as many as patience_s allows
-    patience_s: float  # seconds an item may keep failing for a retryable reason
+    patience_s: float  # seconds the servers may keep failing (the worker's client's outage) before items give up
     inflight: int
     options: dict  # request options, the same for every task
     outputs: tuple[str, ...]  # mask, probabilities, contour

@@ -4,12 +4,16 @@
 ``process(worker, frame)`` function run by ``inflight`` worker threads (worker ``w`` always uses
 slot ``w``, so each slot's connection and shared-memory regions serve one request at a time).
 Failures become outcomes, never exceptions, so no frame is dropped silently; retries with
-backoff are applied to errors marked retryable, for as long as the policy's patience.
+backoff are applied to errors marked retryable, for as long as the policy's patience. The
+patience is measured on an ``Outage`` shared by every frame (one per client): how long the
+servers have been failing, not how long one frame has, so a server gone for good costs a run
+about one patience, not one per frame.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import queue
 import threading
 import time
@@ -23,17 +27,21 @@ REORDER_WINDOW_FACTOR = 2
 STOP_GRACE_S = 10.0
 
 
-# How long a frame may keep failing for passing reasons before it is given up: covers a whole
-# server restart with every model on a busy 2-core machine (docs/recovery.md), with room.
+# How long the servers may keep failing for passing reasons before frames are given up: covers
+# a whole server restart with every model on a busy 2-core machine (docs/recovery.md), with room.
 DEFAULT_PATIENCE_S = 600.0
+# An attempt started this long after an outage's last failure, with nothing failing between,
+# starts a new outage (``Outage``): far above the longest backoff (5 s) an ongoing outage has.
+QUIET_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """Attempts again after a retryable error for up to ``patience_s`` seconds from the first
-    failure (and at most ``retries`` more times when given): ``backoff_s`` first, doubling, at
-    most ``max_backoff_s`` apart. Time, not a count of attempts, is what rides out a restart:
-    the client waits for the server to be back, however long that takes on a busy machine."""
+    """Attempts again after a retryable error while the outage (``Outage``: from the first
+    retryable failure after the last success) has lasted at most ``patience_s`` seconds (and
+    at most ``retries`` more times when given): ``backoff_s`` first, doubling, at most
+    ``max_backoff_s`` apart. Time, not a count of attempts, is what rides out a restart: the
+    client waits for the server to be back, however long that takes on a busy machine."""
 
     retries: int | None = None
     backoff_s: float = 0.5
@@ -53,8 +61,8 @@ class RetryPolicy:
         return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
 
     def gives_up(self, attempt: int, failing_for_s: float) -> bool:
-        """True when failed attempt ``attempt``, ``failing_for_s`` seconds after the first
-        failure, is the last: retries spent, or the next try would come past the patience."""
+        """True when failed attempt ``attempt``, ``failing_for_s`` seconds into the outage, is
+        the last: retries spent, or the next try would come past the patience."""
         if self.retries is not None and attempt > self.retries:
             return True
         return failing_for_s + self.delay(attempt) > self.patience_s
@@ -95,28 +103,76 @@ def wait_for_recovery(longest_s: float, is_ready: Callable[[], bool], step_s: fl
         seen_unready = seen_unready or not ready
 
 
+class Outage:
+    """How long the servers have been failing, shared by everything one client sends (every
+    frame of every stream, in any thread): from the first retryable failure after the last
+    success; any success ends it. Non-retryable errors (a bad frame or option: the server
+    answered) neither start nor end it. Thread-safe; ``clock`` is injectable for tests.
+
+    Nothing is known while nothing is sent: a failure of an attempt started more than
+    ``QUIET_S`` after the outage's last failure begins a new outage (a long-lived client idle
+    between runs, a Dask worker between tasks, must not find its patience spent by failures
+    from long ago). While an outage goes on, attempts start at most a backoff (5 s) after a
+    failure, so it is never cut short that way."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._since: float | None = None
+        self._last_failure = -math.inf
+        self._lock = threading.Lock()
+
+    def failed(self, attempt_started: float | None = None) -> float:
+        """Record a retryable failure of an attempt started at ``attempt_started`` (default:
+        now); seconds the outage has lasted (0 at its first failure)."""
+        with self._lock:
+            now = self.clock()
+            started = now if attempt_started is None else attempt_started
+            if self._since is None or started - self._last_failure > QUIET_S:
+                self._since = now
+            self._last_failure = now
+            return now - self._since
+
+    def succeeded(self) -> None:
+        """Record a success: the servers answer, the outage (if any) is over."""
+        with self._lock:
+            self._since = None
+
+    def lasted_s(self) -> float | None:
+        """Seconds since the outage began; None when there is none."""
+        with self._lock:
+            return None if self._since is None else self.clock() - self._since
+
+
 def call_with_retries(function: Callable[[], object], policy: RetryPolicy,
                       sleep: Callable[[float], None] = time.sleep,
-                      clock: Callable[[], float] = time.monotonic) -> tuple[object, int]:
+                      clock: Callable[[], float] = time.monotonic,
+                      outage: Outage | None = None) -> tuple[object, int]:
     """``(function(), attempts)``; raises the last error once the policy gives up or the error
-    is not retryable (ValueError and non-retryable SegmentationError fail at once)."""
+    is not retryable (ValueError and non-retryable SegmentationError fail at once).
+
+    ``outage``: the shared one the patience is measured on (its own clock; a success resets
+    it, a retryable failure starts it). None: this call's own, on ``clock``, from its first
+    failure (a call that asks one question, e.g. a command's start-up metadata)."""
+    outage = Outage(clock) if outage is None else outage
     attempt = 0
-    first_failure = None
     while True:
         attempt += 1
+        started = outage.clock()
         try:
-            return function(), attempt
+            value = function()
         except SegmentationError as error:
-            first_failure = clock() if first_failure is None else first_failure
-            if not error.retryable or policy.gives_up(attempt, clock() - first_failure):
+            if not error.retryable or policy.gives_up(attempt, outage.failed(started)):
                 error.attempts = attempt
                 raise
             sleep(policy.delay(attempt))
+        else:
+            outage.succeeded()
+            return value, attempt
 
 
 def ordered_stream(items: Iterable[tuple[int, Callable[[], object]]], process: Callable[[int, object], object],
                    inflight: int = 4, policy: RetryPolicy = RetryPolicy(),
-                   wait: Callable[[float], None] = time.sleep) -> Iterator[Outcome]:
+                   wait: Callable[[float], None] = time.sleep, outage: Outage | None = None) -> Iterator[Outcome]:
     """Run ``process(worker, frame)`` over ``items`` with ``inflight`` workers; yield Outcomes
     in the items' order.
 
@@ -129,10 +185,12 @@ def ordered_stream(items: Iterable[tuple[int, Callable[[], object]]], process: C
         policy: retries of retryable SegmentationErrors.
         wait: waits the policy's delay before a retry (e.g. ``wait_for_recovery``, which
             cuts it short when the server is back).
+        outage: the ``Outage`` the patience is measured on, shared with whatever else sends to
+            the same servers (a client's); None: one of this stream's own, shared by its frames.
     """
     if inflight < 1:
         raise ValueError(f"inflight must be >= 1, got {inflight}")
-    pool = _WorkerPool(process, inflight, policy, wait)
+    pool = _WorkerPool(process, inflight, policy, wait, Outage() if outage is None else outage)
     window = REORDER_WINDOW_FACTOR * inflight
     finished: dict[int, Outcome] = {}
     source = iter(items)
@@ -169,8 +227,10 @@ class _WorkerPool:
     """``inflight`` daemon threads taking ``(position, index, frame)`` jobs. Daemon threads,
     so a request hung without a deadline cannot keep the interpreter from exiting."""
 
-    def __init__(self, process, workers: int, policy: RetryPolicy, wait: Callable[[float], None] = time.sleep):
+    def __init__(self, process, workers: int, policy: RetryPolicy, wait: Callable[[float], None] = time.sleep,
+                 outage: Outage | None = None):
         self.process, self.policy, self.wait = process, policy, wait
+        self.outage = Outage() if outage is None else outage
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
         self.busy = 0
@@ -200,7 +260,8 @@ class _WorkerPool:
         while (job := self.jobs.get()) is not None:
             position, index, frame = job
             try:
-                result, attempts = call_with_retries(lambda frame=frame: self.process(worker, frame), self.policy, self.wait)
+                result, attempts = call_with_retries(lambda frame=frame: self.process(worker, frame), self.policy,
+                                                     self.wait, outage=self.outage)
                 outcome = Outcome(index, result=result, attempts=attempts)
             except SegmentationError as error:
                 outcome = Outcome(index, error=str(error), attempts=getattr(error, "attempts", 1))
