@@ -346,7 +346,8 @@ class SegmentationClient:
         """Segment a volume ``[D, H, W]`` or ``[C, D, H, W]`` (numpy) of any size: beyond
         ``chunks.max_voxels`` it goes as overlapping chunks on the network's tile grid,
         ``inflight`` at a time, stitched so the result equals one whole-volume request.
-        ``progress(done, total)`` is called per chunk. See ``client.volumes``."""
+        ``progress(done, total)`` is called with (0, total) first, then per chunk done. See
+        ``client.volumes``."""
         return segment_volume(self, volume, chunks=chunks, inflight=inflight, retries=retries, patience_s=patience_s,
                               progress=progress, **options)
 
