@@ -339,11 +339,15 @@ def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace
     with tqdm(total=len(tasks), unit="task", disable=args.no_progress, dynamic_ncols=True) as progress, \
             cancelled_on_exit(dask_client, futures):
         for future in as_completed(futures):
+            task = task_of[future.key]
             try:
-                summary.reports.append(future.result())
+                report = future.result()
             except Exception as error:  # noqa: BLE001 - the task's own error, or its loss by the cluster
-                task = task_of[future.key]
-                summary.failed.append(f"task {task.index} {task.describe()}: {task_failure(error)}")
+                report = TaskReport(task.index, 0, 0.0, 0, 0, 0, {}, 0, error=task_failure(error))
+            if report.error is None:
+                summary.reports.append(report)
+            else:
+                summary.failed.append(f"task {task.index} {task.describe()}: {report.error}")
                 progress.write(f"client: error: {summary.failed[-1]}", file=sys.stderr)
             progress.update(1)
             progress.set_postfix(failed=len(summary.failed), refresh=False)

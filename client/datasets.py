@@ -77,6 +77,7 @@ class TaskReport:
     retries: int
     servers: dict[str, int]
     worker_pid: int
+    error: str | None = None  # an item the server refused (bad pixels): the task is not done
 
 
 def plan_stack(frames: int, frames_per_task: int) -> list[Task]:
@@ -200,7 +201,7 @@ def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[i
                 if outcome.ok:
                     results[outcome.index] = outcome.result
                 elif last:
-                    raise SegmentationError(f"item {outcome.index} failed: {outcome.error}")
+                    raise SegmentationError(f"item {outcome.index} failed: {outcome.error}", retryable=outcome.retryable)
         except SegmentationError as error:
             if last or not error.retryable:
                 raise
@@ -212,10 +213,23 @@ def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[i
 
 def run_task(job: Job, task: Task) -> TaskReport:
     """Read the task's input, segment it, write its chunk of every output, then mark it done.
-    Raises on failure (Dask reruns the task; its chunk is then rewritten whole)."""
-    import zarr
+    Raises on a passing failure (Dask reruns the task; its chunk is then rewritten whole); an
+    item the server refused is reported in ``error``, not raised: a rerun would fail alike."""
+    from client.connection import SegmentationError
 
     start = time.perf_counter()
+    try:
+        return write_task(job, task, start)
+    except SegmentationError as error:
+        if error.retryable:
+            raise
+        return TaskReport(task.index, 0, time.perf_counter() - start, 0, 0, 0, {}, os.getpid(), error=str(error))
+
+
+def write_task(job: Job, task: Task, start: float) -> TaskReport:
+    """``run_task``'s work."""
+    import zarr
+
     clients = worker_clients(job)
     before = answered_counts(clients)
     group = zarr.open_group(job.output, mode="r+")

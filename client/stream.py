@@ -80,6 +80,7 @@ class Outcome:
     result: object = None
     error: str | None = None
     attempts: int = 0
+    retryable: bool = False  # the error was a passing one (a later try may succeed)
 
     @property
     def ok(self) -> bool:
@@ -264,7 +265,8 @@ class _WorkerPool:
                                                      self.wait, outage=self.outage)
                 outcome = Outcome(index, result=result, attempts=attempts)
             except SegmentationError as error:
-                outcome = Outcome(index, error=str(error), attempts=getattr(error, "attempts", 1))
+                outcome = Outcome(index, error=str(error), attempts=getattr(error, "attempts", 1),
+                                  retryable=error.retryable)
             except ValueError as error:
                 outcome = Outcome(index, error=str(error), attempts=1)
             except Exception as error:  # a bug must not hang the stream: report it on the frame

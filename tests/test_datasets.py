@@ -283,6 +283,34 @@ def test_a_pixel_type_no_request_takes_is_refused_before_any_task(server, tmp_pa
     assert not out.exists()
 
 
+def test_a_frame_the_server_refuses_fails_its_task_once_not_per_task_retry(server, cluster, stack, tmp_path, capsys):
+    """NaN pixels: refused by the server, so a rerun of the task would fail alike; the task is
+    listed failed after one try (was: rerun --task-retries times, each with a traceback)."""
+    import tritonclient.grpc as grpcclient
+
+    _, dask_client = cluster
+    frames = stack[0][:4].astype(np.float32)
+    frames[0, 5, 5] = np.nan
+    np.save(tmp_path / "frames.npy", frames)
+
+    def answered() -> int:  # the pipeline's answers, its refusals (marked errors) included
+        with grpcclient.InferenceServerClient(server.grpc_url) as grpc:
+            statistics = grpc.get_inference_statistics("segment_2d", as_json=True)["model_stats"][0]
+        return int(statistics["inference_stats"]["success"].get("count", 0))
+
+    before = answered()
+    out = tmp_path / "out.zarr"
+    code = client_main(["segment-dataset", str(tmp_path / "frames.npy"), "--out", str(out), "--url", server.grpc_url,
+                        "--scheduler", dask_client.scheduler.address, "--frames-per-task", "2", "--task-retries", "3",
+                        "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "task 0 [0:2]: item 0 failed: " in err and "NaN" in err and "1 task(s) failed" in err, err
+    # Task 0 tried once sends frames 0 and 1 (1 is in flight when 0 is refused), task 1 frames
+    # 2 and 3: 4 answers (1 + 3 reruns of task 0: 10, measured on the code before).
+    assert answered() - before == 4, err
+    assert done_count(out) == 1
+
+
 def test_server_killed_mid_run(server, second_server, cluster, stack, reference, tmp_path):
     """SIGKILL the second server (server and stubs) once 3 tasks are done: the workers' clients
     fail over to the first one; every frame is there and equal."""
