@@ -102,3 +102,17 @@ def frame_of(shape, dtype, rng) -> np.ndarray:
 def ct_volume(shape, rng) -> np.ndarray:
     image, _ = synthetic_volume(shape, rng)
     return to_int16_hu(image)
+
+
+class FakeClock:
+    """Time that moves only when the code under test sleeps."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def __call__(self) -> float:
+        return self.now

@@ -22,24 +22,10 @@ from client.connection import SegmentationError
 from client.stream import RetryPolicy, call_with_retries, ordered_stream
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
 from tests.conftest import copy_2d_repository
-from tests.helpers import make_stack, reference_masks, wait_for_record
+from tests.helpers import FakeClock, make_stack, reference_masks, wait_for_record
 
 DOWN = SegmentationError("failed to connect to all addresses; Connection refused", retryable=True)
 BAD_FRAME = SegmentationError("IMAGE contains NaN or Inf pixels", retryable=False)
-
-
-class FakeClock:
-    """Time that moves only when the code under test sleeps."""
-
-    def __init__(self):
-        self.now, self.sleeps = 0.0, []
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def always(error: SegmentationError):

@@ -13,6 +13,7 @@ import pytest
 from client.connection import SegmentationError
 from client.stacks import RunRecord, is_stack_shape, open_sources, split_hdf5_argument
 from client.stream import RetryPolicy, call_with_retries, ordered_stream, wait_for_recovery
+from tests.helpers import FakeClock
 
 
 def test_outcomes_come_back_in_input_order_whatever_the_finishing_order():
@@ -75,20 +76,6 @@ def test_retries_are_bounded():
     with pytest.raises(SegmentationError) as caught:
         call_with_retries(always_down, RetryPolicy(retries=2, backoff_s=0.1), sleep=lambda s: None)
     assert caught.value.attempts == 3
-
-
-class FakeClock:
-    """Time that moves only when the code under test sleeps."""
-
-    def __init__(self):
-        self.now, self.sleeps = 0.0, []
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_default_patience_is_time_based_and_outlasts_a_long_restart():
