@@ -100,6 +100,7 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
         ValueError: a shape the network cannot take, or a per-block option on a chunked volume.
     """
     dims, shape = info.spatial_dims, source.shape
+    check_pixel_type(source.dtype, f"{source.argument}: ")  # before any task: each would fail
     channels = len(shape) == dims + 2 if dims == 2 else len(shape) == 4
     if dims == 2:
         if len(shape) == 2 or (len(shape) == 3 and info.in_channels > 1):
@@ -107,7 +108,6 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
         if channels and shape[1] != info.in_channels:
             raise ValueError(f"{source.argument}: frames have {shape[1]} channels, network {info.name!r} takes "
                              f"{info.in_channels}")
-        check_pixel_type(source.dtype, f"{source.argument}: ")  # before any task: each would fail
         frames, frame = shape[0], shape[-2:]
         frames_per_task = args.frames_per_task or DEFAULT_FRAMES_PER_TASK
         tasks = plan_stack(frames, frames_per_task)
@@ -118,7 +118,6 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
         if args.contour:
             arrays["contour"] = ((frames, *frame), (extent, *frame), "uint8")
         return DatasetPlan(source, "stack", channels, tasks, arrays, (frames, *frame))
-    check_pixel_type(source.dtype, f"{source.argument}: ")
     spatial = shape[1:] if channels else shape
     overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
     block = tuple(args.block) if args.block else default_block(spatial, info.tile, args.max_chunk_voxels, overlap)
@@ -194,10 +193,10 @@ def differing_settings(previous: dict, settings: dict) -> list[str]:
     return sorted(k for k in settings if k != ignored and previous.get(k) != settings[k])
 
 
-def reopen_output(plan: DatasetPlan, settings: dict, args: argparse.Namespace):
+def reopen_output(plan: DatasetPlan, settings: dict, previous: dict | None, args: argparse.Namespace):
     """Check ``--out`` before anything is written: the group a --resume continues, or None
     where a new one is to be created (nothing there, an empty directory, or an earlier run's
-    output and --overwrite).
+    output and --overwrite). ``previous``: the settings recorded there (``recorded_settings``).
 
     Raises:
         ValueError: ``--out`` is or holds the input, holds something else, or holds an earlier
@@ -208,7 +207,6 @@ def reopen_output(plan: DatasetPlan, settings: dict, args: argparse.Namespace):
     check_output_place(plan.source, args.out)
     if not args.out.exists() or is_empty_directory(args.out):
         return None
-    previous = recorded_settings(args.out)
     if previous is None:
         raise ValueError(f"{args.out} exists and is not the output of a segment-dataset run; choose another --out "
                          "(--resume and --overwrite take only such an output)")
@@ -342,12 +340,13 @@ def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace
             task = task_of[future.key]
             try:
                 report = future.result()
-            except Exception as error:  # noqa: BLE001 - the task's own error, or its loss by the cluster
-                report = TaskReport(task.index, 0, 0.0, 0, 0, 0, {}, 0, error=task_failure(error))
-            if report.error is None:
+                error = report.error  # a frame the server refused
+            except Exception as raised:  # noqa: BLE001 - the task's own error, or its loss by the cluster
+                error = task_failure(raised)
+            if error is None:
                 summary.reports.append(report)
             else:
-                summary.failed.append(f"task {task.index} {task.describe()}: {report.error}")
+                summary.failed.append(f"task {task.index} {task.describe()}: {error}")
                 progress.write(f"client: error: {summary.failed[-1]}", file=sys.stderr)
             progress.update(1)
             progress.set_postfix(failed=len(summary.failed), refresh=False)
@@ -400,11 +399,12 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
         info = network_info(client, args.patience)
         urls = tuple(client.urls)
     source = dataclasses.replace(open_source(args.input, info.spatial_dims), run=uuid.uuid4().hex)
+    previous = recorded_settings(args.out)
     if args.resume:
-        args = with_recorded_extent(args, recorded_settings(args.out))
+        args = with_recorded_extent(args, previous)
     plan = plan_dataset(source, info, args)
     settings = run_settings(plan, info, args)
-    group = reopen_output(plan, settings, args)
+    group = reopen_output(plan, settings, previous, args)
     done = np.zeros(len(plan.tasks), np.uint8) if group is None else np.asarray(group[DONE_ARRAY][:])
     todo = [task for task in plan.tasks if not done[task.index]]
     summary = Summary(skipped=len(plan.tasks) - len(todo))

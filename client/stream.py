@@ -228,10 +228,9 @@ class _WorkerPool:
     """``inflight`` daemon threads taking ``(position, index, frame)`` jobs. Daemon threads,
     so a request hung without a deadline cannot keep the interpreter from exiting."""
 
-    def __init__(self, process, workers: int, policy: RetryPolicy, wait: Callable[[float], None] = time.sleep,
-                 outage: Outage | None = None):
+    def __init__(self, process, workers: int, policy: RetryPolicy, wait: Callable[[float], None], outage: Outage):
         self.process, self.policy, self.wait = process, policy, wait
-        self.outage = Outage() if outage is None else outage
+        self.outage = outage
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
         self.busy = 0

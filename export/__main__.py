@@ -28,7 +28,7 @@ import pathlib
 import sys
 import traceback
 
-from export.network_export import (SUPPORTED_ARCHITECTURES, ExportError, ExportSettings, check_target, export_network,
+from export.network_export import (SUPPORTED_ARCHITECTURES, ExportError, ExportSettings, export_network,
                                    set_default_network)
 
 DEFAULT_REPOSITORY = pathlib.Path(__file__).resolve().parent.parent / "model_repository"
@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = settings_from_args(args)
-        # Up front, before the minutes an export can take.
-        check_target(args.repository, settings.name, args.overwrite)
+        # Up front, before the minutes an export can take (export_network checks the name first).
         pipeline = f"segment_{len(settings.tile)}d"
         if args.set_default and not (args.repository / pipeline / "config.pbtxt").is_file():
             raise ExportError(f"--set-default: {args.repository / pipeline} has no config.pbtxt (no {pipeline} pipeline to set)")

@@ -278,19 +278,21 @@ def only_exporter_files(model_dir: pathlib.Path) -> bool:
     return all(str(path.relative_to(model_dir)) in EXPORTER_FILES for path in model_dir.rglob("*"))
 
 
-def check_target(repository: pathlib.Path, name: str, overwrite: bool = False) -> None:
+def check_target(repository: pathlib.Path, name: str, overwrite: bool = False) -> bool:
     """Refuse to export over ``<repository>/<name>`` when something is there that is not a
-    network this exporter wrote (always), or is one and ``overwrite`` is not set."""
+    network this exporter wrote (always), or is one and ``overwrite`` is not set. True when
+    the export will replace a network."""
     model_dir = pathlib.Path(repository) / name
     existing = describe_existing(model_dir)
     if existing is None:
-        return
+        return False
     what, exported = existing
     if not exported:
         raise ExportError(f"{model_dir} is {what}, not a network exported by python -m export: "
                           "export never replaces it (choose another --name)")
     if not overwrite:
         raise ExportError(f"{model_dir} already holds {what} exported by python -m export; add --overwrite to replace it")
+    return True
 
 
 def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: pathlib.Path,
@@ -306,7 +308,7 @@ def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: p
     repository.mkdir(parents=True, exist_ok=True)
     model_dir = repository / settings.name
     remove_leftovers(repository, settings.name)
-    staging = make_private_directory(repository, f".{settings.name}.export-")
+    staging = make_unique_directory(repository, f".{settings.name}.export-")
     try:
         write_model_files(settings, staging, onnx_path, torchscript_path, in_channels, num_classes)
         check_target(repository, settings.name, overwrite)  # again: the repository may have changed meanwhile
@@ -316,7 +318,7 @@ def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: p
     return model_dir
 
 
-def make_private_directory(parent: pathlib.Path, prefix: str) -> pathlib.Path:
+def make_unique_directory(parent: pathlib.Path, prefix: str) -> pathlib.Path:
     """A new directory ``parent/prefix<random>`` with the umask's mode, as ``mkdir`` makes it
     (``mkdtemp``'s 0700 would stay on the renamed model: a server running as another user, the
     image's, could not read it)."""
@@ -343,7 +345,7 @@ def replace_directory(new: pathlib.Path, target: pathlib.Path) -> None:
     if not os.path.lexists(target):
         new.rename(target)
         return
-    old = make_private_directory(target.parent, f".{target.name}.replaced-")
+    old = make_unique_directory(target.parent, f".{target.name}.replaced-")
     old.rmdir()  # a free name on the same file system: rename needs it absent
     target.rename(old)
     try:
@@ -385,8 +387,7 @@ def export_network(settings: ExportSettings, repository: pathlib.Path, log=print
     a network this exporter wrote, and such a network unless ``overwrite``; a failed export
     leaves the repository as it was."""
     repository = pathlib.Path(repository)
-    check_target(repository, settings.name, overwrite)
-    replaced = describe_existing(repository / settings.name) is not None
+    replaced = check_target(repository, settings.name, overwrite)
     network = build_network(settings)
     in_channels = settings.arguments.get("in_channels", 1)
     with tempfile.TemporaryDirectory() as scratch:
