@@ -81,12 +81,37 @@ def describe_chunk(chunk: Chunk) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in chunk.sent) + "]"
 
 
+def send_chunks(client, image: np.ndarray, plan: list[Chunk], sent: dict, stream_settings: dict,
+                store: Callable[[Chunk, SegmentationResult], None], progress: ProgressCallback | None) -> None:
+    """Send each chunk of ``plan`` (of ``image`` ``[C, D, H, W]``) with the options ``sent``
+    through ``client.segment_stream`` (retried as its frames are) and ``store`` each result.
+
+    Raises:
+        SegmentationError: a chunk failed after its retries (named by its voxel range when
+            there are several; the server's message alone when the volume went whole).
+    """
+    items = ((c.index, lambda c=c: np.ascontiguousarray(image[(slice(None), *c.sent)])) for c in plan)
+    stream = client.segment_stream(items, **stream_settings, **sent)
+    try:
+        for done, outcome in enumerate(stream, start=1):
+            chunk = plan[outcome.index]
+            if not outcome.ok:
+                where = f"chunk {outcome.index + 1}/{len(plan)} {describe_chunk(chunk)} failed: " if len(plan) > 1 else ""
+                raise SegmentationError(where + outcome.error, retryable=outcome.retryable)
+            store(chunk, outcome.result)
+            if progress:
+                progress(done, len(plan))
+    finally:
+        stream.close()
+
+
 def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), inflight: int = 2,
                    retries: int | None = None, patience_s: float = DEFAULT_PATIENCE_S,
                    progress: ProgressCallback | None = None, **options):
     """Segment ``volume`` (``[D, H, W]`` or ``[C, D, H, W]``, numpy) in chunks when it is larger
-    than ``chunks`` allows, else in one request. Returns a ``SegmentationResult`` whose
-    ``chunks`` says how many requests it took.
+    than ``chunks`` allows, else in one request; either way a request that fails for a passing
+    reason is retried (``retries``, ``patience_s``: as ``segment_stream``). Returns a
+    ``SegmentationResult`` whose ``chunks`` says how many requests it took.
 
     Raises:
         ChunkingError: chunk settings that cannot give exact seams.
@@ -97,27 +122,16 @@ def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), i
     spatial_shape = tuple(image.shape[1:])
     overlap = DEFAULT_OVERLAP if options.get("overlap") is None else options["overlap"]
     plan = plan_chunks(spatial_shape, info.tile, overlap, chunks.shape, chunks.max_voxels, chunks.min_shared)
+    stream_settings = {"inflight": min(inflight, len(plan)), "retries": retries, "patience_s": patience_s}
     if progress:
         progress(0, len(plan))
-    if len(plan) == 1:
-        result = client.segment(image, **options)
-        if progress:
-            progress(1, 1)
-        return result
+    if len(plan) == 1:  # the server does it all: the intensity range, keep_largest, the contour
+        whole: list[SegmentationResult] = []
+        send_chunks(client, image, plan, options, stream_settings, lambda _, result: whole.append(result), progress)
+        return whole[0]
     sent, after = chunked_request_options(image, options)
     outputs = allocate_outputs(spatial_shape, info.num_classes, options)
-    items = ((c.index, lambda c=c: np.ascontiguousarray(image[(slice(None), *c.sent)])) for c in plan)
-    stream = client.segment_stream(items, inflight=inflight, retries=retries, patience_s=patience_s, **sent)
-    try:
-        for done, outcome in enumerate(stream, start=1):
-            chunk = plan[outcome.index]
-            if not outcome.ok:
-                raise SegmentationError(f"chunk {outcome.index + 1}/{len(plan)} {describe_chunk(chunk)} failed: "
-                                        f"{outcome.error}")
-            store_chunk(outputs, chunk, outcome.result)
-            if progress:
-                progress(done, len(plan))
-    finally:
-        stream.close()
+    send_chunks(client, image, plan, sent, stream_settings, lambda chunk, result: store_chunk(outputs, chunk, result),
+                progress)
     finish_whole_volume(outputs, info.num_classes, after)
     return SegmentationResult(outputs["mask"], outputs.get("probabilities"), outputs.get("contour"), chunks=len(plan))

@@ -5,9 +5,13 @@ and HDF5 files."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpcclient
 from monai.transforms import KeepLargestConnectedComponent, LabelToContour
 
 from client.__main__ import main as client_main
@@ -111,6 +115,27 @@ def test_small_volume_goes_whole_and_a_limit_it_cannot_meet_is_refused(client, r
     assert result.chunks == 1 and calls == [(0, 1), (1, 1)] and np.array_equal(result.mask, client.segment(volume).mask)
     with pytest.raises(ChunkingError, match=r"1000 is below the smallest chunk .* = 120000 voxels"):
         client.segment_volume(volume, chunks=ChunkSettings(max_voxels=1000))  # smaller than one tile: cannot be cut
+
+
+def test_a_volume_sent_whole_rides_out_a_reload_of_the_pipeline(server, client, rng):
+    """One request for the whole volume is retried like a chunk: with ``segment_3d`` unloaded
+    (what `serve` does after a stub dies) and loaded again 3 s later, the volume still comes
+    back, equal to one sent once the pipeline is back."""
+    volume = ct_volume((40, 50, 60), rng)
+    headers = server.token_headers("grpc")
+    with grpcclient.InferenceServerClient(server.grpc_url) as control:
+        control.unload_model("segment_3d", headers=headers)
+        while control.is_model_ready("segment_3d"):
+            time.sleep(0.1)
+        loader = threading.Timer(3.0, control.load_model, args=("segment_3d",), kwargs={"headers": headers})
+        loader.start()
+        try:
+            result = client.segment_volume(volume, patience_s=120)
+        finally:
+            loader.join()
+            if not control.is_model_ready("segment_3d"):
+                control.load_model("segment_3d", headers=headers)
+    assert result.chunks == 1 and np.array_equal(result.mask, client.segment(volume).mask)
 
 
 def test_nifti_round_trip_keeps_affine(server, client, rng, tmp_path):
