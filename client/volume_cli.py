@@ -7,8 +7,8 @@
 Inputs: NIfTI (.nii, .nii.gz), TIFF stacks [Z, Y, X], NPY and HDF5 datasets (FILE.h5:/path);
 float32, uint8, uint16 and int16 (CT Hounsfield units) travel as stored. Outputs in --out,
 in the input's kind of file: NAME_mask.nii.gz (uint8, same affine and header as the scan),
-NAME_mask.tif or NAME_mask.npy, or NAME_segmentation.h5 for HDF5; NAME_probabilities and
-NAME_contour on request.
+NAME_mask.tif or NAME_mask.npy, or NAME_segmentation.h5 for HDF5 (a group per dataset);
+NAME_probabilities and NAME_contour on request. Volumes that would write one output are refused.
 
 A volume above --max-chunk-voxels (default 512x512x256) is sent as overlapping chunks shaped
 to send the fewest voxels in all, --inflight at a time, cut on the network's tile grid so that the stitched
@@ -28,7 +28,8 @@ from tqdm import tqdm
 from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
 from client.cli_options import check_servers, network_info, segment_options
-from client.volume_files import read_volume, write_volume_outputs
+from client.stacks import check_distinct_targets
+from client.volume_files import output_targets, read_volume, volume_location, write_volume_outputs
 from client.volumes import ChunkSettings
 
 
@@ -48,6 +49,7 @@ def chunk_settings(args: argparse.Namespace) -> ChunkSettings:
 
 def segment_volumes(args: argparse.Namespace) -> int:
     """Segment each volume of ``args.volumes`` into ``args.out``; 1 if any failed."""
+    check_distinct_volume_outputs(args)
     failed = []
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
@@ -64,6 +66,27 @@ def segment_volumes(args: argparse.Namespace) -> int:
     if failed and len(args.volumes) > 1:
         print("client: failed volumes:\n  " + "\n  ".join(failed), file=sys.stderr)
     return 1 if failed else 0
+
+
+def check_distinct_volume_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read or sent, a volume given twice and volumes that would
+    write the same output (``a/ct.npy`` and ``b/ct.npy``; one result would be lost). Arguments
+    naming no volume file are left to fail on their own."""
+    names = ["mask", *(["probabilities"] if args.probabilities else []), *(["contour"] if args.contour else [])]
+    targets, inputs, seen = [], [], set()
+    for argument in args.volumes:
+        try:
+            located = output_targets(argument, names, args.out)
+        except ValueError:
+            continue
+        path = volume_location(argument)[0].resolve()
+        identity = (path, located[0].place)
+        if identity in seen:
+            raise ValueError(f"{argument} is given twice")
+        seen.add(identity)
+        targets += located
+        inputs.append(path)
+    check_distinct_targets(targets, inputs)
 
 
 def segment_one(client: SegmentationClient, argument: str, args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import tifffile
 
 from client.frames import load_npy
-from client.stacks import HDF5_SUFFIXES, split_hdf5_argument
+from client.stacks import HDF5_SUFFIXES, Target, split_hdf5_argument
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".tif", ".tiff", ".npy", *HDF5_SUFFIXES)
@@ -35,11 +35,15 @@ class Volume:
 
     @property
     def stem(self) -> str:
-        name = self.path.name
-        for suffix in VOLUME_SUFFIXES:
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return self.path.stem
+        return volume_stem(self.path)
+
+
+def volume_stem(path: pathlib.Path) -> str:
+    """The file name without its volume suffix (``scan.nii.gz`` -> ``scan``)."""
+    for suffix in VOLUME_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
 
 
 def volume_kind(path: pathlib.Path) -> str:
@@ -70,8 +74,7 @@ def read_volume(argument: str) -> Volume:
     Raises:
         ValueError, OSError: missing file, unsupported type, wrong rank.
     """
-    hdf5 = split_hdf5_argument(argument)
-    path = hdf5[0] if hdf5 else pathlib.Path(argument)
+    path, dataset = volume_location(argument)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     kind = volume_kind(path)
@@ -89,15 +92,15 @@ def read_volume(argument: str) -> Volume:
         return Volume(path.name, kind, channel_first(tifffile.imread(path), path.name, False), path)
     if kind == "npy":
         return Volume(path.name, kind, channel_first(load_npy(path), path.name, False), path)
-    if hdf5 is None:
+    if dataset is None:
         raise ValueError(f"{path}: name the dataset, e.g. {path}:/entry/data")
     import h5py
 
     with h5py.File(path, "r") as handle:
-        if hdf5[1] not in handle or not isinstance(handle[hdf5[1]], h5py.Dataset):
-            raise ValueError(f"{path}: no dataset {hdf5[1]!r}")
-        image = channel_first(handle[hdf5[1]][()], f"{path.name}:{hdf5[1]}", False)
-    return Volume(f"{path.name}:{hdf5[1]}", kind, image, path, dataset=hdf5[1])
+        if dataset not in handle or not isinstance(handle[dataset], h5py.Dataset):
+            raise ValueError(f"{path}: no dataset {dataset!r}")
+        image = channel_first(handle[dataset][()], f"{path.name}:{dataset}", False)
+    return Volume(f"{path.name}:{dataset}", kind, image, path, dataset=dataset)
 
 
 def write_nifti(path: pathlib.Path, array: np.ndarray, source) -> None:
@@ -112,27 +115,60 @@ def write_nifti(path: pathlib.Path, array: np.ndarray, source) -> None:
     nibabel.save(image, path)
 
 
+def output_group(dataset: str) -> str:
+    """The HDF5 group of an input dataset's outputs (``/entry/data`` -> ``entry/data``)."""
+    return dataset.strip("/") or "data"
+
+
+def output_paths(path: pathlib.Path, kind: str, names: list[str], out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Where each output of the volume in ``path`` goes: ``<stem>_<output>.nii.gz`` / ``.tif`` /
+    ``.npy``, or, for HDF5, one ``<stem>_segmentation.h5`` (a group per input dataset)."""
+    stem = volume_stem(path)
+    if kind == "hdf5":
+        return {name: out_dir / f"{stem}_segmentation.h5" for name in names}
+    suffix = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy"}[kind]
+    return {name: out_dir / f"{stem}_{name}{suffix}" for name in names}
+
+
+def volume_location(argument: str) -> tuple[pathlib.Path, str | None]:
+    """The file a volume argument names, and its HDF5 dataset (``FILE.h5:/path``; else None)."""
+    hdf5 = split_hdf5_argument(argument)
+    return (hdf5[0], hdf5[1]) if hdf5 else (pathlib.Path(argument), None)
+
+
+def output_targets(argument: str, names: list[str], out_dir: pathlib.Path) -> list[Target]:
+    """What segmenting the volume named by ``argument`` writes (nothing is read).
+
+    Raises:
+        ValueError: an unsupported file type.
+    """
+    path, dataset = volume_location(argument)
+    kind = volume_kind(path)
+    place = output_group(dataset) if kind == "hdf5" and dataset else ""
+    owner = f"{path}:{dataset}" if place else str(path)
+    return [Target(owner, target, place) for target in sorted(set(output_paths(path, kind, names, out_dir).values()))]
+
+
 def write_volume_outputs(volume: Volume, outputs: dict[str, np.ndarray], out_dir: pathlib.Path) -> list[pathlib.Path]:
     """Write each output (``mask``, ``probabilities``, ``contour``) in the input's own kind of
-    file: ``<stem>_<output>.nii.gz`` / ``.tif`` / ``.npy``, or ``<stem>_segmentation.h5`` with a
-    group named after the dataset. Files are written under a temporary name, then renamed."""
+    file (``output_paths``). Files are written under a temporary name, then renamed; in HDF5
+    the other datasets' groups of an existing file are kept."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = output_paths(volume.path, volume.kind, list(outputs), out_dir)
     if volume.kind == "hdf5":
-        import h5py
-
-        target = out_dir / f"{volume.stem}_segmentation.h5"
-        partial = target.with_name(target.name + ".partial")
-        with h5py.File(partial, "w") as handle:
-            group = handle.require_group(volume.dataset.strip("/") or "data")
-            for name, array in outputs.items():
-                group.create_dataset(name, data=array, compression="gzip")
-        partial.replace(target)
+        target = paths["mask"]
+        write_hdf5_group(target, output_group(volume.dataset), outputs)
         return [target]
-    suffix = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy"}[volume.kind]
-    written = []
     for name, array in outputs.items():
-        target = out_dir / f"{volume.stem}_{name}{suffix}"
-        partial = target.with_name(f".{target.name}.partial{suffix}")
+        write_array(paths[name], array, volume)
+    return list(paths.values())
+
+
+def write_array(target: pathlib.Path, array: np.ndarray, volume: Volume) -> None:
+    """``array`` into ``target`` (NIfTI on the volume's grid, TIFF or NPY), whole or not at all."""
+    suffix = ".nii.gz" if volume.kind == "nifti" else target.suffix
+    partial = target.with_name(f".{target.name}.partial{suffix}")
+    try:
         if volume.kind == "nifti":
             write_nifti(partial, array, volume.nifti)
         elif volume.kind == "tiff":
@@ -140,5 +176,40 @@ def write_volume_outputs(volume: Volume, outputs: dict[str, np.ndarray], out_dir
         else:
             np.save(partial, array)
         partial.replace(target)
-        written.append(target)
-    return written
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_hdf5_group(target: pathlib.Path, group_name: str, outputs: dict[str, np.ndarray]) -> None:
+    """``outputs`` as the datasets of ``group_name`` in ``target``, replacing that group and
+    keeping everything else in the file. A new file is written and renamed over it, so the file
+    in place is never open for writing (HDF5 may leave a file killed while open for writing
+    unreadable, and with it every group) and a replaced group leaves no dead space behind."""
+    import h5py
+
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with h5py.File(partial, "w") as handle:
+            if target.exists():
+                with h5py.File(target, "r") as previous:
+                    copy_all_but(previous, handle, group_name)
+            group = handle.require_group(group_name)
+            for name, array in outputs.items():
+                group.create_dataset(name, data=array, compression="gzip")
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def copy_all_but(source, destination, skipped: str) -> None:
+    """Copy the HDF5 group ``source`` (its attributes and members) into ``destination``, but
+    not the member at path ``skipped`` (relative to the file's root)."""
+    destination.attrs.update(source.attrs)
+    for name, member in source.items():
+        path = member.name.lstrip("/")
+        if path == skipped:
+            continue
+        if skipped.startswith(path + "/") and hasattr(member, "items"):  # a group on the way to it
+            copy_all_but(member, destination.require_group(name), skipped)
+        else:
+            source.copy(member, destination, name=name)

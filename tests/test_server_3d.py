@@ -189,3 +189,53 @@ def test_volume_cli_refuses_a_2d_model_and_bad_chunks(server, rng, tmp_path, cap
     code = client_main(["segment-volume", str(tmp_path / "ct.npy"), "--url", server.grpc_url, "--chunk-shape", "20", "0", "0",
                         "--no-progress", "--out", str(tmp_path)])
     assert code == 1 and "chunk extent 20 is too small" in capsys.readouterr().err
+
+
+def test_datasets_of_one_hdf5_file_keep_their_own_groups(server, client, rng, tmp_path):
+    """Each dataset's outputs go to its own group of ``<stem>_segmentation.h5``: a second
+    dataset, and a later run of one, replace only their own group (the file used to be
+    rewritten per volume, keeping the last one's group alone), and the file does not grow."""
+    h5py = pytest.importorskip("h5py")
+    volumes = {"entry/a": ct_volume((30, 41, 37), rng), "entry/b": ct_volume((33, 40, 35), rng)}
+    with h5py.File(tmp_path / "scan.h5", "w") as handle:
+        for name, volume in volumes.items():
+            handle[name] = volume
+    output = tmp_path / "out" / "scan_segmentation.h5"
+
+    def run(*datasets: str, options: tuple[str, ...] = ()) -> None:
+        arguments = [f"{tmp_path / 'scan.h5'}:/{name}" for name in datasets]
+        code = client_main(["segment-volume", *arguments, "--out", str(tmp_path / "out"), "--url", server.grpc_url,
+                            "--no-progress", *options])
+        assert code == 0
+
+    run("entry/a", "entry/b", options=("--probabilities",))
+    size = output.stat().st_size
+    run("entry/a", options=("--probabilities",))
+    assert output.stat().st_size <= size
+    run("entry/b")
+    expected = {name: client.segment(volume, probabilities=True) for name, volume in volumes.items()}
+    with h5py.File(output, "r") as handle:
+        assert set(handle["entry"]) == {"a", "b"} and set(handle["entry/a"]) == {"mask", "probabilities"}
+        assert set(handle["entry/b"]) == {"mask"}  # its last run asked for the mask alone
+        for name, result in expected.items():
+            assert np.array_equal(handle[f"{name}/mask"][()], result.mask)
+        assert np.abs(handle["entry/a/probabilities"][()] - expected["entry/a"].probabilities).max() <= 1e-6
+
+
+@pytest.mark.parametrize("layout, message", [
+    (("x/ct.npy", "y/ct.npy"), "x/ct.npy and {tmp}/y/ct.npy would both write {tmp}/out/ct_mask.npy"),
+    (("x/ct.npy", "x/../x/ct.npy"), "x/../x/ct.npy is given twice"),
+    (("x/s.h5:/d", "y/s.h5:/d"), "x/s.h5:/d and {tmp}/y/s.h5:/d would both write {tmp}/out/s_segmentation.h5:d"),
+], ids=["one name in two folders", "one file twice", "one dataset name in two files"])
+def test_volumes_that_would_write_one_output_are_refused_before_anything_is_written(server, rng, tmp_path, capsys,
+                                                                                    layout, message):
+    h5py = pytest.importorskip("h5py")
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / "ct.npy", ct_volume((30, 41, 37), rng))
+        with h5py.File(tmp_path / folder / "s.h5", "w") as handle:
+            handle["d"] = ct_volume((30, 41, 37), rng)
+    code = client_main(["segment-volume", *(f"{tmp_path}/{argument}" for argument in layout), "--out",
+                        str(tmp_path / "out"), "--url", server.grpc_url, "--no-progress"])
+    assert code == 1 and message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
