@@ -8,6 +8,7 @@ a time. On the server the predictor is a BLS call to the network model.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -18,6 +19,31 @@ from segserve.options import InputError, OptionError, PipelineOptions
 
 TilePredictor = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_SW_BATCH_SIZE = 8
+# The most windows one request may take: as many as the largest frame the server takes
+# (max_pixels) has at this overlap, 16 per tile-sized area in 2D, 64 in 3D. Beyond it one
+# request could hold the server for hours: overlap 0.99 cuts a 1024² frame into 804,609
+# windows of 128².
+LARGEST_OVERLAP_OF_THE_LARGEST_FRAME = 0.75
+
+
+def window_count(spatial_shape: tuple[int, ...], tile_size: tuple[int, ...], overlap: float) -> int:
+    """How many windows MONAI's ``sliding_window_inference`` runs on a frame (one smaller than
+    a tile is padded to it; ``dense_patch_slices`` with its scan interval, counted, not listed)."""
+    count = 1
+    for size, tile in zip(spatial_shape, tile_size):
+        size = max(size, tile)
+        interval = tile if size == tile else max(int(tile * (1 - overlap)), 1)
+        count *= math.ceil((size - tile) / interval) + 1
+    return count
+
+
+def window_limit(max_pixels: int | None, tile_size: tuple[int, ...]) -> int | None:
+    """The most windows one request may take: the largest frame's at
+    ``LARGEST_OVERLAP_OF_THE_LARGEST_FRAME``; None without a pixel limit."""
+    if max_pixels is None:
+        return None
+    per_tile_area = round(1 / (1 - LARGEST_OVERLAP_OF_THE_LARGEST_FRAME)) ** len(tile_size)
+    return math.ceil(max_pixels / math.prod(tile_size)) * per_tile_area
 
 
 def resolve_sw_batch_size(options: PipelineOptions, network: NetworkSpec, default: int = DEFAULT_SW_BATCH_SIZE) -> int:
@@ -45,7 +71,7 @@ def pad_batch(tiles: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def blended_logits(
     image: torch.Tensor, network: NetworkSpec, predictor: TilePredictor, options: PipelineOptions,
-    sw_batch_size: int | None = None,
+    sw_batch_size: int | None = None, max_windows: int | None = None,
 ) -> torch.Tensor:
     """Run the network over a normalised frame with overlapping tiles and blend the tiles.
 
@@ -55,6 +81,7 @@ def blended_logits(
         predictor: maps ``[B, C, *tile_size]`` float32 to ``[B, K, *tile_size]`` float32 logits.
         options: ``overlap``, ``blend`` and ``sw_batch_size``.
         sw_batch_size: tiles per predictor call; None resolves it from the options.
+        max_windows: the most windows the frame may take (``window_limit``); None: no limit.
 
     Returns:
         ``[K, *spatial]`` float32 blended logits on the image's device.
@@ -67,6 +94,12 @@ def blended_logits(
         raise InputError(
             f"network {network.name!r} takes {network.in_channels} channel(s), IMAGE has {image.shape[0]}"
         )
+    windows = window_count(tuple(image.shape[1:]), network.tile_size, options.overlap)
+    if max_windows is not None and windows > max_windows:
+        shape = "x".join(str(n) for n in image.shape[1:])
+        raise OptionError(f"overlap {options.overlap} cuts this {shape} frame into {windows} windows of "
+                          f"{'x'.join(str(n) for n in network.tile_size)}, above the limit of {max_windows} per request; "
+                          "use a smaller overlap")
     logits = sliding_window_inference(
         image.unsqueeze(0),
         roi_size=network.tile_size,

@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
 from monai.transforms import KeepLargestConnectedComponent, LabelToContour
 
 from segserve.network_spec import NetworkSpec
 from segserve.options import InputError, OptionError, PipelineOptions
 from segserve.postprocess import class_mask, keep_largest_components, label_contour, postprocess
 from segserve.preprocess import normalize, validate_frame
-from segserve.sliding_window import blended_logits, resolve_sw_batch_size
+from segserve.sliding_window import blended_logits, resolve_sw_batch_size, window_count, window_limit
 
 SPEC = NetworkSpec("net", "INPUT__0", "OUTPUT__0", in_channels=1, num_classes=3, tile_size=(16, 12), max_batch_size=4)
 
@@ -70,6 +72,40 @@ def test_blended_logits_checks_channels_and_rank():
         blended_logits(torch.rand(2, 20, 20), SPEC, toy_network, PipelineOptions())
     with pytest.raises(InputError, match="2D"):
         blended_logits(torch.rand(1, 4, 20, 20), SPEC, toy_network, PipelineOptions())
+
+
+@pytest.mark.parametrize("tile", [(16, 12), (64, 64, 64), (128, 128)])
+def test_window_count_is_the_windows_monai_runs(tile):
+    """Counted as MONAI lists them (frames padded to the tile first, as sliding_window_inference does)."""
+    rng = np.random.default_rng(len(tile))
+    for _ in range(60):
+        shape = tuple(int(rng.integers(1, 3 * t)) for t in tile)
+        overlap = float(rng.choice([0.0, 0.25, 0.5, 0.75, 0.9, 0.99, rng.random()]))
+        padded = tuple(max(size, t) for size, t in zip(shape, tile))
+        listed = dense_patch_slices(padded, tile, _get_scan_interval(padded, tile, len(tile), [overlap] * len(tile)))
+        assert window_count(shape, tile, overlap) == len(listed), (shape, overlap)
+
+
+def test_a_frame_beyond_the_window_limit_is_refused_before_any_tile():
+    """The limit is the largest frame's windows at overlap 0.75 (16 per tile area in 2D, 64 in
+    3D); overlap 0.99 on a frame of 256x192 would take 43,621 windows of 16x12."""
+    assert window_limit(None, (16, 12)) is None
+    assert window_limit(16 * 12 * 10, (16, 12)) == 160 and window_limit(64**3 * 3, (64, 64, 64)) == 192
+    frame = torch.rand(1, 256, 192)
+    calls = []
+
+    def counting_network(tiles):
+        calls.append(tiles.shape[0])
+        return toy_network(tiles)
+
+    with pytest.raises(OptionError, match=r"overlap 0.99 cuts this 256x192 frame into 43621 windows of 16x12, "
+                                          r"above the limit of 4096 per request; use a smaller overlap"):
+        blended_logits(frame, SPEC, counting_network, PipelineOptions(overlap=0.99), max_windows=4096)
+    assert not calls
+    at_limit = PipelineOptions(overlap=0.75)
+    assert window_count((256, 192), SPEC.tile_size, 0.75) <= window_limit(256 * 192, SPEC.tile_size)
+    blended_logits(frame, SPEC, counting_network, at_limit, max_windows=window_limit(256 * 192, SPEC.tile_size))
+    assert sum(calls) == window_count((256, 192), SPEC.tile_size, 0.75)
 
 
 def test_sw_batch_size_default_and_bound():

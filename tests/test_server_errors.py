@@ -51,6 +51,9 @@ BAD_REQUESTS = [
     ("sw-batch-string", {"IMAGE": GOOD_FRAME}, {"sw_batch_size": "eight"}, ["sw_batch_size", "integer"]),
     ("network-not-string", {"IMAGE": GOOD_FRAME}, {"network": 5}, ["network", "string"]),
     ("over-pixel-limit", {"IMAGE_UINT8": np.zeros((1, 4097, 4096), np.uint8)}, None, ["pixels", str(TEST_MAX_PIXELS)]),
+    # 804,609 windows of 128² (hours of work); the limit is 16 per 128² of the largest frame.
+    ("over-window-limit", {"IMAGE_UINT8": np.zeros((1, 1024, 1024), np.uint8)}, {"overlap": 0.99},
+     ["overlap 0.99", "804609 windows", f"limit of {TEST_MAX_PIXELS // 128**2 * 16}", "smaller overlap"]),
     ("pixels-mislabelled", {"IMAGE": GOOD_FRAME.astype(np.uint16)}, None, ["IMAGE", "data-type"]),
     ("unknown-input", {"FRAME": GOOD_FRAME}, None, ["FRAME"]),
 ]

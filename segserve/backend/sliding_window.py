@@ -45,7 +45,8 @@ from segserve.metrics import METRICS
 from segserve.network_spec import NetworkConfigError, NetworkSpec, load_network_spec
 from segserve.options import PipelineOptions, parse_options
 from segserve.preprocess import normalize
-from segserve.sliding_window import DEFAULT_SW_BATCH_SIZE, blended_logits, pad_batch, resolve_sw_batch_size
+from segserve.sliding_window import (DEFAULT_SW_BATCH_SIZE, blended_logits, pad_batch, resolve_sw_batch_size,
+                                     window_limit)
 from segserve.postprocess import postprocess
 
 
@@ -111,7 +112,7 @@ class TritonPythonModel:
             image = self.prepare(request, options)
         batch_size = resolve_sw_batch_size(options, network, self.default_sw_batch_size)
         return blended_logits(image, network, lambda tiles: self._predict(network, tiles, batch_size), options,
-                              batch_size)
+                              batch_size, window_limit(self.prepare.max_pixels, network.tile_size))
 
     def _network_spec(self, name: str) -> NetworkSpec:
         if name not in self._specs:
