@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  description=volume_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     volume.add_argument("volumes", nargs="+", help="volumes: .nii/.nii.gz, .tif, .npy or FILE.h5:/dataset")
     volume.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"), help="output directory (default: %(default)s)")
+    volume.add_argument("--resume", action="store_true",
+                        help="skip volumes whose outputs are in --out already (an interrupted run's finished ones)")
     add_server_options(volume, "segment_3d", 2, "chunks")
     add_pipeline_options(volume)
     volume_cli.add_chunk_options(volume)
@@ -78,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--overlay-max-size must be >= 1 (--no-overlay for none), got {args.overlay_max_size}")
     if args.command != "segment-dataset" and args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; --out names a directory")
-    if getattr(args, "resume", False) and args.overwrite:
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         parser.error("--resume and --overwrite exclude each other")
     return args
 
@@ -240,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"client: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if args.command == "segment-volume":  # no --resume: a volume is written whole or not at all
+        if args.command == "segment-volume":  # a volume is written whole or not at all
             print("client: interrupted; the volumes reported written are complete, the one in progress was not "
-                  "written", file=sys.stderr)
+                  "written; rerun with --resume to skip the written ones", file=sys.stderr)
         else:
             print("client: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

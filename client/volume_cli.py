@@ -3,12 +3,15 @@
     python -m client segment-volume scan.nii.gz --out results/
     python -m client segment-volume ct.tif tomo.h5:/entry/data --out results/ --keep-largest
     python -m client segment-volume big.npy --chunk-shape 128 0 0 --inflight 4
+    python -m client segment-volume scans/*.nii.gz --out results/ --resume   # after Ctrl-C: skip the written ones
 
 Inputs: NIfTI (.nii, .nii.gz), TIFF stacks [Z, Y, X], NPY and HDF5 datasets (FILE.h5:/path);
 float32, uint8, uint16 and int16 (CT Hounsfield units) travel as stored. Outputs in --out,
 in the input's kind of file: NAME_mask.nii.gz (uint8, same affine and header as the scan),
 NAME_mask.tif or NAME_mask.npy, or NAME_segmentation.h5 for HDF5 (a group per dataset);
 NAME_probabilities and NAME_contour on request. Volumes that would write one output are refused.
+Each volume's outputs are written whole once it is done (under a temporary name, then renamed),
+so --resume skips the volumes whose requested outputs are there already.
 
 A volume above --max-chunk-voxels (default 512x512x256) is sent as overlapping chunks shaped
 to send the fewest voxels in all, --inflight at a time, cut on the network's tile grid so that the stitched
@@ -29,7 +32,8 @@ from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
 from client.cli_options import check_servers, network_info, segment_options
 from client.stacks import check_distinct_targets
-from client.volume_files import output_targets, read_volume, volume_location, write_volume_outputs
+from client.volume_files import (output_targets, outputs_written, read_volume, volume_location,
+                                 write_volume_outputs)
 from client.volumes import ChunkSettings
 
 
@@ -50,6 +54,11 @@ def chunk_settings(args: argparse.Namespace) -> ChunkSettings:
 def segment_volumes(args: argparse.Namespace) -> int:
     """Segment each volume of ``args.volumes`` into ``args.out``; 1 if any failed."""
     check_distinct_volume_outputs(args)
+    todo = [argument for argument in args.volumes
+            if not (args.resume and outputs_written(argument, requested_outputs(args), args.out))]
+    if len(todo) < len(args.volumes):
+        print(f"client: {len(args.volumes) - len(todo)} volume(s) skipped: their outputs are in {args.out} (--resume)",
+              file=sys.stderr)
     failed = []
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
@@ -57,7 +66,7 @@ def segment_volumes(args: argparse.Namespace) -> int:
         if network_info(client, args.patience).spatial_dims != 3:
             raise SegmentationError(f"network {client.network_info().name!r} of {args.model!r} is not 3D; "
                                     "use `python -m client segment` for frames")
-        for argument in args.volumes:
+        for argument in todo:
             try:
                 segment_one(client, argument, args)
             except (OSError, ValueError, SegmentationError) as error:
@@ -68,15 +77,18 @@ def segment_volumes(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def requested_outputs(args: argparse.Namespace) -> list[str]:
+    return ["mask", *(["probabilities"] if args.probabilities else []), *(["contour"] if args.contour else [])]
+
+
 def check_distinct_volume_outputs(args: argparse.Namespace) -> None:
     """Refuse, before anything is read or sent, a volume given twice and volumes that would
     write the same output (``a/ct.npy`` and ``b/ct.npy``; one result would be lost). Arguments
     naming no volume file are left to fail on their own."""
-    names = ["mask", *(["probabilities"] if args.probabilities else []), *(["contour"] if args.contour else [])]
     targets, inputs, seen = [], [], set()
     for argument in args.volumes:
         try:
-            located = output_targets(argument, names, args.out)
+            located = output_targets(argument, requested_outputs(args), args.out)
         except ValueError:
             continue
         path = volume_location(argument)[0].resolve()

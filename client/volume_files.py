@@ -140,13 +140,34 @@ def output_targets(argument: str, names: list[str], out_dir: pathlib.Path) -> li
     """What segmenting the volume named by ``argument`` writes (nothing is read).
 
     Raises:
-        ValueError: an unsupported file type.
+        ValueError: an unsupported file type; an HDF5 file without a dataset.
     """
     path, dataset = volume_location(argument)
     kind = volume_kind(path)
-    place = output_group(dataset) if kind == "hdf5" and dataset else ""
+    if kind == "hdf5" and dataset is None:
+        raise ValueError(f"{path}: name the dataset, e.g. {path}:/entry/data")
+    place = output_group(dataset) if kind == "hdf5" else ""
     owner = f"{path}:{dataset}" if place else str(path)
     return [Target(owner, target, place) for target in sorted(set(output_paths(path, kind, names, out_dir).values()))]
+
+
+def outputs_written(argument: str, names: list[str], out_dir: pathlib.Path) -> bool:
+    """Whether every output ``names`` of the volume named by ``argument`` is in ``out_dir``
+    (files are renamed into place whole, so one that exists is complete; HDF5: the dataset's
+    group holds each of them)."""
+    try:
+        targets = output_targets(argument, names, out_dir)
+    except ValueError:  # names no volume: it fails on its own
+        return False
+    if not targets[0].place:
+        return all(target.path.exists() for target in targets)
+    import h5py
+
+    try:
+        with h5py.File(targets[0].path, "r") as handle:
+            return targets[0].place in handle and all(name in handle[targets[0].place] for name in names)
+    except OSError:  # no such file, or not HDF5
+        return False
 
 
 def write_volume_outputs(volume: Volume, outputs: dict[str, np.ndarray], out_dir: pathlib.Path) -> list[pathlib.Path]:

@@ -239,3 +239,34 @@ def test_volumes_that_would_write_one_output_are_refused_before_anything_is_writ
                         str(tmp_path / "out"), "--url", server.grpc_url, "--no-progress"])
     assert code == 1 and message.format(tmp=tmp_path) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_skips_the_volumes_whose_outputs_are_written(server, client, rng, tmp_path, capsys):
+    """--resume after an interrupted run: a volume whose every requested output is in --out is
+    not segmented again (its files are left as they are), the others are; in HDF5 per group."""
+    h5py = pytest.importorskip("h5py")
+    volumes = [ct_volume((30, 41, 37), rng) for _ in range(3)]
+    np.save(tmp_path / "a.npy", volumes[0])
+    with h5py.File(tmp_path / "s.h5", "w") as handle:
+        handle["b"], handle["c"] = volumes[1], volumes[2]
+    arguments = [str(tmp_path / "a.npy"), f"{tmp_path / 's.h5'}:/b", f"{tmp_path / 's.h5'}:/c"]
+    out = tmp_path / "out"
+
+    def run(*options: str) -> str:
+        code = client_main(["segment-volume", *arguments, "--out", str(out), "--url", server.grpc_url, "--no-progress",
+                            *options])
+        assert code == 0
+        return capsys.readouterr().err
+
+    run()
+    with h5py.File(out / "s_segmentation.h5", "a") as handle:
+        del handle["c"]  # as if the run had been stopped before its last volume
+    written = (out / "a_mask.npy").stat().st_mtime_ns
+    err = run("--resume")
+    assert "2 volume(s) skipped" in err and "s.h5:/c (30x41x37)" in err and "a.npy (30x41x37)" not in err
+    assert (out / "a_mask.npy").stat().st_mtime_ns == written
+    with h5py.File(out / "s_segmentation.h5", "r") as handle:
+        for name, volume in zip("bc", volumes[1:]):
+            assert np.array_equal(handle[f"{name}/mask"][()], client.segment(volume).mask)
+    err = run("--resume", "--probabilities")  # another output asked for: none of them has it yet
+    assert "skipped" not in err and err.count("(30x41x37) in 1 request(s)") == 3
