@@ -173,13 +173,16 @@ def call_with_retries(function: Callable[[], object], policy: RetryPolicy,
 
 def ordered_stream(items: Iterable[tuple[int, Callable[[], object]]], process: Callable[[int, object], object],
                    inflight: int = 4, policy: RetryPolicy = RetryPolicy(),
-                   wait: Callable[[float], None] = time.sleep, outage: Outage | None = None) -> Iterator[Outcome]:
+                   wait: Callable[[float], None] = time.sleep, outage: Outage | None = None,
+                   on_stopped: Callable[[set[int]], None] | None = None,
+                   stop_grace_s: float = STOP_GRACE_S) -> Iterator[Outcome]:
     """Run ``process(worker, frame)`` over ``items`` with ``inflight`` workers; yield Outcomes
     in the items' order.
 
     Args:
         items: ``(index, load)`` pairs; ``load()`` returns the frame (read in the caller's
-            thread, so readers need not be thread-safe). A load error becomes a failed Outcome.
+            thread, so readers need not be thread-safe). A load error (any Exception) becomes
+            a failed Outcome of that frame alone.
         process: called in worker thread ``worker`` (0..inflight-1); its return value is the
             Outcome's ``result``.
         inflight: requests in flight at once.
@@ -188,26 +191,31 @@ def ordered_stream(items: Iterable[tuple[int, Callable[[], object]]], process: C
             cuts it short when the server is back).
         outage: the ``Outage`` the patience is measured on, shared with whatever else sends to
             the same servers (a client's); None: one of this stream's own, shared by its frames.
+        on_stopped: called once when the stream ends, however it ends (exhausted, failed,
+            closed), after waiting up to ``stop_grace_s`` for the calls in flight: with the
+            workers still inside a ``process`` call then. Each makes no further call once that
+            one returns; every other worker has made its last.
+        stop_grace_s: how long the end of the stream waits for calls in flight.
+
+    Raises:
+        Whatever iterating ``items`` raised (the same exception), once every frame taken
+        before it has been yielded. KeyboardInterrupt and SystemExit, from the items or a
+        ``load()``, at once.
     """
     if inflight < 1:
         raise ValueError(f"inflight must be >= 1, got {inflight}")
     pool = _WorkerPool(process, inflight, policy, wait, Outage() if outage is None else outage)
     window = REORDER_WINDOW_FACTOR * inflight
     finished: dict[int, Outcome] = {}
-    source = iter(items)
+    source = _Source(items)
     submitted = yielded = 0
-    exhausted = False
     try:
         while True:
-            while not exhausted and pool.busy < inflight and submitted - yielded < window:
-                try:
-                    index, load = next(source)
-                except StopIteration:
-                    exhausted = True
-                    break
+            while pool.busy < inflight and submitted - yielded < window and (item := source.next()) is not None:
+                index, load = item
                 try:
                     frame = load()
-                except (OSError, ValueError, KeyError) as error:
+                except Exception as error:  # a bad frame fails alone; KeyboardInterrupt still ends the stream
                     finished[submitted] = Outcome(index, error=f"cannot read frame: {error}")
                 else:
                     pool.submit(submitted, index, frame)
@@ -215,13 +223,40 @@ def ordered_stream(items: Iterable[tuple[int, Callable[[], object]]], process: C
             if yielded in finished:
                 yield finished.pop(yielded)
                 yielded += 1
-            elif exhausted and yielded == submitted:
-                return
+            elif source.done and yielded == submitted:
+                break
             else:
                 position, outcome = pool.next_result()
                 finished[position] = outcome
     finally:
-        pool.stop()
+        still_running = pool.stop(stop_grace_s)
+        if on_stopped is not None:
+            on_stopped(still_running)
+    if source.error is not None:
+        raise source.error
+
+
+class _Source:
+    """The items, read until they end or fail; ``error`` is what they raised, kept so the
+    frames already taken are yielded before it propagates."""
+
+    def __init__(self, items: Iterable[tuple[int, Callable[[], object]]]):
+        self._items = iter(items)
+        self.done = False
+        self.error: Exception | None = None
+
+    def next(self) -> tuple[int, Callable[[], object]] | None:
+        """The next ``(index, load)``; None once the items have ended or failed."""
+        if self.done:
+            return None
+        try:
+            index, load = next(self._items)
+            return index, load
+        except StopIteration:
+            self.done = True
+        except Exception as error:
+            self.done, self.error = True, error
+        return None
 
 
 class _WorkerPool:
@@ -234,6 +269,11 @@ class _WorkerPool:
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
         self.busy = 0
+        # Under the lock: whether the pool stopped, and which workers are inside a call, so
+        # that no call starts after stop() and its report of calls still running is exact.
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._running: set[int] = set()
         self.threads = [threading.Thread(target=self._work, args=(w,), daemon=True, name=f"segment-{w}")
                         for w in range(workers)]
         for thread in self.threads:
@@ -248,26 +288,41 @@ class _WorkerPool:
         self.busy -= 1
         return result
 
-    def stop(self) -> None:
-        """Let the workers finish what they hold (up to STOP_GRACE_S), then return."""
+    def stop(self, grace_s: float = STOP_GRACE_S) -> set[int]:
+        """Drop the jobs not started, wait up to ``grace_s`` for the calls in flight; returns
+        the workers still inside a call then (each ends when that call returns)."""
+        with self._lock:
+            self._stopped = True
         for _ in self.threads:
             self.jobs.put(None)
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + grace_s
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            return set(self._running)
 
     def _work(self, worker: int) -> None:
         while (job := self.jobs.get()) is not None:
-            position, index, frame = job
+            with self._lock:
+                if self._stopped:
+                    return
+                self._running.add(worker)
             try:
-                result, attempts = call_with_retries(lambda frame=frame: self.process(worker, frame), self.policy,
-                                                     self.wait, outage=self.outage)
-                outcome = Outcome(index, result=result, attempts=attempts)
-            except SegmentationError as error:
-                outcome = Outcome(index, error=str(error), attempts=getattr(error, "attempts", 1),
-                                  retryable=error.retryable)
-            except ValueError as error:
-                outcome = Outcome(index, error=str(error), attempts=1)
-            except Exception as error:  # a bug must not hang the stream: report it on the frame
-                outcome = Outcome(index, error=f"{type(error).__name__}: {error}", attempts=1)
-            self.results.put((position, outcome))
+                outcome = self._run(worker, *job[1:])
+            finally:
+                with self._lock:
+                    self._running.discard(worker)
+            self.results.put((job[0], outcome))
+
+    def _run(self, worker: int, index: int, frame) -> Outcome:
+        """The Outcome of ``process(worker, frame)``, retried as the policy says."""
+        try:
+            result, attempts = call_with_retries(lambda: self.process(worker, frame), self.policy,
+                                                 self.wait, outage=self.outage)
+            return Outcome(index, result=result, attempts=attempts)
+        except SegmentationError as error:
+            return Outcome(index, error=str(error), attempts=getattr(error, "attempts", 1), retryable=error.retryable)
+        except ValueError as error:
+            return Outcome(index, error=str(error), attempts=1)
+        except Exception as error:  # a bug must not hang the stream: report it on the frame
+            return Outcome(index, error=f"{type(error).__name__}: {error}", attempts=1)

@@ -10,9 +10,10 @@ import time
 import numpy as np
 import pytest
 
+import client.stream as stream_logic
 from client.connection import SegmentationError
 from client.stacks import RunRecord, is_stack_shape, open_sources, split_hdf5_argument
-from client.stream import RetryPolicy, call_with_retries, ordered_stream, wait_for_recovery
+from client.stream import RetryPolicy, _WorkerPool, call_with_retries, ordered_stream, wait_for_recovery
 from tests.helpers import FakeClock
 
 
@@ -53,6 +54,120 @@ def test_a_failed_load_or_request_is_an_outcome_not_a_lost_frame():
     assert [o.ok for o in outcomes] == [True, True, True, False, True, False, True, True]
     assert "truncated file" in outcomes[3].error and outcomes[3].attempts == 0
     assert "NaN" in outcomes[5].error and outcomes[5].attempts == 1  # not retryable: tried once
+
+
+@pytest.mark.parametrize("inflight", [1, 2, 4])
+@pytest.mark.parametrize("fails_at", [0, 1, 3, 8, 21])
+def test_a_failing_source_ends_the_stream_but_loses_no_finished_frame(fails_at, inflight):
+    """Every frame taken before the source raised is yielded, in order, then the source's own
+    exception (same object, its traceback still reaching into the source)."""
+    error = TimeoutError("detector")
+    delays = random.Random(fails_at).choices([0.0, 0.002, 0.01], k=fails_at)
+
+    def frames():
+        for i in range(40):
+            if i == fails_at:
+                raise error
+            yield i, (lambda i=i: i)
+
+    def process(worker, frame):
+        time.sleep(delays[frame])
+        return frame * 10
+
+    got = []
+    with pytest.raises(TimeoutError) as caught:
+        for outcome in ordered_stream(frames(), process, inflight=inflight):
+            got.append((outcome.index, outcome.result))
+    assert got == [(i, 10 * i) for i in range(fails_at)]
+    assert caught.value is error and caught.traceback[-1].name == "frames"
+
+
+def test_a_load_raising_anything_fails_only_that_frame():
+    def load(i):
+        if i == 2:
+            raise RuntimeError("decoder crashed")
+        return i
+
+    outcomes = list(ordered_stream([(i, lambda i=i: load(i)) for i in range(6)], lambda w, f: f, inflight=2))
+    assert [o.index for o in outcomes] == list(range(6))
+    assert [o.ok for o in outcomes] == [True, True, False, True, True, True]
+    assert outcomes[2].error == "cannot read frame: decoder crashed" and outcomes[2].attempts == 0
+
+
+@pytest.mark.parametrize("where", ["load", "source"])
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_from_the_frames_stops_the_stream_at_once(where, interrupt):
+    def load(i):
+        if where == "load" and i == 2:
+            raise interrupt()
+        return i
+
+    def frames():
+        for i in range(10):
+            if where == "source" and i == 2:
+                raise interrupt()
+            yield i, (lambda i=i: load(i))
+
+    got = []
+    with pytest.raises(interrupt):
+        for outcome in ordered_stream(frames(), lambda w, f: f, inflight=4):
+            got.append(outcome.index)
+    assert got == []  # frames 0 and 1 were in flight, not waited for
+
+
+def test_a_worker_busy_past_the_grace_is_reported_so_its_slot_is_not_reused():
+    """Breaking out of a stream waits ``stop_grace_s`` for the requests in flight, then names
+    the workers still in one (their slots must not serve anyone else); on a normal end, none."""
+    release = threading.Event()
+    calls: list[tuple[int, int]] = []
+
+    def process(worker, frame):
+        calls.append((worker, frame))
+        if frame == 1:
+            release.wait(5)
+        return frame
+
+    reported: list[set[int]] = []
+    stream = ordered_stream([(i, lambda i=i: i) for i in range(20)], process, inflight=2,
+                            on_stopped=reported.append, stop_grace_s=0.2)
+    try:
+        assert next(stream).index == 0
+        started = time.monotonic()
+        stream.close()
+        assert time.monotonic() - started < 2.0
+        [blocked] = [worker for worker, frame in calls if frame == 1]
+        assert reported == [{blocked}]
+        calls_at_stop = list(calls)
+    finally:
+        release.set()
+    time.sleep(0.2)
+    assert calls == calls_at_stop  # the released worker took no further frame
+    reported.clear()
+    assert len(list(ordered_stream([(i, lambda i=i: i) for i in range(9)], process, inflight=3,
+                                   on_stopped=reported.append))) == 9
+    assert reported == [set()]
+
+
+def test_a_worker_takes_no_job_after_stop():
+    """A job still queued when the pool stops is dropped, even by a worker that ends its
+    current job after the grace."""
+    release = threading.Event()
+    calls: list[int] = []
+
+    def process(worker, frame):
+        calls.append(frame)
+        release.wait(5)
+        return frame
+
+    pool = _WorkerPool(process, 1, RetryPolicy(), time.sleep, stream_logic.Outage())
+    pool.submit(0, 0, "first")
+    pool.submit(1, 1, "queued")
+    while not calls:
+        time.sleep(0.01)
+    assert pool.stop(0.1) == {0}
+    release.set()
+    pool.threads[0].join(5)
+    assert not pool.threads[0].is_alive() and calls == ["first"]
 
 
 def test_retryable_errors_are_retried_with_doubling_backoff():
