@@ -22,12 +22,15 @@ client are removed when the next shared-memory client starts.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
+import numbers
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
+
+import numpy as np
 
 from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError
@@ -62,6 +65,14 @@ class SegmentOptions:
     intensity_min: float | None = None
     intensity_max: float | None = None
 
+    def __post_init__(self):
+        """Each value as the Python type it is sent as (numpy scalars such as ``frame.min()``
+        are converted: tritonclient refuses them), or a ValueError naming the option."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                object.__setattr__(self, field.name, _as_option_type(field.name, value))
+
     def parameters(self, network: str | None) -> dict:
         """Request parameters: options left as None are not sent."""
         parameters = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -69,6 +80,47 @@ class SegmentOptions:
         if network is not None:
             parameters["network"] = network
         return parameters
+
+
+_BOOLEAN_OPTIONS = ("probabilities", "contour", "keep_largest")
+_INTEGER_OPTIONS = ("sw_batch_size",)
+_TEXT_OPTIONS = ("blend",)
+
+
+def _as_option_type(name: str, value):
+    """``value`` of option ``name`` as a bool, int, float or str (numpy scalars included)."""
+    if name in _BOOLEAN_OPTIONS:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    if name in _TEXT_OPTIONS:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if name in _INTEGER_OPTIONS:
+        if not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def release_slots_and_controls(slots: list[dict], lock: threading.Lock, controls: list[Connection]) -> list[str]:
+    """Close every slot's transports (their shared-memory regions unregistered and freed) and
+    the control connections; the errors of those that could not be closed."""
+    with lock:
+        transports = [transport for slot in slots for transport in slot.values()]
+        slots.clear()
+    errors = []
+    for transport in transports:
+        try:
+            transport.close()
+        except SegmentationError as error:
+            errors.append(str(error))
+    for control in controls:
+        control.close()
+    return errors
 
 
 def is_network_of(metadata: dict, spatial_dims: int) -> bool:
@@ -139,9 +191,13 @@ class SegmentationClient:
         self._network_info: NetworkInfo | None = None
         self._spatial_dims: int | None = None
         self.stale_regions_removed: list[str] = []
+        self.closed = False
+        # Regions are freed even if the caller forgets close(): when the client is collected,
+        # or at exit (a weak reference: an unclosed client can still be collected).
+        self._release = weakref.finalize(self, release_slots_and_controls, self._slots, self._slots_lock,
+                                         self._controls)
         if transport in SHM_KINDS:
             self._remove_stale_regions()
-        atexit.register(self.close)  # regions are freed even if the caller forgets close()
 
     def _remove_stale_regions(self) -> None:
         for control in self._controls:
@@ -173,9 +229,14 @@ class SegmentationClient:
             return SharedMemoryTransport(connection, SHM_KINDS[self.transport], self.device_id)
         return InlineTransport(connection)
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SegmentationError("this SegmentationClient is closed; make a new one")
+
     def _take_slot(self) -> dict:
         """An in-flight slot (server index -> transport) owned by the caller until
         ``_return_slot``: an idle one, else a new one. No slot serves two requests at once."""
+        self._check_open()
         try:
             return self._idle.get_nowait()
         except queue.Empty:
@@ -185,6 +246,12 @@ class SegmentationClient:
 
     def _return_slot(self, slot: dict) -> None:
         self._idle.put(slot)
+
+    def _discard_slot(self, slot: dict) -> None:
+        """Close a slot that must not be reused (its regions unregistered and freed)."""
+        with self._slots_lock:
+            self._slots[:] = [kept for kept in self._slots if kept is not slot]
+        release_slots_and_controls([slot], threading.Lock(), [])
 
     def _transports(self):
         with self._slots_lock:
@@ -196,19 +263,11 @@ class SegmentationClient:
         return sum(t.regions.created for t in self._transports() if isinstance(t, SharedMemoryTransport))
 
     def close(self) -> None:
-        """Unregister and free every shared-memory region; close the connections. Idempotent."""
-        atexit.unregister(self.close)
-        errors = []
-        for transport in self._transports():
-            try:
-                transport.close()
-            except SegmentationError as error:
-                errors.append(str(error))
-        with self._slots_lock:
-            self._slots.clear()
+        """Unregister and free every shared-memory region; close the connections. Idempotent;
+        the client takes no requests afterwards."""
+        self.closed = True
+        errors = self._release() or []  # None once released
         self._idle = queue.LifoQueue()
-        for control in self._controls:
-            control.close()
         if errors:
             raise SegmentationError(f"cleanup incomplete: {'; '.join(errors)}")
 
@@ -348,8 +407,9 @@ class SegmentationClient:
         ``inflight`` at a time, stitched so the result equals one whole-volume request.
         ``progress(done, total)`` is called with (0, total) first, then per chunk done. See
         ``client.volumes``."""
+        checked = dataclasses.asdict(SegmentOptions(**options))  # refused here, not once per chunk
         return segment_volume(self, volume, chunks=chunks, inflight=inflight, retries=retries, patience_s=patience_s,
-                              progress=progress, **options)
+                              progress=progress, **{name: checked[name] for name in options})
 
     def segment_stream(self, frames: Iterable, *, inflight: int = 4, retries: int | None = None,
                        backoff_s: float = 0.5, patience_s: float = DEFAULT_PATIENCE_S, **options) -> Iterator[Outcome]:
@@ -357,7 +417,8 @@ class SegmentationClient:
         frame in input order (``outcome.result`` a SegmentationResult, or ``outcome.error``).
 
         Args:
-            frames: arrays, or ``(index, load)`` pairs where ``load()`` returns the frame
+            frames: arrays (each copied as it is taken, so a source may refill one buffer),
+                or ``(index, load)`` pairs where ``load()`` returns a new array each call
                 (lets a reader stream from disk; a load error fails only that frame).
             inflight: requests in flight (one connection and set of regions each).
             retries: most further attempts for a frame that failed for a retryable reason
@@ -369,24 +430,62 @@ class SegmentationClient:
                 fits). Measured on the client's ``outage``, shared by every frame and stream:
                 once it is spent, each further frame gets one attempt; any success resets it.
         """
-        settings = SegmentOptions(**options)
+        settings = SegmentOptions(**options)  # bad settings are refused here, not at the first next()
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s, patience_s=patience_s)
+        if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
+            raise ValueError(f"inflight must be an integer >= 1, got {inflight!r}")
+        self._check_open()
+        return self._stream(frames, inflight, policy, settings)
+
+    def _stream(self, frames: Iterable, inflight: int, policy: RetryPolicy, settings: SegmentOptions) -> Iterator[Outcome]:
         spatial_dims = self.spatial_dims()
         slots = [self._take_slot() for _ in range(inflight)]  # this stream's own, returned at its end
+        # Workers still in a request when the stream stopped waiting for them (a break out of
+        # a slow stream): their slots are closed by the worker once its request ends, never reused.
+        abandoned: set[int] = set()
+        abandoned_lock = threading.Lock()
 
         def process(worker: int, frame):
-            return self._segment_on(slots[worker], as_channel_first(frame, spatial_dims), settings)
+            try:
+                return self._segment_on(slots[worker], as_channel_first(frame, spatial_dims), settings)
+            finally:
+                with abandoned_lock:
+                    discard = worker in abandoned
+                if discard:
+                    self._discard_slot(slots[worker])
+
+        def stopped(still_running: set[int]) -> None:
+            with abandoned_lock:
+                abandoned.update(still_running)
 
         try:
-            yield from ordered_stream(_as_items(frames), process, inflight, policy, self.wait_for_recovery, self.outage)
+            yield from ordered_stream(_as_items(frames), process, inflight, policy, self.wait_for_recovery, self.outage,
+                                      on_stopped=stopped)
         finally:
-            for slot in slots:
-                self._return_slot(slot)
+            for worker, slot in enumerate(slots):
+                if worker not in abandoned:
+                    self._return_slot(slot)
 
 
 def _as_items(frames: Iterable) -> Iterator[tuple[int, object]]:
+    """``(index, load)`` pairs as given, and each plain frame as a pair loading a copy of it
+    taken now: the stream reads up to ``inflight`` frames ahead, and a source that refills one
+    buffer (``read_direct``, a detector's) would otherwise have a frame overwritten before it
+    was sent, and get another frame's mask for it."""
     for index, frame in enumerate(frames):
         if isinstance(frame, tuple) and len(frame) == 2 and callable(frame[1]):
             yield frame
         else:
-            yield index, (lambda f=frame: f)
+            yield index, (lambda f=snapshot(frame): f)
+
+
+def snapshot(frame):
+    """A copy of a numpy array, torch tensor (on its device) or CuPy array; other sequences
+    (lists) as they are (they are converted into a new array anyway)."""
+    if isinstance(frame, np.ndarray):
+        return frame.copy()
+    if hasattr(frame, "clone"):  # torch
+        return frame.detach().clone()
+    if hasattr(frame, "copy") and hasattr(frame, "shape"):  # CuPy
+        return frame.copy()
+    return frame

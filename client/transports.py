@@ -48,11 +48,22 @@ def output_specs(spatial_shape: tuple[int, ...], probabilities: bool, contour: b
 
 
 def frame_dtype(frame) -> np.dtype:
-    """numpy dtype of a numpy array, torch tensor or CuPy array."""
+    """numpy dtype of a numpy array, torch tensor or CuPy array.
+
+    Raises:
+        ValueError: a tensor type numpy has no dtype for (torch.bfloat16).
+    """
     dtype = frame.dtype
     if isinstance(dtype, np.dtype):
         return dtype
-    return np.dtype(str(dtype).removeprefix("torch."))
+    try:
+        return np.dtype(str(dtype).removeprefix("torch."))
+    except TypeError:
+        raise ValueError(f"pixel type {dtype} is not supported; use one of {supported_pixel_types()}") from None
+
+
+def supported_pixel_types() -> str:
+    return ", ".join(str(d) for d in INPUT_BY_DTYPE)
 
 
 def on_gpu(frame) -> bool:
@@ -75,9 +86,10 @@ def check_pixel_type(dtype, label: str = "", numpy_cast: bool = True) -> None:
     of LOSSLESS_TO_FLOAT32 as float32 when ``numpy_cast`` (numpy arrays are cast; tensors are
     not). ``label``: what the error names first."""
     dtype = np.dtype(dtype)
+    if numpy_cast and not dtype.isnative:
+        dtype = dtype.newbyteorder("=")  # big-endian numpy frames are byte-swapped
     if dtype not in INPUT_BY_DTYPE and not (numpy_cast and dtype in LOSSLESS_TO_FLOAT32):
-        supported = ", ".join(str(d) for d in INPUT_BY_DTYPE)
-        raise ValueError(f"{label}pixel type {dtype} is not supported; use one of {supported}")
+        raise ValueError(f"{label}pixel type {dtype} is not supported; use one of {supported_pixel_types()}")
 
 
 def as_channel_first(frame, spatial_dims: int = 2):
@@ -88,8 +100,13 @@ def as_channel_first(frame, spatial_dims: int = 2):
     Raises:
         ValueError: unsupported rank or pixel type.
     """
+    if hasattr(frame, "detach"):  # torch: no autograd history; the dtype checked before numpy sees it
+        frame = frame.detach()
+        check_pixel_type(frame_dtype(frame), numpy_cast=not on_gpu(frame))  # CPU tensors become numpy arrays
     if not on_gpu(frame) and not isinstance(frame, np.ndarray):
         frame = np.asarray(frame)
+    if isinstance(frame, np.ndarray) and not frame.dtype.isnative:  # big-endian (FITS, some TIFFs)
+        frame = frame.astype(frame.dtype.newbyteorder("="))
     if isinstance(frame, np.ndarray) and frame.dtype in LOSSLESS_TO_FLOAT32:
         frame = frame.astype(np.float32)
     if frame.ndim == spatial_dims:
@@ -99,6 +116,8 @@ def as_channel_first(frame, spatial_dims: int = 2):
         raise ValueError(f"{'volume' if spatial_dims == 3 else 'frame'} must be [{axes}] or [C, {axes}], "
                          f"got shape {list(frame.shape)}")
     check_pixel_type(frame_dtype(frame), numpy_cast=False)  # numpy arrays were cast above
+    if 0 in frame.shape:
+        raise ValueError(f"{'volume' if spatial_dims == 3 else 'frame'} is empty: shape {list(frame.shape)}")
     if isinstance(frame, np.ndarray):
         return np.ascontiguousarray(frame)
     if hasattr(frame, "contiguous"):  # torch
@@ -120,7 +139,9 @@ class InlineTransport:
         request_input.set_data_from_numpy(image)
         response = self.connection.infer(
             model, [request_input], [self.connection.requested_output(spec.name) for spec in outputs], parameters)
-        return {spec.name: response.as_numpy(spec.name) for spec in outputs}
+        # Copies: as_numpy's arrays are read-only views of the reply (those of shared memory,
+        # and of stitched volumes, are writable; results behave alike on every transport).
+        return {spec.name: np.array(response.as_numpy(spec.name)) for spec in outputs}
 
     def close(self) -> None:
         self.connection.close()

@@ -105,6 +105,19 @@ def send_chunks(client, image: np.ndarray, plan: list[Chunk], sent: dict, stream
         stream.close()
 
 
+def check_volume_settings(chunks, inflight: int, retries: int | None, progress) -> None:
+    """Refuse bad settings before anything is sent (a small volume goes whole, so they would
+    otherwise surface only on a large one)."""
+    if not isinstance(chunks, ChunkSettings):
+        raise TypeError(f"chunks must be a ChunkSettings (e.g. ChunkSettings(shape=(160, 0, 0))), got {chunks!r}")
+    if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
+        raise ValueError(f"inflight must be an integer >= 1, got {inflight!r}")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+        raise ValueError(f"retries must be None or an integer >= 0, got {retries!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable (done, total) or None, got {progress!r}")
+
+
 def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), inflight: int = 2,
                    retries: int | None = None, patience_s: float = DEFAULT_PATIENCE_S,
                    progress: ProgressCallback | None = None, **options):
@@ -117,6 +130,7 @@ def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), i
         ChunkingError: chunk settings that cannot give exact seams.
         SegmentationError: a chunk failed after its retries (named by its voxel range).
     """
+    check_volume_settings(chunks, inflight, retries, progress)
     info = client.network_info()
     image = as_channel_first(np.asarray(volume), info.spatial_dims)
     spatial_shape = tuple(image.shape[1:])
