@@ -256,7 +256,8 @@ def ome_label_metadata(plan: DatasetPlan, out: pathlib.Path) -> dict:
 
 def start_cluster(args: argparse.Namespace):
     """A distributed Client: to --scheduler, or to a LocalCluster of single-threaded worker
-    processes (each keeps one SegmentationClient; tritonclient objects are not thread-safe)."""
+    processes (each keeps one SegmentationClient, made in the process: gRPC does not survive a fork;
+    a task already sends --inflight requests at once)."""
     from distributed import Client, LocalCluster
 
     if args.scheduler:
