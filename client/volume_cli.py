@@ -31,7 +31,7 @@ from tqdm import tqdm
 from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
 from client.cli_options import check_servers, network_info, segment_options
-from client.stacks import check_distinct_targets
+from client.stacks import check_distinct_targets, stack_outputs
 from client.volume_files import (output_targets, outputs_written, read_volume, volume_location,
                                  write_volume_outputs)
 from client.volumes import ChunkSettings
@@ -78,7 +78,7 @@ def segment_volumes(args: argparse.Namespace) -> int:
 
 
 def requested_outputs(args: argparse.Namespace) -> list[str]:
-    return ["mask", *(["probabilities"] if args.probabilities else []), *(["contour"] if args.contour else [])]
+    return stack_outputs(args.probabilities, args.contour)
 
 
 def check_distinct_volume_outputs(args: argparse.Namespace) -> None:
