@@ -36,8 +36,8 @@ from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError
 from client.servers import DEFAULT_COOLDOWN_S, ServerPool, split_urls
 from client.shared_memory import SHM_KINDS, remove_stale_regions
-from client.stream import (DEFAULT_PATIENCE_S, Outage, Outcome, RetryPolicy, call_with_retries, ordered_stream,
-                           wait_for_recovery)
+from client.stream import (DEFAULT_PATIENCE_S, Outage, Outcome, RetryPolicy, call_with_retries, check_inflight,
+                           ordered_stream, wait_for_recovery)
 from client.volumes import ChunkSettings, segment_volume
 from client.results import NetworkInfo, SegmentationResult
 from client.transports import TRANSPORTS, InlineTransport, SharedMemoryTransport, as_channel_first, output_specs
@@ -432,8 +432,7 @@ class SegmentationClient:
         """
         settings = SegmentOptions(**options)  # bad settings are refused here, not at the first next()
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s, patience_s=patience_s)
-        if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
-            raise ValueError(f"inflight must be an integer >= 1, got {inflight!r}")
+        check_inflight(inflight)
         self._check_open()
         return self._stream(frames, inflight, policy, settings)
 

@@ -171,6 +171,12 @@ def call_with_retries(function: Callable[[], object], policy: RetryPolicy,
             return value, attempt
 
 
+def check_inflight(inflight) -> None:
+    """Refuse an ``inflight`` that is not an integer >= 1 (ValueError naming it)."""
+    if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
+        raise ValueError(f"inflight must be an integer >= 1, got {inflight!r}")
+
+
 def ordered_stream(items: Iterable[tuple[int, Callable[[], object]]], process: Callable[[int, object], object],
                    inflight: int = 4, policy: RetryPolicy = RetryPolicy(),
                    wait: Callable[[float], None] = time.sleep, outage: Outage | None = None,
@@ -202,8 +208,7 @@ def ordered_stream(items: Iterable[tuple[int, Callable[[], object]]], process: C
         before it has been yielded. KeyboardInterrupt and SystemExit, from the items or a
         ``load()``, at once.
     """
-    if inflight < 1:
-        raise ValueError(f"inflight must be >= 1, got {inflight}")
+    check_inflight(inflight)
     pool = _WorkerPool(process, inflight, policy, wait, Outage() if outage is None else outage)
     window = REORDER_WINDOW_FACTOR * inflight
     finished: dict[int, Outcome] = {}

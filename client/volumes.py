@@ -18,7 +18,7 @@ from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, DEFAULT_OVERLAP, Chunk, plan
 from client.connection import SegmentationError
 from client.postprocess import keep_largest_components, label_contour
 from client.results import SegmentationResult
-from client.stream import DEFAULT_PATIENCE_S
+from client.stream import DEFAULT_PATIENCE_S, check_inflight
 from client.transports import as_channel_first
 
 ProgressCallback = Callable[[int, int], None]  # (chunks done, chunks in all): (0, n) first, then each chunk
@@ -110,8 +110,7 @@ def check_volume_settings(chunks, inflight: int, retries: int | None, progress) 
     otherwise surface only on a large one)."""
     if not isinstance(chunks, ChunkSettings):
         raise TypeError(f"chunks must be a ChunkSettings (e.g. ChunkSettings(shape=(160, 0, 0))), got {chunks!r}")
-    if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
-        raise ValueError(f"inflight must be an integer >= 1, got {inflight!r}")
+    check_inflight(inflight)
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
         raise ValueError(f"retries must be None or an integer >= 0, got {retries!r}")
     if progress is not None and not callable(progress):
