@@ -6,13 +6,19 @@ tritonclient's gRPC and HTTP modules have the same classes with slightly differe
 
 from __future__ import annotations
 
+import concurrent.futures
+import queue
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from segproto import TRITON_RESTRICTED_PHRASE, is_transient_message
+
+T = TypeVar("T")
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
@@ -76,44 +82,44 @@ class Connection:
         self.url, self.protocol, self.headers, self.timeout_s = url, protocol, dict(headers or {}), timeout_s
         self.module = grpcclient if protocol == "grpc" else httpclient
         self._timeout = {"client_timeout": timeout_s} if protocol == "grpc" else {}
-        self._per_thread = threading.local()
-        self._clients: list = []
         self._lock = threading.Lock()
+        self._grpc_client = None
+        self._http_thread: HttpThread | None = None
 
-    @property
-    def client(self):
-        """The tritonclient client for this thread. The gRPC one is shared (gRPC channels are
-        thread-safe); HTTP clients run on gevent and work only in the thread that made them,
-        so each thread gets its own."""
-        if self.protocol == "grpc":
-            with self._lock:
-                if not self._clients:
-                    self._clients.append(grpcclient.InferenceServerClient(self.url))
-                return self._clients[0]
-        client = getattr(self._per_thread, "client", None)
-        if client is None:
-            network_timeout = self.timeout_s if self.timeout_s is not None else 86400.0
-            client = httpclient.InferenceServerClient(self.url, network_timeout=network_timeout,
-                                                      connection_timeout=network_timeout)
-            self._per_thread.client = client
-            with self._lock:
-                self._clients.append(client)
-        return client
+    def _make_http_client(self):
+        network_timeout = self.timeout_s if self.timeout_s is not None else 86400.0
+        return httpclient.InferenceServerClient(self.url, network_timeout=network_timeout,
+                                                connection_timeout=network_timeout)
+
+    def _run(self, function: Callable[[object], T]) -> T:
+        """``function(client)`` with this connection's tritonclient client. The gRPC client is
+        shared by every thread (gRPC channels are thread-safe); the HTTP one runs on gevent,
+        which works only in the thread that made it, so it lives in one thread of its own
+        (``HttpThread``) that runs every HTTP call of this connection."""
+        with self._lock:
+            if self.protocol == "grpc":
+                if self._grpc_client is None:
+                    self._grpc_client = grpcclient.InferenceServerClient(self.url)
+                client = self._grpc_client
+            elif self._http_thread is None:
+                self._http_thread = HttpThread(self._make_http_client, f"segment-http-{self.url}")
+            http_thread = self._http_thread
+        return function(client) if self.protocol == "grpc" else http_thread.run(function)
 
     def close(self) -> None:
+        """Close the client (and the HTTP thread); a later call makes a new one."""
         with self._lock:
-            clients, self._clients = self._clients, []
-        for client in clients:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001 - a gevent client closed from another thread may complain; it is gone anyway
-                pass
-        self._per_thread = threading.local()
+            grpc_client, self._grpc_client = self._grpc_client, None
+            http_thread, self._http_thread = self._http_thread, None
+        if grpc_client is not None:
+            grpc_client.close()
+        if http_thread is not None:
+            http_thread.close()
 
     def call(self, method: str, *args, **kwargs):
         """``client.<method>(*args, headers=..., **kwargs)``, errors as SegmentationError."""
         try:
-            return getattr(self.client, method)(*args, headers=self.headers or None, **kwargs)
+            return self._run(lambda client: getattr(client, method)(*args, headers=self.headers or None, **kwargs))
         except Exception as error:  # tritonclient raises its own type, gevent/grpc socket errors too
             raise as_segmentation_error(error) from None
 
@@ -169,3 +175,69 @@ class Connection:
             status = self.call(method, as_json=True)
             return list(status.get("regions", {}).values())
         return list(self.call(method))
+
+
+class HttpThread:
+    """One daemon thread running every call made through it with its own HTTP client.
+
+    gevent clients work only in the thread that made them, and each thread that uses gevent
+    gets a hub whose loop (an epoll and an eventfd) is freed only by destroying the hub in that
+    thread. A client per calling thread left those behind with every thread: each stream's
+    new workers, or a notebook's thread pools, ran the process out of file descriptors. One
+    thread per connection, whose ``close`` closes the client and destroys the hub there,
+    leaves nothing behind. A daemon, so a request hung without a deadline cannot keep the
+    interpreter from exiting.
+    """
+
+    def __init__(self, make_client: Callable[[], object], name: str):
+        self._make_client = make_client
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name=name)
+        self._thread.start()
+
+    def run(self, function: Callable[[object], T]) -> T:
+        """``function(client)`` in the HTTP thread; its result, or its exception raised here."""
+        done = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise ConnectionError("the HTTP connection is closed")
+            self._jobs.put((function, done))
+        return done.result()
+
+    def close(self, wait_s: float = 5.0) -> None:
+        """Close the client and destroy the thread's gevent hub in that thread, once the calls
+        queued before are done; waits for that up to ``wait_s`` (a request hung without a
+        deadline must not hang the caller's cleanup: the thread ends when it does)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(wait_s)
+
+    def _serve(self) -> None:
+        client = None
+        try:
+            while (job := self._jobs.get()) is not None:
+                function, done = job
+                try:
+                    if client is None:
+                        client = self._make_client()
+                    done.set_result(function(client))
+                except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                    done.set_exception(error)
+        finally:
+            self._release(client)
+
+    @staticmethod
+    def _release(client) -> None:
+        import gevent
+
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            gevent.get_hub().destroy(destroy_loop=True)
