@@ -240,4 +240,9 @@ class HttpThread:
             if client is not None:
                 client.close()
         finally:
-            gevent.get_hub().destroy(destroy_loop=True)
+            hub = gevent.get_hub()
+            hub.destroy(destroy_loop=True)
+            # destroy() leaves the hub's greenlet suspended in a cycle the garbage collector
+            # cannot see (gevent issue 1601): finish it, so the hub and its frames are freed.
+            if not hub.dead:
+                hub.throw()

@@ -305,9 +305,10 @@ def test_a_frame_the_server_refuses_fails_its_task_once_not_per_task_retry(serve
                         "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and "task 0 [0:2]: item 0 failed: " in err and "NaN" in err and "1 task(s) failed" in err, err
-    # Task 0 tried once sends frames 0 and 1 (1 is in flight when 0 is refused), task 1 frames
-    # 2 and 3: 4 answers (1 + 3 reruns of task 0: 10, measured on the code before).
-    assert answered() - before == 4, err
+    # Task 0 tried once sends frame 0, and frame 1 if its request had started when 0 was refused
+    # (a request not started by then is dropped); task 1 frames 2 and 3: 3 or 4 answers (1 + 3
+    # reruns of task 0: 10, measured on the code before).
+    assert answered() - before in (3, 4), err
     assert done_count(out) == 1
 
 
