@@ -36,39 +36,35 @@ def assert_settles(rounds, count: int, label: str) -> None:
         assert now <= settled + SLACK, f"{label}: {now} open fds after {done} more rounds, {settled} when settled"
 
 
-def test_repeated_http_streams_do_not_leak_file_descriptors(server):
+def assert_client_leaves_no_fds(server, rounds, count: int, label: str) -> None:
+    """``rounds(client)`` ``count`` times on one HTTP client (``assert_settles``); after its
+    close(), the open fds must be back near their value before the client."""
     gc.collect()
     before = open_fds()
     seg = SegmentationClient(server.http_url, transport="http")
-
-    def one_stream():
-        outcomes = list(seg.segment_stream([GOOD_FRAME] * 4, inflight=4))
-        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
-
     try:
-        assert_settles(one_stream, 60, "streams")
+        assert_settles(lambda: rounds(seg), count, label)
     finally:
         seg.close()
     gc.collect()
     assert open_fds() <= before + AFTER_CLOSE_SLACK, f"{open_fds()} open fds after close(), {before} before the client"
 
 
-def test_segment_from_short_lived_thread_pools_does_not_leak_file_descriptors(server):
-    gc.collect()
-    before = open_fds()
-    seg = SegmentationClient(server.http_url, transport="http")
+def test_repeated_http_streams_do_not_leak_file_descriptors(server):
+    def one_stream(seg):
+        outcomes = list(seg.segment_stream([GOOD_FRAME] * 4, inflight=4))
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
 
-    def one_pool():
+    assert_client_leaves_no_fds(server, one_stream, 60, "streams")
+
+
+def test_segment_from_short_lived_thread_pools_does_not_leak_file_descriptors(server):
+    def one_pool(seg):
         with ThreadPoolExecutor(4) as pool:
             masks = list(pool.map(lambda _: seg.segment(GOOD_FRAME).mask, range(8)))
         assert all(mask.shape == GOOD_FRAME.shape[1:] for mask in masks)
 
-    try:
-        assert_settles(one_pool, 30, "thread pools")
-    finally:
-        seg.close()
-    gc.collect()
-    assert open_fds() <= before + AFTER_CLOSE_SLACK, f"{open_fds()} open fds after close(), {before} before the client"
+    assert_client_leaves_no_fds(server, one_pool, 30, "thread pools")
 
 
 def test_after_a_closed_http_client_the_next_answers_from_every_thread(server):
