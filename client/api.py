@@ -112,14 +112,21 @@ def release_slots_and_controls(slots: list[dict], lock: threading.Lock, controls
     with lock:
         transports = [transport for slot in slots for transport in slot.values()]
         slots.clear()
+    errors = close_transports(transports)
+    for control in controls:
+        control.close()
+    return errors
+
+
+def close_transports(transports: list) -> list[str]:
+    """Close each transport (its regions unregistered and freed); the errors of those that
+    could not be closed."""
     errors = []
     for transport in transports:
         try:
             transport.close()
         except SegmentationError as error:
             errors.append(str(error))
-    for control in controls:
-        control.close()
     return errors
 
 
@@ -251,7 +258,7 @@ class SegmentationClient:
         """Close a slot that must not be reused (its regions unregistered and freed)."""
         with self._slots_lock:
             self._slots[:] = [kept for kept in self._slots if kept is not slot]
-        release_slots_and_controls([slot], threading.Lock(), [])
+        close_transports(list(slot.values()))
 
     def _transports(self):
         with self._slots_lock:
