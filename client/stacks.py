@@ -451,8 +451,12 @@ def check_distinct_targets(targets: list[Target], inputs: list[pathlib.Path]) ->
                              f"input {path}; choose another --out")
 
 
-def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], object]) -> None:
-    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], object], suffix: str | None = None) -> None:
+    """``write(temporary)``, then the temporary file renamed to ``path``: whole or not at all.
+    The temporary name keeps ``suffix`` (default: the last one; ``.nii.gz`` for NIfTI), which
+    writers read the format from."""
+    suffix = suffix or path.suffix
+    temporary = path.with_name(f".{path.name.removesuffix(suffix)}.partial{suffix}")
     try:
         write(temporary)
         os.replace(temporary, path)

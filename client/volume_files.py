@@ -16,7 +16,7 @@ import numpy as np
 import tifffile
 
 from client.frames import load_npy
-from client.stacks import HDF5_SUFFIXES, Target, split_hdf5_argument
+from client.stacks import HDF5_SUFFIXES, Target, atomic_write, split_hdf5_argument
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".tif", ".tiff", ".npy", *HDF5_SUFFIXES)
@@ -187,18 +187,12 @@ def write_volume_outputs(volume: Volume, outputs: dict[str, np.ndarray], out_dir
 
 def write_array(target: pathlib.Path, array: np.ndarray, volume: Volume) -> None:
     """``array`` into ``target`` (NIfTI on the volume's grid, TIFF or NPY), whole or not at all."""
-    suffix = ".nii.gz" if volume.kind == "nifti" else target.suffix
-    partial = target.with_name(f".{target.name}.partial{suffix}")
-    try:
-        if volume.kind == "nifti":
-            write_nifti(partial, array, volume.nifti)
-        elif volume.kind == "tiff":
-            tifffile.imwrite(partial, array, compression="zlib", photometric="minisblack")
-        else:
-            np.save(partial, array)
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
+    if volume.kind == "nifti":
+        atomic_write(target, lambda partial: write_nifti(partial, array, volume.nifti), suffix=".nii.gz")
+    elif volume.kind == "tiff":
+        atomic_write(target, lambda partial: tifffile.imwrite(partial, array, compression="zlib", photometric="minisblack"))
+    else:
+        atomic_write(target, lambda partial: np.save(partial, array))
 
 
 def write_hdf5_group(target: pathlib.Path, group_name: str, outputs: dict[str, np.ndarray]) -> None:
@@ -208,8 +202,7 @@ def write_hdf5_group(target: pathlib.Path, group_name: str, outputs: dict[str, n
     unreadable, and with it every group) and a replaced group leaves no dead space behind."""
     import h5py
 
-    partial = target.with_name(target.name + ".partial")
-    try:
+    def write(partial: pathlib.Path) -> None:
         with h5py.File(partial, "w") as handle:
             if target.exists():
                 with h5py.File(target, "r") as previous:
@@ -217,9 +210,8 @@ def write_hdf5_group(target: pathlib.Path, group_name: str, outputs: dict[str, n
             group = handle.require_group(group_name)
             for name, array in outputs.items():
                 group.create_dataset(name, data=array, compression="gzip")
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
+
+    atomic_write(target, write)
 
 
 def copy_all_but(source, destination, skipped: str) -> None:
