@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--architecture", choices=SUPPORTED_ARCHITECTURES, help="MONAI network class (overrides --spec)")
     parser.add_argument("--arguments", type=json.loads, help="JSON object of the class's arguments (overrides --spec)")
     parser.add_argument("--tile", type=int, nargs="+", help="tile size, one number per spatial dim (overrides --spec)")
-    parser.add_argument("--checkpoint", type=pathlib.Path, help="state dict file; omit to export untrained weights")
+    parser.add_argument("--checkpoint", type=pathlib.Path, help="trained weights: a state dict, a training checkpoint holding one (Lightning, MONAI), or a TorchScript file; omit to export untrained weights")
     parser.add_argument("--name", required=True, help="model name in the repository")
     parser.add_argument("--repository", type=pathlib.Path, default=DEFAULT_REPOSITORY, help="model repository (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",

@@ -7,10 +7,12 @@ import dataclasses
 import json
 import os
 import pathlib
+import pickle
 import re
 import secrets
 import shutil
 import tempfile
+import zipfile
 
 import numpy as np
 import onnx
@@ -44,7 +46,7 @@ class ExportSettings:
     Attributes:
         architecture: class name in ``monai.networks.nets`` (see SUPPORTED_ARCHITECTURES).
         arguments: keyword arguments of that class.
-        checkpoint: state dict file (``torch.save(net.state_dict())``), or None for untrained.
+        checkpoint: file of the trained weights (:func:`read_checkpoint`, :func:`network_weights`), or None for untrained.
         tile: spatial size of one tile, e.g. ``(128, 128)``.
         name: model name in the repository.
         max_batch_size: largest tile batch the network model accepts (CPU configuration).
@@ -112,14 +114,142 @@ def build_network(settings: ExportSettings) -> torch.nn.Module:
     except TypeError as error:
         raise ExportError(f"bad arguments for {settings.architecture}: {error}") from None
     if settings.checkpoint is not None:
-        state = torch.load(settings.checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        try:
-            network.load_state_dict(state)
-        except RuntimeError as error:
-            raise ExportError(f"checkpoint {settings.checkpoint} does not fit {settings.architecture}: {str(error).splitlines()[0]}") from None
+        loaded = read_checkpoint(pathlib.Path(settings.checkpoint))
+        network.load_state_dict(network_weights(loaded, network, f"checkpoint {settings.checkpoint}", settings.architecture))
     return network.eval()
+
+
+def read_checkpoint(path: pathlib.Path) -> object:
+    """What ``torch.save`` wrote, loaded with ``weights_only`` (no pickled code runs), on the CPU;
+    a TorchScript file (a MONAI bundle's ``model.ts``) gives its module's state dict."""
+    if is_torchscript_archive(path):
+        try:
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError as error:
+            raise ExportError(f"checkpoint {path}: not a readable TorchScript file: {first_line(error)}") from None
+    if not zipfile.is_zipfile(path):  # torch.save's format since 1.6 is a zip file
+        with open(path, "rb") as file:
+            if file.read(4) == b"PK\x03\x04":
+                raise ExportError(f"checkpoint {path} is damaged: a zip file without its end (truncated?)")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # the legacy format's reader fails on other files in many ways
+            raise ExportError(f"checkpoint {path} is not a file torch.save or torch.jit.save wrote") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ExportError(f"checkpoint {path} holds pickled objects besides weights (a whole model saved with "
+                          f"torch.save(model), numpy values?); save the weights alone: torch.save(model.state_dict(), path)") from None
+    except Exception as error:
+        raise ExportError(f"checkpoint {path} cannot be read: {first_line(error)}") from None
+
+
+def is_torchscript_archive(path: pathlib.Path) -> bool:
+    """TorchScript archives are zip files like torch.save's, with the module's code in them."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def network_weights(loaded: object, network: torch.nn.Module, source: str, architecture: str) -> dict[str, torch.Tensor]:
+    """The network's state dict out of a loaded checkpoint.
+
+    Taken as training code writes it: a state dict, or one held under a key (Lightning's
+    ``state_dict``, the PyTorch tutorials' ``model_state_dict``, MONAI CheckpointSaver's ``net``),
+    with the prefix a wrapper puts before every key (``module.`` of DataParallel, ``model.`` of a
+    Lightning module's attribute, ``_orig_mod.`` of torch.compile) removed. The weights must be
+    exactly the network's, by name and shape; anything else is an ExportError saying what differs.
+    """
+    expected = network.state_dict()
+    found = tensor_dicts(loaded)
+    candidates = [(where, prefix) for where, tensors in found.items() for prefix in name_prefixes(tensors, expected)]
+    exact = [(where, prefix) for where, prefix in candidates if names_under(found[where], prefix) == expected.keys()]
+    if not exact:
+        raise ExportError(describe_mismatch(loaded, found, expected, candidates, source, architecture))
+    if len(exact) > 1:
+        places = ", ".join(f"{where or 'top level'}{f' prefix {prefix!r}' if prefix else ''}" for where, prefix in exact)
+        raise ExportError(f"{source} holds weights fitting {architecture} in {len(exact)} places ({places}); "
+                          f"save the one to serve alone: torch.save(model.state_dict(), path)")
+    where, prefix = exact[0]
+    weights = {key[len(prefix):]: value for key, value in found[where].items() if key.startswith(prefix)}
+    misshapen = [(key, list(value.shape), list(expected[key].shape)) for key, value in weights.items()
+                 if value.shape != expected[key].shape]
+    if misshapen:
+        key, theirs, ours = misshapen[0]
+        raise ExportError(f"{located(source, where)} does not fit {architecture}: {len(misshapen)} of its weights differ "
+                          f"in shape, e.g. {key} is {theirs} there and {ours} in the network; check --arguments")
+    return weights
+
+
+def tensor_dicts(loaded: object) -> dict[str, dict[str, torch.Tensor]]:
+    """``{where: {name: tensor}}``: the tensors of the checkpoint itself (``where`` ``""``) and
+    of each mapping among its values (``where`` e.g. ``"['state_dict']"``), those holding any."""
+    def tensors_of(mapping: dict) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in mapping.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}
+
+    if not isinstance(loaded, dict):
+        return {}
+    found = {"": tensors_of(loaded)}
+    found.update({f"[{key!r}]": tensors_of(value) for key, value in loaded.items() if isinstance(value, dict)})
+    return {where: tensors for where, tensors in found.items() if tensors}
+
+
+def name_prefixes(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """Prefixes (empty, or ending in ``.``), in order, under which at least one of the network's names is a key."""
+    prefixes = {key[:len(key) - len(name)] for key in tensors for name in expected if key.endswith(name)}
+    return sorted(prefix for prefix in prefixes if prefix == "" or prefix.endswith("."))
+
+
+def names_under(tensors: dict[str, torch.Tensor], prefix: str) -> set[str]:
+    return {key[len(prefix):] for key in tensors if key.startswith(prefix)}
+
+
+def describe_mismatch(loaded: object, found: dict[str, dict[str, torch.Tensor]], expected: dict[str, torch.Tensor],
+                      candidates: list[tuple[str, str]], source: str, architecture: str) -> str:
+    """One line on why no mapping of the checkpoint holds the network's weights, against the
+    closest one (most of the network's names)."""
+    if not found:
+        contents = ", ".join(map(repr, list(loaded)[:6])) if isinstance(loaded, dict) else f"a {type(loaded).__name__}"
+        return (f"{source} holds no weights (found {contents or 'an empty dict'}); "
+                "save them with torch.save(model.state_dict(), path)")
+    largest = max(found, key=lambda where: len(found[where]))
+    where, prefix = max(candidates, key=lambda pair: len(names_under(found[pair[0]], pair[1]) & expected.keys()),
+                        default=(largest, ""))
+    names = names_under(found[where], prefix)
+    missing, extra = sorted(expected.keys() - names), sorted(names - expected.keys())
+    parts = [f"{len(missing)} of the network's {len(expected)} weights are not in it (e.g. {missing[0]})"] if missing else []
+    parts += [f"{len(extra)} of its {len(names)} weights are not in the network (e.g. {prefix}{extra[0]})"] if extra else []
+    return f"{located(source, where)} does not fit {architecture}: {' and '.join(parts)}; check --architecture and --arguments"
+
+
+def located(source: str, where: str) -> str:
+    """``checkpoint X ['state_dict']``: where in the checkpoint (``where`` from :func:`tensor_dicts`)."""
+    return f"{source} {where}" if where else source
+
+
+class OneChannelAsTwoClasses(torch.nn.Module):
+    """A network with one output channel (a sigmoid-trained binary network) as two-class logits
+    ``[0, logit]``: the server's softmax of them is ``[1 - sigmoid(logit), sigmoid(logit)]`` and
+    its argmax is ``logit > 0``, i.e. sigmoid > 0.5 (``[B, 1, *tile]`` -> ``[B, 2, *tile]`` float32)."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        logits = self.network(tiles)
+        return torch.cat([torch.zeros_like(logits), logits], dim=1)
+
+
+def output_channels(network: torch.nn.Module, in_channels: int, tile: tuple[int, ...]) -> int:
+    """Channels of the network's output on one zero tile."""
+    with torch.no_grad():
+        return int(network(torch.zeros((1, in_channels, *tile), dtype=torch.float32)).shape[1])
 
 
 def export_onnx(network: torch.nn.Module, in_channels: int, tile: tuple[int, ...], path: pathlib.Path) -> None:
@@ -390,6 +520,10 @@ def export_network(settings: ExportSettings, repository: pathlib.Path, log=print
     replaced = check_target(repository, settings.name, overwrite)
     network = build_network(settings)
     in_channels = settings.arguments.get("in_channels", 1)
+    if output_channels(network, in_channels, settings.tile) == 1:
+        network = OneChannelAsTwoClasses(network)
+        log("one output channel: served as classes [background, foreground], "
+            "foreground probability sigmoid(output), mask 1 where it is > 0.5")
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = pathlib.Path(scratch) / "model.onnx"
         export_onnx(network, in_channels, settings.tile, onnx_path)

@@ -1,5 +1,5 @@
 """Shared fixtures. The real tritonserver starts once per session on a copy of the model
-repository that also holds a second exported network (BasicUNet), on free local ports."""
+repository that also holds a second exported network (a one-channel BasicUNet), on free local ports."""
 
 from __future__ import annotations
 
@@ -122,9 +122,11 @@ def set_instance_count(config: pathlib.Path, count: int) -> None:
     assert read_model_config(config).instance_group[0].count == count, config
 
 
+# One output channel, as a binary network trained with a sigmoid: the export serves it as two
+# classes (export.network_export.OneChannelAsTwoClasses).
 SECOND_NETWORK_SETTINGS = dict(
     architecture="BasicUNet",
-    arguments={"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "features": [8, 8, 16, 32, 64, 8]},
+    arguments={"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "features": [8, 8, 16, 32, 64, 8]},
     tile=(64, 48),
 )
 

@@ -10,15 +10,17 @@ import shutil
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from monai.networks import nets
 
 from client.api import SegmentationClient
 from export.__main__ import main as export_main
 from export.network_export import ExportError, ExportSettings, build_network, export_network
 from segserve.network_spec import load_network_spec
 from segserve.options import PipelineOptions
-from segserve.reference import reference_probabilities
+from segserve.reference import reference_logits, reference_probabilities
 from tests.conftest import NETWORK_DEVICE, SECOND_NETWORK, SECOND_NETWORK_SETTINGS
 
 SHIPPED_REPOSITORY = pathlib.Path(__file__).resolve().parent.parent / "model_repository"
@@ -70,15 +72,23 @@ def test_export_cli_reports_mismatched_checkpoint_in_one_line(tmp_path, second_n
     assert code == 1 and error.startswith("export: error: checkpoint") and error.count("\n") == 1
 
 
-def test_exported_network_serves_through_segment_2d(server, second_network_checkpoint, rng):
+def test_an_exported_one_channel_network_serves_sigmoid_probabilities_through_segment_2d(server, second_network_checkpoint, rng):
+    """The second network has one output channel (trained with a sigmoid): served as classes
+    background and foreground, whose probability is the sigmoid of MONAI's sliding window on
+    the network as trained, and the mask is where that is above 0.5."""
     settings = ExportSettings(checkpoint=second_network_checkpoint, name=SECOND_NETWORK, **SECOND_NETWORK_SETTINGS)
     network = build_network(settings).to(NETWORK_DEVICE)
     frame = rng.random((1, 150, 97), dtype=np.float32)
     with SegmentationClient(server.grpc_url, network=SECOND_NETWORK) as client:
         result = client.segment(frame, probabilities=True, sw_batch_size=5)
-    expected = reference_probabilities(frame, network, SECOND_NETWORK_SETTINGS["tile"], PipelineOptions(sw_batch_size=5), NETWORK_DEVICE)
+    logits = reference_logits(frame, network, SECOND_NETWORK_SETTINGS["tile"], PipelineOptions(sw_batch_size=5), NETWORK_DEVICE)
+    foreground = torch.sigmoid(logits[0]).cpu().numpy()
     assert result.probabilities.shape == (2, 150, 97)
-    assert np.abs(result.probabilities - expected.numpy()).max() <= 1e-4
+    assert np.abs(result.probabilities[1] - foreground).max() <= 1e-4
+    assert np.abs(result.probabilities[0] - (1 - foreground)).max() <= 1e-4
+    decided = np.abs(foreground - 0.5) > 1e-6
+    assert np.array_equal(result.mask[decided], (foreground > 0.5)[decided].astype(np.uint8))
+    assert 0 < result.mask.mean() < 1  # both classes in it: the threshold is tested
 
 
 def test_torchscript_twin_matches_torch_inside_monai_sliding_window(default_network_cpu, rng):
@@ -197,3 +207,102 @@ def test_leftovers_of_a_killed_export_are_replaced_or_removed(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
     assert load_network_spec(tmp_path, "tiny").num_classes == 2
 
+
+
+def tiny_network(out_channels: int = 2, seed: int = 5) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return nets.UNet(**{**TINY_ARGUMENTS, "out_channels": out_channels}).eval()
+
+
+def exported_logits(model_dir: pathlib.Path, tiles: np.ndarray) -> np.ndarray:
+    """``[B, 1, 32, 32]`` float32 tiles -> the exported ONNX graph's ``[B, K, 32, 32]`` output."""
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: tiles})[0]
+
+
+def save_as(layout: str, network: torch.nn.Module, path: pathlib.Path) -> None:
+    """The network's weights as training code writes them: ``layout`` names the code."""
+    weights = network.state_dict()
+    prefixed = lambda prefix: {prefix + key: value for key, value in weights.items()}  # noqa: E731
+    saved = {"state dict": weights,
+             "lightning": {"state_dict": prefixed("model."), "epoch": 7, "global_step": 700, "hyper_parameters": {"lr": 1e-3}},
+             "dataparallel": prefixed("module."),
+             "torch.compile": prefixed("_orig_mod."),
+             "tutorial": {"epoch": 7, "model_state_dict": weights, "optimizer_state_dict": {"state": {}, "param_groups": []}},
+             "monai CheckpointSaver": {"net": weights, "opt": {"state": {}, "param_groups": []}}}.get(layout)
+    if layout == "torchscript (monai bundle)":
+        torch.jit.script(network).save(str(path))
+    else:
+        torch.save(saved, path)
+
+
+@pytest.mark.parametrize("layout", ["state dict", "lightning", "dataparallel", "torch.compile", "tutorial",
+                                    "monai CheckpointSaver", "torchscript (monai bundle)"])
+def test_checkpoints_as_training_code_writes_them_export_their_weights(tmp_path, capsys, layout):
+    trained = tiny_network()
+    save_as(layout, trained, tmp_path / "weights.pt")
+    assert export_tiny(tmp_path / "repository", "tiny", "--checkpoint", str(tmp_path / "weights.pt")) == 0, capsys.readouterr().err
+    tiles = np.random.default_rng(1).random((3, 1, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        expected = trained(torch.from_numpy(tiles)).numpy()
+    assert np.abs(exported_logits(tmp_path / "repository" / "tiny", tiles) - expected).max() <= 1e-4
+
+
+def save_unfit(case: str, path: pathlib.Path) -> None:
+    if case == "whole model":
+        torch.save(tiny_network(), path)
+    elif case == "not torch":
+        path.write_text("epoch,loss\n1,0.5\n")
+    elif case == "truncated":
+        torch.save(tiny_network().state_dict(), path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif case == "no weights":
+        torch.save({"epoch": 7, "best_metric": 0.9}, path)
+    elif case == "other arguments":
+        torch.save({"state_dict": {"model." + k: v for k, v in tiny_network(out_channels=3).state_dict().items()}}, path)
+    elif case == "other architecture":
+        torch.save(nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2).state_dict(), path)
+    elif case == "two networks":
+        weights = tiny_network().state_dict()
+        torch.save({"state_dict": {f"{copy}.{k}": v for copy in ("model", "ema") for k, v in weights.items()}}, path)
+
+
+UNFIT_CHECKPOINTS = {
+    "whole model": "holds pickled objects besides weights (a whole model saved with torch.save(model), numpy values?); "
+                   "save the weights alone: torch.save(model.state_dict(), path)",
+    "not torch": "is not a file torch.save or torch.jit.save wrote",
+    "truncated": "is damaged: a zip file without its end (truncated?)",
+    "no weights": "holds no weights (found 'epoch', 'best_metric'); save them with torch.save(model.state_dict(), path)",
+    "other arguments": "['state_dict'] does not fit UNet: 2 of its weights differ in shape, e.g. "
+                   "model.2.conv.weight is [12, 3, 3, 3] there and [12, 2, 3, 3] in the network; check --arguments",
+    "other architecture": "does not fit UNet: 8 of the network's 8 weights are not in it (e.g. model.0.adn.A.weight) "
+                   "and 82 of its 82 weights are not in the network (e.g. conv_0.conv_0.adn.N.bias); check --architecture",
+    "two networks": "holds weights fitting UNet in 2 places (['state_dict'] prefix 'ema.', ['state_dict'] prefix 'model.'); "
+                   "save the one to serve alone",
+}
+
+
+@pytest.mark.parametrize("case", UNFIT_CHECKPOINTS)
+def test_a_checkpoint_that_does_not_fit_is_explained_in_one_line(tmp_path, capsys, case):
+    save_unfit(case, tmp_path / "weights.pt")
+    assert export_tiny(tmp_path / "repository", "tiny", "--checkpoint", str(tmp_path / "weights.pt")) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"export: error: checkpoint {tmp_path / 'weights.pt'}") and captured.err.count("\n") == 1
+    assert UNFIT_CHECKPOINTS[case] in captured.err, captured.err
+    assert not (tmp_path / "repository" / "tiny").exists()
+
+
+def test_a_one_channel_network_exports_as_background_and_foreground_logits(tmp_path, capsys):
+    """A sigmoid-trained binary network: the graph gives ``[0, logit]``, whose softmax is
+    ``[1 - sigmoid, sigmoid]`` and whose argmax is sigmoid > 0.5 (served as two classes)."""
+    trained = tiny_network(out_channels=1)
+    torch.save(trained.state_dict(), tmp_path / "binary.pt")
+    assert export_tiny(tmp_path, "binary", "--checkpoint", str(tmp_path / "binary.pt"), out_channels=1) == 0
+    assert "one output channel: served as classes [background, foreground]" in capsys.readouterr().out
+    tiles = np.random.default_rng(2).random((3, 1, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        logit = trained(torch.from_numpy(tiles)).numpy()
+    exported = exported_logits(tmp_path / "binary", tiles)
+    assert exported.shape == (3, 2, 32, 32)
+    assert np.all(exported[:, :1] == 0) and np.abs(exported[:, 1:] - logit).max() <= 1e-4
+    assert load_network_spec(tmp_path, "binary").num_classes == 2
