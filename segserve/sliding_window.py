@@ -69,6 +69,17 @@ def pad_batch(tiles: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([tiles, tiles.new_zeros((missing, *tiles.shape[1:]))])
 
 
+def channels_last_hint(shape: tuple[int, ...], in_channels: int) -> str:
+    """For an image of the wrong channel count whose last axis is short and first one long (an
+    RGB ``[H, W, 3]`` picture sent as ``[C, H, W]``): what to send instead; else ""."""
+    if not (shape[-1] <= 4 < shape[0]):
+        return ""
+    axes = ", ".join("DHW"[-(len(shape) - 1):])
+    instead = (f"one channel of it, or it in grey, as [{axes}]" if in_channels == 1
+               else f"numpy.moveaxis(image, -1, 0), [C, {axes}]")
+    return f" ({list(shape)} looks like a channels-last [{axes}, C] image: send {instead})"
+
+
 def blended_logits(
     image: torch.Tensor, network: NetworkSpec, predictor: TilePredictor, options: PipelineOptions,
     sw_batch_size: int | None = None, max_windows: int | None = None,
@@ -91,9 +102,8 @@ def blended_logits(
             f"network {network.name!r} is {network.spatial_dims}D; IMAGE shape {list(image.shape)} does not match"
         )
     if image.shape[0] != network.in_channels:
-        raise InputError(
-            f"network {network.name!r} takes {network.in_channels} channel(s), IMAGE has {image.shape[0]}"
-        )
+        raise InputError(f"network {network.name!r} takes {network.in_channels} channel(s), IMAGE has {image.shape[0]}"
+                         f"{channels_last_hint(tuple(image.shape), network.in_channels)}")
     windows = window_count(tuple(image.shape[1:]), network.tile_size, options.overlap)
     if max_windows is not None and windows > max_windows:
         shape = "x".join(str(n) for n in image.shape[1:])

@@ -36,6 +36,9 @@ BAD_REQUESTS = [
     ("two-images", {"IMAGE": GOOD_FRAME, "IMAGE_UINT8": GOOD_FRAME.astype(np.uint8)}, None, ["exactly one"]),
     ("no-image", {}, None, ["exactly one"]),
     ("too-many-channels", {"IMAGE": np.repeat(GOOD_FRAME, 3, axis=0)}, None, ["channel"]),
+    # An RGB picture [H, W, 3] as numpy reads it, sent as it is: the error says what to send.
+    ("channels-last", {"IMAGE": np.ascontiguousarray(np.repeat(GOOD_FRAME, 3, axis=0).transpose(1, 2, 0))}, None,
+     ["takes 1 channel(s), IMAGE has 70", "[70, 90, 3] looks like a channels-last [H, W, C] image", "as [H, W]"]),
     ("unknown-blend", {"IMAGE": GOOD_FRAME}, {"blend": "cubic"}, ["blend", "cubic"]),
     ("overlap-1", {"IMAGE": GOOD_FRAME}, {"overlap": 1.0}, ["overlap", "[0, 1)"]),
     ("overlap-negative", {"IMAGE": GOOD_FRAME}, {"overlap": -0.1}, ["overlap"]),
