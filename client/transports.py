@@ -18,8 +18,14 @@ TRANSPORTS = ("grpc", "http", "shm", "cuda-shm")
 
 # Input name per pixel type: the server casts, so 8/16-bit frames travel at their own size.
 INPUT_BY_DTYPE = {np.dtype(name): names for name, names in INPUT_BY_DTYPE_NAME.items()}
-# Pixel types converted to float32 on the client (the network computes in float32 anyway).
-LOSSLESS_TO_FLOAT32 = (np.dtype(np.float16), np.dtype(np.float64), np.dtype(np.int8), np.dtype(bool))
+# Pixel types of numpy frames converted to float32 on the client (the network computes in
+# float32 anyway). float16, int8 and bool convert exactly. float64 and the 32/64-bit integers
+# (counting detectors such as Pilatus and Eiger store uint32) are rounded to float32's 24-bit
+# precision: counts up to 2**24 (16.7 million) exactly, larger values to within a relative
+# 6e-8 (2**-24), far below what the normalisation to [0, 1] resolves. CPU tensors become numpy
+# arrays and are cast alike; GPU tensors are not cast (check_pixel_type, numpy_cast).
+NUMPY_CAST_TO_FLOAT32 = tuple(np.dtype(t) for t in (np.float16, np.float64, np.int8, bool,
+                                                     np.int32, np.uint32, np.int64, np.uint64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,19 +89,20 @@ def to_host(frame) -> np.ndarray:
 
 def check_pixel_type(dtype, label: str = "", numpy_cast: bool = True) -> None:
     """Refuse a pixel type no request takes: those of INPUT_BY_DTYPE travel as stored, those
-    of LOSSLESS_TO_FLOAT32 as float32 when ``numpy_cast`` (numpy arrays are cast; tensors are
-    not). ``label``: what the error names first."""
+    of NUMPY_CAST_TO_FLOAT32 as float32 when ``numpy_cast`` (numpy arrays, and CPU tensors,
+    which become numpy arrays, are cast; GPU tensors are not). ``label``: what the error names first."""
     dtype = np.dtype(dtype)
     if numpy_cast and not dtype.isnative:
         dtype = dtype.newbyteorder("=")  # big-endian numpy frames are byte-swapped
-    if dtype not in INPUT_BY_DTYPE and not (numpy_cast and dtype in LOSSLESS_TO_FLOAT32):
+    if dtype not in INPUT_BY_DTYPE and not (numpy_cast and dtype in NUMPY_CAST_TO_FLOAT32):
         raise ValueError(f"{label}pixel type {dtype} is not supported; use one of {supported_pixel_types()}")
 
 
 def as_channel_first(frame, spatial_dims: int = 2):
     """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` unchanged (one more axis each for a 3D
-    network: ``[D, H, W]`` or ``[C, D, H, W]``); float64/float16/int8/bool numpy frames ->
-    float32 (the network computes in float32 anyway). GPU tensors keep their device.
+    network: ``[D, H, W]`` or ``[C, D, H, W]``); numpy frames (and CPU tensors) of
+    NUMPY_CAST_TO_FLOAT32 (float64, float16, int8, bool, int32, uint32, int64, uint64) ->
+    float32 (the network computes in float32 anyway). GPU tensors keep their device and pixel type.
 
     Raises:
         ValueError: unsupported rank or pixel type.
@@ -107,7 +114,7 @@ def as_channel_first(frame, spatial_dims: int = 2):
         frame = np.asarray(frame)
     if isinstance(frame, np.ndarray) and not frame.dtype.isnative:  # big-endian (FITS, some TIFFs)
         frame = frame.astype(frame.dtype.newbyteorder("="))
-    if isinstance(frame, np.ndarray) and frame.dtype in LOSSLESS_TO_FLOAT32:
+    if isinstance(frame, np.ndarray) and frame.dtype in NUMPY_CAST_TO_FLOAT32:
         frame = frame.astype(np.float32)
     if frame.ndim == spatial_dims:
         frame = frame[None]

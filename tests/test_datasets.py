@@ -275,11 +275,11 @@ def test_overwrite_replaces_only_an_earlier_runs_output(server, stack, tmp_path,
 
 
 def test_a_pixel_type_no_request_takes_is_refused_before_any_task(server, tmp_path, capsys):
-    np.save(tmp_path / "counts.npy", np.zeros((3, 40, 40), np.int64))
+    np.save(tmp_path / "counts.npy", np.zeros((3, 40, 40), np.complex64))
     out = tmp_path / "out.zarr"
     assert client_main(["segment-dataset", str(tmp_path / "counts.npy"), "--out", str(out), "--url", server.grpc_url,
                         "--no-progress"]) == 1
-    assert "counts.npy: pixel type int64 is not supported; use one of" in capsys.readouterr().err
+    assert "counts.npy: pixel type complex64 is not supported; use one of" in capsys.readouterr().err
     assert not out.exists()
 
 
