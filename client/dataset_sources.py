@@ -100,7 +100,11 @@ def open_stored_array(kind: str, path: str, inner: str | None):
         import tifffile
         import zarr
 
-        return zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
+        from client.tiffs import series_flags
+
+        with tifffile.TiffFile(path) as tiff:
+            flags = series_flags(tiff, pathlib.Path(path))  # a file written page by page: one series of them all
+        return zarr.open_array(tifffile.imread(path, aszarr=True, **flags), mode="r")
     raise ValueError(f"unknown input kind {kind!r}")
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from client.tiffs import tiff_frames
+
 FRAME_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 # Class colours of the overlay (class 0 is left uncoloured).
 CLASS_COLOURS = np.array(
@@ -16,18 +18,23 @@ CLASS_COLOURS = np.array(
 )
 
 
-def read_frame(path: pathlib.Path) -> np.ndarray:
+def read_frame(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:
     """A frame as ``[H, W]`` or ``[C, H, W]`` in its stored pixel type.
 
     PNG colour images are converted to one grey channel (the networks here take one channel);
-    NPY arrays are returned as stored, TIFF ones too but with RGB(A) samples first (``[C, H, W]``).
+    NPY arrays are returned as stored; TIFF ones as :func:`client.tiffs.tiff_frames` reads
+    them for a network of ``in_channels`` (RGB(A) samples first, or grey for one channel).
+
+    Raises:
+        ValueError: not one frame (a TIFF stack), unsupported type or rank.
     """
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        frame = read_tiff(path)
+        frame = read_tiff(path, in_channels)
     elif suffix == ".npy":
         frame = load_npy(path)
+        check_not_channels_last(frame.shape, path)
     elif suffix == ".png":
         with Image.open(path) as image:
             if image.mode in ("RGB", "RGBA", "P", "LA"):
@@ -40,13 +47,22 @@ def read_frame(path: pathlib.Path) -> np.ndarray:
     return frame
 
 
-def read_tiff(path) -> np.ndarray:
-    """A TIFF's first series; samples of a pixel (RGB, RGBA: stored last, axes ``...YXS``)
-    moved before the image axes, as a channel axis: ``[..., C, H, W]``."""
-    with tifffile.TiffFile(path) as tiff:
-        series = tiff.series[0]
-        array = series.asarray()
-        return np.moveaxis(array, -1, -3) if series.axes.endswith("S") else array
+def read_tiff(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:
+    """A one-frame TIFF as ``[H, W]`` (one channel) or ``[C, H, W]``."""
+    frames = tiff_frames(path, in_channels)
+    if frames.count > 1:
+        raise ValueError(f"{path}: a stack of {frames.count} frames (axes {frames.axes}), not one frame; "
+                         "give it as an input of its own, not in a directory")
+    frame = frames.read(0)
+    return frame[0] if frame.shape[0] == 1 else frame
+
+
+def check_not_channels_last(shape: tuple[int, ...], path: pathlib.Path) -> None:
+    """Refuse an RGB(A) picture as numpy holds it (imageio, ``np.asarray(PIL image)``):
+    ``[H, W, 3 or 4]``, which as a stack would be H frames of W x 3 pixels."""
+    if len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4:
+        raise ValueError(f"{path}: shape {list(shape)} looks like a channels-last [H, W, C] picture; save it as "
+                         "[C, H, W] (numpy.moveaxis(a, -1, 0)), or in grey as [H, W]")
 
 
 def load_npy(path, mmap_mode: str | None = None) -> np.ndarray:

@@ -23,7 +23,8 @@ from collections.abc import Callable
 import numpy as np
 import tifffile
 
-from client.frames import FRAME_SUFFIXES, load_npy, overlay, read_frame, write_array
+from client.frames import FRAME_SUFFIXES, check_not_channels_last, load_npy, overlay, read_frame, write_array
+from client.tiffs import tiff_frames
 
 FAILED_VALUE = 255  # mask/contour value of a frame that failed: never a class of our networks
 RECORD_VERSION = 1
@@ -76,11 +77,11 @@ def open_sources(arguments: list[str], in_channels: int) -> list[Source]:
             loose.append(pathlib.Path(argument))
             continue
         if loose:
-            sources.append(file_source(loose, "files"))
+            sources.append(file_source(loose, "files", in_channels))
             loose = []
         sources.append(stack)
     if loose:
-        sources.append(file_source(loose, "files"))
+        sources.append(file_source(loose, "files", in_channels))
     return sources
 
 
@@ -94,7 +95,7 @@ def open_stack(argument: str, in_channels: int) -> Source | None:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
         if not files:
             raise ValueError(f"{path}: no frames ({', '.join(FRAME_SUFFIXES)}) in this directory")
-        return file_source(files, path.name, kind="directory")
+        return file_source(files, path.name, in_channels, kind="directory")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
@@ -103,6 +104,7 @@ def open_stack(argument: str, in_channels: int) -> Source | None:
     try:
         if suffix == ".npy":
             array = load_npy(path, mmap_mode="r")
+            check_not_channels_last(array.shape, path)  # refused, as a frame, by read_frame
             return array_source(path.name, "npy", array, path) if is_stack_shape(array.shape, in_channels) else None
         if suffix in (".tif", ".tiff"):
             return tiff_source(path, in_channels)
@@ -111,8 +113,8 @@ def open_stack(argument: str, in_channels: int) -> Source | None:
     return None
 
 
-def file_source(files: list[pathlib.Path], label: str, kind: str = "files") -> Source:
-    return Source(label=label, kind=kind, count=len(files), load=lambda i: read_frame(files[i]),
+def file_source(files: list[pathlib.Path], label: str, in_channels: int, kind: str = "files") -> Source:
+    return Source(label=label, kind=kind, count=len(files), load=lambda i: read_frame(files[i], in_channels),
                   frame_label=lambda i: str(files[i]), files=list(files))
 
 
@@ -124,30 +126,17 @@ def array_source(label: str, kind: str, array, path: pathlib.Path, dataset: str 
 
 
 def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
-    with tifffile.TiffFile(path) as tiff:
-        series = tiff.series[0]
-        stored, page_count, samples_last = tuple(series.shape), len(series.pages), series.axes.endswith("S")
-    # RGB(A) samples are stored last (axes ...YXS); frames take them as channels first, and
-    # one RGB image [H, W, S] is a frame, not a stack.
-    if samples_last and len(stored) < 4:
+    """The TIFF's frames (:func:`client.tiffs.tiff_frames`); None for a file of one frame."""
+    frames = tiff_frames(path, in_channels)
+    if frames.count == 1:
         return None
-    shape = (*stored[:-3], stored[-1], *stored[-3:-1]) if samples_last else stored
-    if not is_stack_shape(shape, in_channels):
-        return None
-    pages_per_frame = page_count // shape[0]
-    if pages_per_frame * shape[0] != page_count:
-        raise ValueError(f"{path}: {page_count} pages do not split into {shape[0]} frames of shape {list(shape[1:])}")
 
     def load(i: int) -> np.ndarray:
-        if not 0 <= i < shape[0]:
-            raise IndexError(i)
-        with tifffile.TiffFile(path) as tiff:
-            pages = tiff.series[0].asarray(key=slice(i * pages_per_frame, (i + 1) * pages_per_frame))
-        frame = pages.reshape(stored[1:])
-        return np.moveaxis(frame, -1, -3) if samples_last else frame
+        frame = frames.read(i)
+        return frame[0] if in_channels == 1 else frame
 
-    return Source(label=path.name, kind="tiff", count=shape[0], load=load, frame_label=lambda i: f"{path.name}[{i}]",
-                  path=path, frame_shape=shape[1:])
+    return Source(label=path.name, kind="tiff", count=frames.count, load=load, frame_label=lambda i: f"{path.name}[{i}]",
+                  path=path, frame_shape=frames.frame_shape[1:] if in_channels == 1 else frames.frame_shape)
 
 
 def hdf5_source(path: pathlib.Path, dataset_path: str, in_channels: int) -> Source:

@@ -17,6 +17,7 @@ import tifffile
 
 from client.frames import load_npy
 from client.stacks import HDF5_SUFFIXES, Target, atomic_write, split_hdf5_argument
+from client.tiffs import GENERIC_AXES, open_tiff, read_all, tiff_frames
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".tif", ".tiff", ".npy", *HDF5_SUFFIXES)
@@ -68,6 +69,17 @@ def channel_first(array: np.ndarray, label: str, channel_axis_last: bool) -> np.
     raise ValueError(f"{label}: expected a 3D volume, got shape {list(array.shape)}")
 
 
+def read_tiff_volume(path: pathlib.Path) -> np.ndarray:
+    """``[C, D, H, W]``: a z-stack's frames (ImageJ and OME channels first, a file written page
+    by page read whole: :func:`client.tiffs.tiff_frames`); an array without axis metadata as
+    ``channel_first`` takes any array."""
+    with open_tiff(path) as tiff:
+        series = tiff.series[0]
+        if set(series.axes) <= {*GENERIC_AXES, "Y", "X"}:
+            return channel_first(series.asarray(), path.name, False)
+    return np.moveaxis(read_all(tiff_frames(path)), 1, 0)
+
+
 def read_volume(argument: str) -> Volume:
     """Read a volume named by a path or ``FILE.h5:/dataset``.
 
@@ -89,7 +101,7 @@ def read_volume(argument: str) -> Volume:
         image = channel_first(data, path.name, channel_axis_last=True)
         return Volume(path.name, kind, image, path, nifti=nifti)
     if kind == "tiff":
-        return Volume(path.name, kind, channel_first(tifffile.imread(path), path.name, False), path)
+        return Volume(path.name, kind, read_tiff_volume(path), path)
     if kind == "npy":
         return Volume(path.name, kind, channel_first(load_npy(path), path.name, False), path)
     if dataset is None:

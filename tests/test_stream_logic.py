@@ -280,8 +280,8 @@ def test_run_record_resumes_after_the_done_prefix_and_retries_failures(tmp_path)
 
 
 def test_rgb_tiffs_have_their_samples_as_channels(tmp_path):
-    """RGB samples are stored last ([H, W, 3]); frames take channels first. One RGB image is
-    one frame (a one-channel network then refuses its 3 channels, not its 40 rows)."""
+    """RGB samples are stored last ([H, W, 3]); frames take channels first, and one RGB image
+    is one frame. For a one-channel network it is made grey, as PNG colour frames are."""
     import tifffile
 
     from client.frames import read_frame
@@ -289,8 +289,10 @@ def test_rgb_tiffs_have_their_samples_as_channels(tmp_path):
     rgb = np.arange(40 * 50 * 3, dtype=np.uint16).reshape(40, 50, 3)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     assert np.array_equal(read_frame(tmp_path / "rgb.tif"), np.moveaxis(rgb, -1, 0))
-    [single] = open_sources([str(tmp_path / "rgb.tif")], in_channels=1)
+    [single] = open_sources([str(tmp_path / "rgb.tif")], in_channels=3)
     assert single.kind == "files" and single.load(0).shape == (3, 40, 50)
+    [grey] = open_sources([str(tmp_path / "rgb.tif")], in_channels=1)
+    assert grey.kind == "files" and grey.load(0).shape == (40, 50) and grey.load(0).dtype == np.uint16
     stack = np.stack([rgb, rgb + 1])
     tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="rgb")
     [source] = open_sources([str(tmp_path / "stack.tif")], in_channels=3)

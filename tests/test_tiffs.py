@@ -1,0 +1,157 @@
+"""TIFFs as instruments, Fiji and tifffile write them: pages written one by one, ImageJ and OME
+axes, RGB; each read as the frames it holds, or refused naming what it holds."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import tifffile
+
+from client.dataset_sources import open_source
+from client.frames import read_frame
+from client.stacks import open_sources
+from client.tiffs import as_grey
+from client.volume_files import read_volume
+from segserve.launcher import REPO_ROOT
+from tests.helpers import cli, reference_masks
+
+RNG = np.random.default_rng(11)
+FRAMES = RNG.integers(0, 60000, size=(5, 40, 56), dtype=np.uint16)
+# T 2, Z 3, C 2 frames of 40 x 56
+HYPERSTACK = RNG.integers(0, 255, size=(2, 3, 2, 40, 56), dtype=np.uint8)
+
+
+def write_page_by_page(path, frames, **options) -> None:
+    """As acquisition code writes frames as they come: one ``write`` per frame (one series each)."""
+    with tifffile.TiffWriter(path) as writer:
+        for frame in frames:
+            writer.write(frame, **options)
+
+
+def frames_of(argument, in_channels: int = 1) -> list[np.ndarray]:
+    [source] = open_sources([str(argument)], in_channels)
+    return [source.load(index) for index in range(source.count)]
+
+
+def test_a_tiff_written_page_by_page_is_one_stack_of_all_its_pages(tmp_path):
+    """It was read as its first series: one frame of five, exit code 0."""
+    write_page_by_page(tmp_path / "acquired.tif", FRAMES)
+    [source] = open_sources([str(tmp_path / "acquired.tif")], 1)
+    assert (source.kind, source.count, source.frame_shape) == ("tiff", 5, (40, 56))
+    assert np.array_equal(np.stack([source.load(i) for i in range(5)]), FRAMES)
+
+
+def test_rgb_frames_written_page_by_page_are_grey_frames_for_a_one_channel_network(tmp_path):
+    rgb = RNG.integers(0, 255, size=(3, 40, 56, 3), dtype=np.uint8)
+    write_page_by_page(tmp_path / "colour.tif", rgb, photometric="rgb")
+    expected = [as_grey(np.moveaxis(frame, -1, 0))[0] for frame in rgb]
+    assert all(np.array_equal(a, b) for a, b in zip(frames_of(tmp_path / "colour.tif"), expected, strict=True))
+    assert all(np.array_equal(a, np.moveaxis(b, -1, 0)) for a, b in zip(frames_of(tmp_path / "colour.tif", 3), rgb, strict=True))
+
+
+def test_grey_of_an_rgb_tiff_is_the_grey_of_the_same_png_within_one_level(tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    picture = data.astronaut()
+    tifffile.imwrite(tmp_path / "a.tif", picture, photometric="rgb")
+    Image.fromarray(picture).save(tmp_path / "a.png")
+    difference = read_frame(tmp_path / "a.tif", in_channels=1).astype(int) - read_frame(tmp_path / "a.png").astype(int)
+    assert np.abs(difference).max() <= 1
+
+
+@pytest.mark.parametrize("case", ["imagej CYX", "imagej ZCYX", "ome CZYX", "no metadata NCHW"])
+def test_channels_named_by_imagej_or_ome_are_channels_not_frames(tmp_path, case):
+    """A two-channel ImageJ image was two frames; a ZCYX stack put Z where channels go."""
+    path = tmp_path / "cells.ome.tif"
+    zc = HYPERSTACK[0]  # [Z, C, H, W]
+    if case == "imagej CYX":
+        tifffile.imwrite(path, zc[0], imagej=True, metadata={"axes": "CYX"})
+        expected = [zc[0]]
+    elif case == "imagej ZCYX":
+        tifffile.imwrite(path, zc, imagej=True, metadata={"axes": "ZCYX"})
+        expected = list(zc)
+    elif case == "ome CZYX":
+        tifffile.imwrite(path, zc.transpose(1, 0, 2, 3), ome=True, metadata={"axes": "CZYX"})
+        expected = list(zc)
+    else:  # [N, C, H, W] written as an array: the shape says it (as before)
+        tifffile.imwrite(path, zc, photometric="minisblack")
+        expected = list(zc)
+    frames = frames_of(path, in_channels=2)
+    assert len(frames) == len(expected) and all(np.array_equal(a, b) for a, b in zip(frames, expected))
+
+
+@pytest.mark.parametrize("axes, array, in_channels, message", [
+    ("CYX", HYPERSTACK[0, 0], 1, "frames of 2 channels (axes CYX, shape [2, 40, 56]); the network takes 1: "
+                                 "save one channel per file, or convert them to grey"),
+    ("TZCYX", HYPERSTACK, 2, "axes TZCYX of shape [2, 3, 2, 40, 56] hold frames along 2 axes (2 T x 3 Z); "
+                             "a stack has one: save one time point or z-stack per file"),
+], ids=["channels-for-one-channel-network", "hyperstack"])
+def test_what_a_stack_cannot_be_is_refused_naming_the_axes(tmp_path, axes, array, in_channels, message):
+    tifffile.imwrite(tmp_path / "h.tif", array, imagej=True, metadata={"axes": axes})
+    [source] = open_sources([str(tmp_path / "h.tif")], in_channels)
+    assert source.kind == "files"  # failed as one input, named, beside the others (exit code 1)
+    with pytest.raises(ValueError) as refused:
+        source.load(0)
+    assert str(refused.value) == f"{tmp_path / 'h.tif'}: {message}"
+
+
+def test_images_of_different_shapes_in_one_tiff_are_refused(tmp_path):
+    write_page_by_page(tmp_path / "mixed.tif", [FRAMES[0], FRAMES[1, :30], FRAMES[2]])
+    [source] = open_sources([str(tmp_path / "mixed.tif")], 1)
+    with pytest.raises(ValueError, match=r"mixed.tif: 3 images of 2 different shapes or pixel types "
+                                         r"\(\[30, 56\] uint16, \[40, 56\] uint16\); a stack's frames share one"):
+        source.load(0)
+
+
+def test_a_stack_inside_a_directory_is_refused_not_taken_as_channels(tmp_path):
+    (tmp_path / "frames").mkdir()
+    tifffile.imwrite(tmp_path / "frames" / "a.tif", FRAMES[0])
+    tifffile.imwrite(tmp_path / "frames" / "b.tif", FRAMES[:3], photometric="minisblack")
+    [source] = open_sources([str(tmp_path / "frames")], 1)
+    assert np.array_equal(source.load(0), FRAMES[0])
+    with pytest.raises(ValueError, match="b.tif: a stack of 3 frames .* give it as an input of its own"):
+        source.load(1)
+
+
+def test_a_channels_last_npy_picture_is_refused_not_taken_as_a_stack(tmp_path):
+    """An RGB picture as imageio gives it, [H, W, 3], was 706 frames of 706 x 3 pixels."""
+    np.save(tmp_path / "picture.npy", RNG.integers(0, 255, size=(70, 90, 3), dtype=np.uint8))
+    [source] = open_sources([str(tmp_path / "picture.npy")], 1)
+    assert source.kind == "files"
+    with pytest.raises(ValueError, match=r"shape \[70, 90, 3\] looks like a channels-last \[H, W, C\] picture"):
+        source.load(0)
+
+
+@pytest.mark.parametrize("case", ["page by page", "imagej ZCYX", "no metadata CDHW"])
+def test_tiff_volumes_are_read_with_their_channels_first(tmp_path, case):
+    path = tmp_path / "ct.tif"
+    zc = HYPERSTACK[0]
+    if case == "page by page":
+        write_page_by_page(path, FRAMES)
+        expected = FRAMES[None]
+    elif case == "imagej ZCYX":
+        tifffile.imwrite(path, zc, imagej=True, metadata={"axes": "ZCYX"})
+        expected = zc.transpose(1, 0, 2, 3)
+    else:
+        tifffile.imwrite(path, zc.transpose(1, 0, 2, 3), photometric="minisblack")
+        expected = zc.transpose(1, 0, 2, 3)
+    assert np.array_equal(read_volume(str(path)).image, expected)
+
+
+def test_a_dataset_tiff_written_page_by_page_is_all_its_pages(tmp_path):
+    write_page_by_page(tmp_path / "acquired.tif", FRAMES)
+    source = open_source(str(tmp_path / "acquired.tif"), rank=2)
+    assert source.shape == (5, 40, 56)
+
+
+def test_segment_segments_every_frame_of_a_tiff_written_page_by_page(server, tmp_path):
+    frames = (FRAMES // 256).astype(np.uint8)
+    write_page_by_page(tmp_path / "acquired.tif", frames)
+    done = subprocess.run(cli(server, str(tmp_path / "acquired.tif"), "--out", str(tmp_path / "out")),
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "5 written, 0 failed" in done.stderr
+    assert np.array_equal(tifffile.imread(tmp_path / "out" / "acquired_mask.tif"), reference_masks(server, frames))
