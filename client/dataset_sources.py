@@ -24,7 +24,7 @@ import threading
 import numpy as np
 
 from client.frames import load_npy
-from client.stacks import split_hdf5_argument
+from client.stacks import open_hdf5_dataset, split_hdf5_argument
 
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 MAX_OPEN_HANDLES = 4  # per process: handles of runs whose driver died before releasing them go first
@@ -87,13 +87,7 @@ def open_stored_array(kind: str, path: str, inner: str | None):
 
         return zarr.open_array(store=path, path=inner or "", mode="r")
     if kind == "hdf5":
-        import h5py
-
-        file = h5py.File(path, "r")
-        if not isinstance(file.get(inner), h5py.Dataset):
-            file.close()
-            raise ValueError(f"{path}: no dataset {inner!r}")
-        return file[inner]
+        return open_hdf5_dataset(pathlib.Path(path), inner)
     if kind == "npy":
         return load_npy(path, mmap_mode="r")
     if kind == "tiff":

@@ -51,11 +51,40 @@ class Source:
 
 
 def split_hdf5_argument(argument: str) -> tuple[pathlib.Path, str] | None:
-    """``file.h5:/path/to/data`` -> (file, dataset path); None for anything else."""
-    path, sep, dataset = argument.partition(":")
-    if sep and pathlib.Path(path).suffix.lower() in HDF5_SUFFIXES:
-        return pathlib.Path(path), dataset if dataset.startswith("/") else f"/{dataset}"
+    """``file.h5:/path/to/data`` -> (file, dataset path); None for anything else. The file
+    ends at the first ``:`` after an HDF5 suffix (directories may have ``:`` in their names,
+    as timestamped run directories do)."""
+    for position, character in enumerate(argument):
+        if character == ":" and pathlib.Path(argument[:position]).suffix.lower() in HDF5_SUFFIXES:
+            dataset = argument[position + 1:]
+            return pathlib.Path(argument[:position]), dataset if dataset.startswith("/") else f"/{dataset}"
     return None
+
+
+def open_hdf5_dataset(path: pathlib.Path, dataset_path: str):
+    """The h5py dataset at ``dataset_path``, its file open for reading (close it with
+    ``dataset.file.close()``).
+
+    Raises:
+        ValueError: naming the file: not readable as HDF5, or no dataset there (a group's
+            datasets are listed).
+    """
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:  # not HDF5, truncated, locked
+        raise ValueError(f"{path}: not a readable HDF5 file ({error})") from None
+    item = handle.get(dataset_path)
+    if isinstance(item, h5py.Dataset):
+        return item
+    if isinstance(item, h5py.Group):
+        inside = [name for name, child in item.items() if isinstance(child, h5py.Dataset)]
+        handle.close()
+        raise ValueError(f"{path}: {dataset_path!r} is a group, not a dataset; "
+                         + (f"its datasets: {', '.join(inside[:8])}" if inside else "it holds no datasets"))
+    handle.close()
+    raise ValueError(f"{path}: no dataset {dataset_path!r}")
 
 
 def is_stack_shape(shape: tuple[int, ...], in_channels: int) -> bool:
@@ -140,17 +169,11 @@ def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
 
 
 def hdf5_source(path: pathlib.Path, dataset_path: str, in_channels: int) -> Source:
-    import h5py
-
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    handle = h5py.File(path, "r")
-    if dataset_path not in handle or not isinstance(handle[dataset_path], h5py.Dataset):
-        handle.close()
-        raise ValueError(f"{path}: no dataset {dataset_path!r}")
-    dataset = handle[dataset_path]
+    dataset = open_hdf5_dataset(path, dataset_path)
     if not is_stack_shape(dataset.shape, in_channels):
-        handle.close()
+        dataset.file.close()
         frame = "[N, H, W]" if in_channels == 1 else f"[N, {in_channels}, H, W]"
         raise ValueError(f"{path}:{dataset_path}: shape {list(dataset.shape)} is not a stack {frame}")
     return array_source(f"{path.name}:{dataset_path}", "hdf5", dataset, path, dataset_path)

@@ -70,11 +70,20 @@ def segment_volumes(args: argparse.Namespace) -> int:
             try:
                 segment_one(client, argument, args)
             except (OSError, ValueError, SegmentationError) as error:
-                failed.append(f"{argument}: {error}")
+                failed.append(naming(argument, error))
                 print(f"client: error: {failed[-1]}", file=sys.stderr)
     if failed and len(args.volumes) > 1:
         print("client: failed volumes:\n  " + "\n  ".join(failed), file=sys.stderr)
     return 1 if failed else 0
+
+
+def naming(argument: str, error: BaseException) -> str:
+    """The error after the volume's argument, once (readers' errors start with the file's
+    path, or its name)."""
+    message, path = str(error), volume_location(argument)[0]
+    if message.startswith((f"{argument}: ", f"{path}: ")):
+        return message
+    return f"{argument}: {message.removeprefix(f'{path.name}: ')}"
 
 
 def requested_outputs(args: argparse.Namespace) -> list[str]:

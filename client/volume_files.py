@@ -16,7 +16,7 @@ import numpy as np
 import tifffile
 
 from client.frames import load_npy
-from client.stacks import HDF5_SUFFIXES, Target, atomic_write, split_hdf5_argument
+from client.stacks import HDF5_SUFFIXES, Target, atomic_write, open_hdf5_dataset, split_hdf5_argument
 from client.tiffs import GENERIC_AXES, open_tiff, read_all, tiff_frames
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -106,12 +106,11 @@ def read_volume(argument: str) -> Volume:
         return Volume(path.name, kind, channel_first(load_npy(path), path.name, False), path)
     if dataset is None:
         raise ValueError(f"{path}: name the dataset, e.g. {path}:/entry/data")
-    import h5py
-
-    with h5py.File(path, "r") as handle:
-        if dataset not in handle or not isinstance(handle[dataset], h5py.Dataset):
-            raise ValueError(f"{path}: no dataset {dataset!r}")
-        image = channel_first(handle[dataset][()], f"{path.name}:{dataset}", False)
+    stored = open_hdf5_dataset(path, dataset)
+    try:
+        image = channel_first(stored[()], f"{path.name}:{dataset}", False)
+    finally:
+        stored.file.close()
     return Volume(f"{path.name}:{dataset}", kind, image, path, dataset=dataset)
 
 

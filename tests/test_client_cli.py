@@ -86,7 +86,7 @@ def unreadable_inputs(tmp_path) -> list[tuple[str, str, str]]:
             ("segment-volume", str(tmp_path / "cut.nii.gz"), "cut.nii.gz: not a readable NIfTI file"),
             ("segment-volume", str(tmp_path / "bad.nii.gz"), "bad.nii.gz: not a readable NIfTI file"),
             ("segment-dataset", f"{h5}:/entry/nothere", "s.h5: no dataset '/entry/nothere'"),
-            ("segment-dataset", f"{h5}:/entry", "s.h5: no dataset '/entry'")]
+            ("segment-dataset", f"{h5}:/entry", "s.h5: '/entry' is a group, not a dataset; its datasets: data")]
 
 
 def test_unreadable_inputs_fail_in_one_line_naming_the_file(server, tmp_path, capsys):

@@ -1,9 +1,11 @@
-"""TIFFs as instruments, Fiji and tifffile write them: pages written one by one, ImageJ and OME
-axes, RGB; each read as the frames it holds, or refused naming what it holds."""
+"""Input files as instruments, Fiji, tifffile and h5py write them: TIFF pages written one by
+one, ImageJ and OME axes, RGB, HDF5 files in oddly named directories or unreadable; each read
+as the frames it holds, or refused naming the file and what it holds."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -155,3 +157,56 @@ def test_segment_segments_every_frame_of_a_tiff_written_page_by_page(server, tmp
     assert done.returncode == 0, done.stderr
     assert "5 written, 0 failed" in done.stderr
     assert np.array_equal(tifffile.imread(tmp_path / "out" / "acquired_mask.tif"), reference_masks(server, frames))
+
+
+# ------------------------------------------------------------------ HDF5 inputs beside them
+
+
+def write_hdf5(path, dataset="/entry/data/data", array=FRAMES) -> None:
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset(dataset, data=array, chunks=(1, *array.shape[1:]), compression="gzip")
+
+
+def test_an_hdf5_file_in_a_directory_with_a_colon_in_its_name_is_found(tmp_path):
+    """Timestamped run directories (``2024-05-01T10:30``) cut the argument at their colon."""
+    write_hdf5(tmp_path / "2024-05-01T10:30" / "run.h5")
+    [source] = open_sources([f"{tmp_path}/2024-05-01T10:30/run.h5:/entry/data/data"], 1)
+    assert source.kind == "hdf5" and source.count == 5 and np.array_equal(source.load(4), FRAMES[4])
+    volume = read_volume(f"{tmp_path}/2024-05-01T10:30/run.h5:/entry/data/data")
+    assert np.array_equal(volume.image[0], FRAMES)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not hdf5", "run.h5: not a readable HDF5 file ("),
+    ("truncated", "run.h5: not a readable HDF5 file ("),
+    ("a group", "run.h5: '/entry/data' is a group, not a dataset; its datasets: data"),
+])
+def test_an_hdf5_input_that_cannot_be_read_is_named(tmp_path, case, message):
+    path = tmp_path / "run.h5"
+    if case == "not hdf5":
+        path.write_text("garbage")
+    else:
+        write_hdf5(path)
+        if case == "truncated":
+            path.write_bytes(path.read_bytes()[:len(path.read_bytes()) * 6 // 10])
+    argument = f"{path}:/entry/data" if case == "a group" else f"{path}:/entry/data/data"
+    for read in (lambda: open_sources([argument], 1), lambda: read_volume(argument), lambda: open_source(argument, rank=2)):
+        with pytest.raises(ValueError) as refused:
+            read()
+        assert str(refused.value).startswith(f"{tmp_path}/{message}"), refused.value
+
+
+def test_segment_volume_names_each_failed_volume_once(server, tmp_path):
+    (tmp_path / "scans").mkdir()
+    tifffile.imwrite(tmp_path / "scans" / "flat.tif", FRAMES[0])  # one frame: no volume
+    (tmp_path / "scans" / "cut.h5").write_text("garbage")
+    done = subprocess.run([sys.executable, "-m", "client", "segment-volume", str(tmp_path / "scans" / "flat.tif"),
+                           f"{tmp_path}/scans/cut.h5:/data", "--out", str(tmp_path / "out"), "--url", server.grpc_url],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("client: error: ")]
+    assert errors == [f"client: error: {tmp_path}/scans/flat.tif: expected a 3D volume, got shape [40, 56]",
+                      f"client: error: {tmp_path}/scans/cut.h5: not a readable HDF5 file " + errors[1].split(" file ", 1)[1]]
