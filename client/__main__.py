@@ -115,8 +115,16 @@ class Plan:
 def plan_source(source: Source, args: argparse.Namespace, num_classes: int) -> Plan:
     outputs = stack_outputs(args.probabilities, args.contour)
     if source.kind in ("files", "directory"):
-        writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size)
+        # What changes a mask: requested outputs are checked by the files that exist.
+        settings = {"network": args.network, "model": args.model,
+                    **{k: v for k, v in segment_options(args).items() if k not in ("probabilities", "contour")}}
+        writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size,
+                            settings)
         todo = [i for i in range(source.count) if not (args.resume and writer.is_done(i))]
+        redone = sum(args.resume and writer.is_written(i) for i in todo)
+        if redone:
+            print(f"client: {redone} image(s) of {source.label} written from another input or with other settings "
+                  "are segmented again", file=sys.stderr)
         return Plan(source, writer, todo)
     # The location too: another file of the same name must not continue this one's record.
     settings = {"network": args.network, "model": args.model, "source": source.label,

@@ -393,13 +393,19 @@ class StackWriter:
 class FileWriter:
     """One set of files per input image: ``<stem>_mask.<fmt>`` and, on request,
     ``_probabilities``, ``_contour`` and a PNG ``_overlay``; each written under a temporary name
-    and renamed, so a file that exists is complete (that is what ``--resume`` checks)."""
+    and renamed, so a file that exists is complete. ``segment-log.jsonl`` beside them says, per
+    image, which input and settings its outputs were last written with: ``--resume`` skips an
+    image whose outputs exist and were written from the same input with the same settings."""
+
+    LOG_NAME = "segment-log.jsonl"
 
     def __init__(self, source: Source, out_dir: pathlib.Path, outputs: list[str], array_format: str,
-                 overlay_max_size: int | None):
+                 overlay_max_size: int | None, settings: dict | None = None):
         self.source, self.outputs, self.format = source, outputs, array_format
         self.out_dir = out_dir / source.label if source.kind == "directory" else out_dir
         self.overlay_max_size = overlay_max_size
+        self.settings = settings
+        self._log: dict[str, dict] | None = None
 
     def targets(self) -> list[Target]:
         """Every file this run may write, for every frame."""
@@ -413,8 +419,36 @@ class FileWriter:
             paths["overlay"] = self.out_dir / f"{stem}_overlay.png"
         return paths
 
-    def is_done(self, index: int) -> bool:
+    def is_written(self, index: int) -> bool:
+        """Every output of image ``index`` exists."""
         return all(path.exists() for path in self.paths(index).values())
+
+    def is_done(self, index: int) -> bool:
+        """Written, from this input with these settings (outputs of a version without the log
+        count as done)."""
+        if not self.is_written(index):
+            return False
+        log = self.written_with()
+        return log is None or log.get(self.source.files[index].stem) == self.entry(index)
+
+    def entry(self, index: int) -> dict:
+        return {"input": str(self.source.files[index].resolve()), "settings": self.settings}
+
+    def written_with(self) -> dict[str, dict] | None:
+        """``{stem: {"input", "settings"}}`` of each image's last write, from the log; None
+        without one. A line cut by a kill is skipped (its image is then written again)."""
+        if self._log is None:
+            path = self.out_dir / self.LOG_NAME
+            if not path.exists():
+                return None
+            self._log = {}
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    self._log[record["image"]] = {"input": record["input"], "settings": record["settings"]}
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return self._log
 
     def write(self, index: int, result) -> list[pathlib.Path]:
         paths = self.paths(index)
@@ -424,6 +458,8 @@ class FileWriter:
         if "overlay" in paths:
             picture = overlay(self.source.load(index), result.mask, max_size=self.overlay_max_size)
             atomic_write(paths["overlay"], lambda tmp: picture.save(tmp, format="PNG"))
+        with open(self.out_dir / self.LOG_NAME, "a") as log:
+            log.write(json.dumps({"image": self.source.files[index].stem, **self.entry(index)}) + "\n")
         return list(paths.values())
 
 

@@ -12,6 +12,7 @@ import pytest
 import tifffile
 
 from client.__main__ import main as client_main
+from client.api import SegmentationClient
 from client.stacks import FAILED_VALUE
 from segserve.launcher import REPO_ROOT
 from tests.helpers import cli, make_stack, our_dev_shm_entries, reference_masks, registered_regions, wait_for_record
@@ -157,3 +158,37 @@ def test_a_request_past_its_deadline_is_retried_then_reported(server, tmp_path, 
     assert "0 written, 1 failed, 2 retried" in error and "big.npy" in error
     assert not (tmp_path / "out" / "big_mask.tif").exists()
     assert our_dev_shm_entries() == [] and registered_regions(server) == []
+
+
+def test_resume_of_images_redoes_those_written_with_other_settings_or_from_another_input(server, tmp_path, rng, capsys):
+    """Per-image outputs are skipped only when written from this input with these settings
+    (segment-log.jsonl); they were skipped whenever they existed, so a resume with another
+    intensity range, or of another directory of the same name, mixed two kinds of masks."""
+    stack = make_stack(rng, 3, (64, 80))
+    for name in ("a", "b"):
+        (tmp_path / name / "frames").mkdir(parents=True)
+        for index, frame in enumerate(stack if name == "a" else stack[::-1]):
+            tifffile.imwrite(tmp_path / name / "frames" / f"f{index}.tif", frame)
+
+    def segment(directory: str, *extra: str) -> str:
+        code = client_main(["segment", str(tmp_path / directory / "frames"), "--out", str(tmp_path / "out"),
+                            "--url", server.grpc_url, "--no-overlay", "--no-progress", *extra])
+        error = capsys.readouterr().err
+        assert code == 0, error
+        return error
+
+    def masks() -> np.ndarray:
+        return np.stack([tifffile.imread(tmp_path / "out" / "frames" / f"f{i}_mask.tif") for i in range(3)])
+
+    segment("a")
+    (tmp_path / "out" / "frames" / "f2_mask.tif").unlink()  # as if interrupted before the last image
+    assert "2 skipped" in segment("a", "--resume")
+    assert np.array_equal(masks(), reference_masks(server, stack))
+    ranged = ["--intensity-min", "0", "--intensity-max", "300"]
+    error = segment("a", "--resume", *ranged)
+    assert "3 image(s) of frames written from another input or with other settings are segmented again" in error
+    with SegmentationClient(server.grpc_url) as client:
+        expected = np.stack([client.segment(frame, intensity_min=0, intensity_max=300).mask for frame in stack])
+    assert np.array_equal(masks(), expected) and not np.array_equal(expected, reference_masks(server, stack))
+    assert "3 image(s) of frames written from another input" in segment("b", "--resume", *ranged)
+    assert np.array_equal(masks(), expected[::-1])
