@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 import pathlib
+import threading
 
 import numpy as np
 import tifffile
@@ -73,19 +74,25 @@ class TiffFrames:
     frame_axis: int | None
     channel_axis: int | None
     grey: bool  # RGB(A) samples read as one grey channel
+    # The file, opened at the first read and kept (opening one of a thousand series costs
+    # ~0.2 s), behind a lock: a stream's workers read frames from several threads.
+    _opened: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def frame_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")])
 
     def read(self, index: int, tiff: tifffile.TiffFile | None = None) -> np.ndarray:
-        """Frame ``index`` as ``[C, H, W]`` in the stored pixel type,
-        from ``tiff`` (this file opened with :func:`open_tiff`) or opening it."""
+        """Frame ``index`` as ``[C, H, W]`` in the stored pixel type, from ``tiff`` (this file
+        opened with :func:`open_tiff`), else from the file this object keeps open."""
         if not 0 <= index < self.count:
             raise IndexError(index)
         if tiff is None:
-            with open_tiff(self.path) as tiff:
-                return self.read(index, tiff)
+            with self._lock:
+                if not self._opened:
+                    self._opened.append(open_tiff(self.path))
+                return self.read(index, self._opened[0])
         series = tiff.series[0]
         page_shape = tuple(series.keyframe.shape)
         leading = self.shape[:len(self.shape) - len(page_shape)]
