@@ -191,6 +191,7 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
             progress.set_postfix(retried=tally.retries, failed=len(tally.failed), refresh=False)
     finally:
         stream.close()
+        source.close()
         if isinstance(writer, StackWriter):
             writer.close(publish=plan.record.is_finished())
 

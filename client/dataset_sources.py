@@ -91,14 +91,11 @@ def open_stored_array(kind: str, path: str, inner: str | None):
     if kind == "npy":
         return load_npy(path, mmap_mode="r")
     if kind == "tiff":
-        import tifffile
         import zarr
 
-        from client.tiffs import series_flags
+        from client.tiffs import zarr_store
 
-        with tifffile.TiffFile(path) as tiff:
-            flags = series_flags(tiff, pathlib.Path(path))  # a file written page by page: one series of them all
-        return zarr.open_array(tifffile.imread(path, aszarr=True, **flags), mode="r")
+        return zarr.open_array(zarr_store(pathlib.Path(path)), mode="r")  # a file written page by page: all its pages
     raise ValueError(f"unknown input kind {kind!r}")
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from client.tiffs import tiff_frames
+from client.tiffs import TiffFrames
 
 FRAME_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 # Class colours of the overlay (class 0 is left uncoloured).
@@ -22,7 +22,7 @@ def read_frame(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray
     """A frame as ``[H, W]`` or ``[C, H, W]`` in its stored pixel type.
 
     PNG colour images are converted to one grey channel (the networks here take one channel);
-    NPY arrays are returned as stored; TIFF ones as :func:`client.tiffs.tiff_frames` reads
+    NPY arrays are returned as stored; TIFF ones as :class:`client.tiffs.TiffFrames` reads
     them for a network of ``in_channels`` (RGB(A) samples first, or grey for one channel).
 
     Raises:
@@ -49,11 +49,11 @@ def read_frame(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray
 
 def read_tiff(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:
     """A one-frame TIFF as ``[H, W]`` (one channel) or ``[C, H, W]``."""
-    frames = tiff_frames(path, in_channels)
-    if frames.count > 1:
-        raise ValueError(f"{path}: a stack of {frames.count} frames (axes {frames.axes}), not one frame; "
-                         "give it as an input of its own, not in a directory")
-    frame = frames.read(0)
+    with TiffFrames(path, in_channels) as frames:
+        if frames.count > 1:
+            raise ValueError(f"{path}: a stack of {frames.count} frames (axes {frames.axes}), not one frame; "
+                             "give it as an input of its own, not in a directory")
+        frame = frames.read(0)
     return frame[0] if frame.shape[0] == 1 else frame
 
 

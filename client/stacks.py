@@ -24,7 +24,7 @@ import numpy as np
 import tifffile
 
 from client.frames import FRAME_SUFFIXES, check_not_channels_last, load_npy, overlay, read_frame, write_array
-from client.tiffs import tiff_frames
+from client.tiffs import TiffFrames
 
 FAILED_VALUE = 255  # mask/contour value of a frame that failed: never a class of our networks
 RECORD_VERSION = 1
@@ -48,6 +48,7 @@ class Source:
     dataset: str | None = None
     frame_shape: tuple[int, ...] | None = None
     files: list[pathlib.Path] | None = None
+    close: Callable[[], None] = lambda: None  # frees what ``load`` keeps open
 
 
 def split_hdf5_argument(argument: str) -> tuple[pathlib.Path, str] | None:
@@ -155,9 +156,10 @@ def array_source(label: str, kind: str, array, path: pathlib.Path, dataset: str 
 
 
 def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
-    """The TIFF's frames (:func:`client.tiffs.tiff_frames`); None for a file of one frame."""
-    frames = tiff_frames(path, in_channels)
+    """The TIFF's frames (:class:`client.tiffs.TiffFrames`); None for a file of one frame."""
+    frames = TiffFrames(path, in_channels)
     if frames.count == 1:
+        frames.close()
         return None
 
     def load(i: int) -> np.ndarray:
@@ -165,7 +167,8 @@ def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
         return frame[0] if in_channels == 1 else frame
 
     return Source(label=path.name, kind="tiff", count=frames.count, load=load, frame_label=lambda i: f"{path.name}[{i}]",
-                  path=path, frame_shape=frames.frame_shape[1:] if in_channels == 1 else frames.frame_shape)
+                  path=path, frame_shape=frames.frame_shape[1:] if in_channels == 1 else frames.frame_shape,
+                  close=frames.close)
 
 
 def hdf5_source(path: pathlib.Path, dataset_path: str, in_channels: int) -> Source:

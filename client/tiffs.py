@@ -1,15 +1,16 @@
 """A TIFF's pages as frames ``[C, H, W]``, from tifffile's series and their named axes.
 
 tifffile groups a file's pages into series with axes such as ``YX`` (one frame), ``YXS`` (RGB
-samples), ``QYX``/``IYX``/``ZYX``/``TYX`` (pages of a stack), ``CYX``/``ZCYX`` (ImageJ and OME
-channels), ``TZCYX`` (a hyperstack). A file written page by page (``TiffWriter.write`` in a
-loop, as acquisition code does) holds one series per page: read alone, the first series is
-the first frame, so such files are read as one stack of all their pages.
+samples), ``QYX``/``IYX``/``ZYX``/``TYX`` (pages of a stack; ``SYX`` too when a plain
+``imwrite`` of 3 or 4 frames stored them as planar samples), ``CYX``/``ZCYX`` (ImageJ and OME
+channels; tifffile also writes an OME stack without axes as ``CYX``), ``TZCYX`` (a hyperstack).
+A file written page by page (``TiffWriter.write`` in a loop, as acquisition code does) holds one
+series per page: read alone, the first series is the first frame, so such files are read as one
+stack of all their pages.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import pathlib
@@ -18,16 +19,20 @@ import threading
 import numpy as np
 import tifffile
 
-CHANNEL_AXES = "CS"  # channels (ImageJ, OME) and samples of a pixel (RGB)
 GENERIC_AXES = "QI"  # tifffile's names for page axes of files without axis metadata
+COLOUR = (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)  # JPEG stores RGB as YCbCr; read back as RGB
 # ITU-R 601-2 luma, as PIL's convert("L") (how PNG colour frames become grey).
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def series_flags(tiff: tifffile.TiffFile, path: pathlib.Path) -> dict:
     """tifffile flags to open ``path`` with so that it is one series: ``{}`` when it is, or
-    ``is_shaped=False`` for a file of several series of one shape (its pages then form one
-    series, axes ``I...``). Several series of different shapes are refused (ValueError)."""
+    ``is_shaped=False`` for a file of several one-page series of one shape (its pages then form
+    one series, axes ``I...``).
+
+    Raises:
+        ValueError: several series of different shapes, or of several pages each.
+    """
     series = tiff.series
     if len(series) <= 1:
         return {}
@@ -36,11 +41,16 @@ def series_flags(tiff: tifffile.TiffFile, path: pathlib.Path) -> dict:
         listed = ", ".join(f"{list(shape)} {dtype}" for shape, dtype in shapes[:3])
         raise ValueError(f"{path}: {len(series)} images of {len(shapes)} different shapes or pixel types ({listed}"
                          f"{', ...' if len(shapes) > 3 else ''}); a stack's frames share one: save them as separate files")
+    if any(len(s.pages) > 1 for s in series):
+        raise ValueError(f"{path}: {len(series)} images of shape {list(shapes[0][0])} each; a stack is one image: "
+                         "write the whole array with one tifffile.imwrite")
     return {"is_shaped": False, "is_ome": False, "is_imagej": False}
 
 
-def open_tiff(path: pathlib.Path) -> tifffile.TiffFile:
-    """The file opened as one series (``series_flags``)."""
+def open_tiff(path: pathlib.Path, flags: dict | None = None) -> tifffile.TiffFile:
+    """The file opened as one series, with ``flags`` (``series_flags`` of it; None: found out)."""
+    if flags is not None:
+        return tifffile.TiffFile(path, **flags)
     tiff = tifffile.TiffFile(path)
     try:
         flags = series_flags(tiff, path)
@@ -53,56 +63,114 @@ def open_tiff(path: pathlib.Path) -> tifffile.TiffFile:
     return tifffile.TiffFile(path, **flags)
 
 
-@dataclasses.dataclass(frozen=True)
-class TiffFrames:
-    """A TIFF as ``count`` frames of ``[channels, H, W]`` (read with :meth:`read`).
+def zarr_store(path: pathlib.Path):
+    """tifffile's zarr store of the file as one series (``series_flags``)."""
+    with tifffile.TiffFile(path) as tiff:
+        flags = series_flags(tiff, path)
+    return tifffile.imread(path, aszarr=True, **flags)
 
-    Attributes:
-        path: the file.
-        axes, shape: its series' axes and shape, e.g. ``"ZCYX"``, ``(64, 2, 512, 512)``.
-        count: frames: the size of the one axis of frames (1 without one).
-        channels: channels of a frame as read (RGB samples made grey count as 1).
-        dtype: stored pixel type.
+
+class TiffFrames:
+    """A TIFF as ``count`` frames of ``[channels, H, W]`` for a network of ``in_channels``
+    (None: any), read with :meth:`read` from any thread; :meth:`close` (or ``with``) at the end.
+
+    The channel axis is ``C``, or interleaved samples ``S`` (RGB(A) made grey for a one-channel
+    network, as PNG colour frames are), or for a multi-channel network the page axis of that
+    size before the image axes (a ``[N, C, H, W]`` array written without axis metadata). The one
+    other axis longer than 1 holds the frames; ``C`` alone (an OME stack written without axes)
+    holds them too when the network takes another number of channels.
+
+    Raises:
+        ValueError: more than one axis of frames (a hyperstack ``TZCYX``), channels the network
+            does not take, or several images of different shapes.
+        tifffile.TiffFileError, OSError: not a readable TIFF.
     """
 
-    path: pathlib.Path
-    axes: str
-    shape: tuple[int, ...]
-    count: int
-    channels: int
-    dtype: np.dtype
-    frame_axis: int | None
-    channel_axis: int | None
-    grey: bool  # RGB(A) samples read as one grey channel
-    # The file, opened at the first read and kept (opening one of a thousand series costs
-    # ~0.2 s), behind a lock: a stream's workers read frames from several threads.
-    _opened: list = dataclasses.field(default_factory=list, repr=False, compare=False)
-    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+    def __init__(self, path: pathlib.Path, in_channels: int | None = None):
+        self.path = pathlib.Path(path)
+        with tifffile.TiffFile(self.path) as tiff:
+            self.flags = series_flags(tiff, self.path)
+        with open_tiff(self.path, self.flags) as tiff:
+            series = tiff.series[0]
+            self.axes, self.shape, self.dtype = series.axes, tuple(series.shape), np.dtype(series.dtype)
+            colour = series.keyframe.photometric in COLOUR
+        if "Y" not in self.axes or "X" not in self.axes:
+            raise ValueError(f"{path}: no image axes Y and X (axes {self.axes}, shape {list(self.shape)})")
+        try:
+            self.channel_axis = channel_axis(self.axes, self.shape, in_channels)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        if self.channel_axis is not None and self.axes[self.channel_axis] == "C" and self.shape[self.channel_axis] != in_channels \
+                and not self.frame_axes(self.channel_axis):
+            self.channel_axis = None  # C alone, not the network's channels: frames (OME's default axes)
+        frame_axes = self.frame_axes(self.channel_axis)
+        stored = self.shape[self.channel_axis] if self.channel_axis is not None else 1
+        samples = self.channel_axis == len(self.axes) - 1  # interleaved YXS
+        self.grey = samples and colour and in_channels == 1 and stored in (3, 4)
+        self.channels = 1 if self.grey else 3 if samples and colour and stored == 4 and in_channels == 3 else stored
+        if in_channels is not None and self.channels != in_channels:
+            raise ValueError(f"{path}: frames of {plural(self.channels, 'channel')} (axes {self.axes}, shape "
+                             f"{list(self.shape)}); the network takes {in_channels}"
+                             + (": save one channel per file, or convert them to grey" if in_channels == 1 else ""))
+        if len(frame_axes) > 1:
+            raise ValueError(self.too_many_axes(frame_axes, in_channels))
+        self.frame_axis = frame_axes[0] if frame_axes else None
+        self.count = self.shape[self.frame_axis] if frame_axes else 1
+        self._local, self._opened, self._lock = threading.local(), [], threading.Lock()
+        self._whole: np.ndarray | None = None
+
+    def frame_axes(self, channel: int | None) -> list[int]:
+        return [i for i, axis in enumerate(self.axes) if axis not in "YX" and i != channel and self.shape[i] > 1]
+
+    def too_many_axes(self, frame_axes: list[int], in_channels: int | None) -> str:
+        named = " x ".join(f"{self.shape[i]} {self.axes[i]}" for i in frame_axes)
+        if all(self.axes[i] in GENERIC_AXES for i in frame_axes):  # no axis metadata: say what shapes work
+            stack = "[N, H, W]" if in_channels in (None, 1) else f"[N, {in_channels}, H, W]"
+            return (f"{self.path}: shape {list(self.shape)} holds frames along {len(frame_axes)} axes ({named}); "
+                    f"a stack for this network is {stack}")
+        return (f"{self.path}: axes {self.axes} of shape {list(self.shape)} hold frames along {len(frame_axes)} axes "
+                f"({named}); a stack has one: save one time point or z-stack per file")
 
     @property
     def frame_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")])
 
-    def read(self, index: int, tiff: tifffile.TiffFile | None = None) -> np.ndarray:
-        """Frame ``index`` as ``[C, H, W]`` in the stored pixel type, from ``tiff`` (this file
-        opened with :func:`open_tiff`), else from the file this object keeps open."""
+    def read(self, index: int) -> np.ndarray:
+        """Frame ``index`` as ``[C, H, W]`` in the stored pixel type."""
         if not 0 <= index < self.count:
             raise IndexError(index)
-        if tiff is None:
-            with self._lock:
-                if not self._opened:
-                    self._opened.append(open_tiff(self.path))
-                return self.read(index, self._opened[0])
-        series = tiff.series[0]
+        series = self._file().series[0]
         page_shape = tuple(series.keyframe.shape)
         leading = self.shape[:len(self.shape) - len(page_shape)]
         if math.prod(leading) == len(series.pages) and self.frame_axis is not None and self.frame_axis < len(leading):
             frame = self.frame_of(self.pages_of_frame(series, index, leading, page_shape), 0)
-        else:  # one frame, or pages laid out otherwise: the whole series
-            frame = self.frame_of(series.asarray().reshape(self.shape), index)
-        if self.grey:
-            return as_grey(frame)
-        return frame[:self.channels]
+        else:  # one frame, or pages laid out otherwise (ImageJ files over 4 GB have one page)
+            frame = self.frame_of(self.whole(series), index)
+        return as_grey(frame) if self.grey else frame[:self.channels]
+
+    def _file(self) -> tifffile.TiffFile:
+        """This thread's handle of the file: opened once per thread (reopening one of a thousand
+        series costs ~0.2 s), and decoding in parallel."""
+        tiff = getattr(self._local, "tiff", None)
+        if tiff is None:
+            tiff = self._local.tiff = open_tiff(self.path, self.flags)
+            with self._lock:
+                self._opened.append(tiff)
+        return tiff
+
+    def whole(self, series) -> np.ndarray:
+        """The whole series, mapped when it is stored uncompressed in one piece, else decoded
+        once (and kept when it has more than one frame)."""
+        with self._lock:
+            if self._whole is not None:
+                return self._whole
+            try:
+                whole = tifffile.memmap(self.path, mode="r", **self.flags).reshape(self.shape)
+            except ValueError:  # compressed or in pieces: not mappable
+                whole = series.asarray().reshape(self.shape)
+            if self.count > 1:
+                self._whole = whole
+            return whole
 
     def pages_of_frame(self, series, index: int, leading: tuple[int, ...], page_shape: tuple[int, ...]) -> np.ndarray:
         """Frame ``index``'s pages, shaped as the series with the frame axis cut to 1."""
@@ -123,6 +191,42 @@ class TiffFrames:
         array = np.transpose(array, [axes.index(axis) for axis in order])
         return array.reshape(-1, *array.shape[-2:])
 
+    def read_all(self) -> np.ndarray:
+        """Every frame: ``[N, C, H, W]``."""
+        return np.stack([self.read(index) for index in range(self.count)])
+
+    def close(self) -> None:
+        """Close every thread's handle (a later read opens the file again)."""
+        with self._lock:
+            opened, self._opened, self._whole = self._opened, [], None
+            self._local = threading.local()
+        for tiff in opened:
+            tiff.close()
+
+    def __enter__(self) -> TiffFrames:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def channel_axis(axes: str, shape: tuple[int, ...], in_channels: int | None) -> int | None:
+    """Index of the channel axis in ``axes`` (see :class:`TiffFrames`), or None.
+
+    Raises:
+        ValueError: both channels and interleaved samples.
+    """
+    named = [i for i, axis in enumerate(axes) if shape[i] > 1 and (axis == "C" or (axis == "S" and i == len(axes) - 1))]
+    if len(named) > 1:
+        raise ValueError(f"axes {axes} of shape {list(shape)} hold both channels and colour samples; save one of them")
+    if named:
+        return named[0]
+    before_image = axes.index("Y") - 1  # planar samples (SYX) count as a page axis here
+    if in_channels and in_channels > 1 and before_image >= 0 and axes[before_image] in f"{GENERIC_AXES}S" \
+            and shape[before_image] == in_channels:
+        return before_image
+    return None
+
 
 def as_grey(rgb: np.ndarray) -> np.ndarray:
     """``[3 or 4, H, W]`` RGB(A) -> ``[1, H, W]`` luma in the same pixel type (alpha dropped)."""
@@ -130,57 +234,5 @@ def as_grey(rgb: np.ndarray) -> np.ndarray:
     return np.rint(grey).astype(rgb.dtype) if rgb.dtype.kind in "ui" else grey.astype(rgb.dtype)
 
 
-def tiff_frames(path: pathlib.Path, in_channels: int | None = None) -> TiffFrames:
-    """How ``path`` holds frames, checked against a network of ``in_channels`` (None: any).
-
-    The channel axis is ``C`` or ``S`` (RGB(A) samples are read as one grey channel for a
-    one-channel network), or, for a multi-channel network, a generic page axis of that size
-    right before the image axes (a ``[N, C, H, W]`` array written without axis metadata). The
-    one other axis longer than 1 holds the frames.
-
-    Raises:
-        ValueError: more than one axis of frames (a hyperstack ``TZCYX``), channels the network
-            does not take, or several images of different shapes.
-        tifffile.TiffFileError, OSError: not a readable TIFF.
-    """
-    with open_tiff(path) as tiff:
-        series = tiff.series[0]
-        axes, shape, dtype = series.axes, tuple(series.shape), series.dtype
-        rgb = series.keyframe.photometric == tifffile.PHOTOMETRIC.RGB
-    if "Y" not in axes or "X" not in axes:
-        raise ValueError(f"{path}: no image axes Y and X (axes {axes}, shape {list(shape)})")
-    channel_axis = find_channel_axis(axes, shape, in_channels, path)
-    others = [i for i, axis in enumerate(axes) if axis not in "YX" and i != channel_axis and shape[i] > 1]
-    if len(others) > 1:
-        named = " x ".join(f"{shape[i]} {axes[i]}" for i in others)
-        raise ValueError(f"{path}: axes {axes} of shape {list(shape)} hold frames along {len(others)} axes ({named}); "
-                         "a stack has one: save one time point or z-stack per file")
-    stored_channels = shape[channel_axis] if channel_axis is not None else 1
-    grey = rgb and axes[channel_axis or 0] == "S" and in_channels == 1 and stored_channels in (3, 4)
-    channels = 1 if grey else 3 if rgb and stored_channels == 4 and in_channels == 3 else stored_channels
-    if in_channels is not None and channels != in_channels:
-        advice = ": save one channel per file, or convert them to grey" if in_channels == 1 else ""
-        raise ValueError(f"{path}: frames of {channels} channels (axes {axes}, shape {list(shape)}); "
-                         f"the network takes {in_channels}{advice}")
-    frame_axis = others[0] if others else None
-    return TiffFrames(path, axes, shape, shape[frame_axis] if others else 1, channels, np.dtype(dtype),
-                      frame_axis, channel_axis, grey)
-
-
-def find_channel_axis(axes: str, shape: tuple[int, ...], in_channels: int | None, path: pathlib.Path) -> int | None:
-    named = [i for i, axis in enumerate(axes) if axis in CHANNEL_AXES and shape[i] > 1]
-    if len(named) > 1:
-        raise ValueError(f"{path}: axes {axes} of shape {list(shape)} hold both channels and samples; save one of them")
-    if named:
-        return named[0]
-    before_image = axes.index("Y") - 1
-    if in_channels and in_channels > 1 and before_image > 0 and axes[before_image] in GENERIC_AXES \
-            and shape[before_image] == in_channels:
-        return before_image
-    return None
-
-
-def read_all(frames: TiffFrames) -> np.ndarray:
-    """Every frame: ``[N, C, H, W]``."""
-    with open_tiff(frames.path) as tiff:
-        return np.stack([frames.read(index, tiff) for index in range(frames.count)])
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"

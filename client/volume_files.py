@@ -17,7 +17,7 @@ import tifffile
 
 from client.frames import load_npy
 from client.stacks import HDF5_SUFFIXES, Target, atomic_write, open_hdf5_dataset, split_hdf5_argument
-from client.tiffs import GENERIC_AXES, open_tiff, read_all, tiff_frames
+from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".tif", ".tiff", ".npy", *HDF5_SUFFIXES)
@@ -71,13 +71,14 @@ def channel_first(array: np.ndarray, label: str, channel_axis_last: bool) -> np.
 
 def read_tiff_volume(path: pathlib.Path) -> np.ndarray:
     """``[C, D, H, W]``: a z-stack's frames (ImageJ and OME channels first, a file written page
-    by page read whole: :func:`client.tiffs.tiff_frames`); an array without axis metadata as
+    by page read whole: :class:`client.tiffs.TiffFrames`); an array without axis metadata as
     ``channel_first`` takes any array."""
     with open_tiff(path) as tiff:
         series = tiff.series[0]
         if set(series.axes) <= {*GENERIC_AXES, "Y", "X"}:
             return channel_first(series.asarray(), path.name, False)
-    return np.moveaxis(read_all(tiff_frames(path)), 1, 0)
+    with TiffFrames(path) as frames:
+        return np.moveaxis(frames.read_all(), 1, 0)
 
 
 def read_volume(argument: str) -> Volume:

@@ -4,8 +4,10 @@ as the frames it holds, or refused naming the file and what it holds."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -86,8 +88,8 @@ def test_channels_named_by_imagej_or_ome_are_channels_not_frames(tmp_path, case)
 
 
 @pytest.mark.parametrize("axes, array, in_channels, message", [
-    ("CYX", HYPERSTACK[0, 0], 1, "frames of 2 channels (axes CYX, shape [2, 40, 56]); the network takes 1: "
-                                 "save one channel per file, or convert them to grey"),
+    ("ZCYX", HYPERSTACK[0], 1, "frames of 2 channels (axes ZCYX, shape [3, 2, 40, 56]); the network takes 1: "
+                               "save one channel per file, or convert them to grey"),
     ("TZCYX", HYPERSTACK, 2, "axes TZCYX of shape [2, 3, 2, 40, 56] hold frames along 2 axes (2 T x 3 Z); "
                              "a stack has one: save one time point or z-stack per file"),
 ], ids=["channels-for-one-channel-network", "hyperstack"])
@@ -98,6 +100,51 @@ def test_what_a_stack_cannot_be_is_refused_naming_the_axes(tmp_path, axes, array
     with pytest.raises(ValueError) as refused:
         source.load(0)
     assert str(refused.value) == f"{tmp_path / 'h.tif'}: {message}"
+
+
+@pytest.mark.parametrize("case", ["two channels, plain imwrite", "three frames, plain imwrite (planar RGB)",
+                                  "four frames, plain imwrite (planar RGBA)", "OME stack without axes (CYX)",
+                                  "ImageJ channels, one-channel network"])
+def test_arrays_written_without_meaning_keep_the_reading_their_shape_gives(tmp_path, case):
+    """tifffile stores a plain [3 or 4, H, W] array as planar RGB, and an OME stack written
+    without axes as channels (CYX): frames for a one-channel network, as their shape says (not
+    blended into one grey frame, or refused); [2, H, W] is one frame for a two-channel network."""
+    path = tmp_path / ("x.ome.tif" if "OME" in case else "x.tif")
+    count = {"two": 2, "three": 3, "four": 4, "OME": 5, "ImageJ": 2}[next(w for w in ("two", "three", "four", "OME", "ImageJ") if w in case)]
+    array = RNG.integers(0, 255, size=(count, 40, 56), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # tifffile's, on planar RGB written implicitly
+        if "ImageJ" in case:
+            tifffile.imwrite(path, array, imagej=True, metadata={"axes": "CYX"})
+        else:
+            tifffile.imwrite(path, array, ome="OME" in case)
+    in_channels = 2 if case.startswith("two") else 1
+    frames = frames_of(path, in_channels)
+    expected = [array] if in_channels == 2 else list(array)
+    assert len(frames) == len(expected) and all(np.array_equal(a, b) for a, b in zip(frames, expected))
+    if "OME" in case:
+        assert np.array_equal(read_volume(str(path)).image, array[None])
+
+
+def test_a_jpeg_compressed_rgb_tiff_is_made_grey_for_a_one_channel_network(tmp_path):
+    """JPEG stores RGB as YCbCr; tifffile gives it back as RGB."""
+    picture = RNG.integers(0, 255, size=(40, 56, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "j.tif", picture, photometric="rgb", compression="jpeg")
+    decoded = tifffile.imread(tmp_path / "j.tif")
+    assert np.array_equal(read_frame(tmp_path / "j.tif", in_channels=1), as_grey(np.moveaxis(decoded, -1, 0))[0])
+
+
+def test_stack_files_are_closed_when_their_source_is(tmp_path):
+    """Each stack's reader keeps its file open between frames; the CLI closes it after the stack."""
+    tifffile.imwrite(tmp_path / "s.tif", FRAMES, photometric="minisblack")
+    before = len(os.listdir("/proc/self/fd"))
+    sources = [source for _ in range(40) for source in open_sources([str(tmp_path / "s.tif")], 1)]
+    for source in sources:
+        assert np.array_equal(source.load(3), FRAMES[3])
+    assert len(os.listdir("/proc/self/fd")) >= before + 30  # open (other files of the process may close meanwhile)
+    for source in sources:
+        source.close()
+    assert len(os.listdir("/proc/self/fd")) <= before
 
 
 def test_images_of_different_shapes_in_one_tiff_are_refused(tmp_path):
@@ -119,7 +166,7 @@ def test_a_stack_inside_a_directory_is_refused_not_taken_as_channels(tmp_path):
 
 
 def test_a_channels_last_npy_picture_is_refused_not_taken_as_a_stack(tmp_path):
-    """An RGB picture as imageio gives it, [H, W, 3], was 706 frames of 706 x 3 pixels."""
+    """An RGB picture as imageio gives it, [H, W, 3], was H frames of W x 3 pixels."""
     np.save(tmp_path / "picture.npy", RNG.integers(0, 255, size=(70, 90, 3), dtype=np.uint8))
     [source] = open_sources([str(tmp_path / "picture.npy")], 1)
     assert source.kind == "files"
@@ -208,5 +255,6 @@ def test_segment_volume_names_each_failed_volume_once(server, tmp_path):
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("client: error: ")]
-    assert errors == [f"client: error: {tmp_path}/scans/flat.tif: expected a 3D volume, got shape [40, 56]",
-                      f"client: error: {tmp_path}/scans/cut.h5: not a readable HDF5 file " + errors[1].split(" file ", 1)[1]]
+    assert errors[0] == f"client: error: {tmp_path}/scans/flat.tif: expected a 3D volume, got shape [40, 56]"
+    assert errors[1].startswith(f"client: error: {tmp_path}/scans/cut.h5: not a readable HDF5 file (")
+    assert len(errors) == 2 and all(error.count("flat.tif") + error.count("cut.h5") == 1 for error in errors)
