@@ -112,11 +112,12 @@ class Plan:
     record: RunRecord | None = None
 
 
-def plan_source(source: Source, args: argparse.Namespace, num_classes: int) -> Plan:
+def plan_source(source: Source, args: argparse.Namespace, num_classes: int, network: str) -> Plan:
+    """``network``: the network the run's requests take (the server's default when not given)."""
     outputs = stack_outputs(args.probabilities, args.contour)
     if source.kind in ("files", "directory"):
         # What changes a mask: requested outputs are checked by the files that exist.
-        settings = {"network": args.network, "model": args.model,
+        settings = {"network": network, "model": args.model,
                     **{k: v for k, v in segment_options(args).items() if k not in ("probabilities", "contour")}}
         writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size,
                             settings)
@@ -208,7 +209,7 @@ def segment_inputs(args: argparse.Namespace) -> int:
         in_channels, num_classes = info.in_channels, info.num_classes
         sources = open_sources(args.frames, in_channels)
         check_distinct_targets(*planned_targets(sources, args))  # before any writer opens (and truncates) a file
-        plans = [plan_source(source, args, num_classes) for source in sources]
+        plans = [plan_source(source, args, num_classes, info.name) for source in sources]
         tally = Tally(skipped=sum(p.source.count - len(p.todo) for p in plans))
         total = sum(len(p.todo) for p in plans)
         start = time.perf_counter()

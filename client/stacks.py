@@ -397,8 +397,8 @@ class FileWriter:
     """One set of files per input image: ``<stem>_mask.<fmt>`` and, on request,
     ``_probabilities``, ``_contour`` and a PNG ``_overlay``; each written under a temporary name
     and renamed, so a file that exists is complete. ``segment-log.jsonl`` beside them says, per
-    image, which input and settings its outputs were last written with: ``--resume`` skips an
-    image whose outputs exist and were written from the same input with the same settings."""
+    output file, which input and settings it was last written with: ``--resume`` skips an image
+    whose outputs exist and were each written from the same input with the same settings."""
 
     LOG_NAME = "segment-log.jsonl"
 
@@ -427,19 +427,20 @@ class FileWriter:
         return all(path.exists() for path in self.paths(index).values())
 
     def is_done(self, index: int) -> bool:
-        """Written, from this input with these settings (outputs of a version without the log
-        count as done)."""
+        """Written, every output from this input with these settings (outputs of a version
+        without the log count as done)."""
         if not self.is_written(index):
             return False
         log = self.written_with()
-        return log is None or log.get(self.source.files[index].stem) == self.entry(index)
+        return log is None or all(log.get(path.name) == self.entry(index) for path in self.paths(index).values())
 
     def entry(self, index: int) -> dict:
         return {"input": str(self.source.files[index].resolve()), "settings": self.settings}
 
-    def written_with(self) -> dict[str, dict] | None:
-        """``{stem: {"input", "settings"}}`` of each image's last write, from the log; None
-        without one. A line cut by a kill is skipped (its image is then written again)."""
+    def written_with(self) -> dict[str, dict | None] | None:
+        """``{output file name: {"input", "settings"}}`` of each file's last write, from the
+        log (None: being written when the run stopped); None without a log. A line cut by a
+        kill is skipped."""
         if self._log is None:
             path = self.out_dir / self.LOG_NAME
             if not path.exists():
@@ -448,22 +449,28 @@ class FileWriter:
             for line in path.read_text().splitlines():
                 try:
                     record = json.loads(line)
-                    self._log[record["image"]] = {"input": record["input"], "settings": record["settings"]}
+                    written = None if record.get("writing") else {"input": record["input"], "settings": record["settings"]}
+                    self._log.update(dict.fromkeys(record["outputs"], written))
                 except (ValueError, KeyError, TypeError):
                     continue
         return self._log
 
     def write(self, index: int, result) -> list[pathlib.Path]:
         paths = self.paths(index)
+        names = [path.name for path in paths.values()]
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.log({"outputs": names, "writing": True})  # a kill in between leaves them unvouched for
         for name in self.outputs:
             atomic_write(paths[name], lambda tmp, name=name: write_array(tmp, getattr(result, name)))
         if "overlay" in paths:
             picture = overlay(self.source.load(index), result.mask, max_size=self.overlay_max_size)
             atomic_write(paths["overlay"], lambda tmp: picture.save(tmp, format="PNG"))
-        with open(self.out_dir / self.LOG_NAME, "a") as log:
-            log.write(json.dumps({"image": self.source.files[index].stem, **self.entry(index)}) + "\n")
+        self.log({"outputs": names, **self.entry(index)})
         return list(paths.values())
+
+    def log(self, record: dict) -> None:
+        with open(self.out_dir / self.LOG_NAME, "a") as log:
+            log.write(json.dumps(record) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)

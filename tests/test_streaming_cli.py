@@ -192,3 +192,7 @@ def test_resume_of_images_redoes_those_written_with_other_settings_or_from_anoth
     assert np.array_equal(masks(), expected) and not np.array_equal(expected, reference_masks(server, stack))
     assert "3 image(s) of frames written from another input" in segment("b", "--resume", *ranged)
     assert np.array_equal(masks(), expected[::-1])
+    # Each output file counts: npy outputs of a's frames do not vouch for the tif ones of b's.
+    segment("a", "--format", "npy", *ranged)
+    assert "3 image(s) of frames written" in segment("a", "--resume", *ranged)
+    assert np.array_equal(masks(), expected)
