@@ -21,7 +21,7 @@ CLASS_COLOURS = np.array(
 def read_frame(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:
     """A frame as ``[H, W]`` or ``[C, H, W]`` in its stored pixel type.
 
-    PNG colour images are converted to one grey channel (the networks here take one channel);
+    PNG colour images are converted to one grey channel, or to RGB for a three-channel network;
     NPY arrays are returned as stored; TIFF ones as :class:`client.tiffs.TiffFrames` reads
     them for a network of ``in_channels`` (RGB(A) samples first, or grey for one channel).
 
@@ -36,15 +36,23 @@ def read_frame(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray
         frame = load_npy(path)
         check_not_channels_last(frame.shape, path)
     elif suffix == ".png":
-        with Image.open(path) as image:
-            if image.mode in ("RGB", "RGBA", "P", "LA"):
-                image = image.convert("L")
-            frame = np.asarray(image)
+        frame = read_png(path, in_channels)
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FRAME_SUFFIXES)}")
     if frame.ndim not in (2, 3):
         raise ValueError(f"{path}: expected a 2D frame [H, W] or [C, H, W], got shape {list(frame.shape)}")
     return frame
+
+
+def read_png(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:
+    """``[H, W]``, or ``[3, H, W]`` RGB for a three-channel network: colour, palette and grey
+    with alpha made grey (or RGB), as PIL converts them."""
+    with Image.open(path) as image:
+        if in_channels == 3 and image.mode in ("RGB", "RGBA", "P", "LA", "L"):
+            return np.moveaxis(np.asarray(image.convert("RGB")), -1, 0)
+        if image.mode in ("RGB", "RGBA", "P", "LA"):
+            image = image.convert("L")
+        return np.asarray(image)
 
 
 def read_tiff(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:

@@ -66,6 +66,15 @@ def test_grey_of_an_rgb_tiff_is_the_grey_of_the_same_png_within_one_level(tmp_pa
     assert np.abs(difference).max() <= 1
 
 
+def test_a_colour_png_is_rgb_for_a_three_channel_network_and_grey_otherwise(tmp_path):
+    from PIL import Image
+
+    picture = RNG.integers(0, 255, size=(40, 56, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "p.png")
+    assert np.array_equal(frames_of(tmp_path / "p.png", in_channels=3)[0], np.moveaxis(picture, -1, 0))
+    assert np.array_equal(frames_of(tmp_path / "p.png")[0], np.asarray(Image.fromarray(picture).convert("L")))
+
+
 @pytest.mark.parametrize("case", ["imagej CYX", "imagej ZCYX", "ome CZYX", "no metadata NCHW"])
 def test_channels_named_by_imagej_or_ome_are_channels_not_frames(tmp_path, case):
     """A two-channel ImageJ image was two frames; a ZCYX stack put Z where channels go."""
