@@ -113,6 +113,9 @@ def build_network(settings: ExportSettings) -> torch.nn.Module:
         network = getattr(nets, settings.architecture)(**settings.arguments)
     except TypeError as error:
         raise ExportError(f"bad arguments for {settings.architecture}: {error}") from None
+    except OSError as error:  # urllib's URLError: pretrained weights, downloaded by the constructor
+        raise ExportError(f"{settings.architecture} could not download its pretrained weights ({first_line(error)}); "
+                          "set \"pretrained\": false in --arguments and give the trained weights with --checkpoint") from None
     if settings.checkpoint is not None:
         loaded = read_checkpoint(pathlib.Path(settings.checkpoint))
         network.load_state_dict(network_weights(loaded, network, f"checkpoint {settings.checkpoint}", settings.architecture))
@@ -246,10 +249,21 @@ class OneChannelAsTwoClasses(torch.nn.Module):
         return torch.cat([torch.zeros_like(logits), logits], dim=1)
 
 
-def output_channels(network: torch.nn.Module, in_channels: int, tile: tuple[int, ...]) -> int:
-    """Channels of the network's output on one zero tile."""
-    with torch.no_grad():
-        return int(network(torch.zeros((1, in_channels, *tile), dtype=torch.float32)).shape[1])
+def output_classes(network: torch.nn.Module, in_channels: int, tile: tuple[int, ...]) -> int:
+    """Channels of the network's output on one zero tile, checked to keep the tile's size.
+
+    Raises:
+        ExportError: the network cannot take such a tile, or returns another size.
+    """
+    advice = "choose a tile the network's downsampling divides (2 per step: e.g. a multiple of 16 or 32)"
+    try:
+        with torch.no_grad():
+            output = network(torch.zeros((1, in_channels, *tile), dtype=torch.float32))
+    except RuntimeError as error:
+        raise ExportError(f"the network cannot take a tile of {list(tile)} ({first_line(error)}); {advice}") from None
+    if list(output.shape[2:]) != list(tile):
+        raise ExportError(f"network changes the spatial size of a tile: {list(tile)} -> {list(output.shape[2:])}; {advice}")
+    return int(output.shape[1])
 
 
 def export_onnx(network: torch.nn.Module, in_channels: int, tile: tuple[int, ...], path: pathlib.Path) -> None:
@@ -276,8 +290,15 @@ def max_difference(network: torch.nn.Module, path: pathlib.Path, in_channels: in
     sample = torch.rand((3, in_channels, *tile), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = network(sample).numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (actual,) = session.run(None, {session.get_inputs()[0].name: sample.numpy()})
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its failure is reported below, in one line
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        (actual,) = session.run(None, {session.get_inputs()[0].name: sample.numpy()})
+    except Exception as error:  # onnxruntime's Fail, InvalidArgument, ...
+        raise ExportError(f"the exported graph fails on a batch of 3 tiles (it was traced with 2: the network fixes "
+                          f"a batch size inside, as FlexibleUNet's resnet backbones do), so it cannot take the server's "
+                          f"batches: {first_line(error)}") from None
     if actual.shape != expected.shape:
         raise ExportError(f"onnxruntime output shape {actual.shape} differs from torch {expected.shape}")
     return float(np.max(np.abs(actual - expected)))
@@ -355,18 +376,6 @@ def onnxruntime_variant(config: model_config_pb2.ModelConfig, settings: ExportSe
     return variant
 
 
-def graph_channels(path: pathlib.Path) -> tuple[int, int]:
-    """(input channels, output classes) read from the ONNX graph's declared shapes."""
-    graph = onnx.load(str(path)).graph
-    in_dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    out_dims = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
-    if in_dims[1] < 1 or out_dims[1] < 1:
-        raise ExportError(f"graph has undetermined channel dims: input {in_dims}, output {out_dims}")
-    if in_dims[2:] != out_dims[2:]:
-        raise ExportError(f"network changes the spatial size of a tile: {in_dims[2:]} -> {out_dims[2:]}")
-    return in_dims[1], out_dims[1]
-
-
 def describe_existing(model_dir: pathlib.Path) -> tuple[str, bool] | None:
     """What sits at ``model_dir``: None when nothing (or an empty directory), else (a
     description, whether it is a network this exporter wrote)."""
@@ -426,7 +435,7 @@ def check_target(repository: pathlib.Path, name: str, overwrite: bool = False) -
 
 
 def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: pathlib.Path,
-                torchscript_path: pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+                torchscript_path: pathlib.Path, in_channels: int, num_classes: int, overwrite: bool = False) -> pathlib.Path:
     """Write ``<repository>/<name>/{config.pbtxt, configs/{gpu,onnxruntime}.pbtxt, 1/model.onnx,
     1/model.ts, 1/model.py}``; returns the model dir.
 
@@ -434,7 +443,6 @@ def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: p
     only once complete; with ``overwrite`` it replaces a network written before as a whole (no
     file of the old one stays). Leftovers are removed on failure: Triton takes every directory
     of the repository, hidden ones included, for a model."""
-    in_channels, num_classes = graph_channels(onnx_path)
     repository.mkdir(parents=True, exist_ok=True)
     model_dir = repository / settings.name
     remove_leftovers(repository, settings.name)
@@ -499,15 +507,24 @@ def write_model_files(settings: ExportSettings, model_dir: pathlib.Path, onnx_pa
         (model_dir / "configs" / f"{variant}.pbtxt").write_text(text_format.MessageToString(build(config, settings)))
 
 
+DEFAULT_NETWORK_LINE = re.compile(r'(key:\s*"default_network"\s*value:?\s*\{\s*string_value:\s*)"[^"]*"')
+
+
 def set_default_network(repository: pathlib.Path, name: str, pipeline: str = "segment_2d") -> None:
-    """Make ``name`` the network the pipeline uses when a request names none, in its
-    ``config.pbtxt`` and every configuration variant (``configs/*.pbtxt``; links follow)."""
+    """Point the pipeline's ``default_network`` parameter (in every config variant) at ``name``.
+
+    Only that value changes: the configs keep their comments and layout."""
     model_dir = repository / pipeline
     paths = [model_dir / "config.pbtxt", *sorted((model_dir / "configs").glob("*.pbtxt"))]
+    edited = {}
     for config_path in (p for p in paths if not p.is_symlink()):
-        config = read_model_config(config_path)
-        config.parameters["default_network"].string_value = name
-        config_path.write_text(text_format.MessageToString(config))
+        text, count = DEFAULT_NETWORK_LINE.subn(lambda match: f'{match.group(1)}"{name}"', config_path.read_text())
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        if count != 1 or config.parameters["default_network"].string_value != name:
+            raise ExportError(f"{config_path}: expected one default_network parameter, found {count}")
+        edited[config_path] = text
+    for config_path, text in edited.items():  # all checked first: no variant is left pointing elsewhere
+        config_path.write_text(text)
 
 
 def export_network(settings: ExportSettings, repository: pathlib.Path, log=print, overwrite: bool = False) -> pathlib.Path:
@@ -520,8 +537,9 @@ def export_network(settings: ExportSettings, repository: pathlib.Path, log=print
     replaced = check_target(repository, settings.name, overwrite)
     network = build_network(settings)
     in_channels = settings.arguments.get("in_channels", 1)
-    if output_channels(network, in_channels, settings.tile) == 1:
-        network = OneChannelAsTwoClasses(network)
+    num_classes = output_classes(network, in_channels, settings.tile)
+    if num_classes == 1:
+        network, num_classes = OneChannelAsTwoClasses(network), 2
         log("one output channel: served as classes [background, foreground], "
             "foreground probability sigmoid(output), mask 1 where it is > 0.5")
     with tempfile.TemporaryDirectory() as scratch:
@@ -534,6 +552,6 @@ def export_network(settings: ExportSettings, repository: pathlib.Path, log=print
             raise ExportError(f"onnxruntime differs from torch by {difference:.3g} > {settings.tolerance:g}")
         torchscript_path = pathlib.Path(scratch) / "model.ts"
         export_torchscript(network, in_channels, settings.tile, torchscript_path)
-        model_dir = write_model(settings, repository, onnx_path, torchscript_path, overwrite)
+        model_dir = write_model(settings, repository, onnx_path, torchscript_path, in_channels, num_classes, overwrite)
     log(f"{'replaced' if replaced else 'wrote'} {model_dir}")
     return model_dir

@@ -7,6 +7,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -18,7 +20,7 @@ from monai.networks import nets
 from client.api import SegmentationClient
 from export.__main__ import main as export_main
 from export.network_export import ExportError, ExportSettings, build_network, export_network
-from segserve.network_spec import load_network_spec
+from segserve.network_spec import load_network_spec, read_model_config
 from segserve.options import PipelineOptions
 from segserve.reference import reference_logits, reference_probabilities
 from tests.conftest import NETWORK_DEVICE, SECOND_NETWORK, SECOND_NETWORK_SETTINGS
@@ -306,3 +308,64 @@ def test_a_one_channel_network_exports_as_background_and_foreground_logits(tmp_p
     assert exported.shape == (3, 2, 32, 32)
     assert np.all(exported[:, :1] == 0) and np.abs(exported[:, 1:] - logit).max() <= 1e-4
     assert load_network_spec(tmp_path, "binary").num_classes == 2
+
+
+def test_set_default_changes_only_the_default_network_value(tmp_path, capsys):
+    """The pipeline configs keep their comments and layout (they were rewritten whole, ~200
+    lines of diff for one value); the onnxruntime variant stays a link to the gpu one."""
+    repository = tmp_path / "model_repository"
+    shutil.copytree(SHIPPED_REPOSITORY / "segment_2d", repository / "segment_2d", symlinks=True)
+    before = {name: (repository / "segment_2d" / name).read_text().splitlines() for name in ("config.pbtxt", "configs/gpu.pbtxt")}
+    assert export_tiny(repository, "tiny", "--set-default") == 0, capsys.readouterr().err
+    for name, lines in before.items():
+        after = (repository / "segment_2d" / name).read_text().splitlines()
+        changed = [(old, new) for old, new in zip(lines, after, strict=True) if old != new]
+        assert len(changed) == 1 and 'string_value: "tiny"' in changed[0][1] and "default_network" in changed[0][1]
+        assert read_model_config(repository / "segment_2d" / name).parameters["default_network"].string_value == "tiny"
+    assert (repository / "segment_2d" / "configs" / "onnxruntime.pbtxt").is_symlink()
+
+
+@pytest.mark.parametrize("arguments, tile, message", [
+    ({**TINY_ARGUMENTS, "channels": [4, 8, 16, 32], "strides": [2, 2, 2]}, ["100", "100"],
+     "the network cannot take a tile of [100, 100] ("),
+    ({**TINY_ARGUMENTS, "channels": [4, 8, 16], "strides": [2, 2]}, ["99", "99"],
+     "network changes the spatial size of a tile: [99, 99] -> [100, 100]; "),
+], ids=["cannot-take", "changes-size"])
+def test_a_tile_the_network_cannot_take_is_refused_saying_what_tiles_work(tmp_path, capsys, arguments, tile, message):
+    code = export_main(["--architecture", "UNet", "--arguments", json.dumps(arguments), "--tile", *tile,
+                        "--name", "x", "--repository", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert code == 1 and error.count("\n") == 1 and message in error, error
+    assert error.rstrip().endswith("choose a tile the network's downsampling divides (2 per step: e.g. a multiple of 16 or 32)")
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet-b0", "resnet18"])
+def test_flexible_unet_exports_with_backbones_that_take_any_batch(tmp_path, capsys, backbone):
+    """efficientnet's graph declares no output size (it was refused as changing the tile to
+    [0, 0]); resnet's fixes the traced batch inside, which the check batch of 3 shows."""
+    arguments = {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "backbone": backbone}
+    code = export_main(["--architecture", "FlexibleUNet", "--arguments", json.dumps(arguments), "--tile", "64", "64",
+                        "--name", "flex", "--repository", str(tmp_path)])
+    error = capsys.readouterr().err
+    if backbone == "resnet18":
+        assert code == 1 and error.startswith("export: error: the exported graph fails on a batch of 3 tiles (it was traced "
+                                              "with 2: the network fixes a batch size inside") and error.count("\n") == 1
+    else:
+        assert code == 0, error
+        assert load_network_spec(tmp_path, "flex").num_classes == 3
+
+
+def test_pretrained_weights_that_cannot_be_downloaded_are_refused_in_one_line(tmp_path):
+    """MONAI downloads ImageNet weights in the constructor; with no way out (this machine has
+    none; a proxy on a closed port makes that certain), the message says what to do."""
+    arguments = {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "backbone": "efficientnet-b0", "pretrained": True}
+    closed = "http://127.0.0.1:9"
+    environment = {**os.environ, "HTTPS_PROXY": closed, "HTTP_PROXY": closed, "https_proxy": closed, "http_proxy": closed,
+                   "TORCH_HOME": str(tmp_path / "torch")}
+    done = subprocess.run([sys.executable, "-m", "export", "--architecture", "FlexibleUNet", "--arguments", json.dumps(arguments),
+                           "--tile", "64", "64", "--name", "flex", "--repository", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=environment, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("export: error:")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr
+    assert errors[0].startswith("export: error: FlexibleUNet could not download its pretrained weights (")
+    assert errors[0].endswith('set "pretrained": false in --arguments and give the trained weights with --checkpoint')
