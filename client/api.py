@@ -321,7 +321,16 @@ class SegmentationClient:
 
     def _fetch_network_info(self) -> NetworkInfo:
         name = self.network or self._default_network()
-        metadata = self._control.model_metadata(name)
+        try:
+            metadata = self._control.model_metadata(name)
+        except SegmentationError as error:
+            if error.retryable:  # being reloaded: "no available versions"
+                raise
+            loaded = [model for model in self._control.loaded_models()
+                      if is_network_of(self._control.model_metadata(model), self.spatial_dims())]
+            raise SegmentationError(f"network {name!r} is not loaded on {self._control.url} ({error}); loaded "
+                                    f"{self.spatial_dims()}D networks: {', '.join(loaded) or 'none'}. A network "
+                                    "exported since the server started is loaded when it restarts") from None
         image_shape = [int(d) for d in metadata["inputs"][0]["shape"]]
         return NetworkInfo(name, image_shape[1], int(metadata["outputs"][0]["shape"][1]), tuple(image_shape[2:]))
 

@@ -553,5 +553,5 @@ def export_network(settings: ExportSettings, repository: pathlib.Path, log=print
         torchscript_path = pathlib.Path(scratch) / "model.ts"
         export_torchscript(network, in_channels, settings.tile, torchscript_path)
         model_dir = write_model(settings, repository, onnx_path, torchscript_path, in_channels, num_classes, overwrite)
-    log(f"{'replaced' if replaced else 'wrote'} {model_dir}")
+    log(f"{'replaced' if replaced else 'wrote'} {model_dir} (a running server serves it once restarted)")
     return model_dir

@@ -78,3 +78,17 @@ def load_network_spec(repository: pathlib.Path, name: str, config_name: str | No
     if not config_path.is_file():
         raise NetworkConfigError(f"no network model {name!r} in the model repository")
     return network_spec_from_config(read_model_config(config_path), name)
+
+
+def repository_networks(repository: pathlib.Path, config_name: str | None = None) -> dict[str, NetworkSpec]:
+    """Spec of every network model in the repository, by name: the directories whose config
+    (or its ``config_name`` variant) is a network's; hidden ones (an export's staging) skipped."""
+    networks = {}
+    for model_dir in sorted(pathlib.Path(repository).iterdir()):
+        if model_dir.name.startswith(".") or not (model_dir / "config.pbtxt").is_file():
+            continue
+        try:
+            networks[model_dir.name] = load_network_spec(repository, model_dir.name, config_name)
+        except (NetworkConfigError, text_format.ParseError, OSError):
+            continue  # a pipeline step or an ensemble; a config the server refuses anyway
+    return networks

@@ -17,7 +17,7 @@ import pytest
 import torch
 from monai.networks import nets
 
-from client.api import SegmentationClient
+from client.api import SegmentationClient, SegmentationError
 from export.__main__ import main as export_main
 from export.network_export import ExportError, ExportSettings, build_network, export_network
 from segserve.network_spec import load_network_spec, read_model_config
@@ -141,7 +141,7 @@ def test_export_overwrite_replaces_the_network_whole(tmp_path, capsys):
     (tmp_path / "tiny" / "2").mkdir()
     (tmp_path / "tiny" / "2" / "model.onnx").write_bytes(b"an old version")
     assert export_tiny(tmp_path, "tiny", "--overwrite", out_channels=3) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == f"replaced {tmp_path / 'tiny'}"
+    assert capsys.readouterr().out.splitlines()[-1] == f"replaced {tmp_path / 'tiny'} (a running server serves it once restarted)"
     assert sorted(snapshot(tmp_path)) == ["tiny", "tiny/1", "tiny/1/model.onnx", "tiny/1/model.py", "tiny/1/model.ts",
                                           "tiny/config.pbtxt", "tiny/configs", "tiny/configs/gpu.pbtxt",
                                           "tiny/configs/onnxruntime.pbtxt"]  # no stale file, no staging directory left
@@ -369,3 +369,36 @@ def test_pretrained_weights_that_cannot_be_downloaded_are_refused_in_one_line(tm
     assert done.returncode == 1 and len(errors) == 1, done.stderr
     assert errors[0].startswith("export: error: FlexibleUNet could not download its pretrained weights (")
     assert errors[0].endswith('set "pretrained": false in --arguments and give the trained weights with --checkpoint')
+
+
+def test_exports_while_the_server_runs_take_effect_when_it_restarts(tmp_path):
+    """A network overwritten while the server runs keeps serving as loaded (each instance read
+    the new tile on its first request, while Triton ran the old network: requests failed); one
+    exported after the start is refused saying to restart, by the client and by the server."""
+    from segserve.launcher import ServerConfig, TritonServer
+    from tests.conftest import copy_2d_repository
+
+    repository = copy_2d_repository(tmp_path / "model_repository", sliding_window_instances=2)
+    loaded = tiny_network(seed=8)
+    torch.save(loaded.state_dict(), tmp_path / "loaded.pt")
+    assert export_tiny(repository, "tiny", "--checkpoint", str(tmp_path / "loaded.pt")) == 0
+    config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
+    frame = np.random.default_rng(4).random((1, 90, 70), dtype=np.float32)
+    with TritonServer(config, log_path=tmp_path / "server.log") as server:
+        arguments = json.dumps({**TINY_ARGUMENTS, "channels": [4, 8, 16], "strides": [2, 2]})
+        assert export_main(["--architecture", "UNet", "--arguments", arguments, "--tile", "48", "48", "--name", "tiny",
+                            "--repository", str(repository), "--overwrite"]) == 0
+        assert export_tiny(repository, "late") == 0
+        with SegmentationClient(server.grpc_url, network="tiny", token=server.config.token) as client:
+            results = [client.segment(frame, probabilities=True) for _ in range(4)]  # both instances, all batches
+        expected = reference_probabilities(frame, loaded, (32, 32)).numpy()
+        assert all(np.abs(result.probabilities - expected).max() <= 1e-4 for result in results)
+        with SegmentationClient(server.grpc_url, network="late", token=server.config.token) as client:
+            with pytest.raises(SegmentationError) as by_server:
+                client.segment(frame)
+            with pytest.raises(SegmentationError) as by_client:
+                client.network_info()
+    assert "(network 'late' was exported after the server started: restart the server to load it)" in str(by_server.value)
+    assert str(by_client.value).startswith(f"network 'late' is not loaded on {server.grpc_url} (")
+    assert str(by_client.value).endswith("loaded 2D networks: tiny, unet2d_particles. "
+                                         "A network exported since the server started is loaded when it restarts")

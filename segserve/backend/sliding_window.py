@@ -42,7 +42,7 @@ from segserve.backend.preprocess import FramePreparation
 from segserve.backend.tensors import (error_response, input_tensor, model_parameters, output_tensor, parse_model_config,
                                      to_torch, to_triton)
 from segserve.metrics import METRICS
-from segserve.network_spec import NetworkConfigError, NetworkSpec, load_network_spec
+from segserve.network_spec import NetworkConfigError, NetworkSpec, load_network_spec, repository_networks
 from segserve.options import PipelineOptions, parse_options
 from segserve.preprocess import normalize
 from segserve.sliding_window import (DEFAULT_SW_BATCH_SIZE, blended_logits, pad_batch, resolve_sw_batch_size,
@@ -70,7 +70,11 @@ class TritonPythonModel:
         if self.postprocess:
             forward_package_logs()
         self._loop = asyncio.new_event_loop() if self.requests_in_flight > 1 else None
-        self._specs: dict[str, NetworkSpec] = {}
+        # Read once, as the server loaded them: a network overwritten by an export while the
+        # server runs keeps serving as it was until the restart loads the new one (each instance
+        # read the new tile on its first request, while Triton ran the old network).
+        self._specs: dict[str, NetworkSpec] = repository_networks(self.repository, self.network_config)
+        self._exported_since_start: set[str] = set()
         pb_utils.Logger.log_info(f"{self.name}: {self.default_sw_batch_size} tiles per network call by default"
                                  f"{', last batch padded' if self.pad_last_batch else ''}; "
                                  f"{self.requests_in_flight} tile request(s) in flight per batch")
@@ -115,14 +119,24 @@ class TritonPythonModel:
                               batch_size, window_limit(self.prepare.max_pixels, network.tile_size))
 
     def _network_spec(self, name: str) -> NetworkSpec:
-        if name not in self._specs:
+        if name not in self._specs:  # exported since the start: served once loaded (a restart)
             self._specs[name] = load_network_spec(self.repository, name, self.network_config)
+            self._exported_since_start.add(name)
         return self._specs[name]
 
     def _predict(self, network: NetworkSpec, tiles: torch.Tensor, batch_size: int) -> torch.Tensor:
         """The one place tiles go to the network: ``[B, C, *tile]`` float32 -> ``[B, K, *tile]``
         float32 logits on the tiles' device, in one BLS call or ``requests_in_flight``
         concurrent ones. With ``pad_last_batch`` a short batch travels padded to ``batch_size``."""
+        try:
+            return self._network_call(network, tiles, batch_size)
+        except NetworkCallError as error:
+            if network.name not in self._exported_since_start:
+                raise
+            raise NetworkCallError(f"{error} (network {network.name!r} was exported after the server started: "
+                                   "restart the server to load it)") from None
+
+    def _network_call(self, network: NetworkSpec, tiles: torch.Tensor, batch_size: int) -> torch.Tensor:
         count = tiles.shape[0]
         if self.pad_last_batch:
             tiles = pad_batch(tiles, batch_size)
