@@ -52,6 +52,13 @@ TRITON_TRANSIENT_PHRASES = {
     # SIGINT, where Triton lets in-flight frames finish).
     "Server not ready": "2.51",
 }
+def looks_channels_last(shape) -> bool:
+    """True for the shape of an image with its channels last, as numpy, PIL and imageio hold
+    pictures (``[H, W, C]``, ``[D, H, W, C]``): a last axis of at most 4, every other longer. Taken
+    as ``[C, H, W]`` or as a stack, it would be H channels or frames W pixels by C."""
+    return len(shape) >= 3 and shape[-1] <= 4 and min(shape[:-1]) > 4
+
+
 TRITON_RESTRICTED_PHRASE = "is restricted"  # 2.51: "This protocol is restricted, expecting header ..."
 
 

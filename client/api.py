@@ -51,6 +51,9 @@ __all__ = ["SegmentationClient", "SegmentationError", "SegmentationResult", "Seg
            "Outcome", "RetryPolicy", "as_channel_first", "TRANSPORTS"]
 
 
+CLIENT_SETTINGS = ("network", "model", "transport", "url", "token", "timeout_s")
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmentOptions:
     """What to compute for each frame. None leaves the server's default (the server checks
@@ -64,6 +67,18 @@ class SegmentOptions:
     sw_batch_size: int | None = None
     intensity_min: float | None = None
     intensity_max: float | None = None
+
+    @classmethod
+    def of(cls, **options) -> SegmentOptions:
+        """The options of a call (``segment(frame, overlap=0.5)``); a name that is no option is
+        refused naming the options, or where it goes (the network and model are the client's)."""
+        names = [field.name for field in dataclasses.fields(cls)]
+        for name in options:
+            if name in CLIENT_SETTINGS:
+                raise TypeError(f"{name} is chosen per client, not per call: SegmentationClient(url, {name}=...)")
+            if name not in names:
+                raise TypeError(f"unknown option {name!r}; the options are {', '.join(names)}")
+        return cls(**options)
 
     def __post_init__(self):
         """Each value as the Python type it is sent as (numpy scalars such as ``frame.min()``
@@ -406,7 +421,7 @@ class SegmentationClient:
             SegmentationError: the server's error, e.g. a bad option value.
         """
         image = as_channel_first(frame, self.spatial_dims())
-        settings = SegmentOptions(**options)
+        settings = SegmentOptions.of(**options)
         slot = self._take_slot()
         try:  # one attempt; its answer (or a passing failure) still counts in the client's outage
             result, _ = call_with_retries(lambda: self._segment_on(slot, image, settings), RetryPolicy(retries=0),
@@ -423,7 +438,7 @@ class SegmentationClient:
         ``inflight`` at a time, stitched so the result equals one whole-volume request.
         ``progress(done, total)`` is called with (0, total) first, then per chunk done. See
         ``client.volumes``."""
-        checked = dataclasses.asdict(SegmentOptions(**options))  # refused here, not once per chunk
+        checked = dataclasses.asdict(SegmentOptions.of(**options))  # refused here, not once per chunk
         return segment_volume(self, volume, chunks=chunks, inflight=inflight, retries=retries, patience_s=patience_s,
                               progress=progress, **{name: checked[name] for name in options})
 
@@ -446,7 +461,7 @@ class SegmentationClient:
                 fits). Measured on the client's ``outage``, shared by every frame and stream:
                 once it is spent, each further frame gets one attempt; any success resets it.
         """
-        settings = SegmentOptions(**options)  # bad settings are refused here, not at the first next()
+        settings = SegmentOptions.of(**options)  # bad settings are refused here, not at the first next()
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s, patience_s=patience_s)
         check_inflight(inflight)
         self._check_open()

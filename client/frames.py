@@ -9,6 +9,7 @@ import tifffile
 from PIL import Image
 
 from client.tiffs import TiffFrames
+from segproto import looks_channels_last
 
 FRAME_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 # Class colours of the overlay (class 0 is left uncoloured).
@@ -66,9 +67,9 @@ def read_tiff(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:
 
 
 def check_not_channels_last(shape: tuple[int, ...], path: pathlib.Path) -> None:
-    """Refuse an RGB(A) picture as numpy holds it (imageio, ``np.asarray(PIL image)``):
-    ``[H, W, 3 or 4]``, which as a stack would be H frames of W x 3 pixels."""
-    if len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4:
+    """Refuse a picture as numpy holds it (imageio, ``np.asarray(PIL image)``): ``[H, W, C]``,
+    which as a stack would be H frames of W x C pixels (``segproto.looks_channels_last``)."""
+    if len(shape) == 3 and looks_channels_last(shape):
         raise ValueError(f"{path}: shape {list(shape)} looks like a channels-last [H, W, C] picture; save it as "
                          "[C, H, W] (numpy.moveaxis(a, -1, 0)), or in grey as [H, W]")
 

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from monai.inferers import sliding_window_inference
 
+from segproto import looks_channels_last
 from segserve.network_spec import NetworkSpec
 from segserve.options import InputError, OptionError, PipelineOptions
 
@@ -72,7 +73,7 @@ def pad_batch(tiles: torch.Tensor, batch_size: int) -> torch.Tensor:
 def channels_last_hint(shape: tuple[int, ...], in_channels: int) -> str:
     """For an image of the wrong channel count whose last axis is short and first one long (an
     RGB ``[H, W, 3]`` picture sent as ``[C, H, W]``): what to send instead; else ""."""
-    if not (shape[-1] <= 4 < shape[0]):
+    if not looks_channels_last(shape):
         return ""
     axes = ", ".join("DHW"[-(len(shape) - 1):])
     instead = (f"one channel of it, or it in grey, as [{axes}]" if in_channels == 1
@@ -98,9 +99,10 @@ def blended_logits(
         ``[K, *spatial]`` float32 blended logits on the image's device.
     """
     if image.ndim != network.spatial_dims + 1:
-        raise InputError(
-            f"network {network.name!r} is {network.spatial_dims}D; IMAGE shape {list(image.shape)} does not match"
-        )
+        dims = network.spatial_dims
+        raise InputError(f"network {network.name!r} is {dims}D; IMAGE shape {list(image.shape)} does not match "
+                         f"({dims}D networks serve through segment_{dims}d: client --model segment_{dims}d"
+                         f"{', or segment-volume' if dims == 3 else ''})")
     if image.shape[0] != network.in_channels:
         raise InputError(f"network {network.name!r} takes {network.in_channels} channel(s), IMAGE has {image.shape[0]}"
                          f"{channels_last_hint(tuple(image.shape), network.in_channels)}")

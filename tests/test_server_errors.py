@@ -49,6 +49,8 @@ BAD_REQUESTS = [
     ("intensity-min-only", {"IMAGE": GOOD_FRAME}, {"intensity_min": 0.0}, ["intensity_max"]),
     ("intensity-inverted", {"IMAGE": GOOD_FRAME}, {"intensity_min": 1.0, "intensity_max": 0.0}, ["intensity_min"]),
     ("unknown-network", {"IMAGE": GOOD_FRAME}, {"network": "no_such_net"}, ["no_such_net"]),
+    ("network-of-other-dims", {"IMAGE": GOOD_FRAME}, {"network": "unet3d_organs"},
+     ["network 'unet3d_organs' is 3D", "segment_3d", "or segment-volume"]),
     ("probabilities-not-bool", {"IMAGE": GOOD_FRAME}, {"probabilities": "maybe"}, ["probabilities"]),
     ("keep-largest-not-bool", {"IMAGE": GOOD_FRAME}, {"keep_largest": "often"}, ["keep_largest", "true or false"]),
     ("sw-batch-string", {"IMAGE": GOOD_FRAME}, {"sw_batch_size": "eight"}, ["sw_batch_size", "integer"]),
