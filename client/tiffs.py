@@ -63,11 +63,15 @@ def open_tiff(path: pathlib.Path, flags: dict | None = None) -> tifffile.TiffFil
     return tifffile.TiffFile(path, **flags)
 
 
+def series_flags_of(path: pathlib.Path) -> dict:
+    """``series_flags`` of the file at ``path``."""
+    with tifffile.TiffFile(path) as tiff:
+        return series_flags(tiff, path)
+
+
 def zarr_store(path: pathlib.Path):
     """tifffile's zarr store of the file as one series (``series_flags``)."""
-    with tifffile.TiffFile(path) as tiff:
-        flags = series_flags(tiff, path)
-    return tifffile.imread(path, aszarr=True, **flags)
+    return tifffile.imread(path, aszarr=True, **series_flags_of(path))
 
 
 class TiffFrames:
@@ -88,8 +92,7 @@ class TiffFrames:
 
     def __init__(self, path: pathlib.Path, in_channels: int | None = None):
         self.path = pathlib.Path(path)
-        with tifffile.TiffFile(self.path) as tiff:
-            self.flags = series_flags(tiff, self.path)
+        self.flags = series_flags_of(self.path)
         with open_tiff(self.path, self.flags) as tiff:
             series = tiff.series[0]
             self.axes, self.shape, self.dtype = series.axes, tuple(series.shape), np.dtype(series.dtype)
