@@ -4,7 +4,7 @@ lets an interrupted run resume.
 
 A container input is a stack when its rank is one more than a frame's: ``[N, H, W]`` for a
 one-channel network, ``[N, C, H, W]`` otherwise; a rank-2 array (or ``[C, H, W]`` with C > 1)
-is one frame. Stack outputs are preallocated (``[N, H, W]`` masks) under partial names and
+is one frame (an HDF5 dataset too: its outputs are then frame-shaped). Stack outputs are preallocated (``[N, H, W]`` masks) under partial names and
 written in input order; ``<stem>.segment.json`` next to them records how many frames are done
 and which failed, and is updated only after a frame's data is in the file, so resuming never
 skips a frame that is not there. Once every frame is processed (and not every one failed) the
@@ -36,7 +36,8 @@ class Source:
     """Frames from one input: ``load(i)`` reads frame ``i`` (``[H, W]`` or ``[C, H, W]``).
 
     ``kind`` is ``files`` (one image file per frame) or the container of a stack
-    (``tiff``, ``npy``, ``hdf5``); ``frame_shape`` is set for stacks.
+    (``tiff``, ``npy``, ``hdf5``); ``frame_shape`` is set for stacks. ``one_frame``: a container
+    holding a single frame without a stack axis (a 2D HDF5 dataset), written back so.
     """
 
     label: str
@@ -49,6 +50,7 @@ class Source:
     frame_shape: tuple[int, ...] | None = None
     files: list[pathlib.Path] | None = None
     close: Callable[[], None] = lambda: None  # frees what ``load`` keeps open
+    one_frame: bool = False
 
 
 def split_hdf5_argument(argument: str) -> tuple[pathlib.Path, str] | None:
@@ -175,11 +177,17 @@ def hdf5_source(path: pathlib.Path, dataset_path: str, in_channels: int) -> Sour
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     dataset = open_hdf5_dataset(path, dataset_path)
+    label = f"{path.name}:{dataset_path}"
+    if is_stack_shape((1, *dataset.shape), in_channels):  # one frame, as a detector writes a single image
+        return Source(label=label, kind="hdf5", count=1, load=lambda i: np.asarray(dataset[...]),
+                      frame_label=lambda i: label, path=path, dataset=dataset_path,
+                      frame_shape=tuple(int(d) for d in dataset.shape), one_frame=True)
     if not is_stack_shape(dataset.shape, in_channels):
         dataset.file.close()
-        frame = "[N, H, W]" if in_channels == 1 else f"[N, {in_channels}, H, W]"
-        raise ValueError(f"{path}:{dataset_path}: shape {list(dataset.shape)} is not a stack {frame}")
-    return array_source(f"{path.name}:{dataset_path}", "hdf5", dataset, path, dataset_path)
+        frame = "[H, W]" if in_channels == 1 else f"[{in_channels}, H, W]"
+        raise ValueError(f"{path}:{dataset_path}: shape {list(dataset.shape)} is neither a frame {frame} "
+                         f"nor a stack [N, {frame[1:]}")
+    return array_source(label, "hdf5", dataset, path, dataset_path)
 
 
 # ---------------------------------------------------------------- outputs
@@ -280,8 +288,9 @@ class StackWriter:
     def __init__(self, source: Source, out_dir: pathlib.Path, outputs: list[str], num_classes: int, resume: bool):
         self.source, self.outputs = source, outputs
         height_width = source.frame_shape[-2:]
-        self.shapes = {name: (source.count, num_classes, *height_width) if name == "probabilities"
-                       else (source.count, *height_width) for name in outputs}
+        stack = () if source.one_frame else (source.count,)
+        self.shapes = {name: (*stack, num_classes, *height_width) if name == "probabilities"
+                       else (*stack, *height_width) for name in outputs}
         self._h5 = None
         self.paths = self.paths_for(source, out_dir, outputs)
         self.published = False
@@ -355,17 +364,22 @@ class StackWriter:
             if name in group and (group[name].shape != shape or group[name].dtype != dtype):
                 raise ValueError(f"{path}:{group_path}/{name}: shape {list(group[name].shape)} does not match this "
                                  f"run ({list(shape)}); add --overwrite (instead of --resume) to start again")
-            arrays[name] = group.require_dataset(name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]),
+            chunks = shape if self.source.one_frame else (1, *shape[1:])
+            arrays[name] = group.require_dataset(name, shape=shape, dtype=dtype, chunks=chunks,
                                                  compression="gzip", compression_opts=1)
         return arrays
 
     def write(self, index: int, result) -> None:
         for name in self.outputs:
-            self.arrays[name][index] = getattr(result, name)
+            self.arrays[name][self.place_of(index)] = getattr(result, name)
 
     def write_failed(self, index: int) -> None:
         for name in self.outputs:
-            self.arrays[name][index] = np.nan if name == "probabilities" else FAILED_VALUE
+            self.arrays[name][self.place_of(index)] = np.nan if name == "probabilities" else FAILED_VALUE
+
+    def place_of(self, index: int):
+        """Where frame ``index`` goes in an output array: the whole of a one-frame output."""
+        return Ellipsis if self.source.one_frame else index
 
     def flush(self) -> None:
         """Make written frames durable before the run record says they are done."""

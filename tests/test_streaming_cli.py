@@ -149,6 +149,28 @@ def test_hdf5_dataset_and_directory_are_written_into_matching_containers(server,
         assert np.array_equal(tifffile.imread(tmp_path / "out" / "frames" / f"f{index:02d}_mask.tif"), expected[index])
 
 
+def test_an_hdf5_dataset_of_one_frame_is_segmented_as_that_frame(server, tmp_path, rng, capsys):
+    """A detector's single image ``[H, W]`` in HDF5 was refused as "not a stack"."""
+    h5py = pytest.importorskip("h5py")
+    frame = make_stack(rng, 1, (83, 97))[0]
+    with h5py.File(tmp_path / "shot.h5", "w") as h5:
+        h5.create_dataset("entry/image", data=frame)
+        h5.create_dataset("entry/line", data=frame[0])
+    out = tmp_path / "out"
+    code = client_main(["segment", f"{tmp_path / 'shot.h5'}:/entry/image", "--out", str(out), "--url", server.grpc_url,
+                        "--probabilities", "--contour", "--no-overlay", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    with SegmentationClient(server.grpc_url) as client:
+        expected = client.segment(frame, probabilities=True, contour=True)
+    with h5py.File(out / "shot_segmentation.h5", "r") as h5:
+        assert np.array_equal(h5["entry/image/mask"][...], expected.mask)
+        assert np.array_equal(h5["entry/image/contour"][...], expected.contour)
+        np.testing.assert_allclose(h5["entry/image/probabilities"][...], expected.probabilities, atol=1e-6)
+    code = client_main(["segment", f"{tmp_path / 'shot.h5'}:/entry/line", "--out", str(out), "--url", server.grpc_url])
+    assert code == 1
+    assert "shape [97] is neither a frame [H, W] nor a stack [N, H, W]" in capsys.readouterr().err
+
+
 def test_a_request_past_its_deadline_is_retried_then_reported(server, tmp_path, rng, capsys):
     np.save(tmp_path / "big.npy", make_stack(rng, 1, (1024, 1024))[0])
     code = client_main(["segment", str(tmp_path / "big.npy"), "--out", str(tmp_path / "out"), "--url", server.grpc_url,
