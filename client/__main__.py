@@ -128,7 +128,7 @@ def plan_source(source: Source, args: argparse.Namespace, num_classes: int, netw
                   "are segmented again", file=sys.stderr)
         return Plan(source, writer, todo)
     # The location too: another file of the same name must not continue this one's record.
-    settings = {"network": args.network, "model": args.model, "source": source.label,
+    settings = {"network": network, "model": args.model, "source": source.label,
                 "location": str(source.path.resolve()), **segment_options(args)}
     record_path = StackWriter.record_path_for(source, args.out)
     record = None

@@ -217,6 +217,8 @@ class RunRecord:
         previous = saved.get("settings") or {}
         if "location" not in previous:  # a record from before locations were kept: the name alone
             settings = {k: v for k, v in settings.items() if k != "location"}
+        if previous.get("network", "") is None:  # from before the default network was resolved: unknown
+            settings = {k: v for k, v in settings.items() if k != "network"}
         differing = sorted(k for k in {*previous, *settings} if previous.get(k) != settings.get(k))
         if differing:
             given = ", ".join(f"{k} {previous.get(k)!r} there, {settings.get(k)!r} now" for k in differing)

@@ -262,7 +262,7 @@ def test_bad_stream_settings_are_refused():
 
 
 def test_run_record_resumes_after_the_done_prefix_and_retries_failures(tmp_path):
-    settings = {"network": None, "overlap": 0.5}
+    settings = {"network": "unet", "overlap": 0.5}
     record = RunRecord(tmp_path / "x.segment.json", 10, settings)
     for index in range(6):
         record.mark(index, "bad frame" if index == 2 else None)
@@ -272,11 +272,21 @@ def test_run_record_resumes_after_the_done_prefix_and_retries_failures(tmp_path)
     assert not RunRecord.is_complete_file(tmp_path / "x.segment.json")
     # The refusal names what differs and the way out (--resume again would loop).
     with pytest.raises(ValueError, match=r"other settings \(overlap 0.5 there, 0.25 now\).*add --overwrite"):
-        RunRecord.load(tmp_path / "x.segment.json", 10, {"network": None, "overlap": 0.25})
+        RunRecord.load(tmp_path / "x.segment.json", 10, {"network": "unet", "overlap": 0.25})
+    with pytest.raises(ValueError, match=r"network 'unet' there, 'other' now"):
+        RunRecord.load(tmp_path / "x.segment.json", 10, {"network": "other", "overlap": 0.5})
     with pytest.raises(ValueError, match="had 10 frames, this input 12; add --overwrite"):
         RunRecord.load(tmp_path / "x.segment.json", 12, settings)
     assert json.loads((tmp_path / "x.segment.json").read_text())["failed"] == {"2": "bad frame"}
     assert RunRecord(tmp_path / "empty.segment.json", 0, settings).is_finished()  # a stack of no frames
+
+
+def test_a_run_record_from_before_networks_were_resolved_resumes_with_any_network(tmp_path):
+    """Records once kept ``network: None`` for the server's default; which network that was
+    is unknown, so it is not held against the resume (as before)."""
+    RunRecord(tmp_path / "x.segment.json", 4, {"network": None, "overlap": 0.5}).save()
+    resumed = RunRecord.load(tmp_path / "x.segment.json", 4, {"network": "unet", "overlap": 0.5})
+    assert resumed.remaining() == [0, 1, 2, 3]
 
 
 def test_rgb_tiffs_have_their_samples_as_channels(tmp_path):

@@ -15,6 +15,7 @@ from client.__main__ import main as client_main
 from client.api import SegmentationClient
 from client.stacks import FAILED_VALUE
 from segserve.launcher import REPO_ROOT
+from tests.conftest import DEFAULT_NETWORK, SECOND_NETWORK
 from tests.helpers import cli, make_stack, our_dev_shm_entries, reference_masks, registered_regions, wait_for_record
 
 
@@ -110,6 +111,26 @@ def test_a_rerun_failing_every_frame_leaves_the_earlier_result_as_it_was(contain
     assert np.array_equal(masks(partial=False), expected)
     with pytest.raises((FileNotFoundError, KeyError)):
         masks(partial=True)
+
+
+def test_a_stack_run_record_names_the_network_the_default_resolved_to(server, tmp_path, rng, capsys):
+    """The record kept ``network: None`` for the server's default, so a resume after the
+    default changed continued with another network, and naming the default refused the resume."""
+    stack = make_stack(rng, 3, (64, 72)).astype(np.float32)
+    stack[1, 5, 5] = np.nan
+    np.save(tmp_path / "frames.npy", stack)
+    common = [str(tmp_path / "frames.npy"), "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--no-progress"]
+    assert client_main(["segment", *common, "--network", DEFAULT_NETWORK]) == 1  # frame 1 failed
+    record = json.loads((tmp_path / "out" / "frames.segment.json").read_text())
+    assert record["settings"]["network"] == DEFAULT_NETWORK and record["failed"].keys() == {"1"}
+    stack[1, 5, 5] = 0
+    np.save(tmp_path / "frames.npy", stack)
+    capsys.readouterr()
+    assert client_main(["segment", *common, "--resume"]) == 0, capsys.readouterr().err
+    assert np.array_equal(np.load(tmp_path / "out" / "frames_mask.npy"), reference_masks(server, stack))
+    capsys.readouterr()
+    assert client_main(["segment", *common, "--resume", "--network", SECOND_NETWORK]) == 1
+    assert f"network {DEFAULT_NETWORK!r} there, {SECOND_NETWORK!r} now" in capsys.readouterr().err
 
 
 def test_a_malformed_frame_is_reported_and_the_others_written(server, tmp_path, rng, capsys):
