@@ -321,11 +321,6 @@ class SegmentationClient:
         value, _ = call_with_retries(fetch, RetryPolicy(patience_s=patience_s), sleep=self.wait_for_recovery)
         return value
 
-    def network_shape(self) -> tuple[int, int]:
-        """``(in_channels, num_classes)`` of the network this client's requests run."""
-        info = self.network_info()
-        return info.in_channels, info.num_classes
-
     def network_info(self, patience_s: float = 0.0) -> NetworkInfo:
         """The network this client's requests run: the ``network`` argument, else the
         pipeline's default (its ``default_network`` parameter). Asked once, then remembered;

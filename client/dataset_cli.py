@@ -276,7 +276,7 @@ def close_cluster(dask_client, cluster) -> None:
         cluster.close()
 
 
-def volume_options(plan: DatasetPlan, group, args: argparse.Namespace, dask_client, options: dict) -> dict:
+def volume_options(plan: DatasetPlan, group, dask_client, options: dict) -> dict:
     """Options sent with every block: the whole volume's intensity range unless given
     (computed once and stored, so a resumed run sends the same)."""
     if plan.layout != "volume" or len(plan.tasks) == 1:
@@ -422,7 +422,7 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
         print(f"client: {source.argument} {list(source.shape)} {source.dtype} as a {plan.layout}: {len(plan.tasks)} "
               f"task(s) of {list(plan.arrays['mask'][1])}, {summary.skipped} already done, {len(todo)} to do -> "
               f"{args.out}", file=sys.stderr)
-        options = volume_options(plan, group, args, dask_client, segment_options(args))
+        options = volume_options(plan, group, dask_client, segment_options(args))
         # The network by name: workers then need only open metadata; the token only for shared memory.
         job = Job(source, os.path.abspath(args.out), plan.layout, plan.channels, urls, args.model, info.name,
                   args.transport, args.token, args.timeout, args.retries, args.patience, args.inflight, options,

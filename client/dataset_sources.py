@@ -26,7 +26,6 @@ import numpy as np
 from client.frames import load_npy
 from client.stacks import open_hdf5_dataset, split_hdf5_argument
 
-ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 MAX_OPEN_HANDLES = 4  # per process: handles of runs whose driver died before releasing them go first
 _HANDLES: collections.OrderedDict[tuple, object] = collections.OrderedDict()  # (kind, path, inner, run) -> array
 _RELEASED_RUNS: set[str] = set()  # a task of one of these still starting reads without keeping the file open
@@ -75,10 +74,6 @@ class DatasetSource:
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """The voxels of ``region`` (over ``shape``'s axes) as a numpy array."""
         return np.asarray(self.open()[(0,) * self.dropped + tuple(region)])
-
-    @property
-    def stored_shape(self) -> tuple[int, ...]:
-        return (1,) * self.dropped + self.shape
 
 
 def open_stored_array(kind: str, path: str, inner: str | None):

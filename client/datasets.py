@@ -76,7 +76,6 @@ class TaskReport:
     bytes_written: int
     retries: int
     servers: dict[str, int]
-    worker_pid: int
     error: str | None = None  # an item the server refused (bad pixels): the task is not done
 
 
@@ -223,7 +222,7 @@ def run_task(job: Job, task: Task) -> TaskReport:
     except SegmentationError as error:
         if error.retryable:
             raise
-        return TaskReport(task.index, 0, time.perf_counter() - start, 0, 0, 0, {}, os.getpid(), error=str(error))
+        return TaskReport(task.index, 0, time.perf_counter() - start, 0, 0, 0, {}, error=str(error))
 
 
 def write_task(job: Job, task: Task, start: float) -> TaskReport:
@@ -256,5 +255,4 @@ def write_task(job: Job, task: Task, start: float) -> TaskReport:
     group[DONE_ARRAY][task.index] = 1  # after the data: a task marked done is on disk
     after = answered_counts(clients)
     return TaskReport(task.index, len(items) if job.layout == "stack" else 1, time.perf_counter() - start,
-                      int(image.nbytes), written, retries, {u: after[u] - before.get(u, 0) for u in after},
-                      os.getpid())
+                      int(image.nbytes), written, retries, {u: after[u] - before.get(u, 0) for u in after})

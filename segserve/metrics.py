@@ -40,7 +40,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -215,11 +215,6 @@ class PipelineMetrics:
         self.step_seconds(time.perf_counter() - started)
         self._observe("segserve_network_batch_tiles", int(tiles.shape[0]), self.step)
         return logits
-
-
-def family_names() -> Sequence[str]:
-    """Every family name as the metrics endpoint shows it (histograms add _bucket/_sum/_count)."""
-    return tuple(FAMILIES)
 
 
 # One per stub process: the step models import it and ``bind`` it in ``initialize``.
