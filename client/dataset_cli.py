@@ -69,16 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.resume and args.overwrite:
-        parser.error("--resume and --overwrite exclude each other")
-    for name in ("workers", "frames_per_task", "inflight", "max_chunk_voxels"):
+    """The options of this command alone (``client.__main__.parse_args`` checks the shared ones)."""
+    for name in ("workers", "frames_per_task", "max_chunk_voxels"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.block and min(args.block) < 0:
         parser.error(f"--block extents must be >= 0 (0: the whole axis), got {args.block}")
-    for name in ("retries", "task_retries", "patience"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.task_retries < 0:
+        parser.error(f"--task-retries must be >= 0, got {args.task_retries}")
 
 
 @dataclasses.dataclass

@@ -112,6 +112,18 @@ def test_cli_refuses_out_of_range_settings_before_any_request(argument, reason, 
     assert code in (1, 2) and reason in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argument, reason", [(["--inflight", "0"], "--inflight must be in 1..256, got 0"),
+                                              (["--retries", "-1"], "--retries must be >= 0, got -1"),
+                                              (["--task-retries", "-1"], "--task-retries must be >= 0, got -1"),
+                                              (["--workers", "0"], "--workers must be >= 1, got 0"),
+                                              (["--block", "-1", "8", "8"], "--block extents must be >= 0"),
+                                              (["--resume", "--overwrite"], "--resume and --overwrite exclude each other")])
+def test_segment_dataset_refuses_out_of_range_settings_before_any_work(argument, reason, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        client_main(["segment-dataset", str(tmp_path / "in.zarr"), "--out", str(tmp_path / "out.zarr"), *argument])
+    assert exit_.value.code == 2 and reason in capsys.readouterr().err
+
+
 def test_inputs_that_would_write_the_same_output_are_refused_before_anything_is_written(server, tmp_path, rng,
                                                                                       capsys):
     """Two frames of one stem, two stacks of one name, a directory's outputs among its frames,
