@@ -32,6 +32,15 @@ PIPELINES = {2: "segment_2d", 3: "segment_3d"}
 PARAMETER_NETWORK = "network"
 # Model-config parameter of the sliding-window step naming its default network.
 DEFAULT_NETWORK_PARAMETER = "default_network"
+# Sliding-window overlap when a request names none. The client plans volume chunks on the
+# server's window grid, so both must place windows alike.
+DEFAULT_OVERLAP = 0.25
+
+
+def scan_interval(tile: int, overlap: float) -> int:
+    """Voxels between window starts along an axis longer than the tile, as MONAI's
+    ``_get_scan_interval`` steps them."""
+    return max(int(tile * (1 - overlap)), 1)
 
 # Token of the restricted endpoints.
 TOKEN_HEADER = "segserve-token"

@@ -17,7 +17,8 @@ import dataclasses
 import itertools
 import math
 
-DEFAULT_OVERLAP = 0.25  # the server's default (segserve.options.PipelineOptions.overlap)
+from segproto import DEFAULT_OVERLAP, scan_interval
+
 # Voxels per chunk: a 512x512x256 volume (256 MiB of float32) still goes in one request.
 DEFAULT_MAX_CHUNK_VOXELS = 512 * 512 * 256
 
@@ -59,7 +60,12 @@ def window_interval(length: int, tile: int, overlap: float) -> int:
     """MONAI's scan interval along one axis (``_get_scan_interval``)."""
     if tile == length:
         return tile
-    return max(int(tile * (1 - overlap)), 1)
+    return scan_interval(tile, overlap)
+
+
+def effective_overlap(overlap: float | None) -> float:
+    """The overlap a request runs with: ``overlap``, else the server's default."""
+    return DEFAULT_OVERLAP if overlap is None else overlap
 
 
 def window_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -77,7 +83,7 @@ def window_starts(length: int, tile: int, overlap: float) -> list[int]:
 
 def minimum_chunk_extent(tile: int, overlap: float) -> int:
     """Smallest chunk extent along an axis that can still hand over to a next chunk."""
-    interval = max(int(tile * (1 - overlap)), 1)
+    interval = scan_interval(tile, overlap)
     return math.ceil(tile / interval) * interval + tile
 
 

@@ -36,7 +36,7 @@ import uuid
 import numpy as np
 
 from client.api import SegmentationClient
-from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, DEFAULT_OVERLAP
+from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, effective_overlap
 from client.cli_options import add_pipeline_options, add_server_options, check_servers, network_info, segment_options
 from client.dataset_ranges import intensity_range
 from client.dataset_sources import DatasetSource, open_source, release_handles
@@ -117,7 +117,7 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
             arrays["contour"] = ((frames, *frame), (extent, *frame), "uint8")
         return DatasetPlan(source, "stack", channels, tasks, arrays, (frames, *frame))
     spatial = shape[1:] if channels else shape
-    overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
+    overlap = effective_overlap(args.overlap)
     block = tuple(args.block) if args.block else default_block(spatial, info.tile, args.max_chunk_voxels, overlap)
     block = tuple(min(b, n) if b else n for b, n in zip(block, spatial))
     tasks = plan_volume(spatial, info.tile, block, overlap)
@@ -279,7 +279,7 @@ def volume_options(plan: DatasetPlan, group, dask_client, options: dict) -> dict
     (computed once and stored, so a resumed run sends the same)."""
     if plan.layout != "volume" or len(plan.tasks) == 1:
         return options
-    options = {**options, "overlap": DEFAULT_OVERLAP if options.get("overlap") is None else options["overlap"]}
+    options = {**options, "overlap": effective_overlap(options.get("overlap"))}
     if options.get("intensity_min") is not None or options.get("intensity_max") is not None:
         return options
     state = dict(group.attrs)[ATTRIBUTE]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, DEFAULT_OVERLAP, Chunk, plan_chunks
+from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, Chunk, effective_overlap, plan_chunks
 from client.connection import SegmentationError
 from client.postprocess import keep_largest_components, label_contour
 from client.results import SegmentationResult
@@ -46,7 +46,7 @@ def chunked_request_options(image: np.ndarray, options: dict) -> tuple[dict, dic
     """(options sent with every chunk, options applied after stitching)."""
     sent = dict(options)
     after = {"keep_largest": bool(sent.pop("keep_largest", None)), "contour": bool(sent.pop("contour", None))}
-    sent["overlap"] = DEFAULT_OVERLAP if sent.get("overlap") is None else sent["overlap"]
+    sent["overlap"] = effective_overlap(sent.get("overlap"))
     if sent.get("intensity_min") is None and sent.get("intensity_max") is None:
         window = whole_volume_range(image)
         if window is not None:
@@ -133,7 +133,7 @@ def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), i
     info = client.network_info()
     image = as_channel_first(np.asarray(volume), info.spatial_dims)
     spatial_shape = tuple(image.shape[1:])
-    overlap = DEFAULT_OVERLAP if options.get("overlap") is None else options["overlap"]
+    overlap = effective_overlap(options.get("overlap"))
     plan = plan_chunks(spatial_shape, info.tile, overlap, chunks.shape, chunks.max_voxels, chunks.min_shared)
     stream_settings = {"inflight": min(inflight, len(plan)), "retries": retries, "patience_s": patience_s}
     if progress:

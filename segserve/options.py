@@ -12,6 +12,8 @@ import json
 import math
 from typing import Any, Mapping
 
+from segproto import DEFAULT_OVERLAP
+
 BLEND_MODES = ("gaussian", "constant")
 
 
@@ -44,7 +46,7 @@ class PipelineOptions:
 
     intensity_min: float | None = None
     intensity_max: float | None = None
-    overlap: float = 0.25
+    overlap: float = DEFAULT_OVERLAP
     blend: str = "gaussian"
     sw_batch_size: int | None = None
     network: str | None = None

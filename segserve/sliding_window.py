@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from monai.inferers import sliding_window_inference
 
-from segproto import looks_channels_last
+from segproto import looks_channels_last, scan_interval
 from segserve.network_spec import NetworkSpec
 from segserve.options import InputError, OptionError, PipelineOptions
 
@@ -32,9 +32,7 @@ def window_count(spatial_shape: tuple[int, ...], tile_size: tuple[int, ...], ove
     a tile is padded to it; ``dense_patch_slices`` with its scan interval, counted, not listed)."""
     count = 1
     for size, tile in zip(spatial_shape, tile_size):
-        size = max(size, tile)
-        interval = tile if size == tile else max(int(tile * (1 - overlap)), 1)
-        count *= math.ceil((size - tile) / interval) + 1
+        count *= math.ceil(max(size - tile, 0) / scan_interval(tile, overlap)) + 1
     return count
 
 
