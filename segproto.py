@@ -27,9 +27,7 @@ INPUT_BY_DTYPE_NAME = {
     "int16": ("IMAGE_INT16", "INT16"),
 }
 OUTPUT_MASK, OUTPUT_PROBABILITIES, OUTPUT_CONTOUR = "MASK", "PROBABILITIES", "CONTOUR"
-PIPELINES = {2: "segment_2d", 3: "segment_3d"}
-# Request parameters the pipeline reads (besides the options of segserve.options).
-PARAMETER_NETWORK = "network"
+PIPELINES = {2: "segment_2d", 3: "segment_3d"}  # the pipeline of each network dimension
 # Model-config parameter of the sliding-window step naming its default network.
 DEFAULT_NETWORK_PARAMETER = "default_network"
 # Sliding-window overlap when a request names none. The client plans volume chunks on the

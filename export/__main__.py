@@ -30,6 +30,7 @@ import traceback
 
 from export.network_export import (SUPPORTED_ARCHITECTURES, ExportError, ExportSettings, export_network,
                                    set_default_network)
+from segproto import PIPELINES
 
 DEFAULT_REPOSITORY = pathlib.Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         # Up front, before the minutes an export can take (export_network checks the name first).
-        pipeline = f"segment_{len(settings.tile)}d"
+        pipeline = PIPELINES[len(settings.tile)]
         if args.set_default and not (args.repository / pipeline / "config.pbtxt").is_file():
             raise ExportError(f"--set-default: {args.repository / pipeline} has no config.pbtxt (no {pipeline} pipeline to set)")
         if args.checkpoint is not None and not args.checkpoint.is_file():

@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from segproto import PIPELINES
+
 try:
     import triton_python_backend_utils as pb_utils
 except ImportError:  # outside the Triton stub: metrics are a no-op
@@ -73,7 +75,7 @@ FAMILIES = {
 
 
 def pipeline_of(spatial_dims: int) -> str:
-    return f"segment_{spatial_dims}d"
+    return PIPELINES[spatial_dims]
 
 
 def dtype_name(tensor: Any) -> str:
