@@ -26,13 +26,13 @@ from segserve.network_spec import read_model_config
 
 SUPPORTED_ARCHITECTURES = ("UNet", "BasicUNet", "SegResNet", "AttentionUnet", "FlexibleUNet", "DynUNet")
 INPUT_NAME, OUTPUT_NAME = "INPUT__0", "OUTPUT__0"
-MODEL_PY = '''"""Network model {name}: onnxruntime or TorchScript runner (logic in segserve.backend.onnx_runner)."""
-
-from segserve.backend.onnx_runner import TritonPythonModel  # noqa: F401
-'''
 # What marks a model directory as a network this exporter wrote (every version of MODEL_PY has
 # it); pipeline steps (segment_2d, segment_3d) are python-backend models too, with other runners.
 EXPORTED_RUNNER = "segserve.backend.onnx_runner"
+MODEL_PY = f'''"""Network model {{name}}: onnxruntime or TorchScript runner (logic in {EXPORTED_RUNNER})."""
+
+from {EXPORTED_RUNNER} import TritonPythonModel  # noqa: F401
+'''
 
 
 class ExportError(RuntimeError):
