@@ -32,7 +32,7 @@ import traceback
 from tqdm import tqdm
 
 from client import dataset_cli, volume_cli
-from client.cli_options import add_pipeline_options, add_server_options, check_servers, network_info, segment_options
+from client.cli_options import add_pipeline_options, add_server_options, connected_client, segment_options
 from client.api import SegmentationClient, SegmentationError
 from client.stacks import (FileWriter, RunRecord, Source, StackWriter, Target, check_distinct_targets, open_sources,
                            stack_outputs)
@@ -199,13 +199,7 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
 
 def segment_inputs(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
-                            timeout_s=args.timeout, token=args.token) as client:
-        check_servers(client, args.model, args.patience)
-        if client.stale_regions_removed:
-            print(f"client: removed {len(client.stale_regions_removed)} shared-memory region(s) left by an earlier "
-                  "run that did not exit cleanly", file=sys.stderr)
-        info = network_info(client, args.patience)
+    with connected_client(args) as (client, info):
         in_channels, num_classes = info.in_channels, info.num_classes
         sources = open_sources(args.frames, in_channels)
         check_distinct_targets(*planned_targets(sources, args))  # before any writer opens (and truncates) a file

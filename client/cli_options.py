@@ -1,13 +1,17 @@
-"""Command-line options shared by ``segment`` and ``segment-volume``."""
+"""Command-line options shared by ``segment``, ``segment-volume`` and ``segment-dataset``, and
+the connection they open from them."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from client.api import SegmentationClient
 from client.connection import SegmentationError
+from client.results import NetworkInfo
 from client.stream import DEFAULT_PATIENCE_S
 from client.transports import TRANSPORTS
 
@@ -96,3 +100,16 @@ def check_servers(client, model: str, patience_s: float = 0.0) -> None:
 def network_info(client, patience_s: float = 0.0):
     """The network the command's requests run (``client.network_info``), a reload ridden out."""
     return ride_out(client.network_info, "the network", ", ".join(client.urls), patience_s)
+
+
+@contextlib.contextmanager
+def connected_client(args: argparse.Namespace) -> Iterator[tuple[SegmentationClient, NetworkInfo]]:
+    """A client of the servers the command's options name, once they answer (``check_servers``),
+    and the network its requests run."""
+    with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
+                            timeout_s=args.timeout, token=args.token) as client:
+        check_servers(client, args.model, args.patience)
+        if client.stale_regions_removed:
+            print(f"client: removed {len(client.stale_regions_removed)} shared-memory region(s) left by an earlier "
+                  "run that did not exit cleanly", file=sys.stderr)
+        yield client, network_info(client, args.patience)

@@ -35,9 +35,8 @@ import uuid
 
 import numpy as np
 
-from client.api import SegmentationClient
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, effective_overlap
-from client.cli_options import add_pipeline_options, add_server_options, check_servers, network_info, segment_options
+from client.cli_options import add_pipeline_options, add_server_options, connected_client, segment_options
 from client.dataset_ranges import intensity_range
 from client.dataset_sources import DatasetSource, open_source, release_handles
 from client.datasets import DONE_ARRAY, Job, Task, TaskReport, default_block, plan_stack, plan_volume, run_task
@@ -392,10 +391,7 @@ def segment_dataset(args: argparse.Namespace) -> int:
 
 def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
     """``segment_dataset`` with its summary and the seconds the tasks took (for benchmarks)."""
-    with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
-                            timeout_s=args.timeout, token=args.token) as client:
-        check_servers(client, args.model, args.patience)
-        info = network_info(client, args.patience)
+    with connected_client(args) as (client, info):
         urls = tuple(client.urls)
     source = dataclasses.replace(open_source(args.input, info.spatial_dims), run=uuid.uuid4().hex)
     previous = recorded_settings(args.out)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
-from client.cli_options import check_servers, network_info, segment_options
+from client.cli_options import connected_client, segment_options
 from client.stacks import check_distinct_targets, stack_outputs
 from client.volume_files import (output_targets, outputs_written, read_volume, volume_location,
                                  write_volume_outputs)
@@ -60,11 +60,9 @@ def segment_volumes(args: argparse.Namespace) -> int:
         print(f"client: {len(args.volumes) - len(todo)} volume(s) skipped: their outputs are in {args.out} (--resume)",
               file=sys.stderr)
     failed = []
-    with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
-                            timeout_s=args.timeout, token=args.token) as client:
-        check_servers(client, args.model, args.patience)
-        if network_info(client, args.patience).spatial_dims != 3:
-            raise SegmentationError(f"network {client.network_info().name!r} of {args.model!r} is not 3D; "
+    with connected_client(args) as (client, info):
+        if info.spatial_dims != 3:
+            raise SegmentationError(f"network {info.name!r} of {args.model!r} is not 3D; "
                                     "use `python -m client segment` for frames")
         for argument in todo:
             try:
