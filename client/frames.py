@@ -12,6 +12,15 @@ from client.tiffs import TiffFrames
 from segproto import looks_channels_last
 
 FRAME_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
+OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")  # outputs are plain TIFF: named without the .ome
+
+
+def image_stem(path: pathlib.Path) -> str:
+    """The name outputs are named after: ``scan.tif`` and ``scan.ome.tif`` -> ``scan``."""
+    for suffix in OME_TIFF_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
 # Class colours of the overlay (class 0 is left uncoloured).
 CLASS_COLOURS = np.array(
     [[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 240], [240, 200, 40], [200, 80, 220], [40, 210, 220]],

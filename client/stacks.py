@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import tifffile
 
-from client.frames import FRAME_SUFFIXES, check_not_channels_last, load_npy, overlay, read_frame, write_array
+from client.frames import FRAME_SUFFIXES, check_not_channels_last, image_stem, load_npy, overlay, read_frame, write_array
 from client.tiffs import TiffFrames
 
 FAILED_VALUE = 255  # mask/contour value of a frame that failed: never a class of our networks
@@ -310,7 +310,7 @@ class StackWriter:
     @staticmethod
     def paths_for(source: Source, out_dir: pathlib.Path, outputs: list[str]) -> dict[str, pathlib.Path]:
         """Where each output of ``source`` goes (HDF5: one file, a group per input dataset)."""
-        stem = source.path.stem
+        stem = image_stem(source.path)
         if source.kind == "hdf5":
             return {name: out_dir / f"{stem}_segmentation.h5" for name in outputs}
         suffix = ".tif" if source.kind == "tiff" else ".npy"
@@ -328,8 +328,8 @@ class StackWriter:
     def record_path_for(source: Source, out_dir: pathlib.Path) -> pathlib.Path:
         """Where the run record of ``source``'s outputs lives."""
         if source.kind == "hdf5":
-            return out_dir / f"{source.path.stem}_{safe_name(source.dataset)}.segment.json"
-        return out_dir / f"{source.path.stem}.segment.json"
+            return out_dir / f"{image_stem(source.path)}_{safe_name(source.dataset)}.segment.json"
+        return out_dir / f"{image_stem(source.path)}.segment.json"
 
     def describe(self) -> str:
         if self.source.kind == "hdf5":
@@ -432,7 +432,7 @@ class FileWriter:
                 for path in self.paths(index).values()]
 
     def paths(self, index: int) -> dict[str, pathlib.Path]:
-        stem = self.source.files[index].stem
+        stem = image_stem(self.source.files[index])
         paths = {name: self.out_dir / f"{stem}_{name}.{self.format}" for name in self.outputs}
         if self.overlay_max_size:
             paths["overlay"] = self.out_dir / f"{stem}_overlay.png"

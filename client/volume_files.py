@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import tifffile
 
-from client.frames import load_npy
+from client.frames import image_stem, load_npy
 from client.stacks import HDF5_SUFFIXES, Target, atomic_write, open_hdf5_dataset, split_hdf5_argument
 from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff
 
@@ -40,11 +40,11 @@ class Volume:
 
 
 def volume_stem(path: pathlib.Path) -> str:
-    """The file name without its volume suffix (``scan.nii.gz`` -> ``scan``)."""
-    for suffix in VOLUME_SUFFIXES:
+    """The file name without its volume suffix (``scan.nii.gz``, ``scan.ome.tif`` -> ``scan``)."""
+    for suffix in NIFTI_SUFFIXES:
         if path.name.lower().endswith(suffix):
             return path.name[: -len(suffix)]
-    return path.stem
+    return image_stem(path)
 
 
 def volume_kind(path: pathlib.Path) -> str:

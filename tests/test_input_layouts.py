@@ -15,9 +15,9 @@ import tifffile
 
 from client.dataset_sources import open_source
 from client.frames import read_frame
-from client.stacks import open_sources
+from client.stacks import FileWriter, StackWriter, open_sources
 from client.tiffs import as_grey
-from client.volume_files import read_volume
+from client.volume_files import output_paths, read_volume
 from segserve.launcher import REPO_ROOT
 from tests.helpers import cli, reference_masks
 
@@ -267,3 +267,16 @@ def test_segment_volume_names_each_failed_volume_once(server, tmp_path):
     assert errors[0] == f"client: error: {tmp_path}/scans/flat.tif: expected a 3D volume, got shape [40, 56]"
     assert errors[1].startswith(f"client: error: {tmp_path}/scans/cut.h5: not a readable HDF5 file (")
     assert len(errors) == 2 and all(error.count("flat.tif") + error.count("cut.h5") == 1 for error in errors)
+
+
+def test_outputs_of_ome_tiffs_are_named_without_the_ome(tmp_path):
+    """``x.ome.tif`` gave ``x.ome_mask.tif``: a plain TIFF named as OME, which Fiji's and
+    Bio-Formats' readers then take for one."""
+    tifffile.imwrite(tmp_path / "frame.ome.tif", HYPERSTACK[0, 0, 0], ome=True)
+    tifffile.imwrite(tmp_path / "stack.OME.TIFF", HYPERSTACK[0, :, 0], ome=True, metadata={"axes": "ZYX"})
+    frame, stack = open_sources([str(tmp_path / "frame.ome.tif"), str(tmp_path / "stack.OME.TIFF")], in_channels=1)
+    out = tmp_path / "out"
+    assert FileWriter(frame, out, ["mask"], "tif", 512).paths(0) == {"mask": out / "frame_mask.tif",
+                                                                     "overlay": out / "frame_overlay.png"}
+    assert [t.path for t in StackWriter.targets(stack, out, ["mask"])] == [out / "stack_mask.tif", out / "stack.segment.json"]
+    assert output_paths(tmp_path / "scan.ome.tif", "tiff", ["mask"], out) == {"mask": out / "scan_mask.tif"}
