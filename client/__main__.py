@@ -202,6 +202,8 @@ def segment_inputs(args: argparse.Namespace) -> int:
     with connected_client(args) as (client, info):
         in_channels, num_classes = info.in_channels, info.num_classes
         sources = open_sources(args.frames, in_channels)
+        for note in (source.note for source in sources if source.note):
+            print(f"client: warning: {note}", file=sys.stderr)
         check_distinct_targets(*planned_targets(sources, args))  # before any writer opens (and truncates) a file
         plans = [plan_source(source, args, num_classes, info.name) for source in sources]
         tally = Tally(skipped=sum(p.source.count - len(p.todo) for p in plans))

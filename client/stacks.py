@@ -37,7 +37,8 @@ class Source:
 
     ``kind`` is ``files`` (one image file per frame) or the container of a stack
     (``tiff``, ``npy``, ``hdf5``); ``frame_shape`` is set for stacks. ``one_frame``: a container
-    holding a single frame without a stack axis (a 2D HDF5 dataset), written back so.
+    holding a single frame without a stack axis (a 2D HDF5 dataset), written back so. ``note``:
+    what the user should know of how it is read (a file cut short).
     """
 
     label: str
@@ -51,6 +52,7 @@ class Source:
     files: list[pathlib.Path] | None = None
     close: Callable[[], None] = lambda: None  # frees what ``load`` keeps open
     one_frame: bool = False
+    note: str | None = None
 
 
 def split_hdf5_argument(argument: str) -> tuple[pathlib.Path, str] | None:
@@ -170,7 +172,7 @@ def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
 
     return Source(label=path.name, kind="tiff", count=frames.count, load=load, frame_label=lambda i: f"{path.name}[{i}]",
                   path=path, frame_shape=frames.frame_shape[1:] if in_channels == 1 else frames.frame_shape,
-                  close=frames.close)
+                  close=frames.close, note=frames.cut_short_note)
 
 
 def hdf5_source(path: pathlib.Path, dataset_path: str, in_channels: int) -> Source:

@@ -7,6 +7,10 @@ channels; tifffile also writes an OME stack without axes as ``CYX``), ``TZCYX`` 
 A file written page by page (``TiffWriter.write`` in a loop, as acquisition code does) holds one
 series per page: read alone, the first series is the first frame, so such files are read as one
 stack of all their pages.
+
+A file cut short (an acquisition that crashed mid-write, a copy that stopped) is read as far as
+it goes: the pages in it, or for a stack written in one piece its complete frames. The rest of
+its frames fail, each naming the cut; a volume or dataset needs all of it and is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import pathlib
+import struct
 import threading
 
 import numpy as np
@@ -23,6 +28,36 @@ GENERIC_AXES = "QI"  # tifffile's names for page axes of files without axis meta
 COLOUR = (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)  # JPEG stores RGB as YCbCr; read back as RGB
 # ITU-R 601-2 luma, as PIL's convert("L") (how PNG colour frames become grey).
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+PAGES_AS_SERIES = {"is_shaped": False, "is_ome": False, "is_imagej": False}  # every page in the file, axes I...
+
+
+def cut_short(tiff: tifffile.TiffFile) -> str | None:
+    """Where the file ends before its own directories say it does, or None for a whole file.
+
+    tifffile stops at an image directory beyond the end without raising, and then reads a
+    file cut short as a shorter one (an OME or ImageJ stack as its first frame alone)."""
+    size = tiff.filehandle.size
+    last = tiff.pages[len(tiff.pages) - 1]
+    layout, handle = tiff.tiff, tiff.filehandle
+    handle.seek(last.offset)
+    tags = struct.unpack(layout.tagnoformat, handle.read(layout.tagnosize))[0]
+    handle.seek(last.offset + layout.tagnosize + tags * layout.tagsize)
+    pointer = handle.read(layout.offsetsize)
+    next_page = struct.unpack(layout.offsetformat, pointer)[0] if len(pointer) == layout.offsetsize else -1
+    if next_page != 0:
+        return f"it ends at byte {size}, before its image directory {len(tiff.pages) + 1}"
+    data_end = max((o + n for o, n in zip(last.dataoffsets, last.databytecounts)), default=0)
+    series = tiff.series[0]
+    if series.dataoffset is not None:
+        data_end = max(data_end, series.dataoffset + series.nbytes)
+    return f"it ends at byte {size}, its image data at byte {data_end}" if data_end > size else None
+
+
+def refuse_cut_short(tiff: tifffile.TiffFile, path: pathlib.Path, what: str) -> None:
+    """Raise ValueError when the file is cut short: ``what`` (a volume) needs all of it."""
+    cut = cut_short(tiff)
+    if cut:
+        raise ValueError(f"{path}: cut short ({cut}): an unfinished write or copy? {what} needs all of it")
 
 
 def series_flags(tiff: tifffile.TiffFile, path: pathlib.Path) -> dict:
@@ -70,8 +105,15 @@ def series_flags_of(path: pathlib.Path) -> dict:
 
 
 def zarr_store(path: pathlib.Path):
-    """tifffile's zarr store of the file as one series (``series_flags``)."""
-    return tifffile.imread(path, aszarr=True, **series_flags_of(path))
+    """tifffile's zarr store of the file as one series (``series_flags``).
+
+    Raises:
+        ValueError: the file is cut short, or not one series.
+    """
+    with tifffile.TiffFile(path) as tiff:
+        refuse_cut_short(tiff, path, "a dataset")
+        flags = series_flags(tiff, path)
+    return tifffile.imread(path, aszarr=True, **flags)
 
 
 class TiffFrames:
@@ -94,9 +136,10 @@ class TiffFrames:
         self.path = pathlib.Path(path)
         self.flags = series_flags_of(self.path)
         with open_tiff(self.path, self.flags) as tiff:
-            series = tiff.series[0]
-            self.axes, self.shape, self.dtype = series.axes, tuple(series.shape), np.dtype(series.dtype)
-            colour = series.keyframe.photometric in COLOUR
+            colour = self.take_layout(tiff)
+        if self.flags is PAGES_AS_SERIES:
+            with open_tiff(self.path, self.flags) as tiff:
+                colour = self.take_layout(tiff)
         if "Y" not in self.axes or "X" not in self.axes:
             raise ValueError(f"{path}: no image axes Y and X (axes {self.axes}, shape {list(self.shape)})")
         try:
@@ -119,8 +162,33 @@ class TiffFrames:
             raise ValueError(self.too_many_axes(frame_axes, in_channels))
         self.frame_axis = frame_axes[0] if frame_axes else None
         self.count = self.shape[self.frame_axis] if frame_axes else 1
+        if self.complete is not None and self.frame_axis != 0:
+            raise ValueError(f"{path}: cut short ({self.cut_short}): an unfinished write or copy? Its frames are not "
+                             f"its first axis (axes {self.axes}), so none of them is whole in the file")
         self._local, self._opened, self._lock = threading.local(), [], threading.Lock()
         self._whole: np.ndarray | None = None
+
+    def take_layout(self, tiff: tifffile.TiffFile) -> bool:
+        """Take the axes, shape and pixel type of the file's series; True for colour pages.
+
+        A file cut short (``cut_short``) is read by what is left of it: a stack in one piece
+        (tifffile places all its frames after the first directory) by its ``complete`` rows;
+        otherwise by the directories in it (``flags`` become ``PAGES_AS_SERIES``: call again).
+        """
+        series = tiff.series[0]
+        self.cut_short = cut_short(tiff) if self.flags is not PAGES_AS_SERIES else self.cut_short
+        self.complete = None
+        if self.cut_short and self.flags is not PAGES_AS_SERIES:
+            if series.dataoffset is not None and len(series.shape) > 2:
+                self.complete = (tiff.filehandle.size - series.dataoffset) // (series.nbytes // series.shape[0])
+                self.data_offset, self.stored_dtype = series.dataoffset, np.dtype(tiff.byteorder + series.dtype.char)
+            elif len(tiff.pages) == 1:  # the directories of a stack's other frames, or one frame's data, are lost
+                raise ValueError(f"{self.path}: cut short ({self.cut_short}): an unfinished write or copy? "
+                                 "Write or copy it again")
+            else:
+                self.flags = PAGES_AS_SERIES
+        self.axes, self.shape, self.dtype = series.axes, tuple(series.shape), np.dtype(series.dtype)
+        return series.keyframe.photometric in COLOUR
 
     def frame_axes(self, channel: int | None) -> list[int]:
         return [i for i, axis in enumerate(self.axes) if axis not in "YX" and i != channel and self.shape[i] > 1]
@@ -135,6 +203,15 @@ class TiffFrames:
                 f"({named}); a stack has one: save one time point or z-stack per file")
 
     @property
+    def cut_short_note(self) -> str | None:
+        """What of a file cut short is read, or None for a whole file."""
+        if not self.cut_short:
+            return None
+        read = f"{self.complete} of its {self.count} frames" if self.complete is not None else \
+            f"the {plural(self.count, 'frame')} whose pages are in it"
+        return f"{self.path}: cut short ({self.cut_short}): an unfinished write or copy? Reading {read}"
+
+    @property
     def frame_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")])
 
@@ -142,14 +219,25 @@ class TiffFrames:
         """Frame ``index`` as ``[C, H, W]`` in the stored pixel type."""
         if not 0 <= index < self.count:
             raise IndexError(index)
+        if self.complete is not None and index >= self.complete:
+            raise ValueError(f"{self.path}: frame {index} is not in the file: cut short ({self.cut_short}) after "
+                             f"{self.complete} of its {self.count} frames")
+        try:
+            frame = self.read_stored(index)
+        except Exception as error:  # a page cut through: tifffile's or a codec's error
+            if not self.cut_short:
+                raise
+            raise ValueError(f"{self.path}: frame {index} is not whole in the file: cut short ({self.cut_short})") from error
+        return as_grey(frame) if self.grey else frame[:self.channels]
+
+    def read_stored(self, index: int) -> np.ndarray:
+        """Frame ``index`` with every stored channel: ``[C, H, W]``."""
         series = self._file().series[0]
         page_shape = tuple(series.keyframe.shape)
         leading = self.shape[:len(self.shape) - len(page_shape)]
         if math.prod(leading) == len(series.pages) and self.frame_axis is not None and self.frame_axis < len(leading):
-            frame = self.frame_of(self.pages_of_frame(series, index, leading, page_shape), 0)
-        else:  # one frame, or pages laid out otherwise (ImageJ files over 4 GB have one page)
-            frame = self.frame_of(self.whole(series), index)
-        return as_grey(frame) if self.grey else frame[:self.channels]
+            return self.frame_of(self.pages_of_frame(series, index, leading, page_shape), 0)
+        return self.frame_of(self.whole(series), index)  # one frame, or pages laid out otherwise (ImageJ over 4 GB)
 
     def _file(self) -> tifffile.TiffFile:
         """This thread's handle of the file: opened once per thread (reopening one of a thousand
@@ -168,7 +256,11 @@ class TiffFrames:
             if self._whole is not None:
                 return self._whole
             try:
-                whole = tifffile.memmap(self.path, mode="r", **self.flags).reshape(self.shape)
+                if self.complete is not None:  # cut short: the complete rows, where tifffile placed them all
+                    whole = np.memmap(self.path, self.stored_dtype, mode="r", offset=self.data_offset,
+                                      shape=(self.complete, *self.shape[1:]))
+                else:
+                    whole = tifffile.memmap(self.path, mode="r", **self.flags).reshape(self.shape)
             except ValueError:  # compressed or in pieces: not mappable
                 whole = series.asarray().reshape(self.shape)
             if self.count > 1:

@@ -17,7 +17,7 @@ import tifffile
 
 from client.frames import image_stem, load_npy
 from client.stacks import HDF5_SUFFIXES, Target, atomic_write, open_hdf5_dataset, split_hdf5_argument
-from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff
+from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff, refuse_cut_short
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".tif", ".tiff", ".npy", *HDF5_SUFFIXES)
@@ -74,6 +74,7 @@ def read_tiff_volume(path: pathlib.Path) -> np.ndarray:
     by page read whole: :class:`client.tiffs.TiffFrames`); an array without axis metadata as
     ``channel_first`` takes any array."""
     with open_tiff(path) as tiff:
+        refuse_cut_short(tiff, path, "a volume")
         series = tiff.series[0]
         if set(series.axes) <= {*GENERIC_AXES, "Y", "X"}:
             return channel_first(series.asarray(), path.name, False)

@@ -15,7 +15,7 @@ import tifffile
 
 from client.dataset_sources import open_source
 from client.frames import read_frame
-from client.stacks import FileWriter, StackWriter, open_sources
+from client.stacks import FAILED_VALUE, FileWriter, StackWriter, open_sources
 from client.tiffs import as_grey
 from client.volume_files import output_paths, read_volume
 from segserve.launcher import REPO_ROOT
@@ -280,3 +280,76 @@ def test_outputs_of_ome_tiffs_are_named_without_the_ome(tmp_path):
                                                                      "overlay": out / "frame_overlay.png"}
     assert [t.path for t in StackWriter.targets(stack, out, ["mask"])] == [out / "stack_mask.tif", out / "stack.segment.json"]
     assert output_paths(tmp_path / "scan.ome.tif", "tiff", ["mask"], out) == {"mask": out / "scan_mask.tif"}
+
+
+# ------------------------------------------------------------------ files cut short
+
+CUT_STACK = RNG.integers(0, 4000, size=(10, 40, 56), dtype=np.uint16)
+CUT_WRITERS = {
+    "in one piece": lambda path: tifffile.imwrite(path, CUT_STACK),
+    "bigtiff": lambda path: tifffile.imwrite(path, CUT_STACK, bigtiff=True),
+    "big-endian": lambda path: tifffile.imwrite(path, CUT_STACK, byteorder=">"),
+    "page by page": lambda path: write_page_by_page(path, CUT_STACK),
+    "compressed": lambda path: tifffile.imwrite(path, CUT_STACK, compression="zlib"),
+    "ome": lambda path: tifffile.imwrite(path, CUT_STACK, ome=True),
+    "imagej": lambda path: tifffile.imwrite(path, CUT_STACK, imagej=True),
+}
+
+
+def write_cut_short(path, layout: str) -> None:
+    """The file as a crashed acquisition or a stopped copy leaves it: its first 55 %."""
+    CUT_WRITERS[layout](path)
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) * 55 // 100])
+
+
+@pytest.mark.parametrize("layout, readable", [("in one piece", 5), ("bigtiff", 5), ("big-endian", 5), ("page by page", 5),
+                                              ("compressed", 5)])
+def test_a_stack_cut_short_gives_the_frames_that_are_in_it(tmp_path, layout, readable):
+    """A stack in one piece failed every frame; OME, ImageJ and compressed stacks were read as
+    their first frame alone, written and reported as done."""
+    write_cut_short(tmp_path / "cut.tif", layout)
+    [source] = open_sources([str(tmp_path / "cut.tif")], in_channels=1)
+    assert source.kind == "tiff" and "cut.tif: cut short (it ends at byte" in source.note
+    for index in range(readable):
+        assert np.array_equal(source.load(index), CUT_STACK[index])
+    for index in range(readable, source.count):  # declared (in one piece) or a page cut through
+        with pytest.raises(ValueError, match=f"cut.tif: frame {index} is not (whole )?in the file"):
+            source.load(index)
+    assert source.count == (10 if layout in ("in one piece", "bigtiff", "big-endian") else 6)
+
+
+@pytest.mark.parametrize("layout", ["ome", "imagej"])
+def test_a_stack_cut_short_with_only_its_first_directory_is_refused(tmp_path, layout):
+    write_cut_short(tmp_path / "cut.tif", layout)
+    [source] = open_sources([str(tmp_path / "cut.tif")], in_channels=1)
+    assert source.kind == "files"  # failed as one input, named (exit code 1)
+    with pytest.raises(ValueError, match=r"cut.tif: cut short \(it ends at byte \d+, before its image directory 2\)"):
+        source.load(0)
+
+
+@pytest.mark.parametrize("layout", list(CUT_WRITERS))
+def test_a_volume_or_dataset_cut_short_is_refused(tmp_path, layout):
+    write_cut_short(tmp_path / "cut.tif", layout)
+    with pytest.raises(ValueError, match="cut.tif: cut short .* a volume needs all of it"):
+        read_volume(str(tmp_path / "cut.tif"))
+    with pytest.raises(ValueError, match="cut.tif: cut short .* a dataset needs all of it"):
+        open_source(str(tmp_path / "cut.tif"), rank=2)
+
+
+@pytest.mark.parametrize("layout", list(CUT_WRITERS))
+def test_whole_files_are_not_cut_short(tmp_path, layout):
+    CUT_WRITERS[layout](tmp_path / "whole.tif")
+    [source] = open_sources([str(tmp_path / "whole.tif")], in_channels=1)
+    assert source.note is None and source.count == 10
+    assert np.array_equal(np.stack([source.load(i) for i in range(10)]), CUT_STACK)
+
+
+def test_segment_writes_the_frames_of_a_stack_cut_short_and_fails_the_rest(server, tmp_path):
+    write_cut_short(tmp_path / "acquired.tif", "page by page")
+    done = subprocess.run(cli(server, str(tmp_path / "acquired.tif"), "--out", str(tmp_path / "out")),
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "client: warning: " in done.stderr and "acquired.tif: cut short" in done.stderr
+    assert "5 written, 1 failed" in done.stderr and "acquired.tif: frame 5 is not whole in the file" in done.stderr
+    masks = tifffile.imread(tmp_path / "out" / "acquired_mask.tif")
+    assert np.array_equal(masks[:5], reference_masks(server, CUT_STACK[:5])) and (masks[5] == FAILED_VALUE).all()
