@@ -116,17 +116,29 @@ def plan_source(source: Source, args: argparse.Namespace, num_classes: int, netw
     """``network``: the network the run's requests take (the server's default when not given)."""
     outputs = stack_outputs(args.probabilities, args.contour)
     if source.kind in ("files", "directory"):
-        # What changes a mask: requested outputs are checked by the files that exist.
-        settings = {"network": network, "model": args.model,
-                    **{k: v for k, v in segment_options(args).items() if k not in ("probabilities", "contour")}}
-        writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size,
-                            settings)
-        todo = [i for i in range(source.count) if not (args.resume and writer.is_done(i))]
-        redone = sum(args.resume and writer.is_written(i) for i in todo)
-        if redone:
-            print(f"client: {redone} image(s) of {source.label} written from another input or with other settings "
-                  "are segmented again", file=sys.stderr)
-        return Plan(source, writer, todo)
+        return plan_file_outputs(source, args, outputs, network)
+    return plan_stack_outputs(source, args, outputs, num_classes, network)
+
+
+def plan_file_outputs(source: Source, args: argparse.Namespace, outputs: list[str], network: str) -> Plan:
+    """Files per image; with ``--resume``, the images whose outputs this input and these settings wrote are skipped."""
+    # What changes a mask: requested outputs are checked by the files that exist.
+    settings = {"network": network, "model": args.model,
+                **{k: v for k, v in segment_options(args).items() if k not in ("probabilities", "contour")}}
+    writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size,
+                        settings)
+    todo = [i for i in range(source.count) if not (args.resume and writer.is_done(i))]
+    redone = sum(args.resume and writer.is_written(i) for i in todo)
+    if redone:
+        print(f"client: {redone} image(s) of {source.label} written from another input or with other settings "
+              "are segmented again", file=sys.stderr)
+    return Plan(source, writer, todo)
+
+
+def plan_stack_outputs(source: Source, args: argparse.Namespace, outputs: list[str], num_classes: int,
+                       network: str) -> Plan:
+    """Preallocated stack outputs and their run record: a new one, or with ``--resume`` the
+    interrupted run's (refused when its settings differ)."""
     # The location too: another file of the same name must not continue this one's record.
     settings = {"network": network, "model": args.model, "source": source.label,
                 "location": str(source.path.resolve()), **segment_options(args)}
@@ -198,6 +210,7 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
 
 
 def segment_inputs(args: argparse.Namespace) -> int:
+    """``segment``: every frame of ``args.frames`` into ``args.out``; 1 if any failed."""
     args.out.mkdir(parents=True, exist_ok=True)
     with connected_client(args) as (client, info):
         in_channels, num_classes = info.in_channels, info.num_classes
@@ -215,18 +228,23 @@ def segment_inputs(args: argparse.Namespace) -> int:
                     progress.set_description(plan.source.label[-30:])
                     run_plan(client, plan, args, progress, tally)
         finally:
-            print(f"client: {tally.summary(time.perf_counter() - start)}", file=sys.stderr)
-            if len(client.urls) > 1:
-                print(f"client: per server: {client.servers.summary()}", file=sys.stderr)
-            for plan in plans:
-                if plan.record is not None:
-                    print(f"client: {plan.source.label} -> {plan.writer.describe()}", file=sys.stderr)
-                    if not plan.writer.published:
-                        print(f"client: {plan.source.label}: unfinished, so under partial names until --resume "
-                              "finishes it (the earlier result, if any, is untouched)", file=sys.stderr)
+            print_run_summary(client, plans, tally, time.perf_counter() - start)
     if tally.failed:
         print("client: failed frames:\n  " + "\n  ".join(tally.failed), file=sys.stderr)
     return 1 if tally.failed else 0
+
+
+def print_run_summary(client: SegmentationClient, plans: list[Plan], tally: Tally, seconds: float) -> None:
+    """The closing lines: counts, per server when several, and where each stack went."""
+    print(f"client: {tally.summary(seconds)}", file=sys.stderr)
+    if len(client.urls) > 1:
+        print(f"client: per server: {client.servers.summary()}", file=sys.stderr)
+    for plan in plans:
+        if plan.record is not None:
+            print(f"client: {plan.source.label} -> {plan.writer.describe()}", file=sys.stderr)
+            if not plan.writer.published:
+                print(f"client: {plan.source.label}: unfinished, so under partial names until --resume "
+                      "finishes it (the earlier result, if any, is untouched)", file=sys.stderr)
 
 
 def raise_keyboard_interrupt(signum, frame):
