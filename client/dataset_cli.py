@@ -96,26 +96,32 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
     Raises:
         ValueError: a shape the network cannot take, or a per-block option on a chunked volume.
     """
-    dims, shape = info.spatial_dims, source.shape
     check_pixel_type(source.dtype, f"{source.argument}: ")  # before any task: each would fail
-    channels = len(shape) == dims + 2 if dims == 2 else len(shape) == 4
-    if dims == 2:
-        if len(shape) == 2 or (len(shape) == 3 and info.in_channels > 1):
-            raise ValueError(f"{source.argument}: one frame {list(shape)}; use `python -m client segment` for frames")
-        if channels and shape[1] != info.in_channels:
-            raise ValueError(f"{source.argument}: frames have {shape[1]} channels, network {info.name!r} takes "
-                             f"{info.in_channels}")
-        frames, frame = shape[0], shape[-2:]
-        frames_per_task = args.frames_per_task or DEFAULT_FRAMES_PER_TASK
-        tasks = plan_stack(frames, frames_per_task)
-        extent = min(frames_per_task, frames)
-        arrays = {"mask": ((frames, *frame), (extent, *frame), "uint8")}
-        if args.probabilities:
-            arrays["probabilities"] = ((frames, info.num_classes, *frame), (extent, info.num_classes, *frame), "float32")
-        if args.contour:
-            arrays["contour"] = ((frames, *frame), (extent, *frame), "uint8")
-        return DatasetPlan(source, "stack", channels, tasks, arrays, (frames, *frame))
-    spatial = shape[1:] if channels else shape
+    if info.spatial_dims == 2:
+        return plan_stack_dataset(source, info, args)
+    return plan_volume_dataset(source, info, args)
+
+
+def plan_stack_dataset(source: DatasetSource, info, args: argparse.Namespace) -> DatasetPlan:
+    """Frames ``[N, H, W]`` or ``[N, C, H, W]`` in tasks of ``--frames-per-task``."""
+    shape = source.shape
+    channels = len(shape) == 4
+    if len(shape) == 2 or (len(shape) == 3 and info.in_channels > 1):
+        raise ValueError(f"{source.argument}: one frame {list(shape)}; use `python -m client segment` for frames")
+    if channels and shape[1] != info.in_channels:
+        raise ValueError(f"{source.argument}: frames have {shape[1]} channels, network {info.name!r} takes "
+                         f"{info.in_channels}")
+    frames, frame = shape[0], shape[-2:]
+    frames_per_task = args.frames_per_task or DEFAULT_FRAMES_PER_TASK
+    extent = min(frames_per_task, frames)
+    arrays = output_arrays((frames, *frame), (extent, *frame), 1, info.num_classes, args)
+    return DatasetPlan(source, "stack", channels, plan_stack(frames, frames_per_task), arrays, (frames, *frame))
+
+
+def plan_volume_dataset(source: DatasetSource, info, args: argparse.Namespace) -> DatasetPlan:
+    """A volume ``[D, H, W]`` or ``[C, D, H, W]`` in blocks of ``--block`` (with halos)."""
+    channels = len(source.shape) == 4
+    spatial = source.shape[1:] if channels else source.shape
     overlap = effective_overlap(args.overlap)
     block = tuple(args.block) if args.block else default_block(spatial, info.tile, args.max_chunk_voxels, overlap)
     block = tuple(min(b, n) if b else n for b, n in zip(block, spatial))
@@ -125,12 +131,23 @@ def plan_dataset(source: DatasetSource, info, args: argparse.Namespace) -> Datas
                          "block seams); a block cannot compute them as a whole-volume request would. Segment without "
                          "them, or use `python -m client segment-volume` on a machine that holds the volume, or one "
                          "--block covering the volume")
-    arrays = {"mask": (spatial, block, "uint8")}
-    if args.probabilities:
-        arrays["probabilities"] = ((info.num_classes, *spatial), (info.num_classes, *block), "float32")
-    if args.contour:
-        arrays["contour"] = (spatial, block, "uint8")
+    arrays = output_arrays(spatial, block, 0, info.num_classes, args)
     return DatasetPlan(source, "volume", channels, tasks, arrays, spatial)
+
+
+def output_arrays(shape: tuple[int, ...], chunks: tuple[int, ...], class_axis: int, num_classes: int,
+                  args: argparse.Namespace) -> dict[str, tuple]:
+    """name -> (shape, chunks, dtype) of the requested outputs: masks (and contours) of
+    ``shape``; probabilities with ``num_classes`` inserted at ``class_axis``."""
+    def with_classes(extents: tuple[int, ...]) -> tuple[int, ...]:
+        return (*extents[:class_axis], num_classes, *extents[class_axis:])
+
+    arrays = {"mask": (tuple(shape), tuple(chunks), "uint8")}
+    if args.probabilities:
+        arrays["probabilities"] = (with_classes(tuple(shape)), with_classes(tuple(chunks)), "float32")
+    if args.contour:
+        arrays["contour"] = (tuple(shape), tuple(chunks), "uint8")
+    return arrays
 
 
 def recorded_settings(out: pathlib.Path) -> dict | None:
