@@ -40,6 +40,7 @@ def scan_interval(tile: int, overlap: float) -> int:
     ``_get_scan_interval`` steps them."""
     return max(int(tile * (1 - overlap)), 1)
 
+
 # Token of the restricted endpoints.
 TOKEN_HEADER = "segserve-token"
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # Triton prefixes the key of gRPC restrictions

@@ -13,6 +13,11 @@ from segproto import looks_channels_last
 
 FRAME_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")  # outputs are plain TIFF: named without the .ome
+# Class colours of the overlay (class 0 is left uncoloured).
+CLASS_COLOURS = np.array(
+    [[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 240], [240, 200, 40], [200, 80, 220], [40, 210, 220]],
+    dtype=np.float32,
+)
 
 
 def image_stem(path: pathlib.Path) -> str:
@@ -21,11 +26,6 @@ def image_stem(path: pathlib.Path) -> str:
         if path.name.lower().endswith(suffix):
             return path.name[: -len(suffix)]
     return path.stem
-# Class colours of the overlay (class 0 is left uncoloured).
-CLASS_COLOURS = np.array(
-    [[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 240], [240, 200, 40], [200, 80, 220], [40, 210, 220]],
-    dtype=np.float32,
-)
 
 
 def read_frame(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:

@@ -4,9 +4,9 @@ lets an interrupted run resume.
 
 A container input is a stack when its rank is one more than a frame's: ``[N, H, W]`` for a
 one-channel network, ``[N, C, H, W]`` otherwise; a rank-2 array (or ``[C, H, W]`` with C > 1)
-is one frame (an HDF5 dataset too: its outputs are then frame-shaped). Stack outputs are preallocated (``[N, H, W]`` masks) under partial names and
-written in input order; ``<stem>.segment.json`` next to them records how many frames are done
-and which failed, and is updated only after a frame's data is in the file, so resuming never
+is one frame (an HDF5 dataset too: its outputs are then frame-shaped). Stack outputs are
+preallocated (``[N, H, W]`` masks) under partial names and written in input order;
+``<stem>.segment.json`` next to them records how many frames are done and which failed, and is updated only after a frame's data is in the file, so resuming never
 skips a frame that is not there. Once every frame is processed (and not every one failed) the
 outputs take their own names. A frame that failed is filled with ``FAILED_VALUE`` (mask, contour) or NaN
 (probabilities) and listed in the record and the summary.

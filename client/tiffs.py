@@ -136,10 +136,18 @@ class TiffFrames:
         self.path = pathlib.Path(path)
         self.flags = series_flags_of(self.path)
         with open_tiff(self.path, self.flags) as tiff:
-            colour = self.take_layout(tiff)
+            self.cut_short = cut_short(tiff)
+            self.complete = self.complete_frames(tiff) if self.cut_short else None
+            if self.cut_short and self.complete is None:
+                if len(tiff.pages) == 1:  # the directories of a stack's other frames, or one frame's data, are lost
+                    raise ValueError(f"{path}: cut short ({self.cut_short}): an unfinished write or copy? "
+                                     "Write or copy it again")
+                self.flags = PAGES_AS_SERIES  # its directories are what is left of its layout
+            else:
+                colour = self.take_layout(tiff.series[0])
         if self.flags is PAGES_AS_SERIES:
             with open_tiff(self.path, self.flags) as tiff:
-                colour = self.take_layout(tiff)
+                colour = self.take_layout(tiff.series[0])
         if "Y" not in self.axes or "X" not in self.axes:
             raise ValueError(f"{path}: no image axes Y and X (axes {self.axes}, shape {list(self.shape)})")
         try:
@@ -168,27 +176,21 @@ class TiffFrames:
         self._local, self._opened, self._lock = threading.local(), [], threading.Lock()
         self._whole: np.ndarray | None = None
 
-    def take_layout(self, tiff: tifffile.TiffFile) -> bool:
-        """Take the axes, shape and pixel type of the file's series; True for colour pages.
-
-        A file cut short (``cut_short``) is read by what is left of it: a stack in one piece
-        (tifffile places all its frames after the first directory) by its ``complete`` rows;
-        otherwise by the directories in it (``flags`` become ``PAGES_AS_SERIES``: call again).
-        """
-        series = tiff.series[0]
-        self.cut_short = cut_short(tiff) if self.flags is not PAGES_AS_SERIES else self.cut_short
-        self.complete = None
-        if self.cut_short and self.flags is not PAGES_AS_SERIES:
-            if series.dataoffset is not None and len(series.shape) > 2:
-                self.complete = (tiff.filehandle.size - series.dataoffset) // (series.nbytes // series.shape[0])
-                self.data_offset, self.stored_dtype = series.dataoffset, np.dtype(tiff.byteorder + series.dtype.char)
-            elif len(tiff.pages) == 1:  # the directories of a stack's other frames, or one frame's data, are lost
-                raise ValueError(f"{self.path}: cut short ({self.cut_short}): an unfinished write or copy? "
-                                 "Write or copy it again")
-            else:
-                self.flags = PAGES_AS_SERIES
+    def take_layout(self, series) -> bool:
+        """Take the axes, shape and pixel type of ``series``; True for colour pages."""
         self.axes, self.shape, self.dtype = series.axes, tuple(series.shape), np.dtype(series.dtype)
         return series.keyframe.photometric in COLOUR
+
+    def complete_frames(self, tiff: tifffile.TiffFile) -> int | None:
+        """Of a file cut short whose stack is in one piece (tifffile places every frame after
+        the first directory): how many leading rows are whole in it, mapped from
+        ``data_offset`` in ``stored_dtype``. None for any other layout: it is read by the
+        directories that are left."""
+        series = tiff.series[0]
+        if series.dataoffset is None or len(series.shape) <= 2:
+            return None
+        self.data_offset, self.stored_dtype = series.dataoffset, np.dtype(tiff.byteorder + series.dtype.char)
+        return (tiff.filehandle.size - series.dataoffset) // (series.nbytes // series.shape[0])
 
     def frame_axes(self, channel: int | None) -> list[int]:
         return [i for i, axis in enumerate(self.axes) if axis not in "YX" and i != channel and self.shape[i] > 1]
