@@ -48,11 +48,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(args.model_repository, args.host, args.http_port, args.grpc_port, args.metrics_port, args.log_verbose,
                           allocator=args.allocator, token=args.token or os.environ.get(TOKEN_ENV) or new_token())
-    token_file = write_token_file(config.token, args.token_file)
     server = TritonServer(config, log_path=args.log_file)
     stop_requested = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_requested.set())
+    # Written before the start (a client that sees readiness finds the token), once the ports
+    # are known to be free: a second server refused on them leaves the running one's token.
+    server.refuse_ports_in_use()
+    token_file = write_token_file(config.token, args.token_file)
     server.start(args.startup_timeout)
     print(f"segserve ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {config.host}:{config.metrics_port}", flush=True)
     print(f"restricted endpoints ({', '.join(config.restricted_endpoints)}) need the header {TOKEN_HEADER} (gRPC: {header_name('grpc')}); "

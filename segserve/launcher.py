@@ -44,6 +44,8 @@ NETWORK_STUB_OMP_DEFAULT = "SEGSERVE_NETWORK_OMP_DEFAULT_WAIT"
 PORT_FIELDS = ("http_port", "grpc_port", "metrics_port")
 # Starts on newly picked ports when one picked port was taken before tritonserver bound it.
 PORT_ATTEMPTS = 3
+# How long a restart waits for its ports to be let go by the stopped server before refusing.
+RESTART_PORT_WAIT_S = 10.0
 # How long the old instance of a reloaded model may take to unload before its requests are
 # taken as stuck (then the server is restarted). An instance with nothing in flight unloads as
 # the new one loads (measured: gone before the load returns); one with requests inside a dead
@@ -64,6 +66,10 @@ class ServerError(RuntimeError):
 
 class ServerExitedError(ServerError):
     """The server exited before it was ready (a model failed to load, a port was taken)."""
+
+
+class PortInUseError(ServerError):
+    """A port the server was told to use is in use by another process."""
 
 
 class StuckRequestsError(ServerError):
@@ -372,22 +378,46 @@ class TritonServer:
             env.pop(NETWORK_STUB_OMP_DEFAULT, None)
         return env
 
-    def start(self, timeout_s: float = START_TIMEOUT_S) -> "TritonServer":
+    def start(self, timeout_s: float = START_TIMEOUT_S, port_wait_s: float = 0.0) -> "TritonServer":
         """Start and wait until ready. Ports given as 0 are picked here; when another process
-        took one of them before the server bound it, the start is tried again on new ports."""
+        took one of them before the server bound it, the start is tried again on new ports.
+
+        Raises:
+            PortInUseError: a port given (not 0) is in use, checked before anything starts
+                (after up to ``port_wait_s`` for it to be let go) and again when the start
+                fails.
+        """
         picked = [field for field in PORT_FIELDS if getattr(self.config, field) == 0]
+        given = [field for field in PORT_FIELDS if field not in picked]
+        self.refuse_ports_in_use(given, port_wait_s)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             for field, port in zip(picked, free_ports(len(picked), self.config.host)):
                 setattr(self.config, field, port)
             try:
                 return self._start_once(timeout_s)
             except ServerExitedError:
+                self.refuse_ports_in_use(given)
                 taken = self._ports_taken(picked)
                 if not taken or attempt == PORT_ATTEMPTS:
                     raise
                 print(f"segserve: port(s) {', '.join(map(str, taken))} were taken before tritonserver bound them; "
                       "starting again on new ports", file=sys.stderr, flush=True)
         raise AssertionError("unreachable")
+
+    def refuse_ports_in_use(self, fields: list[str] | None = None, wait_s: float = 0.0) -> None:
+        """Raise PortInUseError naming the ports of ``fields`` (default: those not 0) in use by
+        another process, once they have been for ``wait_s`` (a stopped server's stubs may hold
+        them a moment)."""
+        if fields is None:
+            fields = [field for field in PORT_FIELDS if getattr(self.config, field) != 0]
+        deadline = time.monotonic() + wait_s
+        while taken := [field for field in fields if not port_is_free(getattr(self.config, field), self.config.host)]:
+            if time.monotonic() >= deadline:
+                raise PortInUseError(", ".join(f"{field.removesuffix('_port')} port {getattr(self.config, field)}"
+                                               for field in taken)
+                                     + f" on {self.config.host} in use by another process (another server?); "
+                                     "stop it or choose another port (0 picks a free one)")
+            time.sleep(0.25)
 
     def _ports_taken(self, fields: list[str]) -> list[int]:
         """Of the ports in ``fields``, those in use by another process now or named in the
@@ -489,7 +519,7 @@ class TritonServer:
         same ports and token."""
         self.stop(stop_timeout_s)
         self.process = None
-        return self.start(timeout_s)
+        return self.start(timeout_s, port_wait_s=RESTART_PORT_WAIT_S)
 
     def is_ready(self) -> bool:
         try:
@@ -505,12 +535,24 @@ class TritonServer:
                 error = ServerExitedError(f"tritonserver exited with code {self.process.returncode} before ready{self._log_hint()}")
                 self._cleanup()
                 raise error
-            if self.is_ready():
+            if self.is_ready() and self._listens_on_http_port():
                 return
             time.sleep(0.25)
         if stop_on_timeout:
             self.stop()
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
+
+    def _listens_on_http_port(self) -> bool:
+        """Whether this server's process holds the HTTP port. Another server on that port
+        answers readiness too, while this one loads its models and then fails to bind."""
+        import psutil
+        try:
+            sockets = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied:  # cannot tell: readiness alone decides, as before
+            return True
+        return any(s.status == psutil.CONN_LISTEN and s.laddr.port == self.config.http_port for s in sockets)
 
     def _log_hint(self) -> str:
         """Where to read why the server failed, with this start's error lines when in a log file

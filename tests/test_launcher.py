@@ -1,18 +1,23 @@
 """The launcher on the real server: a failed start's exception carries the error lines of that
 start's log (CI prints the exception, not the log file); a port taken before the server binds it
-is picked again; a killed server's cleanup removes its own shared memory, never another's."""
+is picked again, a port given that is in use is refused; a killed server's cleanup removes its
+own shared memory, never another's."""
 
 from __future__ import annotations
 
+import http.server
 import pathlib
 import socket
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
 from segserve import launcher
-from segserve.launcher import ServerConfig, ServerError, TritonServer, log_errors, python_backend_regions
+from segserve.launcher import PortInUseError, ServerConfig, ServerError, TritonServer, log_errors, python_backend_regions
 
 def broken_repository(root: pathlib.Path, model: str) -> pathlib.Path:
     """A repository whose only model names a backend that does not exist."""
@@ -90,6 +95,66 @@ def test_a_port_taken_before_the_server_binds_it_is_picked_again(tmp_path, monke
             assert taken not in (config.http_port, config.grpc_port, config.metrics_port)
     assert f"port(s) {taken} were taken" in capfd.readouterr().err
     assert f":{taken}" in (tmp_path / "server.log").read_text()  # the first try did fail on it
+
+
+def test_serve_on_a_port_in_use_is_refused_at_once_and_leaves_the_running_servers_token(tmp_path):
+    """A second ``serve`` on the ports of a running one used to print "segserve ready" (the
+    other server answered), overwrite the token file, fail to bind after loading its models and
+    restart five times over minutes."""
+    token_file = tmp_path / "token"
+    token_file.write_text("token-of-the-running-server\n")
+    with socket.socket() as running:
+        running.bind(("127.0.0.1", 0))
+        running.listen()
+        port = running.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "segserve", "serve", "--http-port", "0", "--grpc-port", str(port),
+                                 "--metrics-port", "0", "--token-file", str(token_file)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"segserve: error: grpc port {port} on 127.0.0.1 in use by another process "
+                                          "(another server?); stop it or choose another port (0 picks a free one)"]
+    assert "ready" not in result.stdout
+    assert token_file.read_text() == "token-of-the-running-server\n"
+
+
+class ReadyHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every GET as a ready server would."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.server
+def test_readiness_answered_by_another_server_on_the_port_is_not_this_ones(tmp_path, monkeypatch):
+    """Another server takes the HTTP port after the check, before this one binds it (two starts
+    at once): its readiness must not pass for this server's."""
+    (tmp_path / "repository").mkdir()
+    http_port, grpc_port, metrics_port = launcher.free_ports(3)
+    others = []
+    real_start_once = TritonServer._start_once
+
+    def start_once_after_another_server_took_the_port(server, timeout_s):
+        others.append(http.server.ThreadingHTTPServer(("127.0.0.1", http_port), ReadyHandler))
+        threading.Thread(target=others[-1].serve_forever, daemon=True).start()
+        return real_start_once(server, timeout_s)
+
+    monkeypatch.setattr(TritonServer, "_start_once", start_once_after_another_server_took_the_port)
+    config = ServerConfig(model_repository=tmp_path / "repository", http_port=http_port, grpc_port=grpc_port,
+                          metrics_port=metrics_port)
+    server = TritonServer(config, log_path=tmp_path / "server.log")
+    try:
+        with pytest.raises(PortInUseError, match=f"http port {http_port} on 127.0.0.1 in use"):
+            server.start(timeout_s=120)
+    finally:
+        server.stop()
+        for other in others:
+            other.shutdown()
+            other.server_close()
 
 
 ECHO_MODEL = '''
