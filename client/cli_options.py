@@ -9,6 +9,9 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from tqdm import tqdm
+
+from client import outage_notices
 from client.api import SegmentationClient
 from client.connection import SegmentationError
 from client.results import NetworkInfo
@@ -105,11 +108,19 @@ def network_info(client, patience_s: float = 0.0):
 @contextlib.contextmanager
 def connected_client(args: argparse.Namespace) -> Iterator[tuple[SegmentationClient, NetworkInfo]]:
     """A client of the servers the command's options name, once they answer (``check_servers``),
-    and the network its requests run."""
+    and the network its requests run; while the command runs, an outage of its servers is told
+    of (``client.outage_notices``)."""
     with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
         check_servers(client, args.model, args.patience)
         if client.stale_regions_removed:
             print(f"client: removed {len(client.stale_regions_removed)} shared-memory region(s) left by an earlier "
                   "run that did not exit cleanly", file=sys.stderr)
-        yield client, network_info(client, args.patience)
+        info = network_info(client, args.patience)
+        with outage_notices.watching(client.outage, ", ".join(client.urls), args.patience, say_above_progress):
+            yield client, info
+
+
+def say_above_progress(text: str) -> None:
+    """A line on stderr above the progress bar, which is drawn again below it."""
+    tqdm.write(text, file=sys.stderr)

@@ -120,18 +120,25 @@ class Outage:
         self.clock = clock
         self._since: float | None = None
         self._last_failure = -math.inf
+        self._last_reason: str | None = None
         self._lock = threading.Lock()
 
-    def failed(self, attempt_started: float | None = None) -> float:
+    def failed(self, attempt_started: float | None = None, reason: str | None = None) -> float:
         """Record a retryable failure of an attempt started at ``attempt_started`` (default:
-        now); seconds the outage has lasted (0 at its first failure)."""
+        now), for ``reason`` (its error); seconds the outage has lasted (0 at its first failure)."""
         with self._lock:
             now = self.clock()
             started = now if attempt_started is None else attempt_started
             if self._since is None or started - self._last_failure > QUIET_S:
                 self._since = now
-            self._last_failure = now
+            self._last_failure, self._last_reason = now, reason
             return now - self._since
+
+    @property
+    def last_reason(self) -> str | None:
+        """The error of the latest failure (None when not given)."""
+        with self._lock:
+            return self._last_reason
 
     def succeeded(self) -> None:
         """Record a success: the servers answer, the outage (if any) is over."""
@@ -162,7 +169,7 @@ def call_with_retries(function: Callable[[], object], policy: RetryPolicy,
         try:
             value = function()
         except SegmentationError as error:
-            if not error.retryable or policy.gives_up(attempt, outage.failed(started)):
+            if not error.retryable or policy.gives_up(attempt, outage.failed(started, str(error))):
                 error.attempts = attempt
                 raise
             sleep(policy.delay(attempt))

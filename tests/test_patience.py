@@ -19,6 +19,7 @@ import pytest
 
 import client.stream as stream_logic
 from client.connection import SegmentationError
+from client.outage_notices import OutageNotices
 from client.stream import RetryPolicy, call_with_retries, ordered_stream
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
 from tests.conftest import copy_2d_repository
@@ -176,6 +177,34 @@ def test_streams_sent_together_share_the_clients_outage():
     assert [o.attempts for o in results["later"]] == [1] * 30
 
 
+def test_an_outage_is_told_once_past_a_few_seconds_with_its_error_and_its_end():
+    """A frozen progress bar while the client waits out a restart looks like a hang: past
+    ``NOTICE_AFTER_S`` the user is told why and for how long frames wait, once, and then
+    when the server answers again. A blip shorter than that passes unsaid."""
+    clock = FakeClock()
+    outage = stream_logic.Outage(clock)
+    said: list[str] = []
+    notices = OutageNotices(outage, "127.0.0.1:8001", patience_s=600.0, say=said.append)
+
+    def failing_for(seconds: float) -> None:
+        for _ in range(int(seconds)):
+            outage.failed(reason=str(DOWN) + "\n  debug details")
+            notices.check()
+            clock.sleep(1.0)
+
+    failing_for(4)
+    outage.succeeded()
+    notices.check()
+    assert said == []  # a blip
+    failing_for(20)
+    assert said == ["client: no answer from 127.0.0.1:8001 for 5 s (failed to connect to all addresses; Connection "
+                    "refused); frames are tried again until it has failed for 600 s (--patience)"]
+    outage.succeeded()
+    notices.check()
+    notices.check()
+    assert said[1:] == ["client: 127.0.0.1:8001 answers again, after about 19 s without"]
+
+
 # --- the CLI against a server stopped for good -----------------------------------------------
 
 PATIENCE_S = 5
@@ -240,4 +269,39 @@ def test_a_server_stopped_for_good_ends_the_run_in_about_one_patience(own_server
     saved = json.loads(record.read_text())
     assert saved["done"] == FRAMES and saved["failed"] == {}
     assert f"{len(failed)} frame(s)" in resumed.stderr  # only the failed ones were sent again
+    assert np.array_equal(np.load(out / "scan_mask.npy"), reference_masks(own_server, stack))
+
+
+@pytest.mark.server
+def test_a_run_says_when_its_server_stops_answering_and_when_it_answers_again(own_server, rng, tmp_path):
+    """The server stopped mid-run, then started again on the same ports: the run says so
+    (it looked hung for the whole outage), finishes every frame, equal to a run without one."""
+    stack = make_stack(rng, FRAMES, (200, 230))
+    np.save(tmp_path / "scan.npy", stack)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "client", "segment", str(tmp_path / "scan.npy"), "--out", str(out),
+               "--url", own_server.grpc_url, "--token", own_server.config.token, "--inflight", "2", "--no-progress"]
+    streaming = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(streaming.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_for_record(out / "scan.segment.json", 3, streaming, timeout_s=300)
+        own_server.stop(timeout_s=2)
+        deadline = time.monotonic() + 120
+        while not any("no answer from" in line for line in lines) and time.monotonic() < deadline:
+            assert streaming.poll() is None, "".join(lines)
+            time.sleep(0.1)
+        own_server.restart()
+        code = streaming.wait(timeout=600)
+    finally:
+        if streaming.poll() is None:
+            streaming.kill()
+            streaming.wait()
+        reader.join(timeout=10)
+    told = [line.strip() for line in lines if own_server.grpc_url in line]
+    assert code == 0, "".join(lines)
+    assert len(told) == 2 and told[0].startswith(f"client: no answer from {own_server.grpc_url} for "), told
+    assert "(--patience)" in told[0]
+    assert told[1].startswith(f"client: {own_server.grpc_url} answers again, after about "), told
     assert np.array_equal(np.load(out / "scan_mask.npy"), reference_masks(own_server, stack))
