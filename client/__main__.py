@@ -87,18 +87,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @dataclasses.dataclass
 class Tally:
-    """Counts for the closing summary."""
+    """Counts for the closing summary: of the frames written or failed (a frame interrupted
+    before either is neither, and is sent again by ``--resume``), those that took more than
+    one attempt (``retried``) and their further attempts (``retries``)."""
 
-    frames: int = 0
     written: int = 0
     skipped: int = 0
+    retried: int = 0
     retries: int = 0
     failed: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def frames(self) -> int:
+        return self.written + len(self.failed)
+
+    def count_attempts(self, attempts: int) -> None:
+        if attempts > 1:
+            self.retried += 1
+            self.retries += attempts - 1
 
     def summary(self, seconds: float) -> str:
         rate = f"{self.frames / seconds:.2f} frames/s" if seconds > 0 and self.frames else "-"
         text = (f"{self.frames} frame(s) in {seconds:.1f} s ({rate}): {self.written} written, "
-                f"{len(self.failed)} failed, {self.retries} retried")
+                f"{len(self.failed)} failed, {self.retried} retried")
+        text += f" ({self.retries} further attempts)" if self.retries > self.retried else ""
         return text + (f", {self.skipped} skipped (already written)" if self.skipped else "")
 
 
@@ -184,8 +196,6 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
                                    **segment_options(args))
     try:
         for outcome in stream:
-            tally.frames += 1
-            tally.retries += max(outcome.attempts - 1, 0)
             if outcome.ok:
                 written = writer.write(outcome.index, outcome.result)
                 tally.written += 1
@@ -200,8 +210,9 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
                 writer.flush()
                 plan.record.mark(outcome.index, outcome.error)
                 plan.record.save()
+            tally.count_attempts(outcome.attempts)
             progress.update(1)
-            progress.set_postfix(retried=tally.retries, failed=len(tally.failed), refresh=False)
+            progress.set_postfix(retried=tally.retried, failed=len(tally.failed), refresh=False)
     finally:
         stream.close()
         source.close()

@@ -330,7 +330,7 @@ class Summary:
         read, written = sum(r.bytes_read for r in self.reports), sum(r.bytes_written for r in self.reports)
         return (f"{items} {unit}(s) in {len(self.reports)} task(s), {seconds:.1f} s ({rate}), "
                 f"{read / 2**20:.1f} MiB read, {written / 2**20:.1f} MiB written, "
-                f"{sum(r.retries for r in self.reports)} retried, {len(self.failed)} task(s) failed"
+                f"{sum(r.retried for r in self.reports)} retried, {len(self.failed)} task(s) failed"
                 + (f", {self.skipped} already done" if self.skipped else ""))
 
     def per_server(self) -> dict[str, int]:

@@ -74,7 +74,7 @@ class TaskReport:
     seconds: float
     bytes_read: int
     bytes_written: int
-    retries: int
+    retried: int  # items that took more than one attempt
     servers: dict[str, int]
     error: str | None = None  # an item the server refused (bad pixels): the task is not done
 
@@ -179,15 +179,16 @@ def answered_counts(clients) -> dict[str, int]:
 
 
 def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[int, object], int]:
-    """Results of ``items`` (index, image) on the first client that answers them all; a
-    client whose servers all fail hands the rest to the next (the URL list).
+    """Results of ``items`` (index, image) on the first client that answers them all (a
+    client whose servers all fail hands the rest to the next: the URL list), and how many
+    items took more than one attempt.
 
     Raises:
         SegmentationError: an item failed on every client after its retries.
     """
     from client.connection import SegmentationError
 
-    results, retries, clients = {}, 0, worker_clients(job)
+    results, retried, clients = {}, set(), worker_clients(job)
     for position, client in enumerate(clients):
         last = position == len(clients) - 1
         todo = [(i, lambda image=image: image) for i, image in items if i not in results]
@@ -196,7 +197,8 @@ def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[i
         patience = dict(retries=job.retries, patience_s=job.patience_s) if last else dict(retries=0, patience_s=0.0)
         try:
             for outcome in client.segment_stream(todo, inflight=job.inflight, **patience, **job.options):
-                retries += max(outcome.attempts - 1, 0)
+                if outcome.attempts > 1:
+                    retried.add(outcome.index)
                 if outcome.ok:
                     results[outcome.index] = outcome.result
                 elif last:
@@ -207,7 +209,7 @@ def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[i
             continue  # e.g. its server is down: its first question failed
         if len(results) == len(items):
             break
-    return results, retries
+    return results, len(retried)
 
 
 def run_task(job: Job, task: Task) -> TaskReport:
@@ -235,12 +237,12 @@ def write_task(job: Job, task: Task, start: float) -> TaskReport:
     if job.layout == "stack":
         image = job.source.read(task.sent)
         items = list(enumerate(image, start=task.sent[0].start))
-        results, retries = segment_items(job, items)
+        results, retried = segment_items(job, items)
         outputs = {name: np.stack([getattr(results[i], name) for i, _ in items]) for name in job.outputs}
     else:
         region = ((slice(None),) if job.channels else ()) + task.sent
         image = job.source.read(region)
-        results, retries = segment_items(job, [(task.index, image)])
+        results, retried = segment_items(job, [(task.index, image)])
         result, inner = results[task.index], task.sent_kept
         outputs = {"mask": result.mask[inner]}
         if "probabilities" in job.outputs:
@@ -255,4 +257,4 @@ def write_task(job: Job, task: Task, start: float) -> TaskReport:
     group[DONE_ARRAY][task.index] = 1  # after the data: a task marked done is on disk
     after = answered_counts(clients)
     return TaskReport(task.index, len(items) if job.layout == "stack" else 1, time.perf_counter() - start,
-                      int(image.nbytes), written, retries, {u: after[u] - before.get(u, 0) for u in after})
+                      int(image.nbytes), written, retried, {u: after[u] - before.get(u, 0) for u in after})

@@ -193,13 +193,17 @@ def test_an_hdf5_dataset_of_one_frame_is_segmented_as_that_frame(server, tmp_pat
 
 
 def test_a_request_past_its_deadline_is_retried_then_reported(server, tmp_path, rng, capsys):
-    np.save(tmp_path / "big.npy", make_stack(rng, 1, (1024, 1024))[0])
-    code = client_main(["segment", str(tmp_path / "big.npy"), "--out", str(tmp_path / "out"), "--url", server.grpc_url,
-                        "--transport", "shm", "--timeout", "0.05", "--retries", "2", "--no-overlay"])
+    """Retried counts frames (it counted attempts: "4 retried" for these 2 frames)."""
+    for name in ("big", "large"):
+        np.save(tmp_path / f"{name}.npy", make_stack(rng, 1, (1024, 1024))[0])
+    code = client_main(["segment", str(tmp_path / "big.npy"), str(tmp_path / "large.npy"), "--out", str(tmp_path / "out"),
+                        "--url", server.grpc_url, "--transport", "shm", "--timeout", "0.05", "--retries", "2",
+                        "--no-overlay"])
     assert code == 1
     error = capsys.readouterr().err
-    assert "0 written, 1 failed, 2 retried" in error and "big.npy" in error
-    assert not (tmp_path / "out" / "big_mask.tif").exists()
+    assert "2 frame(s)" in error and "0 written, 2 failed, 2 retried (4 further attempts)" in error
+    assert "big.npy" in error and "large.npy" in error
+    assert not list((tmp_path / "out").glob("*_mask.tif"))
     assert our_dev_shm_entries() == [] and registered_regions(server) == []
 
 
