@@ -231,10 +231,11 @@ def segment_inputs(args: argparse.Namespace) -> int:
         check_distinct_targets(*planned_targets(sources, args))  # before any writer opens (and truncates) a file
         plans = [plan_source(source, args, num_classes, info.name) for source in sources]
         tally = Tally(skipped=sum(p.source.count - len(p.todo) for p in plans))
-        total = sum(len(p.todo) for p in plans)
+        remaining = sum(len(p.todo) for p in plans)
         start = time.perf_counter()
-        try:
-            with tqdm(total=total, unit="frame", disable=args.no_progress or total < 2, dynamic_ncols=True) as progress:
+        try:  # a resumed run's bar starts at the frames already written
+            with tqdm(total=remaining + tally.skipped, initial=tally.skipped, unit="frame",
+                      disable=args.no_progress or remaining < 2, dynamic_ncols=True) as progress:
                 for plan in plans:
                     progress.set_description(plan.source.label[-30:])
                     run_plan(client, plan, args, progress, tally)

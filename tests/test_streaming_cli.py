@@ -52,9 +52,11 @@ def test_killed_client_is_cleaned_up_by_the_next_run_which_resumes(server, tmp_p
     assert f"removed {len(left)} shared-memory region(s) left by an earlier run" in refused.stderr
     assert our_dev_shm_entries() == [] and registered_regions(server) == []
 
-    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    with_progress = [arg for arg in args if arg != "--no-progress"]
+    resumed = subprocess.run(with_progress + ["--resume"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{written_before} skipped" in resumed.stderr
+    assert f"| {written_before}/40 [" in resumed.stderr and "| 40/40 [" in resumed.stderr  # the bar counts the whole stack
     assert np.array_equal(np.load(out / "scan_mask.npy"), reference_masks(server, stack))
     assert our_dev_shm_entries() == [] and registered_regions(server) == []
 
