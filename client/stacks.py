@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import tifffile
 
+from client.frame_files import FrameFile
 from client.frames import FRAME_SUFFIXES, check_not_channels_last, image_stem, load_npy, overlay, read_frame, write_array
 from client.tiffs import TiffFrames
 
@@ -139,7 +140,10 @@ def open_stack(argument: str, in_channels: int) -> Source | None:
         if suffix == ".npy":
             array = load_npy(path, mmap_mode="r")
             check_not_channels_last(array.shape, path)  # refused, as a frame, by read_frame
-            return array_source(path.name, "npy", array, path) if is_stack_shape(array.shape, in_channels) else None
+            if not is_stack_shape(array.shape, in_channels):
+                return None
+            frames = FrameFile.of_memmap(array)
+            return array_source(path.name, "npy", frames or array, path, close=frames.close if frames else None)
         if suffix in (".tif", ".tiff"):
             return tiff_source(path, in_channels)
     except (OSError, ValueError, tifffile.TiffFileError):
@@ -152,11 +156,12 @@ def file_source(files: list[pathlib.Path], label: str, in_channels: int, kind: s
                   frame_label=lambda i: str(files[i]), files=list(files))
 
 
-def array_source(label: str, kind: str, array, path: pathlib.Path, dataset: str | None = None) -> Source:
-    """A stack over anything indexable by frame (numpy memmap, h5py dataset)."""
+def array_source(label: str, kind: str, array, path: pathlib.Path, dataset: str | None = None,
+                 close: Callable[[], None] | None = None) -> Source:
+    """A stack over anything indexable by frame (FrameFile, numpy memmap, h5py dataset)."""
     return Source(label=label, kind=kind, count=int(array.shape[0]), load=lambda i: np.asarray(array[i]),
                   frame_label=lambda i: f"{label}[{i}]", path=path, dataset=dataset,
-                  frame_shape=tuple(int(d) for d in array.shape[1:]))
+                  frame_shape=tuple(int(d) for d in array.shape[1:]), close=close or (lambda: None))
 
 
 def tiff_source(path: pathlib.Path, in_channels: int) -> Source | None:
@@ -339,7 +344,9 @@ class StackWriter:
             return f"{self.paths['mask']}:/{group}/{{{','.join(self.outputs)}}}"
         return ", ".join(str(p) for p in (self.paths if self.published else self.partial_paths).values())
 
-    def _open_array(self, name: str, resume: bool):
+    def _open_array(self, name: str, resume: bool) -> FrameFile:
+        """The output's frames in its file (made here, or the interrupted run's when resuming),
+        written in place: the file is laid out through a memory map, written without one."""
         path = self.paths[name] if self.published else self.partial_paths[name]
         shape, dtype = self.shapes[name], OUTPUT_DTYPES[name]
         if resume:
@@ -347,10 +354,15 @@ class StackWriter:
             if array.shape != shape or array.dtype != dtype:
                 raise ValueError(f"{path}: shape {list(array.shape)} {array.dtype} does not match this run "
                                  f"({list(shape)} {np.dtype(dtype)}); add --overwrite (instead of --resume) to start again")
-            return array
-        if path.suffix == ".tif":
-            return tifffile.memmap(path, shape=shape, dtype=dtype, photometric="minisblack")
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        elif path.suffix == ".tif":
+            array = tifffile.memmap(path, shape=shape, dtype=dtype, photometric="minisblack")
+        else:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        frames = FrameFile.of_memmap(array, writable=True)
+        if frames is None:
+            raise ValueError(f"{path}: its frames are not stored in one piece; add --overwrite (instead of --resume) "
+                             "to start again")
+        return frames
 
     def _open_hdf5(self, path: pathlib.Path, resume: bool) -> dict:
         import h5py
@@ -397,6 +409,9 @@ class StackWriter:
         """Flush and close; with ``publish``, give the outputs their own names (replacing an
         earlier run's)."""
         self.flush()
+        for array in self.arrays.values():
+            if isinstance(array, FrameFile):
+                array.close()
         self.arrays.clear()
         if self._h5 is not None:
             if publish and not self.published:
