@@ -52,9 +52,10 @@ def serve(args: argparse.Namespace) -> int:
     stop_requested = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_requested.set())
-    # Written before the start (a client that sees readiness finds the token), once the ports
-    # are known to be free: a second server refused on them leaves the running one's token.
-    server.refuse_ports_in_use()
+    # Written before the start (a client that sees readiness finds the token), once the start
+    # is known not to be refused (a port in use, a mistyped repository): a running server's
+    # token stays.
+    server.prepare()
     token_file = write_token_file(config.token, args.token_file)
     server.start(args.startup_timeout)
     print(f"segserve ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {config.host}:{config.metrics_port}", flush=True)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return serve(args)
-    except ServerError as error:
+    except (ServerError, OSError) as error:  # OSError: the token file
         if args.debug:
             traceback.print_exc()
         print(f"segserve: error: {error}", file=sys.stderr)

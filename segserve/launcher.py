@@ -41,6 +41,9 @@ STUB_TIMEOUT_S = 120
 # Set when the launcher chose OMP_WAIT_POLICY: the network stubs then drop it (the name is
 # repeated in segserve.backend.onnx_runner, which imports nothing of the launcher's).
 NETWORK_STUB_OMP_DEFAULT = "SEGSERVE_NETWORK_OMP_DEFAULT_WAIT"
+# The repository the user named, for the pipeline steps (segserve.backend.sliding_window), which
+# run on the copy the server loaded (``TritonServer.prepare``).
+SOURCE_REPOSITORY_ENV = "SEGSERVE_SOURCE_REPOSITORY"
 PORT_FIELDS = ("http_port", "grpc_port", "metrics_port")
 # Starts on newly picked ports when one picked port was taken before tritonserver bound it.
 PORT_ATTEMPTS = 3
@@ -151,6 +154,15 @@ def copy_models(destination: pathlib.Path, models: tuple[str, ...],
 LOG_ERROR_LINES = 12
 LOG_LINE_CHARS = 400
 LOG_TAIL_BYTES = 1 << 20  # a long-running server's log since its start can be large
+
+
+def copy_repository(repository: pathlib.Path, destination: pathlib.Path) -> pathlib.Path:
+    """Every model of ``repository`` (``repository_models``) copied into ``destination``,
+    symbolic links followed; returns ``destination``."""
+    for model in repository_models(repository):
+        shutil.copytree(pathlib.Path(repository) / model, destination / model,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return destination
 
 
 def log_errors(log_path: pathlib.Path, start: int = 0, fallback: bool = True) -> list[str]:
@@ -297,6 +309,7 @@ class TritonServer:
         self._stubs_at_start: dict[int, str] = {}
         self._log_file = None
         self._log_start = 0  # where this start's output begins in the appended log
+        self._loaded: tempfile.TemporaryDirectory | None = None  # the repository as the server loaded it
 
     @property
     def http_url(self) -> str:
@@ -306,11 +319,42 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.config.host}:{self.config.grpc_port}"
 
+    def prepare(self) -> None:
+        """What a start needs, checked before anything starts (a command can then write its
+        token file, knowing the start was not refused): the ports given are free, the log file
+        can be written, and the repository is copied.
+
+        The server loads the copy, and reloads from it after a stub died (``reload_models``,
+        ``restart``): an export or an edit while it runs changes nothing it serves, where a
+        reload used to switch to a network overwritten since the start without a word.
+
+        Raises:
+            PortInUseError: a port given is in use.
+            ServerError: the repository is not a directory, the log file cannot be written.
+        """
+        self.refuse_ports_in_use()
+        if self.log_path is not None:
+            try:
+                open(self.log_path, "ab").close()
+            except OSError as error:
+                raise ServerError(f"cannot write the log file {self.log_path}: {error.strerror}") from None
+        if self._loaded is None:
+            repository_models(self.config.model_repository)  # refused before a copy is begun
+            self._loaded = tempfile.TemporaryDirectory(prefix="segserve-loaded-")
+            copy_repository(self.config.model_repository, pathlib.Path(self._loaded.name))
+
+    @property
+    def loaded_repository(self) -> pathlib.Path:
+        """The copy of the repository the server runs on (``prepare``)."""
+        if self._loaded is None:
+            raise ServerError("the server is not prepared: start() it")
+        return pathlib.Path(self._loaded.name)
+
     def command(self, backend_directory: pathlib.Path, server_binary: pathlib.Path) -> list[str]:
         c = self.config
         return [
             str(server_binary),
-            f"--model-repository={pathlib.Path(c.model_repository).resolve()}",
+            f"--model-repository={self.loaded_repository}",
             f"--backend-directory={backend_directory}",
             f"--http-address={c.host}", f"--http-port={c.http_port}",
             f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
@@ -318,7 +362,7 @@ class TritonServer:
             # explicit (every model loaded at start): a model whose stub died is reloaded alone
             # (``reload_models``); the repository API stays restricted to token holders.
             "--model-control-mode=explicit",
-            *(f"--load-model={name}" for name in repository_models(c.model_repository)),
+            *(f"--load-model={name}" for name in repository_models(self.loaded_repository)),
             "--strict-readiness=true",
             "--exit-timeout-secs=30",
             f"--log-verbose={c.log_verbose}",
@@ -366,6 +410,7 @@ class TritonServer:
         env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(distribution.libraries)]))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env[SOURCE_REPOSITORY_ENV] = str(pathlib.Path(self.config.model_repository).resolve())
         # The pipeline's steps run in separate stub processes that hand work to each other; an
         # OpenMP thread spinning after its step steals the cores the next step needs. The network
         # models' stubs go back to libgomp's default (segserve.backend.onnx_runner): they run
@@ -390,6 +435,7 @@ class TritonServer:
         picked = [field for field in PORT_FIELDS if getattr(self.config, field) == 0]
         given = [field for field in PORT_FIELDS if field not in picked]
         self.refuse_ports_in_use(given, port_wait_s)
+        self.prepare()
         for attempt in range(1, PORT_ATTEMPTS + 1):
             for field, port in zip(picked, free_ports(len(picked), self.config.host)):
                 setattr(self.config, field, port)
@@ -517,7 +563,7 @@ class TritonServer:
     def restart(self, timeout_s: float = START_TIMEOUT_S, stop_timeout_s: float = 40.0) -> "TritonServer":
         """Stop (killing what has not stopped after ``stop_timeout_s``) and start again on the
         same ports and token."""
-        self.stop(stop_timeout_s)
+        self._stop_process(stop_timeout_s)
         self.process = None
         return self.start(timeout_s, port_wait_s=RESTART_PORT_WAIT_S)
 
@@ -596,7 +642,14 @@ class TritonServer:
 
     def stop(self, timeout_s: float = 40.0, drain_s: float = 0.0) -> int | None:
         """Optionally drain (up to ``drain_s``), then SIGINT, wait up to ``timeout_s``, then
-        SIGKILL. Returns the exit code."""
+        SIGKILL; the loaded copy of the repository is removed. Returns the exit code."""
+        code = self._stop_process(timeout_s, drain_s)
+        if self._loaded is not None:
+            self._loaded.cleanup()
+            self._loaded = None
+        return code
+
+    def _stop_process(self, timeout_s: float = 40.0, drain_s: float = 0.0) -> int | None:
         if self.process is None:
             return None
         killed = False

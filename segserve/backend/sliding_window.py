@@ -29,6 +29,7 @@ network model warms itself with Triton's ``model_warmup`` (written by the export
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
 import time
 
@@ -49,6 +50,8 @@ from segserve.sliding_window import (DEFAULT_SW_BATCH_SIZE, blended_logits, pad_
                                      window_limit)
 from segserve.postprocess import postprocess
 
+SOURCE_REPOSITORY_ENV = "SEGSERVE_SOURCE_REPOSITORY"  # set by segserve.launcher, whose name it repeats
+
 
 class NetworkCallError(RuntimeError):
     """The network model answered a tile batch with an error."""
@@ -61,6 +64,9 @@ class TritonPythonModel:
         self.name = args["model_name"]
         self.default_network = parameters["default_network"]
         self.repository = pathlib.Path(args["model_repository"]).parent
+        # The launcher runs the server on a copy of the repository; networks exported since it
+        # started are found in the one the user named (launcher.SOURCE_REPOSITORY_ENV).
+        self.source_repository = pathlib.Path(os.environ.get(SOURCE_REPOSITORY_ENV) or self.repository)
         self.requests_in_flight = requests_in_flight(parameters.get("tile_requests_in_flight", "1"))
         self.default_sw_batch_size = int(parameters.get("sw_batch_size", str(DEFAULT_SW_BATCH_SIZE)))
         self.pad_last_batch = parameters.get("pad_last_batch", "false").lower() == "true"
@@ -120,7 +126,7 @@ class TritonPythonModel:
 
     def _network_spec(self, name: str) -> NetworkSpec:
         if name not in self._specs:  # exported since the start: served once loaded (a restart)
-            self._specs[name] = load_network_spec(self.repository, name, self.network_config)
+            self._specs[name] = load_network_spec(self.source_repository, name, self.network_config)
             self._exported_since_start.add(name)
         return self._specs[name]
 
