@@ -319,7 +319,7 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.config.host}:{self.config.grpc_port}"
 
-    def prepare(self) -> None:
+    def prepare(self, port_wait_s: float = 0.0) -> None:
         """What a start needs, checked before anything starts (a command can then write its
         token file, knowing the start was not refused): the ports given are free, the log file
         can be written, and the repository is copied.
@@ -332,7 +332,7 @@ class TritonServer:
             PortInUseError: a port given is in use.
             ServerError: the repository is not a directory, the log file cannot be written.
         """
-        self.refuse_ports_in_use()
+        self.refuse_ports_in_use(wait_s=port_wait_s)
         if self.log_path is not None:
             try:
                 open(self.log_path, "ab").close()
@@ -434,8 +434,7 @@ class TritonServer:
         """
         picked = [field for field in PORT_FIELDS if getattr(self.config, field) == 0]
         given = [field for field in PORT_FIELDS if field not in picked]
-        self.refuse_ports_in_use(given, port_wait_s)
-        self.prepare()
+        self.prepare(port_wait_s)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             for field, port in zip(picked, free_ports(len(picked), self.config.host)):
                 setattr(self.config, field, port)
