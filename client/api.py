@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import queue
 import threading
 import weakref
@@ -121,9 +122,13 @@ def _as_option_type(name: str, value):
     return float(value)
 
 
-def release_slots_and_controls(slots: list[dict], lock: threading.Lock, controls: list[Connection]) -> list[str]:
+def release_slots_and_controls(slots: list[dict], lock: threading.Lock, controls: list[Connection],
+                               owner_pid: int) -> list[str]:
     """Close every slot's transports (their shared-memory regions unregistered and freed) and
-    the control connections; the errors of those that could not be closed."""
+    the control connections; the errors of those that could not be closed. Nothing in a
+    process forked from ``owner_pid``: its copies of them are the parent's, still in use there."""
+    if os.getpid() != owner_pid:
+        return []
     with lock:
         transports = [transport for slot in slots for transport in slot.values()]
         slots.clear()
@@ -216,8 +221,9 @@ class SegmentationClient:
         self.closed = False
         # Regions are freed even if the caller forgets close(): when the client is collected,
         # or at exit (a weak reference: an unclosed client can still be collected).
+        self._pid = os.getpid()
         self._release = weakref.finalize(self, release_slots_and_controls, self._slots, self._slots_lock,
-                                         self._controls)
+                                         self._controls, self._pid)
         if transport in SHM_KINDS:
             self._remove_stale_regions()
 
@@ -235,6 +241,7 @@ class SegmentationClient:
     def _control(self) -> Connection:
         """Control connection (configuration, metadata): the only server's, or the first one
         found with the model ready, remembered (no readiness round trip per call)."""
+        self._check_process()
         if self._ready_control is None:
             if len(self._controls) == 1:
                 self._ready_control = self._controls[0]
@@ -252,8 +259,18 @@ class SegmentationClient:
         return InlineTransport(connection)
 
     def _check_open(self) -> None:
+        self._check_process()
         if self.closed:
             raise SegmentationError("this SegmentationClient is closed; make a new one")
+
+    def _check_process(self) -> None:
+        """Refuse use in a process forked from the one that made the client: its connections
+        and shared-memory regions are the parent's (two processes wrote frames into the same
+        regions and got each other's masks; an HTTP call waited for the parent's thread)."""
+        if os.getpid() != self._pid:
+            raise SegmentationError(f"this SegmentationClient was made in process {self._pid} and cannot be used in "
+                                    f"process {os.getpid()}, forked from it (multiprocessing, a process pool); "
+                                    "make one in each process, e.g. in the pool's initializer")
 
     def _take_slot(self) -> dict:
         """An in-flight slot (server index -> transport) owned by the caller until
@@ -309,10 +326,12 @@ class SegmentationClient:
         wait_for_recovery(longest_s, self.is_ready)
 
     def unready_servers(self) -> list[str]:
+        self._check_process()
         return [c.url for c in self._controls if not c.is_model_ready(self.model)]
 
     def live_servers(self) -> list[str]:
         """Servers that answer at all (their model may still be loading)."""
+        self._check_process()
         return [c.url for c in self._controls if c.is_server_live()]
 
     def _with_patience(self, fetch: Callable[[], T], patience_s: float) -> T:

@@ -168,3 +168,40 @@ def test_one_shm_client_shared_by_threads_gives_each_frame_its_own_result(server
     assert errors == [] and len(results) == 4 * len(frames)
     assert all(np.array_equal(mask, expected[index]) for (_, index), mask in results.items())
     assert slots_made <= 2 * 3 + 2  # two streams of 3 slots and two single callers at most
+
+
+def _use_in_forked_child(client: SegmentationClient, frame: np.ndarray, answers) -> None:
+    """Run in a child forked from the process that made ``client``: what each call gave."""
+    outcome = {}
+    for name, call in [("segment", lambda: client.segment(frame)), ("live_servers", client.live_servers)]:
+        try:
+            call()
+            outcome[name] = "it worked"
+        except SegmentationError as error:
+            outcome[name] = str(error)
+    client.close()  # the child's copy: must leave the parent's regions alone
+    answers.put(outcome)
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_a_client_used_in_a_forked_process_is_refused_and_the_parents_still_works(server, odd_frames, transport):
+    """Two processes writing frames into the same shared-memory regions got each other's masks,
+    and the child's copy freed the parent's regions: a forked child is told to make its own."""
+    import multiprocessing
+
+    frame = odd_frames["uint16"]
+    with client_for(server, transport) as client:
+        expected = client.segment(frame).mask
+        regions_before = registered_regions(server)
+        fork = multiprocessing.get_context("fork")
+        answers = fork.Queue()
+        child = fork.Process(target=_use_in_forked_child, args=(client, frame, answers))
+        child.start()
+        outcome = answers.get(timeout=120)
+        child.join(timeout=60)
+        assert child.exitcode == 0
+        for name in ("segment", "live_servers"):
+            assert f"made in process {os.getpid()}" in outcome[name] and "forked from it" in outcome[name], outcome
+        assert registered_regions(server) == regions_before
+        assert np.array_equal(client.segment(frame).mask, expected)
+    assert registered_regions(server) == [] and our_dev_shm_entries() == []
