@@ -1,4 +1,4 @@
-"""``python -m segserve serve``: run the segmentation server until Ctrl-C or SIGTERM."""
+"""``python -m segserve serve``: run the segmentation server until Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import time
 import traceback
 
 from segproto import TOKEN_ENV, TOKEN_HEADER, header_name, new_token, write_token_file
-from segserve.launcher import DEFAULT_REPOSITORY, STUCK_STOP_S, ServerConfig, ServerError, StuckRequestsError, TritonServer
+from segserve.launcher import (DEFAULT_REPOSITORY, STUCK_STOP_S, ServerConfig, ServerError, StartCancelledError,
+                               StuckRequestsError, TritonServer)
 
 
 # A server whose stubs keep dying is not fixed by restarting it: give up after this many restarts.
@@ -23,7 +24,7 @@ RESTART_WINDOW_S = 600.0
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m segserve", description="Segmentation server (Triton 2.51).")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="start Triton on the model repository and wait for Ctrl-C / SIGTERM")
+    serve = commands.add_parser("serve", help="start Triton on the model repository and serve until Ctrl-C / SIGTERM / SIGHUP")
     serve.add_argument("--model-repository", type=pathlib.Path, default=DEFAULT_REPOSITORY, help="default: %(default)s")
     serve.add_argument("--host", default="127.0.0.1",
                        help="bind address of every endpoint (default: %(default)s, local only; 0.0.0.0 exposes it)")
@@ -39,23 +40,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--token-file", type=pathlib.Path,
                        help="where to write the token for local clients, owner-readable only (default: ~/.config/segserve/token)")
     serve.add_argument("--drain-timeout", type=float, default=60.0,
-                       help="on Ctrl-C / SIGTERM, seconds to let requests in flight finish before stopping (default: %(default)s)")
+                       help="on Ctrl-C / SIGTERM / SIGHUP, seconds to let requests in flight finish before stopping; a second Ctrl-C stops at once (default: %(default)s)")
     serve.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness (default: %(default)s)")
     serve.add_argument("--debug", action="store_true", help="print tracebacks")
     return parser.parse_args(argv)
 
 
+class StopSignals:
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed), all alike: the first asks for a
+    stop, which calls off a start in progress or drains a running server; the second cuts the
+    drain short. ``signum`` is the first one's number."""
+
+    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.stop_requested = threading.Event()
+        self.hurry = threading.Event()
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for signum in self.HANDLED:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # under nohup: the user asked for the server to outlive the terminal
+            signal.signal(signum, self._received)
+
+    def _received(self, signum: int, _frame) -> None:
+        if self.stop_requested.is_set():
+            if not self.hurry.is_set():
+                # os.write: print() is not safe in a handler that may interrupt another print().
+                os.write(sys.stderr.fileno(), b"segserve: second signal: stopping now, requests in flight are abandoned\n")
+            self.hurry.set()
+        else:
+            self.signum = signum
+            self.stop_requested.set()
+
+
 def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(args.model_repository, args.host, args.http_port, args.grpc_port, args.metrics_port, args.log_verbose,
                           allocator=args.allocator, token=args.token or os.environ.get(TOKEN_ENV) or new_token())
-    server = TritonServer(config, log_path=args.log_file)
-    stop_requested = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop_requested.set())
+    signals = StopSignals()
+    server = TritonServer(config, log_path=args.log_file, start_cancelled=signals.stop_requested, drain_cancelled=signals.hurry)
+    signals.install()
+    try:
+        return run_until_stopped(server, signals, args)
+    except StartCancelledError as error:
+        server.stop()
+        print(f"segserve: {error} ({signal.Signals(signals.signum).name})", file=sys.stderr, flush=True)
+        return 128 + signals.signum
+
+
+def run_until_stopped(server: TritonServer, signals: StopSignals, args: argparse.Namespace) -> int:
+    """Start, keep the server healthy (``recover``) until a stop signal, then drain and stop.
+    Returns the exit code of the command.
+
+    Raises:
+        StartCancelledError: a signal came while a (re)start waited for readiness.
+    """
+    config = server.config
     # Written before the start (a client that sees readiness finds the token), once the start
     # is known not to be refused (a port in use, a mistyped repository): a running server's
     # token stays.
     server.prepare()
+    if signals.stop_requested.is_set():
+        raise StartCancelledError("stopped before it was started")
     token_file = write_token_file(config.token, args.token_file)
     server.start(args.startup_timeout)
     print(f"segserve ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {config.host}:{config.metrics_port}", flush=True)
@@ -63,7 +110,7 @@ def serve(args: argparse.Namespace) -> int:
           f"token in {token_file}", flush=True)
     print("Ctrl-C stops the server.", flush=True)
     restarts: list[float] = []
-    while not stop_requested.wait(0.5):
+    while not signals.stop_requested.wait(0.5):
         problem = server.health_problem()
         if problem is None:
             continue
@@ -74,10 +121,13 @@ def serve(args: argparse.Namespace) -> int:
             server.stop()
             return 1
         recover(server, problem, args.startup_timeout)
-    print(f"stopping: letting requests in flight finish (at most {args.drain_timeout:.0f} s)...", flush=True)
+    print(f"stopping: letting requests in flight finish (at most {args.drain_timeout:.0f} s; "
+          "a second Ctrl-C stops at once)...", flush=True)
     code = server.stop(drain_s=args.drain_timeout)
     print(f"stopped (tritonserver exit code {code})", flush=True)
-    return 0
+    if signals.hurry.is_set():
+        return 128 + signals.signum
+    return 0 if code == 0 else 1
 
 
 def recover(server: TritonServer, problem: str, timeout_s: float) -> None:

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -73,6 +74,10 @@ class ServerExitedError(ServerError):
 
 class PortInUseError(ServerError):
     """A port the server was told to use is in use by another process."""
+
+
+class StartCancelledError(ServerError):
+    """The start was called off (``TritonServer.start_cancelled`` set) before the server was ready."""
 
 
 class StuckRequestsError(ServerError):
@@ -299,10 +304,16 @@ class TritonServer:
     then kills; after a kill it removes the Python-backend shared-memory regions it left.
     """
 
-    def __init__(self, config: ServerConfig | None = None, log_path: pathlib.Path | None = None):
-        """``log_path``: file the server's output is appended to; None leaves it on stdout/stderr."""
+    def __init__(self, config: ServerConfig | None = None, log_path: pathlib.Path | None = None,
+                 start_cancelled: threading.Event | None = None, drain_cancelled: threading.Event | None = None):
+        """``log_path``: file the server's output is appended to; None leaves it on stdout/stderr.
+        ``start_cancelled``: once set, a start (or restart) waiting for readiness stops the server
+        and raises StartCancelledError (a Ctrl-C while the models load). ``drain_cancelled``:
+        once set, a stop's drain ends and the server gets a short grace (a second Ctrl-C)."""
         self.config = config or ServerConfig()
         self.log_path = log_path
+        self.start_cancelled = start_cancelled or threading.Event()
+        self.drain_cancelled = drain_cancelled or threading.Event()
         self.process: subprocess.Popen | None = None
         self._scratch: tempfile.TemporaryDirectory | None = None
         self._regions_before: set[str] = set()
@@ -576,6 +587,9 @@ class TritonServer:
     def wait_ready(self, timeout_s: float, stop_on_timeout: bool = True) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self.start_cancelled.is_set():
+                self._stop_process(STUCK_STOP_S)
+                raise StartCancelledError("stopped before it was ready")
             if self.process.poll() is not None:
                 error = ServerExitedError(f"tritonserver exited with code {self.process.returncode} before ready{self._log_hint()}")
                 self._cleanup()
@@ -629,7 +643,8 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         last, quiet_since = self.activity(), time.monotonic()
         while time.monotonic() < deadline:
-            time.sleep(0.25)
+            if self.drain_cancelled.wait(0.25):
+                return False
             current = self.activity()
             if current is None:
                 return True  # not answering: nothing to wait for
@@ -657,13 +672,28 @@ class TritonServer:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
-                self.process.wait(timeout_s)
+                self._wait_for_exit(timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
                 killed = True
         self._cleanup(remove_regions=killed or self.process.returncode != 0)
         return self.process.returncode
+
+    def _wait_for_exit(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the process to exit, cut to ``STUCK_STOP_S`` once
+        ``drain_cancelled`` is set (Triton's own shutdown waits for requests in flight).
+
+        Raises:
+            subprocess.TimeoutExpired: it has not exited by then.
+        """
+        deadline, hurried = time.monotonic() + timeout_s, False
+        while self.process.poll() is None:
+            if not hurried and self.drain_cancelled.is_set():
+                deadline, hurried = min(deadline, time.monotonic() + STUCK_STOP_S), True
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.process.args, timeout_s)
+            time.sleep(0.1)
 
     def _cleanup(self, remove_regions: bool = True) -> None:
         if remove_regions:

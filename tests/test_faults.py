@@ -12,6 +12,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -35,8 +36,8 @@ STARTUP_TIMEOUT_S = 600
 class Serve:
     """``python -m segserve serve`` in a subprocess on fixed free ports with a known token."""
 
-    def __init__(self, directory: pathlib.Path, model_repository: pathlib.Path):
-        self.directory, self.model_repository = directory, model_repository
+    def __init__(self, directory: pathlib.Path, model_repository: pathlib.Path, drain_timeout_s: float = 20):
+        self.directory, self.model_repository, self.drain_timeout_s = directory, model_repository, drain_timeout_s
         self.ports = dict(zip(("grpc", "http", "metrics"), free_ports(3)))
         self.token = "faults-test-token"
         self.output = directory / "serve.out"
@@ -49,14 +50,18 @@ class Serve:
         return f"127.0.0.1:{self.ports['grpc']}"
 
     def start(self) -> None:
+        self.launch()
+        self.wait_until(lambda: self.text().count("segserve ready") > self.ready_lines, "ready")
+
+    def launch(self) -> None:
+        """Start the command without waiting for readiness."""
         command = [sys.executable, "-m", "segserve", "serve", "--model-repository", str(self.model_repository),
                    "--grpc-port", str(self.ports["grpc"]), "--http-port", str(self.ports["http"]),
                    "--metrics-port", str(self.ports["metrics"]), "--token", self.token,
                    "--token-file", str(self.directory / "token"), "--log-file", str(self.directory / "triton.log"),
-                   "--drain-timeout", "20"]
+                   "--drain-timeout", str(self.drain_timeout_s)]
         self.regions_before = python_backend_regions()
         self.process = subprocess.Popen(command, stdout=open(self.output, "a"), stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        self.wait_until(lambda: self.text().count("segserve ready") > self.ready_lines, "ready")
 
     def text(self) -> str:
         return self.output.read_text() if self.output.exists() else ""
@@ -77,8 +82,83 @@ class Serve:
     def stubs(self) -> dict[int, str]:
         return python_backend_stubs(self.process.pid)
 
+    def tritonserver(self) -> psutil.Process | None:
+        children = psutil.Process(self.process.pid).children()
+        return next((child for child in children if "tritonserver" in child.name()), None)
+
     def client(self, **kwargs) -> SegmentationClient:
         return SegmentationClient(self.grpc_url, token=self.token, **kwargs)
+
+
+def scratch_directories() -> set[pathlib.Path]:
+    """What servers keep in the temporary directory while they run (the backends they load,
+    the copy of the repository)."""
+    temporary = pathlib.Path(tempfile.gettempdir())
+    return {*temporary.glob("segserve-backends-*"), *temporary.glob("segserve-loaded-*")}
+
+
+def assert_nothing_left(serve: Serve, tritonserver: psutil.Process, scratch_before: set[pathlib.Path]) -> None:
+    assert not (tritonserver.is_running() and tritonserver.status() != psutil.STATUS_ZOMBIE)
+    assert python_backend_regions() - serve.regions_before == set()
+    assert scratch_directories() <= scratch_before
+
+
+# These two run before the module's server starts (the `serve` fixture): one server at a time.
+def test_ctrl_c_while_the_models_load_stops_the_start_within_seconds_and_leaves_nothing(tmp_path):
+    """Ctrl-C during the start was held until every model had loaded (minutes on a big
+    repository), then the server was started and stopped."""
+    scratch_before = scratch_directories()
+    starting = Serve(tmp_path, copy_2d_repository(tmp_path / "model_repository", sliding_window_instances=2))
+    starting.launch()
+    starting.wait_until(lambda: starting.tritonserver() is not None, "running tritonserver")
+    tritonserver = starting.tritonserver()
+    starting.process.send_signal(signal.SIGINT)
+    assert starting.process.wait(timeout=60) == 130, starting.text()
+    assert "segserve ready" not in starting.text()
+    assert "segserve: stopped before it was ready (SIGINT)" in starting.text()
+    tritonserver.wait(timeout=30)
+    assert_nothing_left(starting, tritonserver, scratch_before)
+
+
+def test_sighup_drains_like_ctrl_c_and_a_second_signal_stops_at_once(tmp_path, rng):
+    """SIGHUP (the terminal closed) killed serve without a drain; a second Ctrl-C did not end
+    the drain, which a client that keeps sending holds off up to its timeout (here 600 s)."""
+    scratch_before = scratch_directories()
+    running = Serve(tmp_path, copy_2d_repository(tmp_path / "model_repository", sliding_window_instances=2),
+                    drain_timeout_s=600)
+    running.start()
+    tritonserver = running.tritonserver()
+    frame = make_stack(rng, 1, (256, 256))
+    answered, sending = [], threading.Event()
+    sending.set()
+
+    def keep_sending() -> None:
+        with grpcclient.InferenceServerClient(running.grpc_url) as client:
+            image = grpcclient.InferInput("IMAGE_UINT16", list(frame.shape), "UINT16")
+            image.set_data_from_numpy(frame)
+            while sending.is_set():
+                try:
+                    client.infer("segment_2d", [image], client_timeout=60)
+                    answered.append(True)
+                except InferenceServerException:
+                    time.sleep(0.1)  # refused while the server stops
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        running.wait_until(lambda: len(answered) >= 3, "3 frames answered")
+        running.process.send_signal(signal.SIGHUP)
+        running.wait_until(lambda: "stopping: letting requests in flight finish" in running.text(), "draining")
+        answered_when_draining = len(answered)
+        running.wait_until(lambda: len(answered) > answered_when_draining, "a frame answered while draining")
+        running.process.send_signal(signal.SIGINT)
+        assert running.process.wait(timeout=120) == 128 + signal.SIGHUP, running.text()  # the drain had 600 s to go
+    finally:
+        sending.clear()
+        sender.join(timeout=120)
+    assert "segserve: second signal: stopping now" in running.text()
+    tritonserver.wait(timeout=30)
+    assert_nothing_left(running, tritonserver, scratch_before)
 
 
 @pytest.fixture(scope="module")
