@@ -170,19 +170,34 @@ def copy_repository(repository: pathlib.Path, destination: pathlib.Path) -> path
     return destination
 
 
-def log_errors(log_path: pathlib.Path, start: int = 0, fallback: bool = True) -> list[str]:
+# What Triton 2.51 logs on every start on a machine without a GPU: never why a start failed.
+NO_GPU_NOISE = re.compile(r"CudaDriverHelper|CUDA driver version is insufficient|NVML|DCGM")
+# Triton's words for a model that failed to load (2.51: "failed to load 'm' version 1: ...",
+# "load failed for model 'm': ..."); only used to name the models first in a failed start's hint.
+FAILED_MODEL = re.compile(r"(?:failed to load (?:model )?|load failed for model )'([^']+)'")
+
+
+def log_errors(log_path: pathlib.Path, start: int = 0, fallback: bool = True,
+               ignore: re.Pattern | None = None) -> list[str]:
     """The last error lines of a server log from byte ``start`` on (its last MiB at most):
-    Triton's own (``E`` then the date) and Python tracebacks' last lines; with ``fallback``,
-    the last lines of all when none match. Each is cut to ``LOG_LINE_CHARS``."""
+    Triton's own (``E`` then the date, and its last words ``error: ...``) and Python tracebacks'
+    last lines, less those ``ignore`` finds; with ``fallback``, the last lines of all when none
+    match. Each is cut to ``LOG_LINE_CHARS``."""
     try:
         with open(log_path, "rb") as log:
             log.seek(max(start, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
             lines = log.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return []
-    errors = [line for line in lines if re.match(r"E\d{4} |\w*(Error|Exception)\b", line)]
+    errors = [line for line in lines if re.match(r"E\d{4} |error: |\w*(Error|Exception)\b", line)
+              and not (ignore is not None and ignore.search(line))]
     chosen = (errors or (lines if fallback else []))[-LOG_ERROR_LINES:]
     return [line[:LOG_LINE_CHARS] for line in chosen]
+
+
+def failed_models(error_lines: list[str]) -> list[str]:
+    """Models that error lines say failed to load, in order of first mention."""
+    return list(dict.fromkeys(match for line in error_lines for match in FAILED_MODEL.findall(line)))
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -618,8 +633,10 @@ class TritonServer:
         (CI shows the exception, not the log)."""
         if self.log_path is None:
             return "; see the server output above"
-        errors = log_errors(self.log_path, self._log_start)
-        return f"; see {self.log_path}" + "".join(f"\n  {line}" for line in errors)
+        errors = log_errors(self.log_path, self._log_start, ignore=NO_GPU_NOISE if visible_gpu_count() == 0 else None)
+        failed = failed_models(errors)
+        named = f"; failed to load: {', '.join(failed)}" if failed else ""
+        return f"{named}; see {self.log_path}" + "".join(f"\n  {line}" for line in errors)
 
     def activity(self) -> tuple[int, ...] | None:
         """Execution counts of every model (they move while any request is in the pipeline),

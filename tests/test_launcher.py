@@ -40,6 +40,10 @@ def test_a_failed_start_says_which_model_failed_and_only_from_its_own_log_lines(
     log = tmp_path / "server.log"
     first = start_error(broken_repository(tmp_path / "a", "first_broken"), log)
     assert "failed to load model 'first_broken'" in first
+    assert "before ready; failed to load: first_broken; see" in first.splitlines()[0]
+    assert "\n  error: creating server: " in first  # Triton's last word, lowercase
+    if launcher.visible_gpu_count() == 0:  # Triton's lines of every start without a GPU are no reason
+        assert "CudaDriverHelper" not in first and "NVML" not in first and "CUDA driver" not in first
     second = start_error(broken_repository(tmp_path / "b", "second_broken"), log)
     assert "failed to load model 'second_broken'" in second
     assert "first_broken" not in second  # the same log, appended: the earlier start's lines stay out
@@ -72,6 +76,8 @@ def test_log_errors_keeps_error_lines_else_the_last_lines(tmp_path):
     log.write_text("I1201 loading\nE1201 21:12:11 x.cc:1] \"boom\"\nTraceback (most recent call last):\n"
                    "  File \"model.py\"\nValueError: bad tile\nI1201 exiting\n")
     assert log_errors(log) == ['E1201 21:12:11 x.cc:1] "boom"', "ValueError: bad tile"]
+    assert launcher.failed_models(["E1 x] \"failed to load 'a' version 1: y\"", "error: load failed for model 'b': z",
+                                   "E2 x] failed to load model 'a'"]) == ["a", "b"]
     quiet = tmp_path / "quiet.log"
     quiet.write_text("".join(f"I line {i}\n" for i in range(30)) + "x" * 1000 + "\n")
     tail = log_errors(quiet)
