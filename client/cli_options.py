@@ -117,7 +117,8 @@ def connected_client(args: argparse.Namespace) -> Iterator[tuple[SegmentationCli
             print(f"client: removed {len(client.stale_regions_removed)} shared-memory region(s) left by an earlier "
                   "run that did not exit cleanly", file=sys.stderr)
         info = network_info(client, args.patience)
-        with outage_notices.watching(client.outage, ", ".join(client.urls), args.patience, say_above_progress):
+        with outage_notices.watching(client.outage, ", ".join(client.urls), args.patience, say_above_progress,
+                                     retries=args.retries):
             yield client, info
 
 

@@ -15,15 +15,27 @@ CHECK_EVERY_S = 1.0
 REASON_CHARS = 200
 
 
+def retry_rule(patience_s: float, retries: int | None, lasted_s: float) -> str:
+    """What happens to the frames that fail, ``lasted_s`` into an outage, under ``--patience``
+    and ``--retries`` (``client.stream.RetryPolicy``)."""
+    if retries == 0:
+        return "frames that fail are not tried again (--retries 0)"
+    if lasted_s >= patience_s:
+        return f"--patience {patience_s:g} s is spent, so each further frame is tried once"
+    at_most = f"at most {retries} more time(s) each, " if retries is not None else ""
+    return f"frames are tried again ({at_most}until it has failed for {patience_s:g} s, --patience)"
+
+
 class OutageNotices:
     """Says, through ``say``, once an outage of ``outage`` has lasted ``after_s``: its latest
-    error and how long the frames wait (``patience_s``); then, once it ends, that ``where``
-    (the servers) answers again. ``check()`` decides, on the outage's clock; ``watching``
-    calls it every ``CHECK_EVERY_S`` in a thread."""
+    error and what happens to the frames that fail (``retry_rule``); then, once it ends, that
+    ``where`` (the servers) answers again. ``check()`` decides, on the outage's clock;
+    ``watching`` calls it every ``CHECK_EVERY_S`` in a thread."""
 
     def __init__(self, outage: Outage, where: str, patience_s: float, say: Callable[[str], None],
-                 after_s: float = NOTICE_AFTER_S):
+                 after_s: float = NOTICE_AFTER_S, retries: int | None = None):
         self.outage, self.where, self.patience_s, self.say, self.after_s = outage, where, patience_s, say, after_s
+        self.retries = retries
         self._told_lasted_s: float | None = None  # the outage told of: how long it had lasted at the last check
 
     def check(self) -> None:
@@ -34,8 +46,8 @@ class OutageNotices:
                 self._told_lasted_s = None
         elif self._told_lasted_s is not None or lasted_s >= self.after_s:
             if self._told_lasted_s is None:
-                self.say(f"client: no answer from {self.where} for {lasted_s:.0f} s ({self._reason()}); frames are "
-                         f"tried again until it has failed for {self.patience_s:g} s (--patience)")
+                self.say(f"client: no answer from {self.where} for {lasted_s:.0f} s ({self._reason()}); "
+                         f"{retry_rule(self.patience_s, self.retries, lasted_s)}")
             self._told_lasted_s = lasted_s
 
     def _reason(self) -> str:
@@ -46,9 +58,9 @@ class OutageNotices:
 
 @contextlib.contextmanager
 def watching(outage: Outage, where: str, patience_s: float, say: Callable[[str], None],
-             every_s: float = CHECK_EVERY_S) -> Iterator[OutageNotices]:
+             every_s: float = CHECK_EVERY_S, retries: int | None = None) -> Iterator[OutageNotices]:
     """``OutageNotices`` checked every ``every_s`` in a daemon thread while the block runs."""
-    notices = OutageNotices(outage, where, patience_s, say)
+    notices = OutageNotices(outage, where, patience_s, say, retries=retries)
     stop = threading.Event()
 
     def watch() -> None:
