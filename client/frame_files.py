@@ -25,7 +25,8 @@ class FrameFile:
     def __init__(self, path: pathlib.Path, shape: tuple[int, ...], dtype, offset: int, writable: bool = False):
         self.path, self.shape, self.dtype, self.offset = pathlib.Path(path), tuple(shape), np.dtype(dtype), int(offset)
         self.frame_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._descriptor: int | None = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
+        self._descriptor: int | None = None  # set first: __del__ runs even when the open fails
+        self._descriptor = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
 
     @classmethod
     def of_memmap(cls, array: np.memmap, writable: bool = False) -> FrameFile | None:

@@ -102,3 +102,17 @@ def test_writing_stack_outputs_leaves_resident_memory_at_a_few_frames_and_files_
                                            probabilities=np.zeros((2, height, width), np.float32)))
     resumed.close(publish=True)
     assert (read(tmp_path / f"scan_mask{suffix}")[3] == 1).all()
+
+
+def test_a_file_that_cannot_be_opened_is_one_error_and_nothing_more(tmp_path, monkeypatch):
+    """``__del__`` of a FrameFile whose open failed raised AttributeError (printed as
+    "Exception ignored in ..." on stderr)."""
+    import gc
+    import sys
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(FileNotFoundError):
+        FrameFile(tmp_path / "gone.npy", (2, 4, 4), np.uint16, offset=128)
+    gc.collect()
+    assert [str(u.exc_value) for u in unraisable] == []
