@@ -153,7 +153,7 @@ def default_block(shape: tuple[int, ...], tile: tuple[int, ...], max_voxels: int
 
 # --- what a worker runs -------------------------------------------------------------------------
 
-_CLIENTS: dict[tuple, object] = {}  # per worker process: settings -> SegmentationClient
+_CLIENTS: dict[tuple, object] = {}  # per worker process: (process id, settings) -> SegmentationClient
 
 
 def worker_clients(job: Job) -> list:
@@ -166,7 +166,9 @@ def worker_clients(job: Job) -> list:
     choices = ([(local,)] if local else []) + ([job.urls] if job.urls != (local,) else [])
     clients = []
     for urls in choices:
-        key = (urls, job.model, job.network, job.transport, job.token, job.timeout_s)
+        # The process id: a process forked from this one inherits the dict, and a client is
+        # refused in a process forked from the one that made it.
+        key = (os.getpid(), urls, job.model, job.network, job.transport, job.token, job.timeout_s)
         if key not in _CLIENTS:
             _CLIENTS[key] = SegmentationClient(list(urls), transport=job.transport, model=job.model, network=job.network,
                                                timeout_s=job.timeout_s, token=job.token)

@@ -514,3 +514,30 @@ def test_an_interrupted_run_leaves_no_task_queued_and_its_input_writable(server,
                              stderr=subprocess.PIPE, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert_complete(out, reference[0][:12], 12)
+
+
+def _mask_in_forked_process(job, frame: np.ndarray) -> np.ndarray:
+    from client import datasets
+
+    results, _ = datasets.segment_items(job, [(0, frame)])
+    return results[0].mask
+
+
+def test_a_process_forked_after_the_dataset_clients_were_made_makes_its_own(server, rng):
+    """A pool forked from a process that had used its dataset clients inherited them, and a
+    client is refused in a process forked from the one that made it: every item failed."""
+    import multiprocessing
+
+    from client import datasets
+
+    job = datasets.Job(source=None, output="", layout="stack", channels=False, urls=(server.grpc_url,),
+                       model="segment_2d", network=None, transport="grpc", token=None, timeout_s=None, retries=0,
+                       patience_s=0.0, inflight=1, options={}, outputs=("mask",))
+    frame = make_stack(rng, 1, (70, 90))[0]
+    try:
+        expected = _mask_in_forked_process(job, frame)  # this process's clients, made
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            forked = pool.apply(_mask_in_forked_process, (job, frame))
+    finally:
+        close_worker_clients()
+    assert np.array_equal(forked, expected)
