@@ -18,18 +18,23 @@ the new one is exported and checked (a failed export leaves the old one as it wa
 Afterwards (server restarted) a 2D network serves through ``segment_2d`` and a 3D one through
 ``segment_3d``, with the request parameter ``network=<name>`` (client: ``--network <name>``),
 or by default with ``--set-default``.
+
+Ctrl-C (or SIGTERM) stops the export with exit code 130 (143), saying what it had written: the
+model and the pipeline configs each change whole, in one move, or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import signal
 import sys
 import traceback
 
-from export.network_export import (SUPPORTED_ARCHITECTURES, ExportError, ExportSettings, export_network,
-                                   set_default_network)
+from export.network_export import (INTERRUPTS, SUPPORTED_ARCHITECTURES, ExportError, ExportSettings,
+                                   default_network_configs, export_network, set_default_network)
 from segproto import PIPELINES
 
 DEFAULT_REPOSITORY = pathlib.Path(__file__).resolve().parent.parent / "model_repository"
@@ -84,8 +89,37 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
                           tolerance=args.tolerance, instances_per_gpu=args.instances_per_gpu, tensorrt=args.tensorrt)
 
 
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+def identity(path: pathlib.Path) -> tuple[int, int] | None:
+    """Which file or directory is at ``path`` (None: none): an export or --set-default moves a
+    new one there, so it changes exactly when they wrote it."""
+    try:
+        found = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def interrupted_message(args: argparse.Namespace, watched: dict[pathlib.Path, tuple | None], model_dir: pathlib.Path | None,
+                        pipeline: str | None) -> str:
+    """What an interrupted export had written, read from the repository itself."""
+    changed = {path for path, before in watched.items() if identity(path) != before}
+    if not changed:
+        return "export: interrupted; nothing was written to the repository"
+    done = [f"{model_dir} was written (complete)"] if model_dir in changed else []
+    if args.set_default:
+        done.append(f"{pipeline} uses {args.name} by default" if changed - {model_dir} else f"{pipeline}'s default network is unchanged")
+    return f"export: interrupted; {'; '.join(done)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGINT is set too: a shell starts background jobs with it ignored, and Python keeps that.
+    previous = {signum: signal.signal(signum, raise_keyboard_interrupt) for signum in INTERRUPTS}
+    watched, model_dir, pipeline = {}, None, None  # what an interrupt is reported against
     try:
         settings = settings_from_args(args)
         # Up front, before the minutes an export can take (export_network checks the name first).
@@ -94,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"--set-default: {args.repository / pipeline} has no config.pbtxt (no {pipeline} pipeline to set)")
         if args.checkpoint is not None and not args.checkpoint.is_file():
             raise ExportError(f"checkpoint {args.checkpoint} is not a file")
+        model_dir = args.repository / settings.name
+        configs = default_network_configs(args.repository / pipeline) if args.set_default else []
+        watched = {path: identity(path) for path in (model_dir, *configs)}
         export_network(settings, args.repository, overwrite=args.overwrite)
         if args.set_default:
             set_default_network(args.repository, settings.name, pipeline=pipeline)
@@ -103,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"export: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(interrupted_message(args, watched, model_dir, pipeline), file=sys.stderr)
+        signum = interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], int) else signal.SIGINT
+        return 128 + signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     return 0
 
 

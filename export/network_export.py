@@ -3,7 +3,10 @@ it into a Triton model repository with a generated ``config.pbtxt``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import itertools
 import json
 import os
 import pathlib
@@ -11,7 +14,10 @@ import pickle
 import re
 import secrets
 import shutil
+import signal
+import stat
 import tempfile
+import threading
 import warnings
 import zipfile
 
@@ -445,19 +451,92 @@ def write_model(settings: ExportSettings, repository: pathlib.Path, onnx_path: p
 
     The model is written into a directory beside it (``.<name>.export-*``) and moved into place
     only once complete; with ``overwrite`` it replaces a network written before as a whole (no
-    file of the old one stays). Leftovers are removed on failure: Triton takes every directory
-    of the repository, hidden ones included, for a model."""
-    repository.mkdir(parents=True, exist_ok=True)
-    model_dir = repository / settings.name
-    remove_leftovers(repository, settings.name)
+    file of the old one stays). Leftovers are removed on failure or Ctrl-C (and the repository
+    directories made for it): Triton takes every directory of the repository, hidden ones
+    included, for a model. A file system error is an ExportError naming the repository."""
+    try:
+        made = make_directories(repository)
+        try:
+            remove_leftovers(repository, settings.name)
+            stage_and_move(settings, repository, onnx_path, torchscript_path, in_channels, num_classes, overwrite)
+        except BaseException:
+            remove_empty_directories(made)
+            raise
+    except OSError as error:  # the staging directory's path in it would name what the user never gave
+        raise ExportError(f"cannot write to the repository {repository}: {error.strerror or error}") from error
+    return repository / settings.name
+
+
+def stage_and_move(settings: ExportSettings, repository: pathlib.Path, onnx_path: pathlib.Path,
+                   torchscript_path: pathlib.Path, in_channels: int, num_classes: int, overwrite: bool) -> None:
+    """The model's files written into a staging directory, then moved to ``<repository>/<name>``
+    with Ctrl-C held off (never half-moved); the staging directory is removed whatever happens."""
     staging = make_unique_directory(repository, f".{settings.name}.export-")
     try:
         write_model_files(settings, staging, onnx_path, torchscript_path, in_channels, num_classes)
         check_target(repository, settings.name, overwrite)  # again: the repository may have changed meanwhile
-        replace_directory(staging, model_dir)
+        with interrupts_held():
+            replace_directory(staging, repository / settings.name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return model_dir
+        with interrupts_held():  # a second Ctrl-C does not cut the cleanup short
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def make_directories(path: pathlib.Path) -> list[pathlib.Path]:
+    """Make directory ``path`` and its missing parents; returns those made, deepest first."""
+    made = list(itertools.takewhile(lambda parent: not os.path.lexists(parent), (path, *path.parents)))
+    path.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty_directories(paths: list[pathlib.Path]) -> None:
+    """Remove those of ``paths`` (deepest first) that are empty directories."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def repository_problem(repository: pathlib.Path) -> str | None:
+    """Why no model can be written into ``repository`` (made if absent), as ``strerror`` says
+    it, or None: it, or its nearest existing parent, is not a directory, or not writable."""
+    existing = next((path for path in (repository, *repository.parents) if path.exists()), pathlib.Path("."))
+    if not existing.is_dir():
+        return os.strerror(errno.ENOTDIR)
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return os.strerror(errno.EACCES)
+    return None
+
+
+def check_repository(repository: pathlib.Path) -> None:
+    """Refuse a repository that cannot be written, before the minutes an export can take."""
+    problem = repository_problem(repository)
+    if problem is not None:
+        raise ExportError(f"cannot write to the repository {repository}: {problem}")
+
+
+# What ends an export from the outside (python -m export makes SIGTERM a KeyboardInterrupt too).
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Run the block with Ctrl-C and SIGTERM held off, so a change of the repository is not
+    cut half-way; one that came meanwhile is delivered after it (to the handler before: a
+    KeyboardInterrupt, the default action, or nothing), unless the block raised."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+    came = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum)) for signum in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    for signum in dict.fromkeys(came):
+        signal.raise_signal(signum)
 
 
 def make_unique_directory(parent: pathlib.Path, prefix: str) -> pathlib.Path:
@@ -514,30 +593,81 @@ def write_model_files(settings: ExportSettings, model_dir: pathlib.Path, onnx_pa
 DEFAULT_NETWORK_LINE = re.compile(r'(key:\s*"default_network"\s*value:?\s*\{\s*string_value:\s*)"[^"]*"')
 
 
+def default_network_configs(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The pipeline's config files that ``set_default_network`` edits (links to them are not)."""
+    paths = [model_dir / "config.pbtxt", *sorted((model_dir / "configs").glob("*.pbtxt"))]
+    return [path for path in paths if not path.is_symlink()]
+
+
 def set_default_network(repository: pathlib.Path, name: str, pipeline: str = "segment_2d") -> None:
     """Point the pipeline's ``default_network`` parameter (in every config variant) at ``name``.
 
-    Only that value changes: the configs keep their comments and layout."""
-    model_dir = repository / pipeline
-    paths = [model_dir / "config.pbtxt", *sorted((model_dir / "configs").glob("*.pbtxt"))]
-    edited = {}
-    for config_path in (p for p in paths if not p.is_symlink()):
+    Only that value changes: the configs keep their comments and layout. All or nothing: every
+    file is edited and written beside itself first, then all are renamed over the old ones
+    (a failure before leaves them as they were: ExportError naming the file)."""
+    paths = default_network_configs(repository / pipeline)
+    replace_files({path: with_default_network(path, name) for path in paths})
+
+
+def with_default_network(config_path: pathlib.Path, name: str) -> str:
+    """The text of ``config_path`` with its ``default_network`` value ``name``."""
+    try:
         text, count = DEFAULT_NETWORK_LINE.subn(lambda match: f'{match.group(1)}"{name}"', config_path.read_text())
         config = text_format.Parse(text, model_config_pb2.ModelConfig())
-        if count != 1 or config.parameters["default_network"].string_value != name:
-            raise ExportError(f"{config_path}: expected one default_network parameter, found {count}")
-        edited[config_path] = text
-    for config_path, text in edited.items():  # all checked first: no variant is left pointing elsewhere
-        config_path.write_text(text)
+    except OSError as error:
+        raise ExportError(f"--set-default: cannot read {config_path}: {error.strerror or error}") from error
+    except (text_format.ParseError, UnicodeDecodeError) as error:
+        raise ExportError(f"--set-default: {config_path} does not parse: {first_line(error)}") from error
+    if count != 1 or config.parameters["default_network"].string_value != name:
+        raise ExportError(f"{config_path}: expected one default_network parameter, found {count}")
+    return text
+
+
+def replace_files(texts: dict[pathlib.Path, str]) -> None:
+    """Write each text into a new file beside its path, then rename them all over their paths
+    (Ctrl-C held off meanwhile): a failure before the renames leaves every path as it was."""
+    written = {}
+    try:
+        for path, text in texts.items():
+            written[path] = write_beside(path, text)
+        with interrupts_held():
+            for path, new in written.items():
+                os.replace(new, path)
+    finally:
+        with interrupts_held():
+            for new in written.values():
+                new.unlink(missing_ok=True)
+
+
+def write_beside(path: pathlib.Path, text: str) -> pathlib.Path:
+    """A new file ``.<name>.*.tmp`` beside ``path`` holding ``text`` (on disk), with ``path``'s mode."""
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise ExportError(f"--set-default: cannot write {path}: {error.strerror or error}") from error
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))  # mkstemp's 0600 would lock out a server of another user
+    except BaseException as error:
+        os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise ExportError(f"--set-default: cannot write {path}: {error.strerror or error}") from error
+        raise
+    return pathlib.Path(temporary)
 
 
 def export_network(settings: ExportSettings, repository: pathlib.Path, log=print, overwrite: bool = False) -> pathlib.Path:
     """The whole export: build, ONNX export, checker, onnxruntime-vs-torch check, write.
 
     Refuses (ExportError, before any work) a name under which the repository holds anything but
-    a network this exporter wrote, and such a network unless ``overwrite``; a failed export
-    leaves the repository as it was."""
+    a network this exporter wrote, and such a network unless ``overwrite``, and a repository that
+    cannot be written; a failed or interrupted (KeyboardInterrupt) export leaves the repository
+    as it was."""
     repository = pathlib.Path(repository)
+    check_repository(repository)
     replaced = check_target(repository, settings.name, overwrite)
     network = build_network(settings)
     in_channels = settings.arguments.get("in_channels", 1)

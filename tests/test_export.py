@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import resource
 import shutil
+import signal
 import subprocess
 import time
 import warnings
@@ -459,3 +461,163 @@ def test_a_network_overwritten_while_the_server_runs_is_served_as_loaded_after_a
     config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
     with TritonServer(config, log_path=tmp_path / "server.log") as server:
         assert served_by(server) is exported_later
+
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# A 2D UNet whose check (torch and onnxruntime on 3 tiles of 1536²) takes seconds: room to
+# press Ctrl-C after "onnx.checker: ok" and before the export writes anything.
+SLOW_ARGUMENTS = {**TINY_ARGUMENTS, "channels": [8, 16, 32], "strides": [2, 2]}
+
+
+def export_command(repository: pathlib.Path, name: str, *extra: str, arguments: dict = TINY_ARGUMENTS,
+                   tile: tuple[int, ...] = (32, 32)) -> list[str]:
+    """``python -m export`` of a UNet, as a command line."""
+    return [sys.executable, "-m", "export", "--architecture", "UNet", "--arguments", json.dumps(arguments),
+            "--tile", *map(str, tile), "--name", name, "--repository", str(repository), *extra]
+
+
+def wait_for_output(process: subprocess.Popen, path: pathlib.Path, text: str, timeout: float = 600) -> None:
+    """Until ``text`` is in the file ``path`` (the process's output), the process ends, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert text in path.read_text() and process.poll() is None, f"no {text!r} from the running export: {path.read_text()}"
+
+
+def test_ctrl_c_during_an_export_says_so_in_one_line_and_leaves_the_repository_as_it_was(tmp_path):
+    """SIGINT while the export checks its network (replacing one, --set-default): exit code 130,
+    one line (a traceback before), the repository byte for byte as before and no scratch
+    directory left."""
+    repository = tmp_path / "model_repository"
+    shutil.copytree(SHIPPED_REPOSITORY / "segment_2d", repository / "segment_2d", symlinks=True)
+    assert export_tiny(repository, "tiny") == 0
+    before = snapshot(repository)
+    (tmp_path / "tmp").mkdir()
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")}
+    command = export_command(repository, "tiny", "--overwrite", "--set-default", "--tolerance", "1",
+                             arguments=SLOW_ARGUMENTS, tile=(1536, 1536))
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=environment, cwd=REPO_ROOT)
+    try:
+        wait_for_output(process, tmp_path / "out.txt", "onnx.checker: ok")
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=600)
+    finally:
+        process.kill()
+        process.wait()
+    errors = (tmp_path / "err.txt").read_text()
+    assert code == 130, errors
+    assert "Traceback" not in errors and errors.splitlines()[-1:] == ["export: interrupted; nothing was written to the repository"], errors
+    assert snapshot(repository) == before
+    assert [path for path in (tmp_path / "tmp").iterdir() if path.is_dir()] == []  # the export's scratch (not a library's .ses file)
+
+
+def test_a_ctrl_c_while_the_repository_changes_is_raised_once_the_change_is_done():
+    """The moves into the repository (the model directory, the configs) hold Ctrl-C off: a SIGINT
+    that comes during one is raised after it, not half-way."""
+    from export.network_export import interrupts_held
+
+    steps = []
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                steps.append("moved")
+            steps.append("went on")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert steps == ["moved"]
+
+
+def limit_file_size(size: int):
+    """``preexec_fn``: writes past ``size`` bytes fail (EFBIG; Python ignores SIGXFSZ), for root too."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def test_set_default_that_fails_on_one_config_changes_none(tmp_path):
+    """--set-default writing configs/gpu.pbtxt fails (larger than the process may write; the
+    export's own files are not): config.pbtxt, written before it in place, stayed changed, and
+    gpu.pbtxt was cut short. Every config is now as before; one line names the file."""
+    repository = tmp_path / "model_repository"
+    shutil.copytree(SHIPPED_REPOSITORY / "segment_2d", repository / "segment_2d", symlinks=True)
+    gpu = repository / "segment_2d" / "configs" / "gpu.pbtxt"
+    gpu.write_text(gpu.read_text() + "".join(f"# a long comment, line {line}\n" for line in range(100_000)))
+    assert gpu.stat().st_size > 2 << 20
+    before = snapshot(repository / "segment_2d")
+    done = subprocess.run(export_command(repository, "tiny", "--set-default"), capture_output=True, text=True, cwd=REPO_ROOT,
+                          preexec_fn=limit_file_size(1 << 20), timeout=600)
+    after = snapshot(repository / "segment_2d")
+    assert [name for name in before if after.get(name) != before[name]] == [], done.stderr
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1:] == [f"export: error: --set-default: cannot write {gpu}: File too large"], done.stderr
+    assert load_network_spec(repository, "tiny").num_classes == 2  # the export itself went through
+
+
+def test_set_default_names_a_config_that_does_not_parse_and_changes_none(tmp_path, capsys):
+    repository = tmp_path / "model_repository"
+    shutil.copytree(SHIPPED_REPOSITORY / "segment_2d", repository / "segment_2d", symlinks=True)
+    gpu = repository / "segment_2d" / "configs" / "gpu.pbtxt"
+    gpu.write_text(gpu.read_text() + "instance_group [ { count: \n")
+    before = snapshot(repository / "segment_2d")
+    assert export_tiny(repository, "tiny", "--set-default") == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"export: error: --set-default: {gpu} does not parse: ") and error.count("\n") == 1, error
+    assert snapshot(repository / "segment_2d") == before
+
+
+def without_root_privilege() -> list[str]:
+    """Command prefix under which permissions bind root too (no CAP_DAC_OVERRIDE): tests run as root."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root, and no setpriv to drop the privilege of writing anywhere")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_read_only_repository_is_named_in_one_line(tmp_path, when):
+    """Read-only from the start: refused before the export. Made read-only while the export
+    checks its network: the error named the hidden staging directory it could not make
+    ([Errno 13] Permission denied: '.../.tiny.export-1a2b3c4d'); now the repository given."""
+    repository = tmp_path / "model_repository"
+    (repository / "other").mkdir(parents=True)
+    before = snapshot(repository)
+    if when == "before":
+        repository.chmod(0o555)
+    command = [*without_root_privilege(), *export_command(repository, "tiny", "--tolerance", "1",
+                                                           arguments=SLOW_ARGUMENTS, tile=(1536, 1536))]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+            process = subprocess.Popen(command, stdout=out, stderr=err, env=environment, cwd=REPO_ROOT)
+        try:
+            if when == "during":
+                wait_for_output(process, tmp_path / "out.txt", "onnx.checker: ok")
+                repository.chmod(0o555)
+            code = process.wait(timeout=600)
+        finally:
+            process.kill()
+            process.wait()
+    finally:
+        repository.chmod(0o755)
+    errors = (tmp_path / "err.txt").read_text()
+    assert code == 1, errors
+    assert errors.splitlines()[-1:] == [f"export: error: cannot write to the repository {repository}: Permission denied"], errors
+    assert "Traceback" not in errors
+    if when == "before":
+        assert (tmp_path / "out.txt").read_text() == ""  # refused before the export started
+    assert snapshot(repository) == before
+
+
+@pytest.mark.parametrize("where", ["below a file", "a file"])
+def test_a_repository_that_cannot_be_a_directory_is_refused_in_one_line_before_the_export(tmp_path, capsys, where):
+    """A raw errno message after the whole export before (naming a hidden staging directory
+    where the repository could be made but not written)."""
+    (tmp_path / "file").write_text("not a directory")
+    repository = tmp_path / "file" / "model_repository" if where == "below a file" else tmp_path / "file"
+    assert export_tiny(repository, "tiny") == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"export: error: cannot write to the repository {repository}: Not a directory\n"
+    assert captured.out == ""  # refused before the export started
+    assert (tmp_path / "file").read_text() == "not a directory"
