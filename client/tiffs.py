@@ -20,6 +20,7 @@ import math
 import pathlib
 import struct
 import threading
+import types
 
 import numpy as np
 import tifffile
@@ -116,6 +117,27 @@ def zarr_store(path: pathlib.Path):
     return tifffile.imread(path, aszarr=True, **flags)
 
 
+def imagej_stack_cut_short(tiff: tifffile.TiffFile):
+    """Of an ImageJ file cut short before its second image directory (tifffile then reads it
+    as its first frame alone): the stack its description declares, uncompressed in one piece
+    from the first page's data, which is how ImageJ itself reads its files. None otherwise.
+
+    Returns a series-like namespace: ``axes`` (``TZC`` of those longer than 1, or ``I``, then
+    the page's), ``shape``, ``dtype``, ``dataoffset``, ``nbytes``, ``keyframe``."""
+    page, metadata = tiff.pages.first, tiff.imagej_metadata or {}
+    images = int(metadata.get("images", 1))
+    if len(tiff.pages) != 1 or images <= 1 or page.compression != 1 or not page.is_contiguous:
+        return None
+    sizes = {axis: int(metadata.get(key, 1)) for axis, key in zip("TZC", ("frames", "slices", "channels"))}
+    stack = {axis: size for axis, size in sizes.items() if size > 1} or {"I": images}
+    if math.prod(stack.values()) != images:
+        return None
+    shape = (*stack.values(), *page.shape)
+    return types.SimpleNamespace(axes="".join(stack) + page.axes, shape=shape, dtype=page.dtype,
+                                 dataoffset=page.dataoffsets[0], nbytes=math.prod(shape) * page.dtype.itemsize,
+                                 keyframe=page)
+
+
 class TiffFrames:
     """A TIFF as ``count`` frames of ``[channels, H, W]`` for a network of ``in_channels``
     (None: any), read with :meth:`read` from any thread; :meth:`close` (or ``with``) at the end.
@@ -137,14 +159,15 @@ class TiffFrames:
         self.flags = series_flags_of(self.path)
         with open_tiff(self.path, self.flags) as tiff:
             self.cut_short = cut_short(tiff)
-            self.complete = self.complete_frames(tiff) if self.cut_short else None
+            series = (imagej_stack_cut_short(tiff) if self.cut_short else None) or tiff.series[0]
+            self.complete = self.complete_frames(tiff, series) if self.cut_short else None
             if self.cut_short and self.complete is None:
                 if len(tiff.pages) == 1:  # the directories of a stack's other frames, or one frame's data, are lost
                     raise ValueError(f"{path}: cut short ({self.cut_short}): an unfinished write or copy? "
                                      "Write or copy it again")
                 self.flags = PAGES_AS_SERIES  # its directories are what is left of its layout
             else:
-                colour = self.take_layout(tiff.series[0])
+                colour = self.take_layout(series)
         if self.flags is PAGES_AS_SERIES:
             with open_tiff(self.path, self.flags) as tiff:
                 colour = self.take_layout(tiff.series[0])
@@ -181,12 +204,11 @@ class TiffFrames:
         self.axes, self.shape, self.dtype = series.axes, tuple(series.shape), np.dtype(series.dtype)
         return series.keyframe.photometric in COLOUR
 
-    def complete_frames(self, tiff: tifffile.TiffFile) -> int | None:
-        """Of a file cut short whose stack is in one piece (tifffile places every frame after
-        the first directory): how many leading rows are whole in it, mapped from
-        ``data_offset`` in ``stored_dtype``. None for any other layout: it is read by the
-        directories that are left."""
-        series = tiff.series[0]
+    def complete_frames(self, tiff: tifffile.TiffFile, series) -> int | None:
+        """Of a file cut short whose stack ``series`` is in one piece (tifffile places every
+        frame after the first directory; ImageJ always does): how many leading rows are whole
+        in it, mapped from ``data_offset`` in ``stored_dtype``. None for any other layout: it
+        is read by the directories that are left."""
         if series.dataoffset is None or len(series.shape) <= 2:
             return None
         self.data_offset, self.stored_dtype = series.dataoffset, np.dtype(tiff.byteorder + series.dtype.char)

@@ -303,10 +303,12 @@ def write_cut_short(path, layout: str) -> None:
 
 
 @pytest.mark.parametrize("layout, readable", [("in one piece", 5), ("bigtiff", 5), ("big-endian", 5), ("page by page", 5),
-                                              ("compressed", 5)])
+                                              ("compressed", 5), ("imagej", 5)])
 def test_a_stack_cut_short_gives_the_frames_that_are_in_it(tmp_path, layout, readable):
     """A stack in one piece failed every frame; OME, ImageJ and compressed stacks were read as
-    their first frame alone, written and reported as done."""
+    their first frame alone, written and reported as done. An ImageJ stack cut before its
+    second directory was refused, though its description and its first page say where all of
+    its frames are (as ImageJ reads it)."""
     write_cut_short(tmp_path / "cut.tif", layout)
     [source] = open_sources([str(tmp_path / "cut.tif")], in_channels=1)
     assert source.kind == "tiff" and "cut.tif: cut short (it ends at byte" in source.note
@@ -315,10 +317,30 @@ def test_a_stack_cut_short_gives_the_frames_that_are_in_it(tmp_path, layout, rea
     for index in range(readable, source.count):  # declared (in one piece) or a page cut through
         with pytest.raises(ValueError, match=f"cut.tif: frame {index} is not (whole )?in the file"):
             source.load(index)
-    assert source.count == (10 if layout in ("in one piece", "bigtiff", "big-endian") else 6)
+    assert source.count == (10 if layout in ("in one piece", "bigtiff", "big-endian", "imagej") else 6)
 
 
-@pytest.mark.parametrize("layout", ["ome", "imagej"])
+def test_imagej_hyperstacks_and_colour_stacks_cut_short_give_their_whole_frames(tmp_path):
+    """Frames along T of a TCYX hyperstack for a two-channel network, and RGB frames made grey."""
+    hyperstack = RNG.integers(0, 4000, size=(8, 2, 30, 44), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "tc.tif", hyperstack, imagej=True, metadata={"axes": "TCYX"})
+    colour = RNG.integers(0, 255, size=(8, 30, 44, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", colour, imagej=True, photometric="rgb", metadata={"axes": "TYXS"})
+    for name in ("tc.tif", "rgb.tif"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:len(data) * 55 // 100])
+    [frames] = open_sources([str(tmp_path / "tc.tif")], in_channels=2)
+    [grey] = open_sources([str(tmp_path / "rgb.tif")], in_channels=1)
+    assert frames.count == grey.count == 8
+    for index in range(4):  # 55 % of the file: 4 whole frames
+        assert np.array_equal(frames.load(index), hyperstack[index])
+        assert np.array_equal(grey.load(index), as_grey(np.moveaxis(colour[index], -1, 0))[0])
+    for source in (frames, grey):
+        with pytest.raises(ValueError, match="frame 5 is not in the file: cut short"):
+            source.load(5)
+
+
+@pytest.mark.parametrize("layout", ["ome"])
 def test_a_stack_cut_short_with_only_its_first_directory_is_refused(tmp_path, layout):
     write_cut_short(tmp_path / "cut.tif", layout)
     [source] = open_sources([str(tmp_path / "cut.tif")], in_channels=1)
