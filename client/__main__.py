@@ -222,8 +222,8 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
 
 def segment_inputs(args: argparse.Namespace) -> int:
     """``segment``: every frame of ``args.frames`` into ``args.out``; 1 if any failed."""
-    args.out.mkdir(parents=True, exist_ok=True)
-    with connected_client(args) as (client, info):
+    with connected_client(args) as (client, info):  # refused transports and absent servers leave no --out behind
+        args.out.mkdir(parents=True, exist_ok=True)
         in_channels, num_classes = info.in_channels, info.num_classes
         sources = open_sources(args.frames, in_channels)
         for note in (source.note for source in sources if source.note):

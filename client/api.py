@@ -22,10 +22,12 @@ client are removed when the next shared-memory client starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import os
 import queue
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -36,13 +38,14 @@ import numpy as np
 from client.auth import resolve_token, token_headers
 from client.connection import DEFAULT_URLS, Connection, SegmentationError
 from client.servers import DEFAULT_COOLDOWN_S, ServerPool, split_urls
-from client.shared_memory import SHM_KINDS, remove_stale_regions
-from client.stream import (DEFAULT_PATIENCE_S, Outage, Outcome, RetryPolicy, call_with_retries, check_inflight,
-                           ordered_stream, wait_for_recovery)
+from client.shared_memory import SHM_KINDS, check_cuda, remove_stale_regions
+from client.stream import (DEFAULT_PATIENCE_S, STOP_GRACE_S, Outage, Outcome, RetryPolicy, call_with_retries,
+                           check_inflight, ordered_stream, wait_for_recovery)
 from client.volumes import ChunkSettings, segment_volume
 from client.results import NetworkInfo, SegmentationResult
-from client.transports import TRANSPORTS, InlineTransport, SharedMemoryTransport, as_channel_first, output_specs
-from segproto import DEFAULT_NETWORK_PARAMETER, TRITON_RESTRICTED_PHRASE
+from client.transports import (TRANSPORTS, VOLUME_HINT, InlineTransport, SharedMemoryTransport, as_channel_first,
+                               output_specs)
+from segproto import DEFAULT_NETWORK_PARAMETER, TRITON_RESTRICTED_PHRASE, looks_channels_last
 
 T = TypeVar("T")
 
@@ -189,7 +192,9 @@ class SegmentationClient:
     ``segment_stream``, ``segment_volume``). Each call takes in-flight slots (a connection and,
     for shared memory, its regions) from the client's pool for its own use and puts them back
     when it ends, so no slot serves two requests at once; the pool grows to the most slots in
-    use together. ``close()`` must wait until the other threads are done.
+    use together. ``close()`` waits (up to ``STOP_GRACE_S``) for the requests other threads
+    have in flight, then frees everything; a stream still running over the client then ends
+    with a SegmentationError, and any further call is refused.
     """
 
     def __init__(self, url: str | list[str] | None = None, *, transport: str = "grpc", model: str = "segment_2d",
@@ -200,6 +205,8 @@ class SegmentationClient:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if transport == "cuda-shm":
+            check_cuda(device_id)
         self.transport, self.model, self.network = transport, model, network
         self.protocol = "http" if transport == "http" else "grpc"
         self.urls = split_urls(url, DEFAULT_URLS[self.protocol])
@@ -215,6 +222,11 @@ class SegmentationClient:
         self._slots: list[dict[int, object]] = []  # per in-flight slot: server index -> transport
         self._idle: queue.LifoQueue = queue.LifoQueue()
         self._slots_lock = threading.Lock()
+        # Slots in a request, in any thread (``_request``): close() waits for them, except those
+        # let go of by a stream that already stopped waiting for them (``_let_go``).
+        self._busy: set[int] = set()
+        self._let_go: set[int] = set()
+        self._requests_ended = threading.Condition(self._slots_lock)
         self._network_info: NetworkInfo | None = None
         self._spatial_dims: int | None = None
         self.stale_regions_removed: list[str] = []
@@ -263,6 +275,13 @@ class SegmentationClient:
         if self.closed:
             raise SegmentationError("this SegmentationClient is closed; make a new one")
 
+    def _check_stream_open(self) -> None:
+        """End a stream whose client was closed while it ran (its requests are refused since)."""
+        if self.closed:
+            raise SegmentationError("this SegmentationClient was closed while a segment_stream over it was running "
+                                    "(close(), or the end of its with block, came before the stream's end); the stream "
+                                    "ends here, its remaining frames not segmented")
+
     def _check_process(self) -> None:
         """Refuse use in a process forked from the one that made the client: its connections
         and shared-memory regions are the parent's (two processes wrote frames into the same
@@ -287,10 +306,35 @@ class SegmentationClient:
         self._idle.put(slot)
 
     def _discard_slot(self, slot: dict) -> None:
-        """Close a slot that must not be reused (its regions unregistered and freed)."""
+        """Close a slot that must not be reused (its regions unregistered and freed), unless
+        ``close()`` took it first (it closes every slot it finds)."""
         with self._slots_lock:
+            owned = any(kept is slot for kept in self._slots)
             self._slots[:] = [kept for kept in self._slots if kept is not slot]
-        close_transports(list(slot.values()))
+        if owned:
+            close_transports(list(slot.values()))
+
+    @contextlib.contextmanager
+    def _request(self, slot: dict) -> Iterator[None]:
+        """Hold the client open for one request on ``slot`` (in any thread): refused once it is
+        closed; ``close()`` waits for the request to end before it frees the slot's regions."""
+        with self._slots_lock:
+            self._check_open()
+            self._busy.add(id(slot))
+        try:
+            yield
+        finally:
+            with self._requests_ended:
+                self._busy.discard(id(slot))
+                self._let_go.discard(id(slot))
+                self._requests_ended.notify_all()
+
+    def _let_go_of(self, slots: list[dict]) -> None:
+        """Requests on ``slots`` a stream stopped waiting for (up to its grace): ``close()``
+        does not wait for them again."""
+        with self._requests_ended:
+            self._let_go.update(id(slot) for slot in slots if id(slot) in self._busy)
+            self._requests_ended.notify_all()
 
     def _transports(self):
         with self._slots_lock:
@@ -301,10 +345,15 @@ class SegmentationClient:
         """Shared-memory regions created so far (reuse keeps this at slots x outputs)."""
         return sum(t.regions.created for t in self._transports() if isinstance(t, SharedMemoryTransport))
 
-    def close(self) -> None:
+    def close(self, grace_s: float = STOP_GRACE_S) -> None:
         """Unregister and free every shared-memory region; close the connections. Idempotent;
-        the client takes no requests afterwards."""
-        self.closed = True
+        the client takes no requests afterwards. Requests other threads have in flight (a
+        stream's workers) are waited for up to ``grace_s`` seconds first, so that none makes
+        regions after they were freed; a stream still live then ends with a SegmentationError."""
+        with self._requests_ended:
+            self.closed = True
+            if os.getpid() == self._pid:  # a forked copy's counts are its parent's
+                self._requests_ended.wait_for(lambda: self._busy <= self._let_go, timeout=grace_s)
         errors = self._release() or []  # None once released
         self._idle = queue.LifoQueue()
         if errors:
@@ -322,8 +371,14 @@ class SegmentationClient:
 
     def wait_for_recovery(self, longest_s: float) -> None:
         """The wait before a retry: ``longest_s``, cut short once a server that had the model
-        unready has it ready again (``client.stream.wait_for_recovery``)."""
-        wait_for_recovery(longest_s, self.is_ready)
+        unready has it ready again (``client.stream.wait_for_recovery``); ended by ``close()``
+        (the closed client's error: a stream's retry must not outlive it)."""
+
+        def ready() -> bool:
+            self._check_open()
+            return self.is_ready()
+
+        wait_for_recovery(longest_s, ready)
 
     def unready_servers(self) -> list[str]:
         self._check_process()
@@ -407,23 +462,24 @@ class SegmentationClient:
     def _segment_on(self, slot: dict, image, options: SegmentOptions) -> SegmentationResult:
         """One request on the least busy server; on a passing failure, at once on the next
         server not yet tried (the caller's retries take over when all have failed)."""
-        num_classes = self.network_info().num_classes if options.probabilities else None
-        specs = output_specs(tuple(image.shape[1:]), options.probabilities, options.contour, num_classes)
-        tried: set[int] = set()
-        while True:
-            server = self.servers.acquire(exclude=tried)
-            try:
-                if server not in slot:
-                    slot[server] = self._new_transport(server)
-                outputs = slot[server].infer(self.model, image, specs, options.parameters(self.network))
-            except SegmentationError as error:
-                self.servers.release(server, failed=error.retryable)
-                tried.add(server)
-                if not error.retryable or len(tried) == len(self.urls):
-                    raise
-                continue
-            self.servers.release(server, failed=False)
-            return SegmentationResult(outputs["MASK"], outputs.get("PROBABILITIES"), outputs.get("CONTOUR"))
+        with self._request(slot):
+            num_classes = self.network_info().num_classes if options.probabilities else None
+            specs = output_specs(tuple(image.shape[1:]), options.probabilities, options.contour, num_classes)
+            tried: set[int] = set()
+            while True:
+                server = self.servers.acquire(exclude=tried)
+                try:
+                    if server not in slot:
+                        slot[server] = self._new_transport(server)
+                    outputs = slot[server].infer(self.model, image, specs, options.parameters(self.network))
+                except SegmentationError as error:
+                    self.servers.release(server, failed=error.retryable)
+                    tried.add(server)
+                    if not error.retryable or len(tried) == len(self.urls) or self.closed:
+                        raise with_volume_hint(error, image.shape, self.model, self._spatial_dims) from None
+                    continue
+                self.servers.release(server, failed=False)
+                return SegmentationResult(outputs["MASK"], outputs.get("PROBABILITIES"), outputs.get("CONTOUR"))
 
     def segment(self, frame, **options) -> SegmentationResult:
         """Segment one frame ``[H, W]`` or ``[C, H, W]`` (a volume ``[D, H, W]`` or
@@ -501,26 +557,64 @@ class SegmentationClient:
         def stopped(still_running: set[int]) -> None:
             with abandoned_lock:
                 abandoned.update(still_running)
+            self._let_go_of([slots[worker] for worker in still_running])
 
+        outcomes = ordered_stream(_as_items(frames, spatial_dims), process, inflight, policy, self.wait_for_recovery,
+                                  self.outage, on_stopped=stopped)
         try:
-            yield from ordered_stream(_as_items(frames), process, inflight, policy, self.wait_for_recovery, self.outage,
-                                      on_stopped=stopped)
+            for outcome in outcomes:
+                self._check_stream_open()  # closed from another thread while this one waited
+                yield outcome
+                self._check_stream_open()  # closed while the caller held the outcome (a with block left)
         finally:
+            outcomes.close()
             for worker, slot in enumerate(slots):
                 if worker not in abandoned:
                     self._return_slot(slot)
 
 
-def _as_items(frames: Iterable) -> Iterator[tuple[int, object]]:
+def _as_items(frames: Iterable, spatial_dims: int = 2) -> Iterator[tuple[int, object]]:
     """``(index, load)`` pairs as given, and each plain frame as a pair loading a copy of it
     taken now: the stream reads up to ``inflight`` frames ahead, and a source that refills one
     buffer (``read_direct``, a detector's) would otherwise have a frame overwritten before it
-    was sent, and get another frame's mask for it."""
+    was sent, and get another frame's mask for it.
+
+    Raises:
+        TypeError: a pair whose second item is no ``load`` callable (``enumerate(frames)``
+            gives ``(index, frame)``), naming what it holds and what the stream takes.
+    """
     for index, frame in enumerate(frames):
-        if isinstance(frame, tuple) and len(frame) == 2 and callable(frame[1]):
+        if isinstance(frame, tuple) and len(frame) == 2:
+            if not callable(frame[1]):
+                raise TypeError(not_a_stream_item(index, frame, spatial_dims))
             yield frame
         else:
             yield index, (lambda f=snapshot(frame): f)
+
+
+def not_a_stream_item(position: int, item: tuple, spatial_dims: int) -> str:
+    """Why ``item``, the stream's item number ``position``, is refused, and what to give instead."""
+    axes = ", ".join("DHW"[-spatial_dims:])
+    held = ", ".join(type(value).__name__ for value in item)
+    return (f"segment_stream takes {spatial_dims}D arrays [{axes}] or [C, {axes}] (numpy, torch, CuPy), or "
+            f"(index, load) pairs whose load() returns one; item {position} is a tuple ({held}) whose second item "
+            "is not callable. For enumerate(frames) pass frames itself: each outcome.index is the frame's position")
+
+
+# How the server refuses a frame whose channel count is not its network's (segserve.sliding_window).
+CHANNELS_REFUSED = re.compile(r"takes (\d+) channel\(s\), IMAGE has (\d+)")
+
+
+def with_volume_hint(error: SegmentationError, shape: tuple[int, ...], model: str,
+                     spatial_dims: int | None) -> SegmentationError:
+    """``error``, or for the server's refusal of a 2D frame ``shape`` ``[C, H, W]`` with more
+    channels than its network takes (and no channels-last picture: the server says what to send
+    for those), the same error saying that a volume ``[D, H, W]`` goes to the 3D pipeline."""
+    refused = CHANNELS_REFUSED.search(str(error))
+    if spatial_dims != 2 or refused is None or int(refused[2]) <= int(refused[1]) or looks_channels_last(shape):
+        return error
+    return SegmentationError(f"{error}; is it a volume [D, H, W]? model {model!r} takes 2D frames, {VOLUME_HINT}",
+                             error.retryable)
 
 
 def snapshot(frame):

@@ -106,11 +106,13 @@ def network_info(client, patience_s: float = 0.0):
 
 
 @contextlib.contextmanager
-def connected_client(args: argparse.Namespace) -> Iterator[tuple[SegmentationClient, NetworkInfo]]:
+def connected_client(args: argparse.Namespace,
+                     transport: str | None = None) -> Iterator[tuple[SegmentationClient, NetworkInfo]]:
     """A client of the servers the command's options name, once they answer (``check_servers``),
     and the network its requests run; while the command runs, an outage of its servers is told
-    of (``client.outage_notices``)."""
-    with SegmentationClient(args.url, transport=args.transport, model=args.model, network=args.network,
+    of (``client.outage_notices``). ``transport``: instead of ``--transport`` (None: that one;
+    refused at once where it cannot work here, e.g. cuda-shm without a GPU)."""
+    with SegmentationClient(args.url, transport=transport or args.transport, model=args.model, network=args.network,
                             timeout_s=args.timeout, token=args.token) as client:
         check_servers(client, args.model, args.patience)
         if client.stale_regions_removed:

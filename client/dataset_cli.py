@@ -408,7 +408,9 @@ def segment_dataset(args: argparse.Namespace) -> int:
 
 def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
     """``segment_dataset`` with its summary and the seconds the tasks took (for benchmarks)."""
-    with connected_client(args) as (client, info):
+    # The command only asks metadata; for CUDA shared memory over gRPC: the workers, on the
+    # servers' nodes, make the regions, and a driver elsewhere may have no GPU.
+    with connected_client(args, "grpc" if args.transport == "cuda-shm" else None) as (client, info):
         urls = tuple(client.urls)
     source = dataclasses.replace(open_source(args.input, info.spatial_dims), run=uuid.uuid4().hex)
     previous = recorded_settings(args.out)

@@ -159,14 +159,33 @@ def import_cuda_shared_memory():
     return cuda_shm
 
 
-def cuda_available() -> bool:
-    """True when CUDA shared memory can be allocated here (a GPU and cuda-python)."""
+def cuda_problem(device_id: int = 0) -> str | None:
+    """Why CUDA shared memory cannot be allocated on GPU ``device_id`` here (no driver, no
+    device, no cuda-python), in one line; None when it can."""
     try:
         cuda_shm = import_cuda_shared_memory()
-        cuda_shm.destroy_shared_memory_region(cuda_shm.create_shared_memory_region("segclient_probe", 64, 0))
-    except Exception:  # no driver, no device, no cuda-python: all mean "no"
-        return False
-    return True
+        cuda_shm.destroy_shared_memory_region(cuda_shm.create_shared_memory_region("segclient_probe", 64, device_id))
+    except Exception as error:  # no driver, no device, no cuda-python: all mean "no"
+        cause = error.__cause__
+        if isinstance(getattr(cause, "args", None), tuple) and cause.args and isinstance(cause.args[0], bytes):
+            cause = cause.args[0].decode(errors="replace")  # tritonclient's CUDA errors carry bytes
+        return f"{error}: {cause}" if cause else str(error)
+    return None
+
+
+def cuda_available(device_id: int = 0) -> bool:
+    """True when CUDA shared memory can be allocated here (a GPU and cuda-python)."""
+    return cuda_problem(device_id) is None
+
+
+def check_cuda(device_id: int = 0) -> None:
+    """Refuse CUDA shared memory where it cannot be allocated: a SegmentationError in one line,
+    saying why and what to use instead (asked once, before any connection; frame by frame
+    each request failed with the driver's words)."""
+    problem = cuda_problem(device_id)
+    if problem is not None:
+        raise SegmentationError(f"CUDA shared memory needs a GPU, and GPU {device_id} cannot be used here ({problem}); "
+                                "use system shared memory instead: transport='shm' (--transport shm)")
 
 
 REGION_CLASSES = {"system": SystemRegion, "cuda": CudaRegion}

@@ -15,6 +15,9 @@ from client.shared_memory import RegionSet
 from segproto import INPUT_BY_DTYPE_NAME, OUTPUT_CONTOUR, OUTPUT_MASK, OUTPUT_PROBABILITIES
 
 TRANSPORTS = ("grpc", "http", "shm", "cuda-shm")
+# Where a volume given to a 2D model should go instead.
+VOLUME_HINT = ("volumes go to model 'segment_3d': SegmentationClient(model='segment_3d').segment_volume(volume), "
+               "or `python -m client segment-volume`")
 
 # Input name per pixel type: the server casts, so 8/16-bit frames travel at their own size.
 INPUT_BY_DTYPE = {np.dtype(name): names for name, names in INPUT_BY_DTYPE_NAME.items()}
@@ -120,8 +123,9 @@ def as_channel_first(frame, spatial_dims: int = 2):
         frame = frame[None]
     if frame.ndim != spatial_dims + 1:
         axes = ", ".join("DHW"[-spatial_dims:])
+        hint = f" (a volume [C, D, H, W]? {VOLUME_HINT})" if spatial_dims == 2 and frame.ndim == 4 else ""
         raise ValueError(f"{'volume' if spatial_dims == 3 else 'frame'} must be [{axes}] or [C, {axes}], "
-                         f"got shape {list(frame.shape)}")
+                         f"got shape {list(frame.shape)}{hint}")
     check_pixel_type(frame_dtype(frame), numpy_cast=False)  # numpy arrays were cast above
     if 0 in frame.shape:
         raise ValueError(f"{'volume' if spatial_dims == 3 else 'frame'} is empty: shape {list(frame.shape)}")

@@ -130,3 +130,33 @@ def test_bad_volume_settings_are_refused_before_anything_is_sent(server, rng):
             client.segment_volume(volume, progress="yes")
         with pytest.raises(ValueError, match="overlap must be a number, got '0.5'"):
             client.segment_volume(volume, overlap="0.5", chunks=ChunkSettings(shape=(0, 0, 160)))
+
+
+def test_enumerate_frames_in_a_stream_is_refused_naming_the_tuple(server, frames):
+    """``segment_stream(enumerate(frames))``: each frame failed with numpy's "setting an array
+    element with a sequence ... inhomogeneous shape"; now the stream says what it got and takes."""
+    with client_for(server, "grpc") as client:
+        stream = client.segment_stream(enumerate(frames))
+        with pytest.raises(TypeError, match=re.escape("item 0 is a tuple (int, ndarray)")) as refused:
+            next(stream)
+    message = str(refused.value)
+    assert "segment_stream takes 2D arrays [H, W] or [C, H, W]" in message and "pass frames itself" in message
+
+
+@pytest.mark.parametrize("shape", [(20, 96, 80), (2, 20, 96, 80)], ids=["DHW", "CDHW"])
+def test_a_volume_given_to_the_2d_model_is_pointed_to_segment_3d(server, rng, shape):
+    """[D, H, W] was refused as "takes 1 channel(s), IMAGE has 20", [C, D, H, W] as a frame of
+    the wrong rank: neither said where volumes go."""
+    volume = rng.random(shape, dtype=np.float32)
+    with client_for(server, "grpc") as client:
+        with pytest.raises((ValueError, SegmentationError), match=re.escape("model 'segment_3d'")) as refused:
+            client.segment(volume)
+        [outcome] = client.segment_stream([volume], retries=0)
+    assert "segment_volume(volume)" in str(refused.value) and "segment-volume" in str(refused.value)
+    assert not outcome.ok and "model 'segment_3d'" in outcome.error
+
+
+def test_a_channels_last_picture_is_not_taken_for_a_volume(server, rng):
+    with client_for(server, "grpc") as client, pytest.raises(SegmentationError, match="channels-last") as refused:
+        client.segment(rng.random((96, 80, 3), dtype=np.float32))
+    assert "segment_3d" not in str(refused.value)

@@ -14,7 +14,7 @@ import tritonclient.utils.shared_memory as system_shm
 
 from client import SegmentationClient, SegmentationError
 from client.shared_memory import REGION_PREFIX, cuda_available
-from tests.helpers import our_dev_shm_entries, registered_regions
+from tests.helpers import cli, our_dev_shm_entries, registered_regions
 from training.synthetic import synthetic_slice, to_detector_counts
 
 GPU = cuda_available()
@@ -62,9 +62,24 @@ def test_cuda_shm_sends_a_gpu_tensor_without_a_host_copy(server, odd_frames):
 
 @pytest.mark.skipif(GPU, reason="this machine has a GPU")
 def test_cuda_shm_without_a_gpu_says_so(server, odd_frames):
-    with client_for(server, "cuda-shm") as client, pytest.raises(SegmentationError, match="CUDA shared memory"):
-        client.segment(odd_frames["uint16"])
+    """Refused when the client is made, before any request: not once per frame."""
+    with pytest.raises(SegmentationError, match=r"CUDA shared memory needs a GPU.*transport='shm' \(--transport shm\)"):
+        client_for(server, "cuda-shm")
     assert registered_regions(server, "cuda") == []
+
+
+@pytest.mark.skipif(GPU, reason="this machine has a GPU")
+def test_the_cli_refuses_cuda_shm_without_a_gpu_up_front(server, tmp_path, rng):
+    """It failed each frame with the CUDA driver's words; now one line, and nothing written."""
+    for name in "ab":
+        np.save(tmp_path / f"{name}.npy", to_detector_counts(synthetic_slice((64, 64), rng)[0], np.uint16, rng))
+    out = tmp_path / "out"
+    run = subprocess.run(cli(server, str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--out", str(out),
+                             transport="cuda-shm"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("client: error: CUDA shared memory needs a GPU") and "--transport shm" in run.stderr
+    assert run.stdout == "" and not out.exists()
 
 
 def test_shm_regions_are_made_once_per_slot_reused_and_removed(server, rng):
@@ -204,4 +219,47 @@ def test_a_client_used_in_a_forked_process_is_refused_and_the_parents_still_work
             assert f"made in process {os.getpid()}" in outcome[name] and "forked from it" in outcome[name], outcome
         assert registered_regions(server) == regions_before
         assert np.array_equal(client.segment(frame).mask, expected)
+    assert registered_regions(server) == [] and our_dev_shm_entries() == []
+
+
+def some_frames(rng, count: int) -> list[np.ndarray]:
+    return [to_detector_counts(synthetic_slice((120, 90), rng)[0], np.uint16, rng) for _ in range(count)]
+
+
+STREAM_CLOSED = "closed while a segment_stream over it was running"
+
+
+def test_leaving_the_with_block_ends_a_half_consumed_stream_and_frees_its_regions(server, rng):
+    """close() (the end of the ``with``) with a stream still live: it went on through the closed
+    client, making regions that stayed registered and in /dev/shm; now it ends, saying why."""
+    with client_for(server, "shm") as client:
+        stream = client.segment_stream(some_frames(rng, 12), inflight=3)
+        assert next(stream).ok
+    with pytest.raises(SegmentationError, match=STREAM_CLOSED):
+        next(stream)
+    assert registered_regions(server) == [] and our_dev_shm_entries() == []
+
+
+def test_closing_the_client_from_another_thread_ends_its_stream_and_frees_its_regions(server, rng):
+    frames = some_frames(rng, 4)
+    client = client_for(server, "shm")
+    stream = client.segment_stream((frames[i % 4] for i in range(400)), inflight=3)
+    outcomes, errors, started = [], [], threading.Event()
+
+    def consume() -> None:
+        try:
+            for outcome in stream:
+                outcomes.append(outcome)
+                started.set()
+        except SegmentationError as error:
+            errors.append(str(error))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert started.wait(120)
+    client.close()  # while the consumer goes on taking outcomes
+    consumer.join(timeout=120)
+    assert not consumer.is_alive()
+    assert len(errors) == 1 and STREAM_CLOSED in errors[0], errors
+    assert 1 <= len(outcomes) < 400 and all(o.ok for o in outcomes)
     assert registered_regions(server) == [] and our_dev_shm_entries() == []
