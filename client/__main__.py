@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--out {args.out} is a file; --out names a directory")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         parser.error("--resume and --overwrite exclude each other")
+    if (args.intensity_min is None) != (args.intensity_max is None):
+        parser.error("--intensity-min and --intensity-max go together (both, or neither for each input's percentiles)")
+    if args.intensity_min is not None and not args.intensity_min < args.intensity_max:
+        parser.error(f"--intensity-min must be below --intensity-max, got {args.intensity_min:g} and {args.intensity_max:g}")
+    if args.command == "segment-volume":
+        volume_cli.check_chunk_options(parser, args)
     return args
 
 

@@ -47,6 +47,17 @@ def add_chunk_options(parser: argparse.ArgumentParser) -> None:
                         help="voxels sent twice at each seam, at least (default: what the tile grid needs, about one tile)")
 
 
+def check_chunk_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad chunk options naming the flag, before any volume is read (each volume was
+    read, then refused in the API's words)."""
+    if args.max_chunk_voxels < 1:
+        parser.error(f"--max-chunk-voxels must be >= 1, got {args.max_chunk_voxels}")
+    if args.chunk_shape and min(args.chunk_shape) < 0:
+        parser.error(f"--chunk-shape extents must be >= 0 (0: the whole axis), got {' '.join(map(str, args.chunk_shape))}")
+    if args.chunk_overlap < 0:
+        parser.error(f"--chunk-overlap must be >= 0, got {args.chunk_overlap}")
+
+
 def chunk_settings(args: argparse.Namespace) -> ChunkSettings:
     return ChunkSettings(tuple(args.chunk_shape) if args.chunk_shape else None, args.max_chunk_voxels, args.chunk_overlap)
 

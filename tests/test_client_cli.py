@@ -212,3 +212,20 @@ def test_cli_without_token_segments_a_frame_and_a_volume(server, tmp_path, rng):
     assert volume.returncode == 0, volume.stderr
     with SegmentationClient(server.grpc_url, network=DEFAULT_NETWORK) as client:
         assert np.array_equal(tifffile.imread(tmp_path / "out" / "frame_mask.tif"), client.segment(image).mask)
+
+
+@pytest.mark.parametrize(("command", "options", "refusal"), [
+    ("segment-volume", ["--intensity-min", "-1000"], "--intensity-min and --intensity-max go together"),
+    ("segment", ["--intensity-max", "300"], "--intensity-min and --intensity-max go together"),
+    ("segment-volume", ["--intensity-min", "5", "--intensity-max", "1"], "--intensity-min must be below --intensity-max, got 5 and 1"),
+    ("segment-volume", ["--max-chunk-voxels", "0"], "--max-chunk-voxels must be >= 1, got 0"),
+    ("segment-volume", ["--chunk-shape", "64", "-1", "0"], "--chunk-shape extents must be >= 0 (0: the whole axis), got 64 -1 0"),
+    ("segment-volume", ["--chunk-overlap", "-2"], "--chunk-overlap must be >= 0, got -2"),
+])
+def test_bad_options_are_refused_once_naming_the_flag_before_any_input_is_read(tmp_path, command, options, refusal):
+    """They were refused once per volume, each read first, in the API's or the server's words
+    ("max_voxels must be >= 1", "intensity_min and intensity_max must be given together")."""
+    inputs = [str(tmp_path / f"{name}.npy") for name in "ab"]  # never read: they do not exist
+    run = subprocess.run([sys.executable, "-m", "client", command, *inputs, "--url", "127.0.0.1:1", *options],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.splitlines()[-1].startswith(f"python -m client: error: {refusal}"), run.stderr
