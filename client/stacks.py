@@ -546,10 +546,20 @@ def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], object], su
     """``write(temporary)``, then the temporary file renamed to ``path``: whole or not at all.
     The temporary name keeps ``suffix`` (default: the last one; ``.nii.gz`` for NIfTI), which
     writers read the format from."""
-    suffix = suffix or path.suffix
-    temporary = path.with_name(f".{path.name.removesuffix(suffix)}.partial{suffix}")
+    atomic_write_all({path: write}, suffix)
+
+
+def atomic_write_all(writes: dict[pathlib.Path, Callable[[pathlib.Path], object]], suffix: str | None = None) -> None:
+    """Each ``write(temporary)``, then every temporary file renamed to its path: all of them
+    whole, or none (a write that fails, on a full disk say, leaves every path as it was). The
+    temporary names keep ``suffix`` as ``atomic_write``'s."""
+    temporaries = {path: path.with_name(f".{path.name.removesuffix(suffix or path.suffix)}.partial{suffix or path.suffix}")
+                   for path in writes}
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        for path, write in writes.items():
+            write(temporaries[path])
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)

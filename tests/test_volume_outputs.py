@@ -1,0 +1,67 @@
+"""Volume outputs written whole or not at all, when the disk refuses them (a file-size limit
+stands in for a full disk: the writes fail alike, EFBIG for ENOSPC, and it needs no mount)."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+
+import h5py
+import nibabel
+import numpy as np
+import pytest
+
+from segserve.launcher import REPO_ROOT
+
+LIMIT_BYTES = 1 << 20
+WRITE_OUTPUTS = """
+import pathlib, sys
+import numpy as np
+from client.volume_files import read_volume, write_volume_outputs
+
+volume = read_volume(sys.argv[1])
+spatial = volume.image.shape[1:]
+rng = np.random.default_rng(0)
+outputs = {"mask": np.zeros(spatial, np.uint8),  # small once compressed: it fits, the probabilities do not
+           "probabilities": rng.random((3, *spatial), dtype=np.float32)}
+try:
+    write_volume_outputs(volume, outputs, pathlib.Path(sys.argv[2]))
+    print("written")
+except OSError as error:
+    print(f"refused: {error}")
+"""
+
+
+def limit_file_size() -> None:
+    """In the child: files beyond LIMIT_BYTES fail to grow (EFBIG), as on a full disk."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT_BYTES, LIMIT_BYTES))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def write_input(directory, kind: str) -> str:
+    volume = np.arange(40 * 60 * 70, dtype=np.int16).reshape(40, 60, 70)
+    if kind == "nifti":
+        nibabel.save(nibabel.Nifti1Image(volume, np.diag([0.8, 0.8, 2.0, 1.0])), directory / "ct.nii.gz")
+        return str(directory / "ct.nii.gz")
+    if kind == "npy":
+        np.save(directory / "ct.npy", volume)
+        return str(directory / "ct.npy")
+    with h5py.File(directory / "ct.h5", "w") as handle:
+        handle["entry/data"] = volume
+    return f"{directory / 'ct.h5'}:/entry/data"
+
+
+@pytest.mark.parametrize("kind", ["nifti", "npy", "hdf5"])
+def test_outputs_the_disk_refuses_are_an_error_and_none_is_published(tmp_path, kind):
+    """HDF5 crashed the client (a segmentation fault closing the file whose write failed),
+    so the volumes after it were never done; NIfTI published the mask without the
+    probabilities; NPY said only "N requested and M written"."""
+    argument, out = write_input(tmp_path, kind), tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run([sys.executable, "-c", WRITE_OUTPUTS, argument, str(out)], capture_output=True, text=True,
+                         cwd=REPO_ROOT, preexec_fn=limit_file_size, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("refused: [Errno 27] File too large"), run.stdout
+    assert sorted(path.name for path in out.iterdir()) == []
