@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 from client import SegmentationClient
 from client.shared_memory import DEV_SHM, REGION_PREFIX
 from segproto import TOKEN_ENV, TOKEN_FILE_ENV
+from segserve.launcher import python_backend_region_users, python_backend_regions
 from segserve.reference import reference_probabilities
 from tests.conftest import NETWORK_DEVICE
 from training.synthetic import synthetic_slice, to_detector_counts
@@ -116,3 +117,11 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def regions_left_since(before: set[str]) -> set[str]:
+    """Python-backend regions made since ``before`` that no live process maps: what a stopped
+    server left behind. Those of other servers running on the machine meanwhile (another
+    test run, a developer's server) are mapped by their stubs, so they do not count."""
+    users = python_backend_region_users()
+    return {name for name in python_backend_regions() - before if not users.get(name)}

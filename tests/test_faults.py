@@ -12,7 +12,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -25,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 from client import SegmentationClient
 from segserve.launcher import REPO_ROOT, free_ports, python_backend_regions, python_backend_stubs
 from tests.conftest import copy_2d_repository
-from tests.helpers import environment_without_token, make_stack, reference_masks, wait_for_record
+from tests.helpers import environment_without_token, make_stack, reference_masks, regions_left_since, wait_for_record
 
 pytestmark = pytest.mark.server  # starts its own server
 
@@ -90,44 +89,46 @@ class Serve:
         return SegmentationClient(self.grpc_url, token=self.token, **kwargs)
 
 
-def scratch_directories() -> set[pathlib.Path]:
-    """What servers keep in the temporary directory while they run (the backends they load,
-    the copy of the repository)."""
-    temporary = pathlib.Path(tempfile.gettempdir())
-    return {*temporary.glob("segserve-backends-*"), *temporary.glob("segserve-loaded-*")}
+def scratch_directories(tritonserver: psutil.Process) -> set[pathlib.Path]:
+    """What the server keeps in the temporary directory while it runs (the backends it loads,
+    the copy of the repository), from its command line: other servers' are not its own."""
+    named = [argument.split("=", 1)[1] for argument in tritonserver.cmdline()
+             if argument.startswith(("--backend-directory=", "--model-repository="))]
+    return {next(parent for parent in (pathlib.Path(path), *pathlib.Path(path).parents) if parent.name.startswith("segserve-"))
+            for path in named}
 
 
-def assert_nothing_left(serve: Serve, tritonserver: psutil.Process, scratch_before: set[pathlib.Path]) -> None:
+def assert_nothing_left(serve: Serve, tritonserver: psutil.Process, scratch: set[pathlib.Path]) -> None:
     assert not (tritonserver.is_running() and tritonserver.status() != psutil.STATUS_ZOMBIE)
-    assert python_backend_regions() - serve.regions_before == set()
-    assert scratch_directories() <= scratch_before
+    assert regions_left_since(serve.regions_before) == set()
+    assert scratch and not any(path.exists() for path in scratch), scratch
 
 
 # These two run before the module's server starts (the `serve` fixture): one server at a time.
 def test_ctrl_c_while_the_models_load_stops_the_start_within_seconds_and_leaves_nothing(tmp_path):
     """Ctrl-C during the start was held until every model had loaded (minutes on a big
     repository), then the server was started and stopped."""
-    scratch_before = scratch_directories()
     starting = Serve(tmp_path, copy_2d_repository(tmp_path / "model_repository", sliding_window_instances=2))
     starting.launch()
     starting.wait_until(lambda: starting.tritonserver() is not None, "running tritonserver")
     tritonserver = starting.tritonserver()
+    scratch = scratch_directories(tritonserver)
     starting.process.send_signal(signal.SIGINT)
     assert starting.process.wait(timeout=60) == 130, starting.text()
     assert "segserve ready" not in starting.text()
     assert "segserve: stopped before it was ready (SIGINT)" in starting.text()
     tritonserver.wait(timeout=30)
-    assert_nothing_left(starting, tritonserver, scratch_before)
+    assert_nothing_left(starting, tritonserver, scratch)
 
 
 def test_sighup_drains_like_ctrl_c_and_a_second_signal_stops_at_once(tmp_path, rng):
     """SIGHUP (the terminal closed) killed serve without a drain; a second Ctrl-C did not end
     the drain, which a client that keeps sending holds off up to its timeout (here 600 s)."""
-    scratch_before = scratch_directories()
     running = Serve(tmp_path, copy_2d_repository(tmp_path / "model_repository", sliding_window_instances=2),
                     drain_timeout_s=600)
     running.start()
     tritonserver = running.tritonserver()
+    scratch = scratch_directories(tritonserver)
     frame = make_stack(rng, 1, (256, 256))
     answered, sending = [], threading.Event()
     sending.set()
@@ -158,7 +159,7 @@ def test_sighup_drains_like_ctrl_c_and_a_second_signal_stops_at_once(tmp_path, r
         sender.join(timeout=120)
     assert "segserve: second signal: stopping now" in running.text()
     tritonserver.wait(timeout=30)
-    assert_nothing_left(running, tritonserver, scratch_before)
+    assert_nothing_left(running, tritonserver, scratch)
 
 
 @pytest.fixture(scope="module")
@@ -298,4 +299,4 @@ def test_sigterm_lets_requests_in_flight_finish_then_leaves_nothing_behind(serve
     assert time.monotonic() - start < 90
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in stub_pids)
     assert "stopped (tritonserver exit code 0)" in serve.text()
-    assert python_backend_regions() - serve.regions_before == set()
+    assert regions_left_since(serve.regions_before) == set()

@@ -18,6 +18,7 @@ import tritonclient.http as httpclient
 
 from segserve import launcher
 from segserve.launcher import PortInUseError, ServerConfig, ServerError, TritonServer, log_errors, python_backend_regions
+from tests.helpers import regions_left_since
 
 def broken_repository(root: pathlib.Path, model: str) -> pathlib.Path:
     """A repository whose only model names a backend that does not exist."""
@@ -228,6 +229,6 @@ def test_a_killed_server_removes_its_regions_and_leaves_a_later_servers_alone(tm
             second_regions = python_backend_regions() - first_regions
             assert second_regions  # its stub's region
             first.stop(timeout_s=0)  # SIGKILL: the launcher removes what the server left
-            assert not first_regions & python_backend_regions() - first._regions_before
+            assert regions_left_since(first._regions_before) == set()
             assert second_regions <= python_backend_regions()  # the second server's are still there
             assert echo(second, 41) == 41

@@ -322,6 +322,6 @@ def test_a_run_says_when_its_server_stops_answering_and_when_it_answers_again(ow
     told = [line.strip() for line in lines if own_server.grpc_url in line]
     assert code == 0, "".join(lines)
     assert len(told) == 2 and told[0].startswith(f"client: no answer from {own_server.grpc_url} for "), told
-    assert "(--patience)" in told[0]
+    assert "--patience)" in told[0]
     assert told[1].startswith(f"client: {own_server.grpc_url} answers again, after about "), told
     assert np.array_equal(np.load(out / "scan_mask.npy"), reference_masks(own_server, stack))
