@@ -421,8 +421,14 @@ class SegmentationClient:
     def spatial_dims(self, patience_s: float = 0.0) -> int:
         """2 for ``segment_2d``, 3 for ``segment_3d``: from the pipeline's metadata (open to
         all; the network's configuration needs the token). ``patience_s``: as ``network_info``."""
+        return self._pipeline_dims(RetryPolicy(patience_s=patience_s))
+
+    def _pipeline_dims(self, policy: RetryPolicy, outage: Outage | None = None) -> int:
+        """``spatial_dims``, a passing failure of its question retried under ``policy``, on
+        ``outage`` (None: the question's own clock, from its first failure)."""
         if self._spatial_dims is None:
-            inputs = self._with_patience(lambda: self._control.model_metadata(self.model)["inputs"], patience_s)
+            inputs, _ = call_with_retries(lambda: self._control.model_metadata(self.model)["inputs"], policy,
+                                          sleep=self.wait_for_recovery, outage=outage)
             self._spatial_dims = len(inputs[0]["shape"]) - 1
         return self._spatial_dims
 
@@ -538,7 +544,9 @@ class SegmentationClient:
         return self._stream(frames, inflight, policy, settings)
 
     def _stream(self, frames: Iterable, inflight: int, policy: RetryPolicy, settings: SegmentOptions) -> Iterator[Outcome]:
-        spatial_dims = self.spatial_dims()
+        # Its first question (a new client's: a Dask worker's) rides out an outage as its frames do;
+        # asked once, its failure failed every task a worker began during a server restart.
+        spatial_dims = self._pipeline_dims(policy, self.outage)
         slots = [self._take_slot() for _ in range(inflight)]  # this stream's own, returned at its end
         # Workers still in a request when the stream stopped waiting for them (a break out of
         # a slow stream): their slots are closed by the worker once its request ends, never reused.

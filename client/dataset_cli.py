@@ -35,8 +35,10 @@ import uuid
 
 import numpy as np
 
+from client import dataset_outages, outage_notices
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS, effective_overlap
-from client.cli_options import add_pipeline_options, add_server_options, connected_client, segment_options
+from client.cli_options import (add_pipeline_options, add_server_options, connected_client, say_above_progress,
+                                segment_options)
 from client.dataset_ranges import intensity_range
 from client.dataset_sources import DatasetSource, open_source, release_handles
 from client.datasets import DONE_ARRAY, Job, Task, TaskReport, default_block, plan_stack, plan_volume, run_task
@@ -344,27 +346,39 @@ class Summary:
 def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace, summary: Summary) -> None:
     """Run ``tasks`` on the cluster; each one that did not finish goes to ``summary.failed``
     with its reason, and the rest still run (``--resume`` does the failed ones later)."""
-    from distributed import as_completed
     from tqdm import tqdm
 
-    futures = dask_client.map(run_task, [job] * len(tasks), tasks, retries=args.task_retries, pure=False)
-    task_of = {future.key: task for future, task in zip(futures, tasks)}
+    outage = dataset_outages.ClusterOutage(job.run)
     with tqdm(total=len(tasks), unit="task", disable=args.no_progress, dynamic_ncols=True) as progress, \
-            cancelled_on_exit(dask_client, futures):
-        for future in as_completed(futures):
-            task = task_of[future.key]
-            try:
-                report = future.result()
-                error = report.error  # a frame the server refused
-            except Exception as raised:  # noqa: BLE001 - the task's own error, or its loss by the cluster
-                error = task_failure(raised)
-            if error is None:
-                summary.reports.append(report)
-            else:
-                summary.failed.append(f"task {task.index} {task.describe()}: {error}")
-                progress.write(f"client: error: {summary.failed[-1]}", file=sys.stderr)
-            progress.update(1)
-            progress.set_postfix(failed=len(summary.failed), refresh=False)
+            dataset_outages.subscribed(dask_client, outage), \
+            outage_notices.watching(outage, ", ".join(job.urls), job.patience_s, say_above_progress,
+                                    retries=job.retries):
+        futures = dask_client.map(run_task, [job] * len(tasks), tasks, retries=args.task_retries, pure=False)
+        task_of = {future.key: task for future, task in zip(futures, tasks)}
+        with cancelled_on_exit(dask_client, futures):
+            collect(futures, task_of, outage, progress, summary)
+
+
+def collect(futures: list, task_of: dict, outage, progress, summary: Summary) -> None:
+    """Each task's report (or failure) as it ends, into ``summary``; its worker's outage
+    state at its end into ``outage``."""
+    from distributed import as_completed
+
+    for future in as_completed(futures):
+        task = task_of[future.key]
+        try:
+            report = future.result()
+            error = report.error  # a frame the server refused
+            outage.update(report.outage)
+        except Exception as raised:  # noqa: BLE001 - the task's own error, or its loss by the cluster
+            error = task_failure(raised)
+        if error is None:
+            summary.reports.append(report)
+        else:
+            summary.failed.append(f"task {task.index} {task.describe()}: {error}")
+            progress.write(f"client: error: {summary.failed[-1]}", file=sys.stderr)
+        progress.update(1)
+        progress.set_postfix(failed=len(summary.failed), refresh=False)
 
 
 @contextlib.contextmanager
@@ -439,7 +453,7 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
         # The network by name: workers then need only open metadata; the token only for shared memory.
         job = Job(source, os.path.abspath(args.out), plan.layout, plan.channels, urls, args.model, info.name,
                   args.transport, args.token, args.timeout, args.retries, args.patience, args.inflight, options,
-                  tuple(plan.arrays))
+                  tuple(plan.arrays), run=source.run)
         start = time.perf_counter()
         run_tasks(dask_client, job, todo, args, summary)
     finally:

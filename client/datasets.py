@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from client import dataset_outages
 from client.chunks import DEFAULT_OVERLAP, Chunk, window_starts
 from client.dataset_sources import DatasetSource
 
@@ -63,6 +64,7 @@ class Job:
     inflight: int
     options: dict  # request options, the same for every task
     outputs: tuple[str, ...]  # mask, probabilities, contour
+    run: str | None = None  # the run's id, under which workers report outages (None: they do not)
 
 
 @dataclasses.dataclass
@@ -77,6 +79,7 @@ class TaskReport:
     retried: int  # items that took more than one attempt
     servers: dict[str, int]
     error: str | None = None  # an item the server refused (bad pixels): the task is not done
+    outage: dict | None = None  # its process's outage state at its end (``client.dataset_outages.state``)
 
 
 def plan_stack(frames: int, frames_per_task: int) -> list[Task]:
@@ -222,7 +225,11 @@ def run_task(job: Job, task: Task) -> TaskReport:
 
     start = time.perf_counter()
     try:
-        return write_task(job, task, start)
+        # Reported while it runs: the outage of the URL list's client (the last), which the patience is measured on.
+        with dataset_outages.running(job.run, worker_clients(job)[-1].outage) as outage_state:
+            report = write_task(job, task, start)
+            report.outage = outage_state()
+            return report
     except SegmentationError as error:
         if error.retryable:
             raise

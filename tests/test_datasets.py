@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -325,6 +326,121 @@ def test_server_killed_mid_run(server, second_server, cluster, stack, reference,
     assert_complete(out, reference[0], 30)
     answered = dict(re.findall(r"(\S+) (\d+) answered", err.split("per server:")[1]))
     assert int(answered[server.grpc_url]) + int(answered.get(second_server.grpc_url, 0)) == 30, err
+
+
+@pytest.fixture
+def own_server(server, tmp_path):
+    """A server of the test's own (it is stopped and started again mid-run): the 2D pipeline,
+    one sliding-window stub, the session server's token."""
+    repository = copy_2d_repository(tmp_path / "model_repository", sliding_window_instances=1)
+    config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0,
+                          token=server.config.token)
+    running = TritonServer(config, log_path=tmp_path / "own-server.log").start(timeout_s=600)
+    try:
+        yield running
+    finally:
+        running.stop(timeout_s=2)
+
+
+def test_a_run_says_once_when_its_server_stops_answering_and_when_it_answers_again(own_server, cluster, stack,
+                                                                                   reference, tmp_path):
+    """The server stopped once 3 tasks are done, then started again on the same ports: the
+    command says so once for the run (both workers' clients see the outage) and once that it
+    answers again; before, its progress bar stood still without a word (the requests run on
+    the workers). Every frame is there and equal."""
+    local, _ = cluster
+    np.save(tmp_path / "frames.npy", np.concatenate([stack[0], stack[0]]))  # 60 tasks: many left at the stop
+    out = tmp_path / "out.zarr"
+    process = subprocess.Popen(dataset_cli(str(tmp_path / "frames.npy"), "--out", str(out), "--url",
+                                           own_server.grpc_url, "--scheduler", local.scheduler_address,
+                                           "--frames-per-task", "1"), stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+
+    def wait_until(condition, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert process.poll() is None, "segment-dataset exited early:\n" + "".join(lines)
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    try:
+        assert wait_until(lambda: done_count(out) >= 3, 300), "".join(lines)
+        own_server.stop(timeout_s=2)
+        assert done_count(out) < 60
+        wait_until(lambda: any("no answer from" in line for line in lines), 90)  # the notice: past 5 s
+        own_server.restart(timeout_s=600)
+        code = process.wait(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(timeout=10)
+    err = "".join(lines)
+    assert code == 0, err
+    told = [line.strip() for line in lines if "no answer from" in line or "answers again" in line]
+    assert len(told) == 2, err
+    assert told[0].startswith(f"client: no answer from {own_server.grpc_url} for "), told
+    assert told[0].endswith("frames are tried again (until it has failed for 600 s, --patience)"), told
+    assert told[1].startswith(f"client: {own_server.grpc_url} answers again, after about "), told
+    assert_complete(out, np.concatenate([reference[0], reference[0]]), 60)
+
+
+def test_the_workers_outage_reports_make_one_outage_for_the_run():
+    """Reports of two worker processes (``client.dataset_outages``), on a fake clock: one
+    outage from the first one failing, over until both answer again; a process with no task
+    running neither holds it open nor ends it; another run's reports and late ones count not."""
+    from client.dataset_outages import ClusterOutage
+    from client.outage_notices import OutageNotices
+    from tests.helpers import FakeClock
+
+    clock = FakeClock()
+    outage = ClusterOutage("run1", clock=clock, stale_s=30.0)
+    said: list[str] = []
+    notices = OutageNotices(outage, "host:1", patience_s=600.0, say=said.append)
+    t = iter(range(1, 1000))
+
+    def report(process, lasted_s, busy=True, run="run1", reason="connection refused"):
+        outage.update({"run": run, "process": process, "t": float(next(t)), "lasted_s": lasted_s, "busy": busy,
+                       "reason": reason if lasted_s is not None else None})
+
+    report("a", None), report("b", None)
+    for second in range(8):  # both fail
+        report("a", float(second)), report("b", max(0.0, second - 0.5))
+        report("c", float(second), run="run2")
+        notices.check()
+        clock.sleep(1.0)
+    assert said == ["client: no answer from host:1 for 5 s (connection refused); frames are tried again (until it "
+                    "has failed for 600 s, --patience)"]
+    report("a", None)  # a answers again; b, still failing, holds the outage open
+    clock.sleep(1.0)
+    notices.check()
+    assert len(said) == 1 and outage.lasted_s() == 9.0
+    outage.update({"run": "run1", "process": "b", "t": 0.5, "lasted_s": None, "busy": True, "reason": None})
+    assert outage.lasted_s() == 9.0  # an old report of b's, arriving late
+    report("b", 9.0, busy=False)  # b's task gave up: idle, its client still failing
+    notices.check()
+    assert said[1:] == ["client: host:1 answers again, after about 9 s without"]
+    # Gone for good: failing processes whose tasks gave up end nothing.
+    report("a", 0.0)
+    for second in range(40):
+        report("a", float(second), busy=second < 10)
+        clock.sleep(1.0)
+        notices.check()
+    assert len(said) == 3 and "no answer" in said[2] and outage.lasted_s() >= 39.0
+    # A busy process's failing report goes stale when it stops reporting (a lost worker); the
+    # outage ends only on a process seen to answer again.
+    report("a", 40.0, busy=True)
+    clock.sleep(31.0)
+    notices.check()
+    assert len(said) == 3 and outage.lasted_s() >= 70.0
+    report("b", None)
+    report("b", 1.0), report("b", None)
+    notices.check()
+    assert said[3:] == ["client: host:1 answers again, after about 71 s without"]
 
 
 def test_tiff_stack_in_a_local_cluster(server, stack, reference, tmp_path):
