@@ -11,7 +11,9 @@ in the input's kind of file: NAME_mask.nii.gz (uint8, same affine and header as 
 NAME_mask.tif or NAME_mask.npy, or NAME_segmentation.h5 for HDF5 (a group per dataset);
 NAME_probabilities and NAME_contour on request. Volumes that would write one output are refused.
 Each volume's outputs are written whole once it is done (under a temporary name, then renamed),
-so --resume skips the volumes whose requested outputs are there already.
+with NAME.segment-volume.json beside them saying what they were made from (the input's path,
+the network and the options), so --resume skips the volumes whose requested outputs are there,
+made from the same input with the same settings, and segments the others again.
 
 A volume above --max-chunk-voxels (default 512x512x256) is sent as overlapping chunks shaped
 to send the fewest voxels in all, --inflight at a time, cut on the network's tile grid so that the stitched
@@ -32,8 +34,8 @@ from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
 from client.cli_options import connected_client, segment_options
 from client.stacks import check_distinct_targets, stack_outputs
-from client.volume_files import (output_targets, outputs_written, read_volume, volume_location,
-                                 write_volume_outputs)
+from client.volume_files import (output_targets, outputs_written, read_volume, record_differences, volume_location,
+                                 write_record, write_volume_outputs)
 from client.volumes import ChunkSettings
 
 
@@ -65,25 +67,45 @@ def chunk_settings(args: argparse.Namespace) -> ChunkSettings:
 def segment_volumes(args: argparse.Namespace) -> int:
     """Segment each volume of ``args.volumes`` into ``args.out``; 1 if any failed."""
     check_distinct_volume_outputs(args)
-    todo = [argument for argument in args.volumes
-            if not (args.resume and outputs_written(argument, requested_outputs(args), args.out))]
-    if len(todo) < len(args.volumes):
-        print(f"client: {len(args.volumes) - len(todo)} volume(s) skipped: their outputs are in {args.out} (--resume)",
-              file=sys.stderr)
     failed = []
     with connected_client(args) as (client, info):
         if info.spatial_dims != 3:
             raise SegmentationError(f"network {info.name!r} of {args.model!r} is not 3D; "
                                     "use `python -m client segment` for frames")
+        settings = run_settings(args, info.name)
+        todo = [argument for argument in args.volumes if not (args.resume and already_done(argument, args, settings))]
+        if len(todo) < len(args.volumes):
+            print(f"client: {len(args.volumes) - len(todo)} volume(s) skipped: their outputs are in {args.out}, "
+                  "made from them with these settings (--resume)", file=sys.stderr)
         for argument in todo:
             try:
-                segment_one(client, argument, args)
+                segment_one(client, argument, args, settings)
             except (OSError, ValueError, SegmentationError) as error:
                 failed.append(naming(argument, error))
                 print(f"client: error: {failed[-1]}", file=sys.stderr)
     if failed and len(args.volumes) > 1:
         print("client: failed volumes:\n  " + "\n  ".join(failed), file=sys.stderr)
     return 1 if failed else 0
+
+
+def run_settings(args: argparse.Namespace, network: str) -> dict:
+    """What a volume's outputs depend on, recorded beside them (``--resume`` compares it; the
+    chunking is left out: chunked results equal whole-volume ones)."""
+    return {"model": args.model, "network": network, "outputs": requested_outputs(args), **segment_options(args)}
+
+
+def already_done(argument: str, args: argparse.Namespace, settings: dict) -> bool:
+    """With --resume: whether the volume's outputs are in --out, made from this input with
+    these settings. Outputs made otherwise (another scan of the same name, another overlap)
+    are segmented again, which replaces them; the user is told."""
+    if not outputs_written(argument, requested_outputs(args), args.out):
+        return False
+    differences = record_differences(argument, args.out, settings)
+    if differences == []:
+        return True
+    why = "no record of what they were made from" if differences is None else "; ".join(differences)
+    print(f"client: {argument}: segmenting it again, replacing its outputs in {args.out} ({why})", file=sys.stderr)
+    return False
 
 
 def naming(argument: str, error: BaseException) -> str:
@@ -119,7 +141,7 @@ def check_distinct_volume_outputs(args: argparse.Namespace) -> None:
     check_distinct_targets(targets, inputs)
 
 
-def segment_one(client: SegmentationClient, argument: str, args: argparse.Namespace) -> None:
+def segment_one(client: SegmentationClient, argument: str, args: argparse.Namespace, settings: dict) -> None:
     volume = read_volume(argument)
     start = time.perf_counter()
     with tqdm(total=None, unit="chunk", desc=volume.label[-30:], disable=args.no_progress, dynamic_ncols=True,
@@ -132,6 +154,7 @@ def segment_one(client: SegmentationClient, argument: str, args: argparse.Namesp
                                        retries=args.retries, patience_s=args.patience, progress=advance, **segment_options(args))
     outputs = {"mask": result.mask, "probabilities": result.probabilities, "contour": result.contour}
     written = write_volume_outputs(volume, {k: v for k, v in outputs.items() if v is not None}, args.out)
+    write_record(argument, args.out, settings)
     shape = "x".join(str(n) for n in volume.image.shape[1:])
     print(f"client: {volume.label} ({shape}) in {result.chunks} request(s), {time.perf_counter() - start:.1f} s -> "
           f"{', '.join(str(p) for p in written)}", file=sys.stderr)

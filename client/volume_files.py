@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import pathlib
 import types
 import zlib
@@ -19,7 +20,8 @@ import numpy as np
 import tifffile
 
 from client.frames import image_stem, load_npy
-from client.stacks import HDF5_SUFFIXES, Target, atomic_write, atomic_write_all, open_hdf5_dataset, split_hdf5_argument
+from client.stacks import (HDF5_SUFFIXES, Target, atomic_write, atomic_write_all, open_hdf5_dataset, safe_name,
+                           split_hdf5_argument)
 from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff, refuse_cut_short
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -184,6 +186,43 @@ def outputs_written(argument: str, names: list[str], out_dir: pathlib.Path) -> b
             return targets[0].place in handle and all(name in handle[targets[0].place] for name in names)
     except OSError:  # no such file, or not HDF5
         return False
+
+
+VOLUME_RECORD_SUFFIX = ".segment-volume.json"
+
+
+def record_path(argument: str, out_dir: pathlib.Path) -> pathlib.Path:
+    """``<stem>.segment-volume.json`` (HDF5: ``<stem>_<dataset>.segment-volume.json``) in
+    ``out_dir``: what the volume's outputs there were made from (``write_record``)."""
+    path, dataset = volume_location(argument)
+    stem = volume_stem(path) + (f"_{safe_name(dataset)}" if dataset else "")
+    return out_dir / f"{stem}{VOLUME_RECORD_SUFFIX}"
+
+
+def volume_settings(argument: str, settings: dict) -> dict:
+    """``settings`` (model, network, outputs, options) with the input's absolute location: a
+    scan of the same name elsewhere writes the same outputs, and must not be taken for it."""
+    path, dataset = volume_location(argument)
+    return {"location": str(path.resolve()) + (f":{dataset}" if dataset else ""), **settings}
+
+
+def write_record(argument: str, out_dir: pathlib.Path, settings: dict) -> None:
+    """Record, once its outputs are in place, what they were made from (``--resume``)."""
+    target = record_path(argument, out_dir)
+    atomic_write(target, lambda partial: partial.write_text(json.dumps(volume_settings(argument, settings), indent=1)))
+
+
+def record_differences(argument: str, out_dir: pathlib.Path, settings: dict) -> list[str] | None:
+    """How the recorded run of the volume's outputs differs from ``settings`` ("overlap 0.5
+    there, 0.6 now"); [] for none, None when there is no record (outputs of an earlier
+    version, or not made by this command)."""
+    try:
+        recorded = json.loads(record_path(argument, out_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = volume_settings(argument, settings)
+    return [f"{key} {recorded.get(key)!r} there, {wanted.get(key)!r} now"
+            for key in sorted({*recorded, *wanted}) if recorded.get(key) != wanted.get(key)]
 
 
 def write_volume_outputs(volume: Volume, outputs: dict[str, np.ndarray], out_dir: pathlib.Path) -> list[pathlib.Path]:

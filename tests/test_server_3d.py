@@ -270,3 +270,30 @@ def test_resume_skips_the_volumes_whose_outputs_are_written(server, client, rng,
             assert np.array_equal(handle[f"{name}/mask"][()], client.segment(volume).mask)
     err = run("--resume", "--probabilities")  # another output asked for: none of them has it yet
     assert "skipped" not in err and err.count("(30x41x37) in 1 request(s)") == 3
+
+
+def test_resume_segments_again_outputs_made_from_another_scan_or_with_other_settings(server, client, rng, tmp_path,
+                                                                                     capsys):
+    """--resume skipped a volume whenever outputs of its name were in --out: those of another
+    scan of the same name (not even of its shape), or made with another overlap, were kept."""
+    first, second = ct_volume((30, 41, 37), rng), ct_volume((20, 30, 25), rng)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    np.save(tmp_path / "a" / "ct.npy", first)
+    np.save(tmp_path / "b" / "ct.npy", second)
+    out = tmp_path / "out"
+
+    def run(directory: str, *options: str) -> str:
+        code = client_main(["segment-volume", str(tmp_path / directory / "ct.npy"), "--out", str(out), "--url",
+                            server.grpc_url, "--no-progress", *options])
+        assert code == 0
+        return capsys.readouterr().err
+
+    run("a")
+    err = run("b", "--resume")
+    assert "skipped" not in err and f"segmenting it again, replacing its outputs in {out} (location" in err
+    assert np.array_equal(np.load(out / "ct_mask.npy"), client.segment(second).mask)
+    assert "1 volume(s) skipped" in run("b", "--resume")
+    err = run("b", "--resume", "--overlap", "0.6")
+    assert "skipped" not in err and "overlap None there, 0.6 now" in err
+    assert np.array_equal(np.load(out / "ct_mask.npy"), client.segment(second, overlap=0.6).mask)
