@@ -121,8 +121,11 @@ def read_volume(argument: str) -> Volume:
     return Volume(f"{path.name}:{dataset}", kind, image, path, dataset=dataset)
 
 
-def write_nifti(path: pathlib.Path, array: np.ndarray, source) -> None:
-    """``array`` ``[*spatial]`` (or ``[K, *spatial]``, stored with K last) on the source's grid."""
+def write_nifti(path: pathlib.Path, array: np.ndarray, source, output: str = "mask") -> None:
+    """``array`` ``[*spatial]`` (or ``[K, *spatial]``, stored with K last) on the source's grid
+    (its affine, codes and voxel sizes). What describes the scan's values goes: its display
+    window (a CT's -1024..3071 showed labels 0..2 as one grey), intent and description; a
+    mask or contour is a label image, probabilities span 0..1 over a 4th axis that is no time."""
     import nibabel
 
     data = np.moveaxis(array, 0, -1) if array.ndim == 4 else array
@@ -130,6 +133,12 @@ def write_nifti(path: pathlib.Path, array: np.ndarray, source) -> None:
     header.set_data_dtype(data.dtype)
     image = nibabel.Nifti1Image(data, source.affine, header)
     image.header.set_slope_inter(1.0, 0.0)  # labels and probabilities are stored unscaled
+    labels = output != "probabilities"
+    image.header.set_intent("label" if labels else "none")
+    image.header["cal_min"], image.header["cal_max"] = 0.0, float(data.max()) if labels and data.size else 1.0
+    image.header["descrip"] = f"{output} of {pathlib.Path(source.get_filename() or 'the scan').name}"[:79].encode()
+    if not labels:
+        image.header.set_xyzt_units(xyz=header.get_xyzt_units()[0], t="unknown")
     nibabel.save(image, path)
 
 
@@ -236,15 +245,16 @@ def write_volume_outputs(volume: Volume, outputs: dict[str, np.ndarray], out_dir
         write_hdf5_group(target, output_group(volume.dataset), outputs)
         return [target]
     # All or none: a mask published beside probabilities that failed to write is a half result.
-    atomic_write_all({paths[name]: array_writer(array, volume) for name, array in outputs.items()},
+    atomic_write_all({paths[name]: array_writer(array, volume, name) for name, array in outputs.items()},
                      suffix=".nii.gz" if volume.kind == "nifti" else None)
     return list(paths.values())
 
 
-def array_writer(array: np.ndarray, volume: Volume) -> Callable[[pathlib.Path], None]:
-    """What writes ``array`` into a file in the volume's kind (NIfTI on its grid, TIFF or NPY)."""
+def array_writer(array: np.ndarray, volume: Volume, output: str) -> Callable[[pathlib.Path], None]:
+    """What writes ``array``, the volume's ``output``, into a file in the volume's kind (NIfTI
+    on its grid, TIFF or NPY)."""
     if volume.kind == "nifti":
-        return lambda path: write_nifti(path, array, volume.nifti)
+        return lambda path: write_nifti(path, array, volume.nifti, output)
     if volume.kind == "tiff":
         return lambda path: tifffile.imwrite(path, array, compression="zlib", photometric="minisblack")
     return lambda path: save_npy(path, array)

@@ -144,8 +144,11 @@ def test_nifti_round_trip_keeps_affine(server, client, rng, tmp_path):
     affine = np.array([[0.78, 0, 0, -199.6], [0, 0.78, 0, -180.2], [0, 0, 2.5, 71.0], [0, 0, 0, 1]])
     scan = nibabel.Nifti1Image(volume, affine)
     scan.header.set_xyzt_units("mm", "sec")
+    # What describes the scan's values: a CT window, an intent, a description (not the outputs').
+    scan.header["cal_min"], scan.header["cal_max"], scan.header["descrip"] = -1024, 3071, b"CT HU"
+    scan.header.set_intent("estimate")
     nibabel.save(scan, tmp_path / "scan.nii.gz")
-    code = client_main(["segment-volume", str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "out"),
+    code = client_main(["segment-volume", str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "out"), "--probabilities",
                         "--url", server.grpc_url, "--chunk-shape", *map(str, CHUNK_SHAPE), "--no-progress"])
     assert code == 0
     mask = nibabel.load(tmp_path / "out" / "scan_mask.nii.gz")
@@ -153,7 +156,15 @@ def test_nifti_round_trip_keeps_affine(server, client, rng, tmp_path):
     assert np.array_equal(mask.affine, scan.affine)
     assert mask.header.get_xyzt_units() == ("mm", "sec") and mask.header.get_zooms() == scan.header.get_zooms()
     assert mask.get_data_dtype() == np.uint8
-    assert np.array_equal(np.asarray(mask.dataobj), client.segment(volume).mask)
+    expected = client.segment(volume).mask
+    assert np.array_equal(np.asarray(mask.dataobj), expected)
+    # A viewer shows the labels in their own range: the scan's -1024..3071 window made 0..2 one grey.
+    assert (mask.header["cal_min"], mask.header["cal_max"]) == (0, expected.max())
+    assert mask.header.get_intent()[0] == "label" and mask.header["descrip"].item() == b"mask of scan.nii.gz"
+    probabilities = nibabel.load(tmp_path / "out" / "scan_probabilities.nii.gz")
+    assert np.array_equal(probabilities.affine, scan.affine) and probabilities.shape == (*volume.shape, 3)
+    assert (probabilities.header["cal_min"], probabilities.header["cal_max"]) == (0, 1)
+    assert probabilities.header.get_intent()[0] == "none" and probabilities.header.get_xyzt_units() == ("mm", "unknown")
 
 
 @pytest.mark.parametrize("kind", ["tif", "npy", "h5"])
