@@ -111,10 +111,27 @@ def already_done(argument: str, args: argparse.Namespace, settings: dict) -> boo
 def naming(argument: str, error: BaseException) -> str:
     """The error after the volume's argument, once (readers' errors start with the file's
     path, or its name)."""
-    message, path = str(error), volume_location(argument)[0]
+    message, (path, dataset) = str(error), volume_location(argument)
     if message.startswith((f"{argument}: ", f"{path}: ")):
         return message
-    return f"{argument}: {message.removeprefix(f'{path.name}: ')}"
+    for label in (f"{path.name}:{dataset}: ", f"{path.name}: "):  # a volume's label (HDF5: with its dataset)
+        message = message.removeprefix(label)
+    return f"{argument}: {message}"
+
+
+def check_channels(volume, info) -> None:
+    """Refuse, before sending it, a volume of more (or fewer) channels than the network takes,
+    saying where they came from: a 4D NIfTI's 4th axis (time points, or MONAI's channels last),
+    the first axis of a 4D array."""
+    channels = volume.image.shape[0]
+    if channels == info.in_channels:
+        return
+    where = ("its 4th axis (NIfTI: time points, or channels)" if volume.kind == "nifti"
+             else f"the first axis of shape {list(volume.image.shape)}")
+    advice = ("; segment one at a time: split them, e.g. with nibabel.funcs.four_to_three"
+              if info.in_channels == 1 else "")
+    raise ValueError(f"{volume.label}: {channels} volumes along {where}; network {info.name!r} takes "
+                     f"{info.in_channels} channel(s){advice}")
 
 
 def requested_outputs(args: argparse.Namespace) -> list[str]:
@@ -143,6 +160,7 @@ def check_distinct_volume_outputs(args: argparse.Namespace) -> None:
 
 def segment_one(client: SegmentationClient, argument: str, args: argparse.Namespace, settings: dict) -> None:
     volume = read_volume(argument)
+    check_channels(volume, client.network_info())
     start = time.perf_counter()
     with tqdm(total=None, unit="chunk", desc=volume.label[-30:], disable=args.no_progress, dynamic_ncols=True,
               leave=False) as progress:

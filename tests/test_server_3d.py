@@ -308,3 +308,24 @@ def test_resume_segments_again_outputs_made_from_another_scan_or_with_other_sett
     err = run("b", "--resume", "--overlap", "0.6")
     assert "skipped" not in err and "overlap None there, 0.6 now" in err
     assert np.array_equal(np.load(out / "ct_mask.npy"), client.segment(second, overlap=0.6).mask)
+
+
+def test_volumes_the_network_cannot_take_are_refused_once_named_with_what_to_do(server, client, rng, tmp_path, capsys):
+    """A 4D NIfTI of 3 time points was sent, then refused as "takes 1 channel(s), IMAGE has 3";
+    an HDF5 dataset of one slice was named twice ("tomo.h5:/entry/flat: tomo.h5:/entry/flat: ...")."""
+    nibabel = pytest.importorskip("nibabel")
+    h5py = pytest.importorskip("h5py")
+    series = nibabel.Nifti1Image(np.stack([ct_volume((20, 30, 25), rng) for _ in range(3)], axis=-1), np.eye(4))
+    series.header.set_xyzt_units("mm", "sec")
+    nibabel.save(series, tmp_path / "t3.nii.gz")
+    with h5py.File(tmp_path / "tomo.h5", "w") as handle:
+        handle["entry/flat"] = np.zeros((31, 61), np.uint16)
+    network = client.network_info().name
+    code = client_main(["segment-volume", str(tmp_path / "t3.nii.gz"), f"{tmp_path / 'tomo.h5'}:/entry/flat",
+                        "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert (f"client: error: {tmp_path / 't3.nii.gz'}: 3 volumes along its 4th axis (NIfTI: time points, or channels); "
+            f"network {network!r} takes 1 channel(s); segment one at a time: split them, e.g. with "
+            "nibabel.funcs.four_to_three\n") in err
+    assert f"client: error: {tmp_path / 'tomo.h5'}:/entry/flat: expected a 3D volume, got shape [31, 61]\n" in err
