@@ -25,7 +25,9 @@ is then taken over the whole volume, and --keep-largest runs on the stitched mas
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
+import tempfile
 import time
 
 from tqdm import tqdm
@@ -67,6 +69,7 @@ def chunk_settings(args: argparse.Namespace) -> ChunkSettings:
 def segment_volumes(args: argparse.Namespace) -> int:
     """Segment each volume of ``args.volumes`` into ``args.out``; 1 if any failed."""
     check_distinct_volume_outputs(args)
+    check_writable(args.out)
     failed = []
     with connected_client(args) as (client, info):
         if info.spatial_dims != 3:
@@ -86,6 +89,20 @@ def segment_volumes(args: argparse.Namespace) -> int:
     if failed and len(args.volumes) > 1:
         print("client: failed volumes:\n  " + "\n  ".join(failed), file=sys.stderr)
     return 1 if failed else 0
+
+
+def check_writable(out: pathlib.Path) -> None:
+    """Make ``out`` and write a file there, before any volume is read: each volume was read and
+    segmented, then failed to be written (a batch's whole compute for nothing).
+
+    Raises:
+        OSError: ``out`` cannot be made or written, naming it.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise OSError(f"--out {out}: cannot write there ({error.strerror or error})") from None
 
 
 def run_settings(args: argparse.Namespace, network: str) -> dict:

@@ -329,3 +329,14 @@ def test_volumes_the_network_cannot_take_are_refused_once_named_with_what_to_do(
             f"network {network!r} takes 1 channel(s); segment one at a time: split them, e.g. with "
             "nibabel.funcs.four_to_three\n") in err
     assert f"client: error: {tmp_path / 'tomo.h5'}:/entry/flat: expected a 3D volume, got shape [31, 61]\n" in err
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused_before_any_volume_is_read(server, rng, tmp_path, capsys):
+    """Each volume was read and segmented, then failed to be written."""
+    np.save(tmp_path / "a.npy", ct_volume((20, 30, 25), rng))
+    (tmp_path / "results").write_text("a file where the output directory's parent should be")
+    out = tmp_path / "results" / "masks"
+    code = client_main(["segment-volume", str(tmp_path / "a.npy"), str(tmp_path / "a.npy").replace("a.npy", "b.npy"),
+                        "--out", str(out), "--url", server.grpc_url, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"client: error: --out {out}: cannot write there (Not a directory)\n", err
