@@ -15,9 +15,12 @@ outputs take their own names. A frame that failed is filled with ``FAILED_VALUE`
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import math
 import os
 import pathlib
+import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -270,6 +273,7 @@ class RunRecord:
 
 
 PARTIAL = ".partial"  # marks a stack output whose run has not finished
+HDF5_CLOSE_RESERVE_BYTES = 32 << 20  # room kept on the disk for HDF5 to flush its metadata and close
 
 
 def partial_name(path: pathlib.Path) -> pathlib.Path:
@@ -386,12 +390,33 @@ class StackWriter:
         return arrays
 
     def write(self, index: int, result) -> None:
+        self._refuse_a_full_disk()
         for name in self.outputs:
             self.arrays[name][self.place_of(index)] = getattr(result, name)
 
     def write_failed(self, index: int) -> None:
+        self._refuse_a_full_disk()
         for name in self.outputs:
             self.arrays[name][self.place_of(index)] = np.nan if name == "probabilities" else FAILED_VALUE
+
+    def _refuse_a_full_disk(self) -> None:
+        """HDF5 outputs: refuse a frame while the disk still has room for HDF5 to close the file
+        cleanly. HDF5 whose write fails on a full disk crashes the process when the file is
+        closed (a segmentation fault; h5py issue 914): the run record and the summary were lost.
+
+        Raises:
+            OSError: ENOSPC, with the free space and what a frame may need.
+        """
+        if self._h5 is None:
+            return  # TIFF and NPY frames are written with pwrite, which fails cleanly
+        directory = self.paths["mask"].parent
+        free = shutil.disk_usage(directory).free
+        needed = sum(math.prod(shape[1:] if not self.source.one_frame else shape) * np.dtype(OUTPUT_DTYPES[name]).itemsize
+                     for name, shape in self.shapes.items()) + HDF5_CLOSE_RESERVE_BYTES
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"no space left on device for the next frame in {self.paths['mask']} "
+                          f"({free / 2**20:.1f} MiB free, up to {needed / 2**20:.1f} MiB needed with room to close the "
+                          "file); free some space, then rerun with --resume")
 
     def place_of(self, index: int):
         """Where frame ``index`` goes in an output array: the whole of a one-frame output."""

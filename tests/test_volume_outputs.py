@@ -1,8 +1,10 @@
-"""Volume outputs written whole or not at all, when the disk refuses them (a file-size limit
-stands in for a full disk: the writes fail alike, EFBIG for ENOSPC, and it needs no mount)."""
+"""Outputs when the disk refuses them. Volumes: written whole or not at all (a file-size limit
+stands in for a full disk: the writes fail alike, EFBIG for ENOSPC, and it needs no mount).
+HDF5 stacks: refused frame by frame on a real small file system, with the file still closable."""
 
 from __future__ import annotations
 
+import pathlib
 import resource
 import signal
 import subprocess
@@ -65,3 +67,54 @@ def test_outputs_the_disk_refuses_are_an_error_and_none_is_published(tmp_path, k
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("refused: [Errno 27] File too large"), run.stdout
     assert sorted(path.name for path in out.iterdir()) == []
+
+
+WRITE_STACK = """
+import pathlib, sys, types
+import numpy as np
+from client.stacks import StackWriter
+
+directory = pathlib.Path(sys.argv[1])
+source = types.SimpleNamespace(path=directory / "scan.h5", kind="hdf5", count=40, frame_shape=(256, 256), one_frame=False,
+                               dataset="/data")
+writer = StackWriter(source, directory, ["mask", "probabilities"], num_classes=3, resume=False)
+rng = np.random.default_rng(0)
+written = 0
+try:
+    for index in range(40):
+        writer.write(index, types.SimpleNamespace(mask=np.zeros((256, 256), np.uint8),
+                                                  probabilities=rng.random((3, 256, 256), dtype=np.float32)))
+        writer.flush()
+        written += 1
+    print("all written")
+except OSError as error:
+    print(f"refused after {written}: {error}")
+writer.close(publish=False)
+print("closed")
+"""
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 40 MiB tmpfs (as root: it needs a mount), removed afterwards."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_an_hdf5_stack_output_on_a_full_disk_is_refused_frame_by_frame_and_the_file_closes(small_file_system):
+    """HDF5 whose write failed on a full disk crashed the client when the file was closed (a
+    segmentation fault), losing the run record and the summary."""
+    run = subprocess.run([sys.executable, "-c", WRITE_STACK, str(small_file_system)], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    refused, closed = run.stdout.splitlines()
+    assert refused.startswith("refused after ") and "[Errno 28] no space left on device" in refused and "--resume" in refused
+    assert closed == "closed"
+    with h5py.File(pathlib.Path(small_file_system) / "scan_segmentation.h5", "r") as handle:  # readable, as written
+        written = int(refused.split()[2].rstrip(":"))
+        assert written >= 1 and handle["data.partial/mask"].shape == (40, 256, 256)
