@@ -38,6 +38,7 @@ class Volume:
     path: pathlib.Path
     dataset: str | None = None
     nifti: object | None = None  # the loaded nibabel image (affine, header)
+    calibration: dict | None = None  # a TIFF's voxel sizes, as tifffile.imwrite takes them (``tiff_calibration``)
 
     @property
     def stem(self) -> str:
@@ -87,6 +88,56 @@ def read_tiff_volume(path: pathlib.Path) -> np.ndarray:
         return np.moveaxis(frames.read_all(), 1, 0)
 
 
+def tiff_calibration(path: pathlib.Path) -> dict:
+    """What sizes a TIFF volume's voxels, as ``tifffile.imwrite`` takes it, so that its masks
+    overlay it at its scale in Fiji or napari: ``resolution`` (pixels per unit in X and Y) and
+    ``resolutionunit`` from its first page, and ``spacing`` (Z) and ``unit`` from its ImageJ
+    description or, for an OME-TIFF, its physical sizes. {} when it has none."""
+    with open_tiff(path) as tiff:
+        page, calibration = tiff.pages.first, {}
+        x, y, unit = (page.tags.get(name) for name in ("XResolution", "YResolution", "ResolutionUnit"))
+        if x is not None and y is not None:
+            calibration["resolution"] = (x.value, y.value)
+        if unit is not None:
+            calibration["resolutionunit"] = unit.value
+        imagej = {key: value for key, value in (tiff.imagej_metadata or {}).items() if key in ("spacing", "unit")}
+        if not imagej and tiff.is_ome:
+            imagej = ome_calibration(tiff, calibration)
+    return {**calibration, "imagej": imagej} if imagej else calibration
+
+
+def ome_calibration(tiff: tifffile.TiffFile, calibration: dict) -> dict:
+    """An OME-TIFF's physical voxel sizes as ImageJ's ``spacing`` and ``unit`` (X and Y into
+    ``calibration["resolution"]``); {} when its metadata gives none."""
+    try:
+        image = tifffile.xml2dict(tiff.ome_metadata)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return {}
+    sizes = {axis: pixels.get(f"PhysicalSize{axis}") for axis in "XYZ"}
+    if sizes["X"] and sizes["Y"]:
+        calibration["resolution"] = (1 / float(sizes["X"]), 1 / float(sizes["Y"]))
+        calibration.pop("resolutionunit", None)  # ImageJ's unit says what they are in
+    imagej = {"spacing": float(sizes["Z"])} if sizes["Z"] else {}
+    if sizes["X"] or sizes["Z"]:
+        # OME's default unit is µm; ImageJ's description is ASCII, and it reads "um" as micron.
+        imagej["unit"] = str(pixels.get("PhysicalSizeXUnit", "\u00b5m")).replace("\u00b5", "u")
+    return imagej
+
+
+def write_tiff(path: pathlib.Path, array: np.ndarray, calibration: dict | None) -> None:
+    """``array`` as a zlib-compressed TIFF with the input's voxel sizes: a ``[D, H, W]`` output
+    as an ImageJ stack when they include a Z spacing or unit (what Fiji reads its scale from),
+    ``[K, D, H, W]`` probabilities with the X and Y resolution only."""
+    calibration = dict(calibration or {})
+    imagej = calibration.pop("imagej", None)
+    if imagej and array.ndim == 3:
+        calibration.pop("resolutionunit", None)  # ImageJ's own unit
+        tifffile.imwrite(path, array, compression="zlib", imagej=True, metadata={**imagej, "axes": "ZYX"}, **calibration)
+    else:
+        tifffile.imwrite(path, array, compression="zlib", photometric="minisblack", **calibration)
+
+
 def read_volume(argument: str) -> Volume:
     """Read a volume named by a path or ``FILE.h5:/dataset``.
 
@@ -108,7 +159,7 @@ def read_volume(argument: str) -> Volume:
         image = channel_first(data, path.name, channel_axis_last=True)
         return Volume(path.name, kind, image, path, nifti=nifti)
     if kind == "tiff":
-        return Volume(path.name, kind, read_tiff_volume(path), path)
+        return Volume(path.name, kind, read_tiff_volume(path), path, calibration=tiff_calibration(path))
     if kind == "npy":
         return Volume(path.name, kind, channel_first(load_npy(path), path.name, False), path)
     if dataset is None:
@@ -256,7 +307,7 @@ def array_writer(array: np.ndarray, volume: Volume, output: str) -> Callable[[pa
     if volume.kind == "nifti":
         return lambda path: write_nifti(path, array, volume.nifti, output)
     if volume.kind == "tiff":
-        return lambda path: tifffile.imwrite(path, array, compression="zlib", photometric="minisblack")
+        return lambda path: write_tiff(path, array, volume.calibration)
     return lambda path: save_npy(path, array)
 
 

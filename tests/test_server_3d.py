@@ -340,3 +340,29 @@ def test_an_output_directory_that_cannot_be_written_is_refused_before_any_volume
                         "--out", str(out), "--url", server.grpc_url, "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and err == f"client: error: --out {out}: cannot write there (Not a directory)\n", err
+
+
+def test_tiff_masks_keep_the_voxel_sizes_of_their_scans(server, client, rng, tmp_path, capsys):
+    """An ImageJ stack's spacing and unit and an OME-TIFF's physical sizes were dropped: in Fiji
+    the mask did not overlay its scan at the scan's scale."""
+    import tifffile
+
+    volume = ct_volume((30, 41, 37), rng)
+    tifffile.imwrite(tmp_path / "ij.tif", volume, imagej=True, resolution=(10 / 7, 10 / 7),
+                     metadata={"spacing": 2.5, "unit": "um", "axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "scan.ome.tif", volume, ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65, "PhysicalSizeZ": 2.0})
+    code = client_main(["segment-volume", str(tmp_path / "ij.tif"), str(tmp_path / "scan.ome.tif"), "--probabilities",
+                        "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    expected = client.segment(volume).mask
+    for name, spacing, pixel_size in [("ij", 2.5, 0.7), ("scan", 2.0, 0.65)]:  # scan.ome.tif: stem "scan"
+        with tifffile.TiffFile(tmp_path / "out" / f"{name}_mask.tif") as mask:
+            assert np.array_equal(mask.asarray(), expected)
+            assert mask.imagej_metadata["spacing"] == spacing and mask.imagej_metadata["unit"] == "um"
+            x_resolution = mask.pages.first.tags["XResolution"].value
+            assert x_resolution[0] / x_resolution[1] == pytest.approx(1 / pixel_size, rel=1e-6)
+        with tifffile.TiffFile(tmp_path / "out" / f"{name}_probabilities.tif") as probabilities:
+            assert probabilities.series[0].shape == (3, *volume.shape)
+            x_resolution = probabilities.pages.first.tags["XResolution"].value
+            assert x_resolution[0] / x_resolution[1] == pytest.approx(1 / pixel_size, rel=1e-6)
