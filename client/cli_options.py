@@ -25,6 +25,7 @@ def add_server_options(parser: argparse.ArgumentParser, default_model: str, defa
                        item: str | None = None) -> None:
     """``unit``: what is in flight (plural); ``item``: what is retried (default: ``unit`` less its s)."""
     item = item or unit[:-1]
+    parser.set_defaults(retried_item=item)  # what the outage notices say is tried again
     parser.add_argument("--url", help="server address host:port (default: 127.0.0.1:8001, or :8000 for http); several "
                         "comma-separated spread the work by fewest requests in flight and fail over between them")
     parser.add_argument("--token", help="token of the server's restricted endpoints, needed for shared memory "
@@ -120,7 +121,7 @@ def connected_client(args: argparse.Namespace,
                   "run that did not exit cleanly", file=sys.stderr)
         info = network_info(client, args.patience)
         with outage_notices.watching(client.outage, ", ".join(client.urls), args.patience, say_above_progress,
-                                     retries=args.retries):
+                                     retries=args.retries, item=args.retried_item):
             yield client, info
 
 

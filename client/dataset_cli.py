@@ -352,7 +352,7 @@ def run_tasks(dask_client, job: Job, tasks: list[Task], args: argparse.Namespace
     with tqdm(total=len(tasks), unit="task", disable=args.no_progress, dynamic_ncols=True) as progress, \
             dataset_outages.subscribed(dask_client, outage), \
             outage_notices.watching(outage, ", ".join(job.urls), job.patience_s, say_above_progress,
-                                    retries=job.retries):
+                                    retries=job.retries, item=args.retried_item):
         futures = dask_client.map(run_task, [job] * len(tasks), tasks, retries=args.task_retries, pure=False)
         task_of = {future.key: task for future, task in zip(futures, tasks)}
         with cancelled_on_exit(dask_client, futures):

@@ -15,15 +15,15 @@ CHECK_EVERY_S = 1.0
 REASON_CHARS = 200
 
 
-def retry_rule(patience_s: float, retries: int | None, lasted_s: float) -> str:
-    """What happens to the frames that fail, ``lasted_s`` into an outage, under ``--patience``
-    and ``--retries`` (``client.stream.RetryPolicy``)."""
+def retry_rule(patience_s: float, retries: int | None, lasted_s: float, item: str = "frame") -> str:
+    """What happens to the ``item``s (frames, chunks, requests) that fail, ``lasted_s`` into an
+    outage, under ``--patience`` and ``--retries`` (``client.stream.RetryPolicy``)."""
     if retries == 0:
-        return "frames that fail are not tried again (--retries 0)"
+        return f"{item}s that fail are not tried again (--retries 0)"
     if lasted_s >= patience_s:
-        return f"--patience {patience_s:g} s is spent, so each further frame is tried once"
+        return f"--patience {patience_s:g} s is spent, so each further {item} is tried once"
     at_most = f"at most {retries} more time(s) each, " if retries is not None else ""
-    return f"frames are tried again ({at_most}until it has failed for {patience_s:g} s, --patience)"
+    return f"{item}s are tried again ({at_most}until it has failed for {patience_s:g} s, --patience)"
 
 
 class OutageNotices:
@@ -33,9 +33,9 @@ class OutageNotices:
     ``watching`` calls it every ``CHECK_EVERY_S`` in a thread."""
 
     def __init__(self, outage: Outage, where: str, patience_s: float, say: Callable[[str], None],
-                 after_s: float = NOTICE_AFTER_S, retries: int | None = None):
+                 after_s: float = NOTICE_AFTER_S, retries: int | None = None, item: str = "frame"):
         self.outage, self.where, self.patience_s, self.say, self.after_s = outage, where, patience_s, say, after_s
-        self.retries = retries
+        self.retries, self.item = retries, item
         self._told_lasted_s: float | None = None  # the outage told of: how long it had lasted at the last check
 
     def check(self) -> None:
@@ -47,7 +47,7 @@ class OutageNotices:
         elif self._told_lasted_s is not None or lasted_s >= self.after_s:
             if self._told_lasted_s is None:
                 self.say(f"client: no answer from {self.where} for {lasted_s:.0f} s ({self._reason()}); "
-                         f"{retry_rule(self.patience_s, self.retries, lasted_s)}")
+                         f"{retry_rule(self.patience_s, self.retries, lasted_s, self.item)}")
             self._told_lasted_s = lasted_s
 
     def _reason(self) -> str:
@@ -58,9 +58,9 @@ class OutageNotices:
 
 @contextlib.contextmanager
 def watching(outage: Outage, where: str, patience_s: float, say: Callable[[str], None],
-             every_s: float = CHECK_EVERY_S, retries: int | None = None) -> Iterator[OutageNotices]:
+             every_s: float = CHECK_EVERY_S, retries: int | None = None, item: str = "frame") -> Iterator[OutageNotices]:
     """``OutageNotices`` checked every ``every_s`` in a daemon thread while the block runs."""
-    notices = OutageNotices(outage, where, patience_s, say, retries=retries)
+    notices = OutageNotices(outage, where, patience_s, say, retries=retries, item=item)
     stop = threading.Event()
 
     def watch() -> None:

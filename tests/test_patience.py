@@ -205,19 +205,21 @@ def test_an_outage_is_told_once_past_a_few_seconds_with_its_error_and_its_end():
     assert said[1:] == ["client: 127.0.0.1:8001 answers again, after about 19 s without"]
 
 
-@pytest.mark.parametrize(("patience_s", "retries", "rule"), [
-    (600.0, 3, "frames are tried again (at most 3 more time(s) each, until it has failed for 600 s, --patience)"),
-    (600.0, 0, "frames that fail are not tried again (--retries 0)"),
-    (0.0, None, "--patience 0 s is spent, so each further frame is tried once"),
-    (3.0, None, "--patience 3 s is spent, so each further frame is tried once"),
+@pytest.mark.parametrize(("patience_s", "retries", "item", "rule"), [
+    (600.0, 3, "frame", "frames are tried again (at most 3 more time(s) each, until it has failed for 600 s, --patience)"),
+    (600.0, 0, "frame", "frames that fail are not tried again (--retries 0)"),
+    (0.0, None, "frame", "--patience 0 s is spent, so each further frame is tried once"),
+    (3.0, None, "chunk", "--patience 3 s is spent, so each further chunk is tried once"),
+    (600.0, None, "chunk", "chunks are tried again (until it has failed for 600 s, --patience)"),
 ])
-def test_an_outage_notice_says_what_the_retry_options_do_with_the_frames(patience_s, retries, rule):
+def test_an_outage_notice_says_what_the_retry_options_do_with_the_frames(patience_s, retries, item, rule):
     """It said frames were tried again for --patience even when --patience 0, --retries 0 or
-    a patience shorter than the notice's wait meant they were not."""
+    a patience shorter than the notice's wait meant they were not, and in segment-volume,
+    whose requests are chunks."""
     clock = FakeClock()
     outage = stream_logic.Outage(clock)
     said: list[str] = []
-    notices = OutageNotices(outage, "host:1", patience_s=patience_s, say=said.append, retries=retries)
+    notices = OutageNotices(outage, "host:1", patience_s=patience_s, say=said.append, retries=retries, item=item)
     for _ in range(6):
         outage.failed(reason="down")
         notices.check()
