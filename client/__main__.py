@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     segment.add_argument("--overlay-max-size", type=int, default=2048, help="longest overlay side in pixels (default: %(default)s)")
     volume = commands.add_parser("segment-volume", help="segment 3D volumes, in chunks when large",
                                  description=volume_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    volume.add_argument("volumes", nargs="+", help="volumes: .nii/.nii.gz, .tif, .npy or FILE.h5:/dataset")
+    volume.add_argument("volumes", nargs="+",
+                        help="volumes: .nii/.nii.gz, .tif, .npy, FILE.h5:/dataset, or a directory of TIFF slices")
     volume.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"), help="output directory (default: %(default)s)")
     volume.add_argument("--resume", action="store_true",
                         help="skip volumes whose outputs are in --out already (an interrupted run's finished ones)")

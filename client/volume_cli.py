@@ -5,7 +5,8 @@
     python -m client segment-volume big.npy --chunk-shape 128 0 0 --inflight 4
     python -m client segment-volume scans/*.nii.gz --out results/ --resume   # after Ctrl-C: skip the written ones
 
-Inputs: NIfTI (.nii, .nii.gz), TIFF stacks [Z, Y, X], NPY and HDF5 datasets (FILE.h5:/path);
+Inputs: NIfTI (.nii, .nii.gz), TIFF stacks [Z, Y, X], a directory of TIFF slices (one 2D image
+per slice, in natural order: z_2 before z_10; written as DIRNAME_mask.tif), NPY and HDF5 datasets (FILE.h5:/path);
 float32, uint8, uint16 and int16 (CT Hounsfield units) travel as stored. Outputs in --out,
 in the input's kind of file: NAME_mask.nii.gz (uint8, same affine and header as the scan),
 NAME_mask.tif or NAME_mask.npy, or NAME_segmentation.h5 for HDF5 (a group per dataset);

@@ -46,7 +46,10 @@ class Volume:
 
 
 def volume_stem(path: pathlib.Path) -> str:
-    """The file name without its volume suffix (``scan.nii.gz``, ``scan.ome.tif`` -> ``scan``)."""
+    """The file name without its volume suffix (``scan.nii.gz``, ``scan.ome.tif`` -> ``scan``);
+    a directory of slices by its whole name."""
+    if path.is_dir():
+        return path.name
     for suffix in NIFTI_SUFFIXES:
         if path.name.lower().endswith(suffix):
             return path.name[: -len(suffix)]
@@ -54,6 +57,8 @@ def volume_stem(path: pathlib.Path) -> str:
 
 
 def volume_kind(path: pathlib.Path) -> str:
+    if path.is_dir():
+        return "tiff"  # a directory of slices, written as one TIFF stack
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
@@ -63,7 +68,8 @@ def volume_kind(path: pathlib.Path) -> str:
         return "npy"
     if path.suffix.lower() in HDF5_SUFFIXES:
         return "hdf5"
-    raise ValueError(f"{path}: unsupported volume file; use one of {', '.join(VOLUME_SUFFIXES)}")
+    raise ValueError(f"{path}: unsupported volume file; use one of {', '.join(VOLUME_SUFFIXES)}, or a directory of "
+                     "TIFF slices")
 
 
 def channel_first(array: np.ndarray, label: str, channel_axis_last: bool) -> np.ndarray:
@@ -72,13 +78,48 @@ def channel_first(array: np.ndarray, label: str, channel_axis_last: bool) -> np.
         return array[None]
     if array.ndim == 4:
         return np.moveaxis(array, -1, 0) if channel_axis_last else array
-    raise ValueError(f"{label}: expected a 3D volume, got shape {list(array.shape)}")
+    hint = "; one image: segment frames with `segment`, or give the directory of a volume's TIFF slices" if array.ndim == 2 else ""
+    raise ValueError(f"{label}: expected a 3D volume, got shape {list(array.shape)}{hint}")
+
+
+def slice_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    """A directory's TIFF slices in natural order (``z_2.tif`` before ``z_10.tif``), as a
+    tomographic reconstruction writes them.
+
+    Raises:
+        ValueError: none in it.
+    """
+    names = tifffile.natural_sorted([p.name for p in directory.iterdir()
+                                     if p.suffix.lower() in (".tif", ".tiff") and not p.name.startswith(".")])
+    if not names:
+        raise ValueError(f"{directory}: a directory, and no .tif/.tiff slices in it")
+    return [directory / name for name in names]
+
+
+def read_slices(directory: pathlib.Path) -> np.ndarray:
+    """``[1, D, H, W]``: one 2D TIFF per slice, of one shape and pixel type.
+
+    Raises:
+        ValueError: a slice that is not one 2D image, or not of the first one's shape or type.
+    """
+    files = slice_files(directory)
+    first = tifffile.imread(files[0])
+    volume = np.empty((len(files), *first.shape), first.dtype)
+    for index, path in enumerate(files):
+        image = first if index == 0 else tifffile.imread(path)
+        if image.ndim != 2 or image.shape != first.shape or image.dtype != first.dtype:
+            raise ValueError(f"{path}: shape {list(image.shape)} {image.dtype}, where {files[0].name} is "
+                             f"{list(first.shape)} {first.dtype}; the slices of a volume are 2D images of one shape and type")
+        volume[index] = image
+    return volume[None]
 
 
 def read_tiff_volume(path: pathlib.Path) -> np.ndarray:
     """``[C, D, H, W]``: a z-stack's frames (ImageJ and OME channels first, a file written page
-    by page read whole: :class:`client.tiffs.TiffFrames`); an array without axis metadata as
-    ``channel_first`` takes any array."""
+    by page read whole: :class:`client.tiffs.TiffFrames`), or a directory's slices; an array
+    without axis metadata as ``channel_first`` takes any array."""
+    if path.is_dir():
+        return read_slices(path)
     with open_tiff(path) as tiff:
         refuse_cut_short(tiff, path, "a volume")
         series = tiff.series[0]
@@ -159,7 +200,8 @@ def read_volume(argument: str) -> Volume:
         image = channel_first(data, path.name, channel_axis_last=True)
         return Volume(path.name, kind, image, path, nifti=nifti)
     if kind == "tiff":
-        return Volume(path.name, kind, read_tiff_volume(path), path, calibration=tiff_calibration(path))
+        calibration = tiff_calibration(slice_files(path)[0] if path.is_dir() else path)
+        return Volume(path.name, kind, read_tiff_volume(path), path, calibration=calibration)
     if kind == "npy":
         return Volume(path.name, kind, channel_first(load_npy(path), path.name, False), path)
     if dataset is None:

@@ -328,7 +328,7 @@ def test_volumes_the_network_cannot_take_are_refused_once_named_with_what_to_do(
     assert (f"client: error: {tmp_path / 't3.nii.gz'}: 3 volumes along its 4th axis (NIfTI: time points, or channels); "
             f"network {network!r} takes 1 channel(s); segment one at a time: split them, e.g. with "
             "nibabel.funcs.four_to_three\n") in err
-    assert f"client: error: {tmp_path / 'tomo.h5'}:/entry/flat: expected a 3D volume, got shape [31, 61]\n" in err
+    assert f"client: error: {tmp_path / 'tomo.h5'}:/entry/flat: expected a 3D volume, got shape [31, 61]; one image" in err
 
 
 def test_an_output_directory_that_cannot_be_written_is_refused_before_any_volume_is_read(server, rng, tmp_path, capsys):
@@ -366,3 +366,26 @@ def test_tiff_masks_keep_the_voxel_sizes_of_their_scans(server, client, rng, tmp
             assert probabilities.series[0].shape == (3, *volume.shape)
             x_resolution = probabilities.pages.first.tags["XResolution"].value
             assert x_resolution[0] / x_resolution[1] == pytest.approx(1 / pixel_size, rel=1e-6)
+
+
+def test_a_directory_of_tiff_slices_is_one_volume(server, client, rng, tmp_path, capsys):
+    """A reconstruction's slices, one TIFF each (z_2 before z_10), were refused as an unsupported
+    file; given one by one, each slice failed as "expected a 3D volume"."""
+    import tifffile
+
+    volume = ct_volume((12, 41, 37), rng)
+    (tmp_path / "recon").mkdir()
+    for z, image in enumerate(volume):
+        tifffile.imwrite(tmp_path / "recon" / f"z_{z}.tif", image, resolution=(1 / 0.65, 1 / 0.65))
+    code = client_main(["segment-volume", str(tmp_path / "recon"), "--out", str(tmp_path / "out"), "--url", server.grpc_url,
+                        "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    with tifffile.TiffFile(tmp_path / "out" / "recon_mask.tif") as mask:
+        assert np.array_equal(mask.asarray(), client.segment(volume).mask)
+        x_resolution = mask.pages.first.tags["XResolution"].value
+        assert x_resolution[0] / x_resolution[1] == pytest.approx(1 / 0.65, rel=1e-6)
+    tifffile.imwrite(tmp_path / "recon" / "z_12.tif", volume[0, :40])
+    assert client_main(["segment-volume", str(tmp_path / "recon"), "--out", str(tmp_path / "out"), "--url",
+                        server.grpc_url, "--no-progress"]) == 1
+    assert (f"z_12.tif: shape [40, 37] int16, where z_0.tif is [41, 37] int16; the slices of a volume are 2D images "
+            "of one shape and type") in capsys.readouterr().err
