@@ -387,5 +387,5 @@ def test_a_directory_of_tiff_slices_is_one_volume(server, client, rng, tmp_path,
     tifffile.imwrite(tmp_path / "recon" / "z_12.tif", volume[0, :40])
     assert client_main(["segment-volume", str(tmp_path / "recon"), "--out", str(tmp_path / "out"), "--url",
                         server.grpc_url, "--no-progress"]) == 1
-    assert (f"z_12.tif: shape [40, 37] int16, where z_0.tif is [41, 37] int16; the slices of a volume are 2D images "
+    assert ("z_12.tif: shape [40, 37] int16, where z_0.tif is [41, 37] int16; the slices of a volume are 2D images "
             "of one shape and type") in capsys.readouterr().err
