@@ -98,6 +98,16 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+def token_in_file(path: pathlib.Path | None = None) -> str | None:
+    """The token a server wrote to ``path`` (default: the token file), or None: no file, or one
+    that holds no token (empty, several words)."""
+    try:
+        token = (path or default_token_file()).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return token if token and token.isprintable() and " " not in token else None
+
+
 def write_token_file(token: str, path: pathlib.Path | None = None) -> pathlib.Path:
     """Write ``token`` to ``path`` (default: the token file) readable by its owner only."""
     path = path or default_token_file()

@@ -53,13 +53,17 @@ def is_transient(status: str, message: str) -> bool:
     return not status or status in TRANSIENT_STATUSES or is_transient_message(message)
 
 
-def as_segmentation_error(error: Exception) -> SegmentationError:
-    """tritonclient's exception (or a socket error under it) as a SegmentationError."""
+def as_segmentation_error(error: Exception, token_sent: bool = False) -> SegmentationError:
+    """tritonclient's exception (or a socket error under it) as a SegmentationError;
+    ``token_sent``: whether the call carried a token (a refusal then means another one)."""
     if isinstance(error, InferenceServerException):
         status = str(error.status()) if error.status() is not None else ""
         message = error.message() or str(error)
         if TRITON_RESTRICTED_PHRASE in message:
-            return SegmentationError(f"{message} (pass the server's token: --token, $SEGSERVE_TOKEN or the token file)")
+            sent = ("; the token sent is not this server's (a token file written by another server?)"
+                    if token_sent else "")
+            return SegmentationError(f"{message} (pass the server's token: --token, $SEGSERVE_TOKEN or the token "
+                                     f"file its `serve` wrote{sent})")
         return SegmentationError(message, retryable=is_transient(status, message))
     return SegmentationError(f"{type(error).__name__}: {error}", retryable=True)
 
@@ -121,7 +125,7 @@ class Connection:
         try:
             return self._run(lambda client: getattr(client, method)(*args, headers=self.headers or None, **kwargs))
         except Exception as error:  # tritonclient raises its own type, gevent/grpc socket errors too
-            raise as_segmentation_error(error) from None
+            raise as_segmentation_error(error, token_sent=bool(self.headers)) from None
 
     def input(self, name: str, shape: list[int], triton_dtype: str):
         return self.module.InferInput(name, list(shape), triton_dtype)

@@ -11,7 +11,7 @@ import threading
 import time
 import traceback
 
-from segproto import TOKEN_ENV, TOKEN_HEADER, header_name, new_token, write_token_file
+from segproto import TOKEN_ENV, TOKEN_HEADER, header_name, new_token, token_in_file, write_token_file
 from segserve.launcher import (DEFAULT_REPOSITORY, STUCK_STOP_S, ServerConfig, ServerError, StartCancelledError,
                                StuckRequestsError, TritonServer)
 
@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--allocator", choices=("auto", "tcmalloc", "jemalloc", "glibc"), default="auto",
                        help="memory allocator of the server processes; auto = tcmalloc when installed (default: %(default)s)")
     serve.add_argument("--token", help="token of the restricted endpoints (shared memory, model config and repository, "
-                       "trace, logging); default: $SEGSERVE_TOKEN, else a new random one")
+                       "trace, logging); default: $SEGSERVE_TOKEN, else the token file's (servers on one machine share "
+                       "it), else a new random one")
     serve.add_argument("--token-file", type=pathlib.Path,
                        help="where to write the token for local clients, owner-readable only (default: ~/.config/segserve/token)")
     serve.add_argument("--drain-timeout", type=float, default=60.0,
@@ -76,8 +77,11 @@ class StopSignals:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # The token file's token before a new one: a second server on this machine then shares it,
+    # where it replaced the first one's, whose clients reading the file were refused from then on.
+    token = args.token or os.environ.get(TOKEN_ENV) or token_in_file(args.token_file) or new_token()
     config = ServerConfig(args.model_repository, args.host, args.http_port, args.grpc_port, args.metrics_port, args.log_verbose,
-                          allocator=args.allocator, token=args.token or os.environ.get(TOKEN_ENV) or new_token())
+                          allocator=args.allocator, token=token)
     signals = StopSignals()
     server = TritonServer(config, log_path=args.log_file, start_cancelled=signals.stop_requested, drain_cancelled=signals.hurry)
     signals.install()

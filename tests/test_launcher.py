@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import http.server
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from segproto import header_name
 from segserve import launcher
 from segserve.launcher import PortInUseError, ServerConfig, ServerError, TritonServer, log_errors, python_backend_regions
-from tests.helpers import regions_left_since
+from tests.helpers import environment_without_token, regions_left_since
 
 def broken_repository(root: pathlib.Path, model: str) -> pathlib.Path:
     """A repository whose only model names a backend that does not exist."""
@@ -232,3 +236,41 @@ def test_a_killed_server_removes_its_regions_and_leaves_a_later_servers_alone(tm
             assert regions_left_since(first._regions_before) == set()
             assert second_regions <= python_backend_regions()  # the second server's are still there
             assert echo(second, 41) == 41
+
+
+def serve_echo(tmp_path: pathlib.Path, name: str, token_file: pathlib.Path) -> tuple[subprocess.Popen, pathlib.Path]:
+    """``python -m segserve serve`` of the echo repository on free ports, once it is ready."""
+    output = tmp_path / f"{name}.out"
+    ports = launcher.free_ports(3)
+    process = subprocess.Popen([sys.executable, "-m", "segserve", "serve", "--model-repository",
+                                str(echo_repository(tmp_path / name)), "--http-port", str(ports[0]), "--grpc-port",
+                                str(ports[1]), "--metrics-port", str(ports[2]), "--token-file", str(token_file),
+                                "--log-file", str(tmp_path / f"{name}.log")],
+                               stdout=open(output, "w"), stderr=subprocess.STDOUT, env=environment_without_token(tmp_path))
+    deadline = time.monotonic() + 600
+    while "segserve ready" not in output.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, output.read_text()
+        time.sleep(0.25)
+    return process, f"127.0.0.1:{ports[1]}"
+
+
+@pytest.mark.server
+def test_a_second_server_on_the_machine_shares_the_token_in_the_file(tmp_path):
+    """A second ``serve`` wrote a new token over the first one's, whose shared-memory clients
+    (reading the file) were refused from then on, even after the second one stopped."""
+    token_file = tmp_path / "token"
+    first, first_url = serve_echo(tmp_path, "first", token_file)
+    try:
+        token = token_file.read_text().strip()
+        second, second_url = serve_echo(tmp_path, "second", token_file)
+        try:
+            assert token_file.read_text().strip() == token
+            for url in (first_url, second_url):  # a restricted endpoint, with the token in the file
+                with grpcclient.InferenceServerClient(url) as control:
+                    control.get_system_shared_memory_status(headers={header_name("grpc"): token})
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=120) == 0
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0

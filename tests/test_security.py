@@ -65,7 +65,17 @@ def test_client_without_the_token_is_told_what_to_do(server, monkeypatch, tmp_pa
         assert plain.segment(frame).mask.shape == (30, 30)
     with pytest.raises(SegmentationError, match="restricted.*pass the server's token") as refused:
         SegmentationClient(server.grpc_url, transport="shm")
-    assert not refused.value.retryable
+    assert not refused.value.retryable and "not this server's" not in str(refused.value)
+
+
+def test_a_client_whose_token_is_another_servers_is_told_so(server, monkeypatch, tmp_path):
+    """A wrong token was refused in the same words as none ("expecting header ..."): nothing
+    pointed at a token file written by another server."""
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    (tmp_path / "token").write_text("the-token-of-another-server\n")
+    monkeypatch.setenv(TOKEN_FILE_ENV, str(tmp_path / "token"))
+    with pytest.raises(SegmentationError, match="the token sent is not this server's"):
+        SegmentationClient(server.grpc_url, transport="shm")
 
 
 def test_token_file_is_found_by_the_client(server, monkeypatch, tmp_path):
