@@ -44,7 +44,7 @@ def read_frame(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray
         frame = read_tiff(path, in_channels)
     elif suffix == ".npy":
         frame = load_npy(path)
-        check_not_channels_last(frame.shape, path)
+        check_not_channels_last(frame.shape, path, in_channels)
     elif suffix == ".png":
         frame = read_png(path, in_channels)
     else:
@@ -75,12 +75,17 @@ def read_tiff(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:
     return frame[0] if frame.shape[0] == 1 else frame
 
 
-def check_not_channels_last(shape: tuple[int, ...], path: pathlib.Path) -> None:
+def check_not_channels_last(shape: tuple[int, ...], path: pathlib.Path, in_channels: int | None = None) -> None:
     """Refuse a picture as numpy holds it (imageio, ``np.asarray(PIL image)``): ``[H, W, C]``,
-    which as a stack would be H frames of W x C pixels (``segproto.looks_channels_last``)."""
+    which as a stack would be H frames of W x C pixels (``segproto.looks_channels_last``). The
+    advice is the network's: ``[C, H, W]`` for one of C channels; for a one-channel network that
+    would be a stack of C frames, so grey ``[H, W]``."""
     if len(shape) == 3 and looks_channels_last(shape):
-        raise ValueError(f"{path}: shape {list(shape)} looks like a channels-last [H, W, C] picture; save it as "
-                         "[C, H, W] (numpy.moveaxis(a, -1, 0)), or in grey as [H, W]")
+        channels_first = "save it as [C, H, W] (numpy.moveaxis(a, -1, 0)), or in grey as [H, W]"
+        grey = ("save it in grey as [H, W] (e.g. a.mean(axis=-1)): the network takes one channel, and [C, H, W] "
+                "would be a stack of C frames")
+        raise ValueError(f"{path}: shape {list(shape)} looks like a channels-last [H, W, C] picture; "
+                         f"{grey if in_channels == 1 else channels_first}")
 
 
 def load_npy(path, mmap_mode: str | None = None) -> np.ndarray:

@@ -142,7 +142,7 @@ def open_stack(argument: str, in_channels: int) -> Source | None:
     try:
         if suffix == ".npy":
             array = load_npy(path, mmap_mode="r")
-            check_not_channels_last(array.shape, path)  # refused, as a frame, by read_frame
+            check_not_channels_last(array.shape, path, in_channels)  # refused, as a frame, by read_frame
             if not is_stack_shape(array.shape, in_channels):
                 return None
             frames = FrameFile.of_memmap(array)

@@ -175,12 +175,19 @@ def test_a_stack_inside_a_directory_is_refused_not_taken_as_channels(tmp_path):
 
 
 def test_a_channels_last_npy_picture_is_refused_not_taken_as_a_stack(tmp_path):
-    """An RGB picture as imageio gives it, [H, W, 3], was H frames of W x 3 pixels."""
+    """An RGB picture as imageio gives it, [H, W, 3], was H frames of W x 3 pixels. For a
+    one-channel network the advice is grey: [C, H, W], as it said, is a stack of C frames
+    (each colour plane segmented alone, exit 0)."""
     np.save(tmp_path / "picture.npy", RNG.integers(0, 255, size=(70, 90, 3), dtype=np.uint8))
     [source] = open_sources([str(tmp_path / "picture.npy")], 1)
     assert source.kind == "files"
-    with pytest.raises(ValueError, match=r"shape \[70, 90, 3\] looks like a channels-last \[H, W, C\] picture"):
+    with pytest.raises(ValueError, match=r"shape \[70, 90, 3\] looks like a channels-last \[H, W, C\] picture; "
+                                         r"save it in grey as \[H, W\]") as refused:
         source.load(0)
+    assert "moveaxis" not in str(refused.value)
+    [colour] = open_sources([str(tmp_path / "picture.npy")], 3)
+    with pytest.raises(ValueError, match=r"save it as \[C, H, W\] \(numpy.moveaxis\(a, -1, 0\)\)"):
+        colour.load(0)
 
 
 @pytest.mark.parametrize("case", ["page by page", "imagej ZCYX", "no metadata CDHW"])
