@@ -20,7 +20,7 @@ help:
 	@echo "make demo   - start the server, segment the sample frames into out/demo/, stop"
 	@echo "make samples - sample data for the README's commands in samples/: frames, a TIFF stack, a CT volume, zarr"
 	@echo "make test   - unit and integration tests against a real tritonserver"
-	@echo "make test-fast - the tests that need no server (under a minute): the edit loop"
+	@echo "make test-fast - the tests that need no server (about a minute): the edit loop"
 	@echo "make lint   - Python (ruff), Dockerfile (hadolint), entrypoint and Kubernetes manifests (schemas)"
 	@echo "make docker-build / docker-run - server image on tritonserver:25.07; compose with a client demo (needs Docker + NVIDIA toolkit)"
 	@echo "make bench  - server vs in-process MONAI on a 2048x2048 frame (fused and split layouts, per-step breakdown); 8192x8192 peak memory"
@@ -66,7 +66,7 @@ demo: setup
 samples: $(SETUP_STAMP)
 	$(PY) -m training.samples --out samples
 
-# Tiers (README "Tests"): test = everything (CI); test-fast = no server, under a minute.
+# Tiers (README "Tests"): test = everything (CI); test-fast = no server, about a minute.
 test: setup
 	$(PY) -m pytest tests
 

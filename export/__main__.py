@@ -7,7 +7,7 @@ Examples:
         --arguments '{"spatial_dims": 2, "in_channels": 1, "out_channels": 3}' \\
         --tile 128 128 --checkpoint my.pt --name my_basicunet
 
-    python -m export --spec training/checkpoints/unet3d_organs.json \
+    python -m export --spec training/checkpoints/unet3d_organs.json \\
         --checkpoint training/checkpoints/unet3d_organs.pt --name unet3d_organs
 
 A name the repository already holds is refused: always when it is not a network written by
