@@ -16,6 +16,7 @@ its frames fail, each naming the cut; a volume or dataset needs all of it and is
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import pathlib
 import struct
@@ -30,6 +31,18 @@ COLOUR = (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)  # JPEG stores R
 # ITU-R 601-2 luma, as PIL's convert("L") (how PNG colour frames become grey).
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 PAGES_AS_SERIES = {"is_shaped": False, "is_ome": False, "is_imagej": False}  # every page in the file, axes I...
+
+
+def _not_about_a_cut(record: logging.LogRecord) -> bool:
+    """tifffile's warnings of a file cut short (a directory or a tag's value beyond its end,
+    series metadata that no longer adds up): ``cut_short`` says so once, in words that say
+    what is read."""
+    message = record.getMessage()
+    return not any(sign in message for sign in ("invalid page offset", "invalid value offset",
+                                                "series metadata invalid or corrupted"))
+
+
+logging.getLogger("tifffile").addFilter(_not_about_a_cut)
 
 
 def cut_short(tiff: tifffile.TiffFile) -> str | None:

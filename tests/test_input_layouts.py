@@ -4,6 +4,7 @@ as the frames it holds, or refused naming the file and what it holds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -271,7 +272,8 @@ def test_segment_volume_names_each_failed_volume_once(server, tmp_path):
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("client: error: ")]
-    assert errors[0] == f"client: error: {tmp_path}/scans/flat.tif: expected a 3D volume, got shape [40, 56]"
+    assert errors[0] == (f"client: error: {tmp_path}/scans/flat.tif: expected a 3D volume, got shape [40, 56]; one image: "
+                         "segment frames with `segment`, or give the directory of a volume's TIFF slices")
     assert errors[1].startswith(f"client: error: {tmp_path}/scans/cut.h5: not a readable HDF5 file (")
     assert len(errors) == 2 and all(error.count("flat.tif") + error.count("cut.h5") == 1 for error in errors)
 
@@ -382,3 +384,17 @@ def test_segment_writes_the_frames_of_a_stack_cut_short_and_fails_the_rest(serve
     assert "5 written, 1 failed" in done.stderr and "acquired.tif: frame 5 is not whole in the file" in done.stderr
     masks = tifffile.imread(tmp_path / "out" / "acquired_mask.tif")
     assert np.array_equal(masks[:5], reference_masks(server, CUT_STACK[:5])) and (masks[5] == FAILED_VALUE).all()
+
+
+@pytest.mark.parametrize("layout", ["imagej", "ome", "page by page"])
+def test_tifffiles_own_warnings_of_a_cut_are_left_to_our_note(tmp_path, caplog, layout):
+    """tifffile logged "invalid page offset" (three times per input) beside our note saying the
+    same in words that say what is read."""
+    import logging
+
+    write_cut_short(tmp_path / "cut.tif", layout)
+    with caplog.at_level(logging.WARNING, logger="tifffile"):
+        [source] = open_sources([str(tmp_path / "cut.tif")], in_channels=1)
+        with contextlib.suppress(ValueError):
+            source.load(0)
+    assert [record.getMessage() for record in caplog.records if record.name == "tifffile"] == []
