@@ -384,7 +384,7 @@ def test_a_run_says_once_when_its_server_stops_answering_and_when_it_answers_aga
     told = [line.strip() for line in lines if "no answer from" in line or "answers again" in line]
     assert len(told) == 2, err
     assert told[0].startswith(f"client: no answer from {own_server.grpc_url} for "), told
-    assert told[0].endswith("frames are tried again (until it has failed for 600 s, --patience)"), told
+    assert told[0].endswith("requests are tried again (until it has failed for 600 s, --patience)"), told
     assert told[1].startswith(f"client: {own_server.grpc_url} answers again, after about "), told
     assert_complete(out, np.concatenate([reference[0], reference[0]]), 60)
 
