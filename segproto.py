@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import secrets
 
 # Input tensor per pixel type (numpy dtype name -> (input name, Triton dtype)).
@@ -105,7 +106,9 @@ def token_in_file(path: pathlib.Path | None = None) -> str | None:
         token = (path or default_token_file()).read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return token if token and token.isprintable() and " " not in token else None
+    # Only what new_token makes (and a user's of the same letters): it goes into Triton's
+    # restriction rule, where ",", ":" or "=" would break it.
+    return token if re.fullmatch(r"[A-Za-z0-9_-]{16,}", token) else None
 
 
 def write_token_file(token: str, path: pathlib.Path | None = None) -> pathlib.Path:

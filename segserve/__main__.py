@@ -13,7 +13,7 @@ import traceback
 
 from segproto import TOKEN_ENV, TOKEN_HEADER, header_name, new_token, token_in_file, write_token_file
 from segserve.launcher import (DEFAULT_REPOSITORY, STUCK_STOP_S, ServerConfig, ServerError, StartCancelledError,
-                               StuckRequestsError, TritonServer)
+                               StuckRequestsError, TritonServer, token_is_served)
 
 
 # A server whose stubs keep dying is not fixed by restarting it: give up after this many restarts.
@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--allocator", choices=("auto", "tcmalloc", "jemalloc", "glibc"), default="auto",
                        help="memory allocator of the server processes; auto = tcmalloc when installed (default: %(default)s)")
     serve.add_argument("--token", help="token of the restricted endpoints (shared memory, model config and repository, "
-                       "trace, logging); default: $SEGSERVE_TOKEN, else the token file's (servers on one machine share "
-                       "it), else a new random one")
+                       "trace, logging); default: $SEGSERVE_TOKEN, else the token file's while a running server uses "
+                       "it (servers on one machine share it), else a new random one")
     serve.add_argument("--token-file", type=pathlib.Path,
                        help="where to write the token for local clients, owner-readable only (default: ~/.config/segserve/token)")
     serve.add_argument("--drain-timeout", type=float, default=60.0,
@@ -77,9 +77,12 @@ class StopSignals:
 
 
 def serve(args: argparse.Namespace) -> int:
-    # The token file's token before a new one: a second server on this machine then shares it,
-    # where it replaced the first one's, whose clients reading the file were refused from then on.
-    token = args.token or os.environ.get(TOKEN_ENV) or token_in_file(args.token_file) or new_token()
+    # The token file's token, while a running server uses it, before a new one: a second server
+    # on this machine then shares it, where it replaced the first one's, whose clients reading
+    # the file were refused from then on. With none running, a start makes a new one.
+    in_file = token_in_file(args.token_file)
+    shared = in_file if in_file and token_is_served(in_file) else None
+    token = args.token or os.environ.get(TOKEN_ENV) or shared or new_token()
     config = ServerConfig(args.model_repository, args.host, args.http_port, args.grpc_port, args.metrics_port, args.log_verbose,
                           allocator=args.allocator, token=token)
     signals = StopSignals()
@@ -144,7 +147,11 @@ def recover(server: TritonServer, problem: str, timeout_s: float) -> None:
         start = time.monotonic()
         try:
             server.reload_models(broken, timeout_s)
+            if server.start_cancelled.is_set():
+                return  # a stop was asked for meanwhile: it drains and stops the server
         except ServerError as error:
+            if server.start_cancelled.is_set():
+                return
             print(f"segserve: {error}; restarting the server", file=sys.stderr, flush=True)
             if isinstance(error, StuckRequestsError):
                 stop_timeout_s = STUCK_STOP_S  # a graceful stop would wait its whole timeout for them

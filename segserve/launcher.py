@@ -272,6 +272,20 @@ def process_command(pid: int) -> list[str]:
     return raw.decode("utf-8", "replace").split("\0")[:-1] if raw else []
 
 
+def token_is_served(token: str) -> bool:
+    """Whether a tritonserver running on this machine restricts its endpoints with ``token``
+    (its command line carries the rule ``restriction_args`` writes)."""
+    rule = f"{TOKEN_HEADER}={token}"
+    for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            arguments = cmdline.read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if arguments and arguments[0].endswith(b"tritonserver") and any(a.endswith(rule.encode()) for a in arguments):
+            return True
+    return False
+
+
 def _stubs_per_model(stubs: dict[int, str]) -> dict[str, int]:
     """``{pid: model.py path}`` -> stub count per model name."""
     counts: dict[str, int] = {}
@@ -590,6 +604,8 @@ class TritonServer:
         same ports and token."""
         self._stop_process(stop_timeout_s)
         self.process = None
+        if self.start_cancelled.is_set():  # asked to stop while the old one stopped: no new one
+            raise StartCancelledError("stopped before it was restarted")
         return self.start(timeout_s, port_wait_s=RESTART_PORT_WAIT_S)
 
     def is_ready(self) -> bool:
@@ -603,6 +619,8 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.start_cancelled.is_set():
+                if not stop_on_timeout:  # a reload: the server serves meanwhile, and the stop drains it
+                    return
                 self._stop_process(STUCK_STOP_S)
                 raise StartCancelledError("stopped before it was ready")
             if self.process.poll() is not None:

@@ -274,3 +274,9 @@ def test_a_second_server_on_the_machine_shares_the_token_in_the_file(tmp_path):
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == 0
+    later, _ = serve_echo(tmp_path, "later", token_file)  # none running: a new token (a leaked one dies)
+    try:
+        assert token_file.read_text().strip() != token
+    finally:
+        later.send_signal(signal.SIGTERM)
+        assert later.wait(timeout=120) == 0
