@@ -114,16 +114,20 @@ def run_settings(args: argparse.Namespace, network: str) -> dict:
 
 def already_done(argument: str, args: argparse.Namespace, settings: dict) -> bool:
     """With --resume: whether the volume's outputs are in --out, made from this input with
-    these settings. Outputs made otherwise (another scan of the same name, another overlap)
-    are segmented again, which replaces them; the user is told."""
+    these settings (the outputs asked for among those made). Outputs made otherwise (another
+    scan of the same name, another overlap) are segmented again, which replaces them; outputs
+    without a record (an earlier version's) are skipped as that version did. The user is told."""
     if not outputs_written(argument, requested_outputs(args), args.out):
         return False
     differences = record_differences(argument, args.out, settings)
-    if differences == []:
+    if differences is None:  # outputs of a version that kept no record: taken as done, as it did
+        print(f"client: {argument}: its outputs in {args.out} have no record of what they were made from (an "
+              "earlier version's); skipped, as then: rerun without --resume to replace them", file=sys.stderr)
         return True
-    why = "no record of what they were made from" if differences is None else "; ".join(differences)
-    print(f"client: {argument}: segmenting it again, replacing its outputs in {args.out} ({why})", file=sys.stderr)
-    return False
+    if differences:
+        print(f"client: {argument}: segmenting it again, replacing its outputs in {args.out} "
+              f"({'; '.join(differences)})", file=sys.stderr)
+    return not differences
 
 
 def naming(argument: str, error: BaseException) -> str:

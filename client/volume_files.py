@@ -9,9 +9,10 @@ axis holds channels. TIFF stacks are ``[Z, Y, X]`` (``[C, Z, Y, X]`` for several
 from __future__ import annotations
 
 import dataclasses
-import io
+import errno
 import json
 import pathlib
+import shutil
 import types
 import zlib
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import numpy as np
 import tifffile
 
 from client.frames import image_stem, load_npy
-from client.stacks import (HDF5_SUFFIXES, Target, atomic_write, atomic_write_all, open_hdf5_dataset, safe_name,
+from client.stacks import (HDF5_CLOSE_RESERVE_BYTES, HDF5_SUFFIXES, Target, atomic_write, atomic_write_all, open_hdf5_dataset, safe_name,
                            split_hdf5_argument)
 from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff, refuse_cut_short
 
@@ -49,7 +50,7 @@ def volume_stem(path: pathlib.Path) -> str:
     """The file name without its volume suffix (``scan.nii.gz``, ``scan.ome.tif`` -> ``scan``);
     a directory of slices by its whole name."""
     if path.is_dir():
-        return path.name
+        return path.resolve().name  # "." too
     for suffix in NIFTI_SUFFIXES:
         if path.name.lower().endswith(suffix):
             return path.name[: -len(suffix)]
@@ -137,8 +138,8 @@ def tiff_calibration(path: pathlib.Path) -> dict:
     with open_tiff(path) as tiff:
         page, calibration = tiff.pages.first, {}
         x, y, unit = (page.tags.get(name) for name in ("XResolution", "YResolution", "ResolutionUnit"))
-        if x is not None and y is not None:
-            calibration["resolution"] = (x.value, y.value)
+        if x is not None and y is not None and all(part > 0 for value in (x.value, y.value) for part in value):
+            calibration["resolution"] = (x.value, y.value)  # a 0/0 rational is no size (and tifffile cannot write it)
         if unit is not None:
             calibration["resolutionunit"] = unit.value
         imagej = {key: value for key, value in (tiff.imagej_metadata or {}).items() if key in ("spacing", "unit")}
@@ -176,6 +177,8 @@ def write_tiff(path: pathlib.Path, array: np.ndarray, calibration: dict | None) 
         calibration.pop("resolutionunit", None)  # ImageJ's own unit
         tifffile.imwrite(path, array, compression="zlib", imagej=True, metadata={**imagej, "axes": "ZYX"}, **calibration)
     else:
+        if imagej and "resolution" in calibration:  # pixels per ImageJ unit (an OME-TIFF's µm): none TIFF names
+            calibration["resolutionunit"] = tifffile.RESUNIT.NONE
         tifffile.imwrite(path, array, compression="zlib", photometric="minisblack", **calibration)
 
 
@@ -294,11 +297,12 @@ VOLUME_RECORD_SUFFIX = ".segment-volume.json"
 
 
 def record_path(argument: str, out_dir: pathlib.Path) -> pathlib.Path:
-    """``<stem>.segment-volume.json`` (HDF5: ``<stem>_<dataset>.segment-volume.json``) in
-    ``out_dir``: what the volume's outputs there were made from (``write_record``)."""
+    """``<file name>.segment-volume.json`` (HDF5: ``<file name>_<dataset>.segment-volume.json``)
+    in ``out_dir``: what the volume's outputs there were made from (``write_record``). By the
+    whole name: ``a/ct.nii.gz`` and ``b/ct.npy`` write outputs of their own, and records too."""
     path, dataset = volume_location(argument)
-    stem = volume_stem(path) + (f"_{safe_name(dataset)}" if dataset else "")
-    return out_dir / f"{stem}{VOLUME_RECORD_SUFFIX}"
+    name = (path.resolve().name if path.is_dir() else path.name) + (f"_{safe_name(dataset)}" if dataset else "")
+    return out_dir / f"{name}{VOLUME_RECORD_SUFFIX}"
 
 
 def volume_settings(argument: str, settings: dict) -> dict:
@@ -323,8 +327,10 @@ def record_differences(argument: str, out_dir: pathlib.Path, settings: dict) -> 
     except (OSError, ValueError):
         return None
     wanted = volume_settings(argument, settings)
-    return [f"{key} {recorded.get(key)!r} there, {wanted.get(key)!r} now"
-            for key in sorted({*recorded, *wanted}) if recorded.get(key) != wanted.get(key)]
+    missing = [name for name in wanted.get("outputs", []) if name not in recorded.get("outputs", [])]
+    differences = [f"{key} {recorded.get(key)!r} there, {wanted.get(key)!r} now"
+                   for key in sorted({*recorded, *wanted} - {"outputs"}) if recorded.get(key) != wanted.get(key)]
+    return differences + ([f"no {', '.join(missing)} there"] if missing else [])  # fewer outputs asked for: done
 
 
 def write_volume_outputs(volume: Volume, outputs: dict[str, np.ndarray], out_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -366,20 +372,38 @@ def write_hdf5_group(target: pathlib.Path, group_name: str, outputs: dict[str, n
     in place is never open for writing (HDF5 may leave a file killed while open for writing
     unreadable, and with it every group) and a replaced group leaves no dead space behind.
 
-    The new file is made in memory and then written out with Python's file I/O: HDF5 whose
-    write fails (a full disk) crashed the process when the file was closed (a segmentation
-    fault, measured with h5py 3), where a plain write raises OSError."""
+    Refused while the disk lacks room for the new file as if uncompressed: HDF5 whose write
+    fails on a full disk crashes the process when the file is closed (a segmentation fault;
+    h5py issue 914), which ended the batch.
+
+    Raises:
+        OSError: ENOSPC, before anything is written.
+    """
     import h5py
 
-    made = io.BytesIO()
-    with h5py.File(made, "w") as handle:
-        if target.exists():
-            with h5py.File(target, "r") as previous:
-                copy_all_but(previous, handle, group_name)
-        group = handle.require_group(group_name)
-        for name, array in outputs.items():
-            group.create_dataset(name, data=array, compression="gzip")
-    atomic_write(target, lambda partial: partial.write_bytes(made.getbuffer()))
+    previous_bytes = target.stat().st_size if target.exists() else 0
+    check_room(target.parent, previous_bytes + sum(array.nbytes for array in outputs.values()))
+
+    def write(partial: pathlib.Path) -> None:
+        with h5py.File(partial, "w") as handle:
+            if target.exists():
+                with h5py.File(target, "r") as previous:
+                    copy_all_but(previous, handle, group_name)
+            group = handle.require_group(group_name)
+            for name, array in outputs.items():
+                group.create_dataset(name, data=array, compression="gzip")
+
+    atomic_write(target, write)
+
+
+def check_room(directory: pathlib.Path, needed_bytes: int) -> None:
+    """Raise OSError (ENOSPC) unless ``directory``'s disk has ``needed_bytes`` free, and room
+    for HDF5 to close a file (``HDF5_CLOSE_RESERVE_BYTES``)."""
+    free = shutil.disk_usage(directory).free
+    needed = needed_bytes + HDF5_CLOSE_RESERVE_BYTES
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"no space left on device for {directory}'s HDF5 output ({free / 2**20:.1f} MiB "
+                      f"free, up to {needed / 2**20:.1f} MiB needed); free some space, then rerun with --resume")
 
 
 def copy_all_but(source, destination, skipped: str) -> None:
