@@ -96,7 +96,12 @@ def default_token_file() -> pathlib.Path:
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(24)
+    """A random token (24 bytes, URL-safe letters) that does not begin with "-": one that did
+    (1 in 64) was taken for an option when given as ``--token TOKEN``, and the command refused."""
+    token = secrets.token_urlsafe(24)
+    while token.startswith("-"):
+        token = secrets.token_urlsafe(24)
+    return token
 
 
 def token_in_file(path: pathlib.Path | None = None) -> str | None:

@@ -100,3 +100,17 @@ def test_server_listens_on_loopback_only(server):
 def is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def test_new_tokens_can_be_given_on_a_command_line():
+    """One token in 64 began with "-", and `--token TOKEN` then failed as an unknown option
+    (a client run in the test suite exited 2 on one)."""
+    import argparse
+
+    from segproto import new_token
+
+    tokens = [new_token() for _ in range(2000)]
+    assert not [token for token in tokens if token.startswith("-")]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--token")
+    assert all(parser.parse_args(["--token", token]).token == token for token in tokens[:200])
