@@ -68,6 +68,13 @@ def as_segmentation_error(error: Exception, token_sent: bool = False) -> Segment
     return SegmentationError(f"{type(error).__name__}: {error}", retryable=True)
 
 
+def is_deadline(error: Exception) -> bool:
+    """Whether ``error`` is a call's own deadline passing (gRPC's status, HTTP's socket timeout)."""
+    if isinstance(error, InferenceServerException):
+        return str(error.status()) == "StatusCode.DEADLINE_EXCEEDED"
+    return isinstance(error, TimeoutError) or "Timeout" in type(error).__name__
+
+
 class Connection:
     """A tritonclient client of one protocol plus the headers every call carries.
 
@@ -125,7 +132,11 @@ class Connection:
         try:
             return self._run(lambda client: getattr(client, method)(*args, headers=self.headers or None, **kwargs))
         except Exception as error:  # tritonclient raises its own type, gevent/grpc socket errors too
-            raise as_segmentation_error(error, token_sent=bool(self.headers)) from None
+            failure = as_segmentation_error(error, token_sent=bool(self.headers))
+            if self.timeout_s is not None and is_deadline(error):  # "Deadline Exceeded" alone named no option
+                failure = SegmentationError(f"{failure} (no answer within the {self.timeout_s:g} s timeout: --timeout, "
+                                            "timeout_s)", failure.retryable)
+            raise failure from None
 
     def input(self, name: str, shape: list[int], triton_dtype: str):
         return self.module.InferInput(name, list(shape), triton_dtype)

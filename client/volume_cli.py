@@ -70,9 +70,9 @@ def chunk_settings(args: argparse.Namespace) -> ChunkSettings:
 def segment_volumes(args: argparse.Namespace) -> int:
     """Segment each volume of ``args.volumes`` into ``args.out``; 1 if any failed."""
     check_distinct_volume_outputs(args)
-    check_writable(args.out)
     failed = []
-    with connected_client(args) as (client, info):
+    with connected_client(args) as (client, info):  # an absent server leaves no --out behind
+        check_writable(args.out)
         if info.spatial_dims != 3:
             raise SegmentationError(f"network {info.name!r} of {args.model!r} is not 3D; "
                                     "use `python -m client segment` for frames")

@@ -229,3 +229,10 @@ def test_bad_options_are_refused_once_naming_the_flag_before_any_input_is_read(t
     run = subprocess.run([sys.executable, "-m", "client", command, *inputs, "--url", "127.0.0.1:1", *options],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.splitlines()[-1].startswith(f"python -m client: error: {refusal}"), run.stderr
+
+
+def test_segment_volume_without_a_server_leaves_no_output_directory(tmp_path, capsys):
+    np.save(tmp_path / "ct.npy", np.zeros((8, 8, 8), np.int16))
+    assert client_main(["segment-volume", str(tmp_path / "ct.npy"), "--out", str(tmp_path / "out"), "--url",
+                        "127.0.0.1:1", "--patience", "0"]) == 1
+    assert "not ready" in capsys.readouterr().err and not (tmp_path / "out").exists()

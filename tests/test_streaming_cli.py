@@ -205,6 +205,7 @@ def test_a_request_past_its_deadline_is_retried_then_reported(server, tmp_path, 
     error = capsys.readouterr().err
     assert "2 frame(s)" in error and "0 written, 2 failed, 2 retried (4 further attempts)" in error
     assert "big.npy" in error and "large.npy" in error
+    assert "(no answer within the 0.05 s timeout: --timeout, timeout_s)" in error  # "Deadline Exceeded" named no option
     assert not list((tmp_path / "out").glob("*_mask.tif"))
     assert our_dev_shm_entries() == [] and registered_regions(server) == []
 
