@@ -401,22 +401,16 @@ class StackWriter:
 
     def _refuse_a_full_disk(self) -> None:
         """HDF5 outputs: refuse a frame while the disk still has room for HDF5 to close the file
-        cleanly. HDF5 whose write fails on a full disk crashes the process when the file is
-        closed (a segmentation fault; h5py issue 914): the run record and the summary were lost.
+        (``check_hdf5_room``); the run record and the summary were lost to the crash.
 
         Raises:
             OSError: ENOSPC, with the free space and what a frame may need.
         """
         if self._h5 is None:
             return  # TIFF and NPY frames are written with pwrite, which fails cleanly
-        directory = self.paths["mask"].parent
-        free = shutil.disk_usage(directory).free
-        needed = sum(math.prod(shape[1:] if not self.source.one_frame else shape) * np.dtype(OUTPUT_DTYPES[name]).itemsize
-                     for name, shape in self.shapes.items()) + HDF5_CLOSE_RESERVE_BYTES
-        if free < needed:
-            raise OSError(errno.ENOSPC, f"no space left on device for the next frame in {self.paths['mask']} "
-                          f"({free / 2**20:.1f} MiB free, up to {needed / 2**20:.1f} MiB needed with room to close the "
-                          "file); free some space, then rerun with --resume")
+        frame_bytes = sum(math.prod(shape[1:] if not self.source.one_frame else shape) * np.dtype(OUTPUT_DTYPES[name]).itemsize
+                          for name, shape in self.shapes.items())
+        check_hdf5_room(self.paths["mask"], frame_bytes, "the next frame")
 
     def place_of(self, index: int):
         """Where frame ``index`` goes in an output array: the whole of a one-frame output."""
@@ -565,6 +559,19 @@ def check_distinct_targets(targets: list[Target], inputs: list[pathlib.Path]) ->
         if path.resolve() in written or (path.is_dir() and path.resolve() in folders):
             raise ValueError(f"--out would put outputs {'among the frames of' if path.is_dir() else 'over'} the "
                              f"input {path}; choose another --out")
+
+
+def check_hdf5_room(target: pathlib.Path, needed_bytes: int, what: str) -> None:
+    """Raise OSError (ENOSPC) unless the disk of HDF5 file ``target`` has ``needed_bytes`` free
+    for ``what``, and room for HDF5 to close the file (``HDF5_CLOSE_RESERVE_BYTES``). HDF5 whose
+    write fails on a full disk crashes the process when the file is closed (a segmentation
+    fault; h5py issue 914), so the write is not tried."""
+    free = shutil.disk_usage(target.parent).free
+    needed = needed_bytes + HDF5_CLOSE_RESERVE_BYTES
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"no space left on device for {what} in {target} ({free / 2**20:.1f} MiB free, "
+                      f"up to {needed / 2**20:.1f} MiB needed with room to close the file); free some space, then "
+                      "rerun with --resume")
 
 
 def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], object], suffix: str | None = None) -> None:

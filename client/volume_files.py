@@ -9,10 +9,8 @@ axis holds channels. TIFF stacks are ``[Z, Y, X]`` (``[C, Z, Y, X]`` for several
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import pathlib
-import shutil
 import types
 import zlib
 from collections.abc import Callable
@@ -21,7 +19,7 @@ import numpy as np
 import tifffile
 
 from client.frames import image_stem, load_npy
-from client.stacks import (HDF5_CLOSE_RESERVE_BYTES, HDF5_SUFFIXES, Target, atomic_write, atomic_write_all, open_hdf5_dataset, safe_name,
+from client.stacks import (HDF5_SUFFIXES, Target, atomic_write, atomic_write_all, check_hdf5_room, open_hdf5_dataset, safe_name,
                            split_hdf5_argument)
 from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff, refuse_cut_short
 
@@ -372,9 +370,8 @@ def write_hdf5_group(target: pathlib.Path, group_name: str, outputs: dict[str, n
     in place is never open for writing (HDF5 may leave a file killed while open for writing
     unreadable, and with it every group) and a replaced group leaves no dead space behind.
 
-    Refused while the disk lacks room for the new file as if uncompressed: HDF5 whose write
-    fails on a full disk crashes the process when the file is closed (a segmentation fault;
-    h5py issue 914), which ended the batch.
+    Refused while the disk lacks room for the new file as if uncompressed (``check_hdf5_room``):
+    the crash ended the batch.
 
     Raises:
         OSError: ENOSPC, before anything is written.
@@ -382,7 +379,7 @@ def write_hdf5_group(target: pathlib.Path, group_name: str, outputs: dict[str, n
     import h5py
 
     previous_bytes = target.stat().st_size if target.exists() else 0
-    check_room(target.parent, previous_bytes + sum(array.nbytes for array in outputs.values()))
+    check_hdf5_room(target, previous_bytes + sum(array.nbytes for array in outputs.values()), "this volume's outputs")
 
     def write(partial: pathlib.Path) -> None:
         with h5py.File(partial, "w") as handle:
@@ -394,16 +391,6 @@ def write_hdf5_group(target: pathlib.Path, group_name: str, outputs: dict[str, n
                 group.create_dataset(name, data=array, compression="gzip")
 
     atomic_write(target, write)
-
-
-def check_room(directory: pathlib.Path, needed_bytes: int) -> None:
-    """Raise OSError (ENOSPC) unless ``directory``'s disk has ``needed_bytes`` free, and room
-    for HDF5 to close a file (``HDF5_CLOSE_RESERVE_BYTES``)."""
-    free = shutil.disk_usage(directory).free
-    needed = needed_bytes + HDF5_CLOSE_RESERVE_BYTES
-    if free < needed:
-        raise OSError(errno.ENOSPC, f"no space left on device for {directory}'s HDF5 output ({free / 2**20:.1f} MiB "
-                      f"free, up to {needed / 2**20:.1f} MiB needed); free some space, then rerun with --resume")
 
 
 def copy_all_but(source, destination, skipped: str) -> None:
