@@ -276,12 +276,9 @@ def token_is_served(token: str) -> bool:
     """Whether a tritonserver running on this machine restricts its endpoints with ``token``
     (its command line carries the rule ``restriction_args`` writes)."""
     rule = f"{TOKEN_HEADER}={token}"
-    for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            arguments = cmdline.read_bytes().split(b"\0")
-        except OSError:  # gone, or not ours to read
-            continue
-        if arguments and arguments[0].endswith(b"tritonserver") and any(a.endswith(rule.encode()) for a in arguments):
+    for path in pathlib.Path("/proc").glob("[0-9]*"):
+        command = process_command(int(path.name))
+        if command and command[0].endswith("tritonserver") and any(argument.endswith(rule) for argument in command):
             return True
     return False
 
