@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -125,3 +128,27 @@ def regions_left_since(before: set[str]) -> set[str]:
     test run, a developer's server) are mapped by their stubs, so they do not count."""
     users = python_backend_region_users()
     return {name for name in python_backend_regions() - before if not users.get(name)}
+
+
+def resident_file_mb() -> float:
+    """This process's resident pages mapped from files (RssFile), in MiB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("RssFile:"))
+    return int(line.split()[1]) / 1024
+
+
+@contextlib.contextmanager
+def running_with_stderr(command: list[str], **popen) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """``command`` running, its stderr lines gathered as they come (by a thread, so the test
+    can wait on what it says); killed if still running when the block ends."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, **popen)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        yield process, lines
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(timeout=10)

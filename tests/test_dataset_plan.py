@@ -14,6 +14,7 @@ from client.chunks import window_starts
 from client.dataset_ranges import exact_percentiles
 from client.dataset_sources import open_source, release_handles, split_zarr_argument
 from client.datasets import default_block, plan_stack, plan_volume
+from tests.helpers import resident_file_mb
 
 
 def covering_windows(length: int, tile: int, overlap: float, voxel: int) -> list[tuple[int, int]]:
@@ -168,13 +169,6 @@ def test_a_runs_end_closes_its_input_and_that_files_handles_of_a_killed_run(tmp_
     assert dataclasses.replace(killed, run="next").read((slice(None),)).sum() == 24
 
 
-def _resident_file_mb() -> float:
-    """This process's resident pages mapped from files (RssFile), in MiB."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("RssFile:"))
-    return int(line.split()[1]) / 1024
-
-
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_an_npy_input_read_through_by_a_worker_leaves_its_resident_memory_as_it_was(tmp_path, order):
     """A worker kept one memory map of an NPY input for the run: every page it had read stayed
@@ -187,10 +181,10 @@ def test_an_npy_input_read_through_by_a_worker_leaves_its_resident_memory_as_it_
         volume[z] = z
     del volume
     source = dc.replace(open_source(str(tmp_path / "volume.npy"), rank=3), run="test-run")
-    before = _resident_file_mb()
+    before = resident_file_mb()
     blocks = [(slice(z, z + 16), slice(y, y + 512), slice(0, 1024)) for z in range(0, 64, 16) for y in (0, 512)]
     assert all((source.read(block) == np.arange(block[0].start, block[0].stop)[:, None, None]).all() for block in blocks)
     assert source.read((slice(3, 5), slice(10, 12), slice(1000, 1003))).shape == (2, 2, 3)
-    grown = _resident_file_mb() - before
+    grown = resident_file_mb() - before
     release_handles(source)
     assert grown < 64

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ from client.api import SegmentationClient
 from client.volumes import ChunkSettings
 from segserve.launcher import ServerConfig, TritonServer, free_ports
 from tests.conftest import copy_2d_repository
-from tests.helpers import ct_volume, make_stack
+from tests.helpers import ct_volume, make_stack, running_with_stderr
 
 FRAME = (120, 150)
 
@@ -351,34 +350,25 @@ def test_a_run_says_once_when_its_server_stops_answering_and_when_it_answers_aga
     local, _ = cluster
     np.save(tmp_path / "frames.npy", np.concatenate([stack[0], stack[0]]))  # 60 tasks: many left at the stop
     out = tmp_path / "out.zarr"
-    process = subprocess.Popen(dataset_cli(str(tmp_path / "frames.npy"), "--out", str(out), "--url",
-                                           own_server.grpc_url, "--scheduler", local.scheduler_address,
-                                           "--frames-per-task", "1"), stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
-    reader.start()
+    command = dataset_cli(str(tmp_path / "frames.npy"), "--out", str(out), "--url", own_server.grpc_url,
+                          "--scheduler", local.scheduler_address, "--frames-per-task", "1")
+    with running_with_stderr(command) as (process, lines):
 
-    def wait_until(condition, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            assert process.poll() is None, "segment-dataset exited early:\n" + "".join(lines)
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        def wait_until(condition, timeout_s: float) -> bool:
+            deadline = time.monotonic() + timeout_s
+            while not condition():
+                assert process.poll() is None, "segment-dataset exited early:\n" + "".join(lines)
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+            return True
 
-    try:
         assert wait_until(lambda: done_count(out) >= 3, 300), "".join(lines)
         own_server.stop(timeout_s=2)
         assert done_count(out) < 60
         wait_until(lambda: any("no answer from" in line for line in lines), 90)  # the notice: past 5 s
         own_server.restart(timeout_s=600)
         code = process.wait(timeout=600)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        reader.join(timeout=10)
     err = "".join(lines)
     assert code == 0, err
     told = [line.strip() for line in lines if "no answer from" in line or "answers again" in line]

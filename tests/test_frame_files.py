@@ -13,15 +13,9 @@ import tifffile
 
 from client.frame_files import FrameFile
 from client.stacks import StackWriter, open_sources
+from tests.helpers import resident_file_mb
 
 RNG = np.random.default_rng(5)
-
-
-def resident_file_mb() -> float:
-    """This process's resident pages mapped from files (RssFile), in MiB."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("RssFile:"))
-    return int(line.split()[1]) / 1024
 
 
 @pytest.mark.parametrize("dtype", ["<f4", ">u2", "u1", "<i8"])

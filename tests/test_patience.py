@@ -23,7 +23,7 @@ from client.outage_notices import OutageNotices
 from client.stream import RetryPolicy, call_with_retries, ordered_stream
 from segserve.launcher import REPO_ROOT, ServerConfig, TritonServer
 from tests.conftest import copy_2d_repository
-from tests.helpers import FakeClock, make_stack, reference_masks, wait_for_record
+from tests.helpers import FakeClock, make_stack, reference_masks, running_with_stderr, wait_for_record
 
 DOWN = SegmentationError("failed to connect to all addresses; Connection refused", retryable=True)
 BAD_FRAME = SegmentationError("IMAGE contains NaN or Inf pixels", retryable=False)
@@ -303,11 +303,7 @@ def test_a_run_says_when_its_server_stops_answering_and_when_it_answers_again(ow
     out = tmp_path / "out"
     command = [sys.executable, "-m", "client", "segment", str(tmp_path / "scan.npy"), "--out", str(out),
                "--url", own_server.grpc_url, "--token", own_server.config.token, "--inflight", "2", "--no-progress"]
-    streaming = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(streaming.stderr), daemon=True)
-    reader.start()
-    try:
+    with running_with_stderr(command, cwd=REPO_ROOT) as (streaming, lines):
         wait_for_record(out / "scan.segment.json", 3, streaming, timeout_s=300)
         own_server.stop(timeout_s=2)
         deadline = time.monotonic() + 120
@@ -316,11 +312,6 @@ def test_a_run_says_when_its_server_stops_answering_and_when_it_answers_again(ow
             time.sleep(0.1)
         own_server.restart()
         code = streaming.wait(timeout=600)
-    finally:
-        if streaming.poll() is None:
-            streaming.kill()
-            streaming.wait()
-        reader.join(timeout=10)
     told = [line.strip() for line in lines if own_server.grpc_url in line]
     assert code == 0, "".join(lines)
     assert len(told) == 2 and told[0].startswith(f"client: no answer from {own_server.grpc_url} for "), told
