@@ -104,7 +104,7 @@ def assert_nothing_left(serve: Serve, tritonserver: psutil.Process, scratch: set
     assert scratch and not any(path.exists() for path in scratch), scratch
 
 
-# These two run before the module's server starts (the `serve` fixture): one server at a time.
+# These three run before the module's server starts (the `serve` fixture): one server at a time.
 def test_ctrl_c_while_the_models_load_stops_the_start_within_seconds_and_leaves_nothing(tmp_path):
     """Ctrl-C during the start was held until every model had loaded (minutes on a big
     repository), then the server was started and stopped."""
@@ -158,6 +158,44 @@ def test_sighup_drains_like_ctrl_c_and_a_second_signal_stops_at_once(tmp_path, r
         sending.clear()
         sender.join(timeout=120)
     assert "segserve: second signal: stopping now" in running.text()
+    tritonserver.wait(timeout=30)
+    assert_nothing_left(running, tritonserver, scratch)
+
+
+SLOW_RELOAD_SHIM = '''"""segment_2d, loading slowly once the file SLOW exists: a reload long enough to stop serve in."""
+import os
+import time
+
+from segserve.backend.sliding_window import TritonPythonModel as Pipeline
+
+SLOW = {slow!r}
+
+
+class TritonPythonModel(Pipeline):
+    def initialize(self, args):
+        if os.path.exists(SLOW):
+            time.sleep(15)
+        super().initialize(args)
+'''
+
+
+def test_ctrl_c_during_a_reload_drains_the_server_and_restarts_nothing(tmp_path):
+    """A stop asked for while a dead stub's model reloaded killed the server within 3 s (exit
+    130), abandoning requests in flight to the other models; it now drains as any stop does."""
+    repository = copy_2d_repository(tmp_path / "model_repository", sliding_window_instances=2)
+    slow = tmp_path / "slow_reload"
+    (repository / "segment_2d" / "1" / "model.py").write_text(SLOW_RELOAD_SHIM.format(slow=str(slow)))
+    running = Serve(tmp_path, repository)
+    running.start()
+    tritonserver = running.tritonserver()
+    scratch = scratch_directories(tritonserver)
+    slow.touch()
+    os.kill(next(pid for pid, model in running.stubs().items() if "segment_2d" in model), signal.SIGKILL)
+    running.wait_until(lambda: "reloading segment_2d" in running.text(), "reloading")
+    running.process.send_signal(signal.SIGINT)
+    assert running.process.wait(timeout=180) == 0, running.text()
+    assert "stopping: letting requests in flight finish" in running.text()
+    assert "restarting" not in running.text() and "ready again" not in running.text(), running.text()
     tritonserver.wait(timeout=30)
     assert_nothing_left(running, tritonserver, scratch)
 
