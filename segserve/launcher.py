@@ -469,6 +469,13 @@ class TritonServer:
                 (after up to ``port_wait_s`` for it to be let go) and again when the start
                 fails.
         """
+        try:
+            return self._start_on_free_ports(timeout_s, port_wait_s)
+        except BaseException:
+            self.stop()  # a failed start leaves nothing behind: the repository's copy is removed too
+            raise
+
+    def _start_on_free_ports(self, timeout_s: float, port_wait_s: float) -> "TritonServer":
         picked = [field for field in PORT_FIELDS if getattr(self.config, field) == 0]
         given = [field for field in PORT_FIELDS if field not in picked]
         self.prepare(port_wait_s)

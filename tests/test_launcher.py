@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -31,10 +32,20 @@ def broken_repository(root: pathlib.Path, model: str) -> pathlib.Path:
     return root
 
 
+def copies_of(repository: pathlib.Path) -> set[pathlib.Path]:
+    """The launcher's copies of ``repository``'s models in the temporary directory."""
+    models = {path.name for path in repository.iterdir()}
+    return {copy for copy in pathlib.Path(tempfile.gettempdir()).glob("segserve-loaded-*")
+            if {path.name for path in copy.iterdir()} == models}
+
+
 def start_error(repository: pathlib.Path, log: pathlib.Path) -> str:
+    """The error of a start that fails; it leaves no copy of the repository behind (one stayed
+    until the process ended)."""
     config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
     with pytest.raises(ServerError, match="exited with code 1 before ready") as raised:
         TritonServer(config, log_path=log).start()
+    assert copies_of(repository) == set()
     return str(raised.value)
 
 
