@@ -102,11 +102,23 @@ class Tally:
     skipped: int = 0
     retried: int = 0
     retries: int = 0
-    failed: list[str] = dataclasses.field(default_factory=list)
+    failed: int = 0
+    failures: list[FailedFrames] = dataclasses.field(default_factory=list)
 
     @property
     def frames(self) -> int:
-        return self.written + len(self.failed)
+        return self.written + self.failed
+
+    def add_failure(self, source: Source, index: int, error: str) -> FailedFrames | None:
+        """Count a failed frame; the new run of failures it begins, or None when it carries on
+        the last one (the next frame of the same source, failed with the same error)."""
+        self.failed += 1
+        last = self.failures[-1] if self.failures else None
+        if last is not None and last.source is source and last.last == index - 1 and last.error == error:
+            last.last = index
+            return None
+        self.failures.append(FailedFrames(source, index, index, error))
+        return self.failures[-1]
 
     def count_attempts(self, attempts: int) -> None:
         if attempts > 1:
@@ -116,9 +128,30 @@ class Tally:
     def summary(self, seconds: float) -> str:
         rate = f"{self.frames / seconds:.2f} frames/s" if seconds > 0 and self.frames else "-"
         text = (f"{self.frames} frame(s) in {seconds:.1f} s ({rate}): {self.written} written, "
-                f"{len(self.failed)} failed, {self.retried} retried")
+                f"{self.failed} failed, {self.retried} retried")
         text += f" ({self.retries} further attempts)" if self.retries > self.retried else ""
         return text + (f", {self.skipped} skipped (already written)" if self.skipped else "")
+
+
+@dataclasses.dataclass
+class FailedFrames:
+    """Frames ``first..last`` of ``source``, one after another, failed with one error (a stack
+    cut short, a server gone: hundreds of frames, listed as one line)."""
+
+    source: Source
+    first: int
+    last: int
+    error: str
+
+    def describe(self) -> str:
+        label = self.source.frame_label
+        if self.first == self.last:
+            return f"{label(self.first)}: {self.error}"
+        if self.source.kind in ("files", "directory"):
+            frames = f"{label(self.first)} .. {label(self.last)}"
+        else:
+            frames = f"{self.source.label}[{self.first}..{self.last}]"
+        return f"{frames} ({self.last - self.first + 1} frames): {self.error}"
 
 
 @dataclasses.dataclass
@@ -209,8 +242,10 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
                 if source.kind in ("files", "directory"):
                     progress.write(f"{source.frame_label(outcome.index)} -> {', '.join(str(p) for p in written)}")
             else:
-                tally.failed.append(f"{source.frame_label(outcome.index)}: {outcome.error}")
-                progress.write(f"client: error: {tally.failed[-1]}", file=sys.stderr)
+                # The first frame of a run that fails alike is told now, the run in the summary.
+                begun = tally.add_failure(source, outcome.index, outcome.error)
+                if begun is not None:
+                    progress.write(f"client: error: {begun.describe()}", file=sys.stderr)
                 if plan.record is not None:
                     writer.write_failed(outcome.index)
             if plan.record is not None:
@@ -219,7 +254,7 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
                 plan.record.save()
             tally.count_attempts(outcome.attempts)
             progress.update(1)
-            progress.set_postfix(retried=tally.retried, failed=len(tally.failed), refresh=False)
+            progress.set_postfix(retried=tally.retried, failed=tally.failed, refresh=False)
     finally:
         stream.close()
         source.close()
@@ -248,8 +283,6 @@ def segment_inputs(args: argparse.Namespace) -> int:
                     run_plan(client, plan, args, progress, tally)
         finally:
             print_run_summary(client, plans, tally, time.perf_counter() - start)
-    if tally.failed:
-        print("client: failed frames:\n  " + "\n  ".join(tally.failed), file=sys.stderr)
     return 1 if tally.failed else 0
 
 
@@ -264,6 +297,8 @@ def print_run_summary(client: SegmentationClient, plans: list[Plan], tally: Tall
             if not plan.writer.published:
                 print(f"client: {plan.source.label}: unfinished, so under partial names until --resume "
                       "finishes it (the earlier result, if any, is untouched)", file=sys.stderr)
+    if tally.failures:
+        print("client: failed frames:\n  " + "\n  ".join(run.describe() for run in tally.failures), file=sys.stderr)
 
 
 def raise_keyboard_interrupt(signum, frame):

@@ -257,14 +257,15 @@ class TiffFrames:
         if not 0 <= index < self.count:
             raise IndexError(index)
         if self.complete is not None and index >= self.complete:
-            raise ValueError(f"{self.path}: frame {index} is not in the file: cut short ({self.cut_short}) after "
-                             f"{self.complete} of its {self.count} frames")
+            # No frame index in the words: the caller names the frame, and frames failed alike are one line.
+            raise ValueError(f"{self.path}: cut short ({self.cut_short}): only its first {self.complete} of "
+                             f"{self.count} frames are in it")
         try:
             frame = self.read_stored(index)
         except Exception as error:  # a page cut through: tifffile's or a codec's error
             if not self.cut_short:
                 raise
-            raise ValueError(f"{self.path}: frame {index} is not whole in the file: cut short ({self.cut_short})") from error
+            raise ValueError(f"{self.path}: cut short ({self.cut_short}) within this frame") from error
         return as_grey(frame) if self.grey else frame[:self.channels]
 
     def read_stored(self, index: int) -> np.ndarray:

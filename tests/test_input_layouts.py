@@ -5,6 +5,7 @@ as the frames it holds, or refused naming the file and what it holds."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -324,7 +325,7 @@ def test_a_stack_cut_short_gives_the_frames_that_are_in_it(tmp_path, layout, rea
     for index in range(readable):
         assert np.array_equal(source.load(index), CUT_STACK[index])
     for index in range(readable, source.count):  # declared (in one piece) or a page cut through
-        with pytest.raises(ValueError, match=f"cut.tif: frame {index} is not (whole )?in the file"):
+        with pytest.raises(ValueError, match=r"cut.tif: cut short \(.*\)(: only its first 5 of 10 frames are in it| within this frame)$"):
             source.load(index)
     assert source.count == (10 if layout in ("in one piece", "bigtiff", "big-endian", "imagej") else 6)
 
@@ -345,7 +346,7 @@ def test_imagej_hyperstacks_and_colour_stacks_cut_short_give_their_whole_frames(
         assert np.array_equal(frames.load(index), hyperstack[index])
         assert np.array_equal(grey.load(index), as_grey(np.moveaxis(colour[index], -1, 0))[0])
     for source in (frames, grey):
-        with pytest.raises(ValueError, match="frame 5 is not in the file: cut short"):
+        with pytest.raises(ValueError, match=r"\.tif: cut short \(.*\): only its first 4 of 8 frames are in it"):
             source.load(5)
 
 
@@ -381,9 +382,31 @@ def test_segment_writes_the_frames_of_a_stack_cut_short_and_fails_the_rest(serve
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert done.returncode == 1, done.stderr
     assert "client: warning: " in done.stderr and "acquired.tif: cut short" in done.stderr
-    assert "5 written, 1 failed" in done.stderr and "acquired.tif: frame 5 is not whole in the file" in done.stderr
+    assert "5 written, 1 failed" in done.stderr and "acquired.tif[5]: cannot read frame: " in done.stderr
+    assert "acquired.tif: cut short (" in done.stderr and ") within this frame" in done.stderr
     masks = tifffile.imread(tmp_path / "out" / "acquired_mask.tif")
     assert np.array_equal(masks[:5], reference_masks(server, CUT_STACK[:5])) and (masks[5] == FAILED_VALUE).all()
+
+
+def test_frames_failed_alike_one_after_another_are_one_line(server, tmp_path):
+    """Every frame past a cut was told twice, a line each, as it failed and again in the
+    summary: a 1000-frame stack cut half-way printed 1000 lines saying one thing."""
+    write_cut_short(tmp_path / "acquired.tif", "in one piece")
+    write_cut_short(tmp_path / "second.tif", "in one piece")
+    done = subprocess.run(cli(server, str(tmp_path / "acquired.tif"), str(tmp_path / "second.tif"), "--out",
+                              str(tmp_path / "out")), capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "10 written, 10 failed" in done.stderr
+    cut = "cut short (it ends at byte "
+    assert [line.split(cut)[0] for line in done.stderr.splitlines() if line.startswith("client: error: ")] == [
+        f"client: error: acquired.tif[5]: cannot read frame: {tmp_path / 'acquired.tif'}: ",
+        f"client: error: second.tif[5]: cannot read frame: {tmp_path / 'second.tif'}: "]
+    listed = done.stderr.split("client: failed frames:\n", 1)[1].splitlines()
+    assert [line.split(cut)[0] for line in listed] == [
+        f"  acquired.tif[5..9] (5 frames): cannot read frame: {tmp_path / 'acquired.tif'}: ",
+        f"  second.tif[5..9] (5 frames): cannot read frame: {tmp_path / 'second.tif'}: "]
+    assert all(line.endswith(": only its first 5 of 10 frames are in it") for line in listed)
+    assert json.loads((tmp_path / "out" / "acquired.segment.json").read_text())["failed"].keys() == {"5", "6", "7", "8", "9"}
 
 
 @pytest.mark.parametrize("layout", ["imagej", "ome", "page by page"])

@@ -9,6 +9,7 @@ mid-run (exits soon, every frame accounted for, the run resumable)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -280,8 +281,8 @@ def test_a_server_stopped_for_good_ends_the_run_in_about_one_patience(own_server
     failed = {int(k) for k in saved["failed"]}
     assert saved["done"] == FRAMES and failed and len(failed) < FRAMES, saved
     listed = stderr.split("client: failed frames:", 1)[1]
-    assert sorted(failed) == sorted(int(line.split("[", 1)[1].split("]", 1)[0]) for line in listed.split()
-                                    if line.startswith("scan.npy["))
+    runs = [[int(i) for i in match.split("..")] for match in re.findall(r"^  scan\.npy\[([\d.]+)\]", listed, re.MULTILINE)]
+    assert failed == {i for run in runs for i in range(run[0], run[-1] + 1)}, listed
     [unfinished] = out.glob("scan_mask*.npy")  # its own name, or a partial one until the stack is finished
     masks = np.load(unfinished)
     assert all((masks[i] == 255).all() == (i in failed) for i in range(FRAMES))  # failed ones are filled
