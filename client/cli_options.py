@@ -54,7 +54,8 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sw-batch-size", type=int, help="tiles per network batch (server default 8)")
     parser.add_argument("--intensity-min", type=float, help="fixed intensity mapped to 0 (with --intensity-max)")
     parser.add_argument("--intensity-max", type=float,
-                        help="fixed intensity mapped to 1 (default: the 1st..99th percentile of each frame or volume)")
+                        help="fixed intensity mapped to 1 (default: the 1st..99th percentile of each frame or volume, "
+                        "its min..max where those are equal)")
     parser.add_argument("--keep-largest", action="store_true", help="keep only the largest object of each class")
     parser.add_argument("--probabilities", action="store_true", help="also write class probabilities [K, ...]")
     parser.add_argument("--contour", action="store_true", help="also write object borders")

@@ -112,7 +112,10 @@ def merge_counts(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray
 
 
 def intensity_range(blocks: Iterable, run=None) -> tuple[float, float] | None:
-    """The server's default window over the whole volume, or None when it is constant
-    (then each request uses the server's own default, as a whole-volume request would)."""
-    low, high = (float(v) for v in exact_percentiles(blocks, run))
+    """The server's default window over the whole volume (its 1st..99th percentile, or its
+    min..max where those coincide), or None when it is constant (then each request uses the
+    server's own default, as a whole-volume request would)."""
+    lowest, low, high, highest = (float(v) for v in exact_percentiles(blocks, run, percentiles=(0.0, *PERCENTILES, 100.0)))
+    if low == high:
+        low, high = lowest, highest
     return (low, high) if low < high else None

@@ -36,9 +36,12 @@ class ChunkSettings:
 
 
 def whole_volume_range(image: np.ndarray) -> tuple[float, float] | None:
-    """The server's default intensity range (1st and 99th percentile over all channels),
-    computed once for the whole volume; None for a constant volume."""
-    low, high = (float(v) for v in np.percentile(image.astype(np.float32, copy=False), [1.0, 99.0]))
+    """The server's default intensity range (1st and 99th percentile over all channels, or
+    min..max where those coincide: a sparse volume), computed once for the whole volume; None
+    for a constant volume."""
+    lowest, low, high, highest = (float(v) for v in np.percentile(image.astype(np.float32, copy=False), [0.0, 1.0, 99.0, 100.0]))
+    if low == high:
+        low, high = lowest, highest
     return (low, high) if low < high else None
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
+import numpy as np
+from monai.transforms import ScaleIntensityRange
 from monai.utils import convert_to_tensor
 
 from segserve.options import InputError, PipelineOptions
@@ -55,24 +56,43 @@ def sorted_percentiles(values: torch.Tensor, percentiles: tuple[float, ...]) -> 
     return results
 
 
+def default_window(image: torch.Tensor) -> tuple[float, float]:
+    """The intensity range a frame is scaled by when the request gives none: its 1st..99th
+    percentile over all channels, or its min..max where those coincide (under 1 % of the
+    pixels off the background: a bead in the dark, a background-subtracted stack). Low equals
+    high only for a constant frame.
+
+    Args:
+        image: ``[C, *spatial]`` float32, on any device.
+    """
+    if image.is_cuda:
+        low, high = sorted_percentiles(image, (LOWER_PERCENTILE, UPPER_PERCENTILE))
+    else:  # numpy's partition, as MONAI's ScaleIntensityRangePercentiles takes above 1M pixels
+        low, high = (float(v) for v in np.percentile(image.numpy(), (LOWER_PERCENTILE, UPPER_PERCENTILE)))
+    if low == high:
+        low, high = float(image.min()), float(image.max())
+    return low, high
+
+
 def normalize(frame: torch.Tensor, options: PipelineOptions) -> torch.Tensor:
     """Cast a frame to float32 and scale its intensities to [0, 1] with clipping.
 
     Args:
         frame: ``[C, *spatial]`` float32, uint8, uint16 or int16, on any device.
         options: ``intensity_min``/``intensity_max`` give a fixed range; without them the
-            frame's own 1st and 99th percentiles over all channels are used.
+            frame's ``default_window``. A constant frame without them is all 0.
 
     Returns:
         ``[C, *spatial]`` float32 on the frame's device.
     """
     image = frame.to(torch.float32)
     if options.intensity_min is not None:
-        scaler = ScaleIntensityRange(options.intensity_min, options.intensity_max, 0.0, 1.0, clip=True)
-    elif image.is_cuda:
-        low, high = sorted_percentiles(image, (LOWER_PERCENTILE, UPPER_PERCENTILE))
-        scaler = ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)
+        low, high = options.intensity_min, options.intensity_max
     else:
-        scaler = ScaleIntensityRangePercentiles(LOWER_PERCENTILE, UPPER_PERCENTILE, 0.0, 1.0, clip=True)
-    scaled = scaler(image)
+        low, high = default_window(image)
+        # MONAI's scaler passed a range of zero width unscaled and unclipped: raw intensities
+        # into the network (it warns "Divide by zero").
+        if low == high:
+            return torch.zeros_like(image)
+    scaled = ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(image)
     return convert_to_tensor(scaled, track_meta=False).contiguous()

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from client.chunks import window_starts
-from client.dataset_ranges import exact_percentiles
+from client.dataset_ranges import exact_percentiles, intensity_range
 from client.dataset_sources import open_source, release_handles, split_zarr_argument
 from client.datasets import default_block, plan_stack, plan_volume
+from client.volumes import whole_volume_range
 from tests.helpers import resident_file_mb
 
 
@@ -106,6 +107,18 @@ def test_exact_percentiles_equal_numpy_over_blocks(dtype):
     blocks = [lambda z=z, y=y: volume[z:z + 4, y:y + 16] for z, y in itertools.product(range(0, 9, 4), range(0, 31, 16))]
     expected = np.percentile(volume.astype(np.float32), [1.0, 99.0])
     assert exact_percentiles(blocks).tolist() == expected.tolist()
+
+
+def test_the_intensity_range_of_a_sparse_volume_is_its_min_and_max_and_of_a_constant_one_none():
+    """As the server's default window (segserve.preprocess.default_window) and as
+    client.volumes.whole_volume_range: a sparse volume's 1st and 99th percentiles are equal,
+    and each block was scaled on its own (the stitched mask was not the whole volume's)."""
+    volume = np.zeros((9, 31, 23), np.uint16)
+    volume[4, 10:12, 5:7] = 900  # 4 of 6417 voxels
+    blocks = [lambda z=z: volume[z:z + 4] for z in range(0, 9, 4)]
+    assert intensity_range(blocks) == whole_volume_range(volume) == (0.0, 900.0)
+    constant = np.full((9, 31, 23), 5, np.int16)
+    assert intensity_range([lambda: constant[:4], lambda: constant[4:]]) is whole_volume_range(constant) is None
 
 
 def test_zarr_argument_names_a_store_and_a_path(tmp_path):

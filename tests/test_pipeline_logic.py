@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,21 @@ def test_normalize_uses_frame_percentiles(dtype):
     result = normalize(torch.from_numpy(frame), PipelineOptions())
     assert result.dtype == torch.float32 and type(result) is torch.Tensor
     np.testing.assert_allclose(result.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("bright", [1, 100, 1000])
+def test_a_sparse_frame_is_scaled_by_its_min_and_max_and_a_constant_one_is_zero(bright):
+    """Where under 1 % of the pixels are off the background, the 1st and 99th percentiles are
+    equal: MONAI's scaler then passed the raw intensities, unclipped, to the network (a bead of
+    1000 counts went in as 1000), so masks hung on the detector's scale."""
+    frame = torch.full((1, 60, 50), 3, dtype=torch.int16)
+    frame[0, 20:23, 30:33] = 3 + bright  # 9 of 3000 pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MONAI's "Divide by zero (a_min == a_max)"
+        scaled = normalize(frame, PipelineOptions())
+        constant = normalize(torch.full((1, 20, 30), 7, dtype=torch.int16), PipelineOptions())
+    assert torch.equal(scaled, (frame - 3).float() / bright)
+    assert torch.equal(constant, torch.zeros(1, 20, 30))
 
 
 def test_normalize_fixed_range_clips():
