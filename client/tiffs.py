@@ -35,11 +35,11 @@ PAGES_AS_SERIES = {"is_shaped": False, "is_ome": False, "is_imagej": False}  # e
 
 def _not_about_a_cut(record: logging.LogRecord) -> bool:
     """tifffile's warnings of a file cut short (a directory or a tag's value beyond its end,
-    series metadata that no longer adds up): ``cut_short`` says so once, in words that say
-    what is read."""
+    series metadata that no longer adds up, no directory at all): ``cut_short`` and
+    ``series_flags`` say so once, in words that say what is read."""
     message = record.getMessage()
     return not any(sign in message for sign in ("invalid page offset", "invalid value offset",
-                                                "series metadata invalid or corrupted"))
+                                                "series metadata invalid or corrupted", "contains no pages"))
 
 
 logging.getLogger("tifffile").addFilter(_not_about_a_cut)
@@ -50,6 +50,8 @@ def cut_short(tiff: tifffile.TiffFile) -> str | None:
 
     tifffile stops at an image directory beyond the end without raising, and then reads a
     file cut short as a shorter one (an OME or ImageJ stack as its first frame alone)."""
+    if len(tiff.pages) == 0:  # a header alone: nothing to cut (series_flags refuses it)
+        return None
     size = tiff.filehandle.size
     last = tiff.pages[len(tiff.pages) - 1]
     layout, handle = tiff.tiff, tiff.filehandle
@@ -80,8 +82,11 @@ def series_flags(tiff: tifffile.TiffFile, path: pathlib.Path) -> dict:
     one series, axes ``I...``).
 
     Raises:
-        ValueError: several series of different shapes, or of several pages each.
+        ValueError: no image in it, several series of different shapes, or of several pages each.
     """
+    if len(tiff.pages) == 0:  # a header alone: tifffile's readers fail on it with an IndexError
+        raise ValueError(f"{path}: a TIFF holding no image (its header points to none): an unfinished write? "
+                         "Write it again")
     series = tiff.series
     if len(series) <= 1:
         return {}

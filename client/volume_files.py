@@ -146,22 +146,41 @@ def tiff_calibration(path: pathlib.Path) -> dict:
     return {**calibration, "imagej": imagej} if imagej else calibration
 
 
+# OME's length units (the common ones) in metres: ImageJ has one unit for X, Y and Z.
+OME_LENGTH_UNITS = {"m": 1.0, "dm": 1e-1, "cm": 1e-2, "mm": 1e-3, "\u00b5m": 1e-6, "\u03bcm": 1e-6, "um": 1e-6,
+                    "nm": 1e-9, "pm": 1e-12, "\u00c5": 1e-10}
+
+
 def ome_calibration(tiff: tifffile.TiffFile, calibration: dict) -> dict:
     """An OME-TIFF's physical voxel sizes as ImageJ's ``spacing`` and ``unit`` (X and Y into
-    ``calibration["resolution"]``); {} when its metadata gives none."""
+    ``calibration["resolution"]``), all in X's unit (Z in µm beside X in nm was written as nm,
+    1000 times too thin); {} when its metadata gives none. A size in a unit not convertible to
+    X's is left out."""
     try:
         image = tifffile.xml2dict(tiff.ome_metadata)["OME"]["Image"]
         pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
     except (KeyError, IndexError, TypeError, ValueError):
         return {}
-    sizes = {axis: pixels.get(f"PhysicalSize{axis}") for axis in "XYZ"}
-    if sizes["X"] and sizes["Y"]:
-        calibration["resolution"] = (1 / float(sizes["X"]), 1 / float(sizes["Y"]))
+    units = {axis: str(pixels.get(f"PhysicalSize{axis}Unit", "\u00b5m")) for axis in "XYZ"}  # OME's default: µm
+    unit = units["X"] if pixels.get("PhysicalSizeX") else units["Z"]
+
+    def size_in_unit(axis: str) -> float | None:
+        size = pixels.get(f"PhysicalSize{axis}")
+        if not size:
+            return None
+        if units[axis] == unit:
+            return float(size)
+        ratio = [OME_LENGTH_UNITS.get(name) for name in (units[axis], unit)]
+        return float(f"{float(size) * ratio[0] / ratio[1]:.12g}") if all(ratio) else None  # 2.5 µm: 2500 nm, not 2499.9999999999995
+
+    x, y, z = (size_in_unit(axis) for axis in "XYZ")
+    if x and y:
+        calibration["resolution"] = (1 / x, 1 / y)
         calibration.pop("resolutionunit", None)  # ImageJ's unit says what they are in
-    imagej = {"spacing": float(sizes["Z"])} if sizes["Z"] else {}
-    if sizes["X"] or sizes["Z"]:
-        # OME's default unit is µm; ImageJ's description is ASCII, and it reads "um" as micron.
-        imagej["unit"] = str(pixels.get("PhysicalSizeXUnit", "\u00b5m")).replace("\u00b5", "u")
+    imagej = {"spacing": z} if z else {}
+    if x or z:
+        # ImageJ's description is ASCII, and it reads "um" as micron.
+        imagej["unit"] = unit.replace("\u00b5", "u").replace("\u03bc", "u")
     return imagej
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -19,7 +20,7 @@ from client.dataset_sources import open_source
 from client.frames import read_frame
 from client.stacks import FAILED_VALUE, FileWriter, StackWriter, open_sources
 from client.tiffs import as_grey
-from client.volume_files import output_paths, read_volume
+from client.volume_files import output_paths, read_volume, tiff_calibration
 from segserve.launcher import REPO_ROOT
 from tests.helpers import cli, reference_masks
 
@@ -407,6 +408,42 @@ def test_frames_failed_alike_one_after_another_are_one_line(server, tmp_path):
         f"  second.tif[5..9] (5 frames): cannot read frame: {tmp_path / 'second.tif'}: "]
     assert all(line.endswith(": only its first 5 of 10 frames are in it") for line in listed)
     assert json.loads((tmp_path / "out" / "acquired.segment.json").read_text())["failed"].keys() == {"5", "6", "7", "8", "9"}
+
+
+def test_a_tiff_holding_no_image_is_refused_in_one_line_by_every_command(tmp_path, caplog):
+    """A TIFF header with no image directory (a write that failed at once) crashed
+    segment-volume with an IndexError, ending the batch; segment-dataset with a ZeroDivisionError."""
+    import logging
+
+    (tmp_path / "empty.tif").write_bytes(b"II*\x00" + bytes(4))
+    refusal = f"{tmp_path / 'empty.tif'}: a TIFF holding no image (its header points to none)"
+    with caplog.at_level(logging.WARNING, logger="tifffile"):
+        with pytest.raises(ValueError, match=re.escape(refusal)):
+            read_volume(str(tmp_path / "empty.tif"))
+        with pytest.raises(ValueError, match=re.escape(refusal)):
+            open_source(str(tmp_path / "empty.tif"), rank=2)
+        [source] = open_sources([str(tmp_path / "empty.tif")], in_channels=1)
+        with pytest.raises(ValueError, match=re.escape(refusal)):
+            source.load(0)
+    assert [record.getMessage() for record in caplog.records if record.name == "tifffile"] == []
+
+
+def test_an_ome_tiffs_voxel_sizes_in_different_units_are_given_in_one(tmp_path):
+    """ImageJ keeps one unit for X, Y and Z: a Z of 2.5 µm beside X and Y in nm was written
+    as 2.5 nm, 1000 times too thin in Fiji and napari."""
+    volume = np.zeros((4, 8, 8), np.uint16)
+    tifffile.imwrite(tmp_path / "nm.ome.tif", volume, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 700, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 0.7, "PhysicalSizeYUnit": "\u00b5m",
+        "PhysicalSizeZ": 2.5, "PhysicalSizeZUnit": "\u00b5m"})
+    tifffile.imwrite(tmp_path / "default.ome.tif", volume, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65, "PhysicalSizeZ": 2.0})
+    tifffile.imwrite(tmp_path / "odd.ome.tif", volume, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65, "PhysicalSizeZ": 3, "PhysicalSizeZUnit": "pixel"})
+    assert tiff_calibration(tmp_path / "nm.ome.tif") == {"resolution": (1 / 700, 1 / 700), "imagej": {"spacing": 2500.0, "unit": "nm"}}
+    assert tiff_calibration(tmp_path / "default.ome.tif") == {"resolution": (1 / 0.65, 1 / 0.65),
+                                                              "imagej": {"spacing": 2.0, "unit": "um"}}
+    # A Z in no length unit: X and Y kept, no spacing made up.
+    assert tiff_calibration(tmp_path / "odd.ome.tif") == {"resolution": (1 / 0.65, 1 / 0.65), "imagej": {"unit": "um"}}
 
 
 @pytest.mark.parametrize("layout", ["imagej", "ome", "page by page"])
