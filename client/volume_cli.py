@@ -37,8 +37,8 @@ from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
 from client.cli_options import connected_client, segment_options
 from client.stacks import check_distinct_targets, stack_outputs
-from client.volume_files import (output_targets, outputs_written, read_volume, record_differences, volume_location,
-                                 write_record, write_volume_outputs)
+from client.volume_files import (earlier_outputs_not_made, output_targets, outputs_written, read_volume, record_differences,
+                                 volume_location, write_record, write_volume_outputs)
 from client.volumes import ChunkSettings
 
 
@@ -193,7 +193,13 @@ def segment_one(client: SegmentationClient, argument: str, args: argparse.Namesp
         result = client.segment_volume(volume.image, chunks=chunk_settings(args), inflight=args.inflight,
                                        retries=args.retries, patience_s=args.patience, progress=advance, **segment_options(args))
     outputs = {"mask": result.mask, "probabilities": result.probabilities, "contour": result.contour}
-    written = write_volume_outputs(volume, {k: v for k, v in outputs.items() if v is not None}, args.out)
+    made = {k: v for k, v in outputs.items() if v is not None}
+    stale = earlier_outputs_not_made(argument, args.out, list(made))  # before the record is replaced
+    written = write_volume_outputs(volume, made, args.out)
+    for path in stale:
+        path.unlink(missing_ok=True)
+        print(f"client: {volume.label}: removed {path}, an earlier run's output not made now "
+              "(it would disagree with the new mask)", file=sys.stderr)
     write_record(argument, args.out, settings)
     shape = "x".join(str(n) for n in volume.image.shape[1:])
     print(f"client: {volume.label} ({shape}) in {result.chunks} request(s), {time.perf_counter() - start:.1f} s -> "

@@ -345,9 +345,32 @@ def record_differences(argument: str, out_dir: pathlib.Path, settings: dict) -> 
         return None
     wanted = volume_settings(argument, settings)
     missing = [name for name in wanted.get("outputs", []) if name not in recorded.get("outputs", [])]
+    # The outputs asked for are compared as outputs alone (fewer asked for: done), not again as
+    # the options that ask for them ("contour True there, False now" segmented it again).
+    compared = sorted({*recorded, *wanted} - {"outputs", *OPTIONAL_OUTPUTS})
     differences = [f"{key} {recorded.get(key)!r} there, {wanted.get(key)!r} now"
-                   for key in sorted({*recorded, *wanted} - {"outputs"}) if recorded.get(key) != wanted.get(key)]
-    return differences + ([f"no {', '.join(missing)} there"] if missing else [])  # fewer outputs asked for: done
+                   for key in compared if recorded.get(key) != wanted.get(key)]
+    return differences + ([f"no {', '.join(missing)} there"] if missing else [])
+
+
+OPTIONAL_OUTPUTS = ("probabilities", "contour")  # outputs a request option asks for, beside the mask
+
+
+def earlier_outputs_not_made(argument: str, out_dir: pathlib.Path, made: list[str]) -> list[pathlib.Path]:
+    """Files of the volume's outputs in ``out_dir`` that its record says an earlier run made
+    and that this run, making ``made``, does not replace: left, the probabilities of another
+    overlap sat beside the new mask, disagreeing with it. Files no record names (a user's own,
+    an earlier version's) are not listed. HDF5: none (a rerun replaces the dataset's group)."""
+    try:
+        recorded = json.loads(record_path(argument, out_dir).read_text()).get("outputs", [])
+        path, _ = volume_location(argument)
+        kind = volume_kind(path)
+    except (OSError, ValueError):
+        return []
+    earlier = [name for name in recorded if name in OPTIONAL_OUTPUTS and name not in made]
+    if kind == "hdf5" or not earlier:
+        return []
+    return [target for target in output_paths(path, kind, earlier, out_dir).values() if target.exists()]
 
 
 def write_volume_outputs(volume: Volume, outputs: dict[str, np.ndarray], out_dir: pathlib.Path) -> list[pathlib.Path]:

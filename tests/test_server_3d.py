@@ -329,6 +329,36 @@ def test_resume_segments_again_outputs_made_from_another_scan_or_with_other_sett
     assert "1 volume(s) skipped" in err and "have no record of what they were made from" in err
 
 
+def test_a_rerun_with_fewer_outputs_removes_the_earlier_ones_and_resume_takes_fewer_as_done(server, client, rng, tmp_path,
+                                                                                            capsys):
+    """A rerun with another overlap and no --probabilities left the earlier probabilities beside
+    the new mask, disagreeing with it; --resume asking for fewer outputs than were made
+    segmented the volume again ("contour True there, False now"). A file no record names (a
+    user's own) stays."""
+    volume = ct_volume((30, 41, 37), rng)
+    np.save(tmp_path / "ct.npy", volume)
+    out = tmp_path / "out"
+
+    def run(*options: str) -> str:
+        code = client_main(["segment-volume", str(tmp_path / "ct.npy"), "--out", str(out), "--url", server.grpc_url,
+                            "--no-progress", *options])
+        assert code == 0
+        return capsys.readouterr().err
+
+    run("--probabilities", "--contour")
+    assert {p.name for p in out.glob("ct_*.npy")} == {"ct_mask.npy", "ct_probabilities.npy", "ct_contour.npy"}
+    err = run("--resume", "--contour")  # fewer outputs asked for than were made: done
+    assert "1 volume(s) skipped" in err and "segmenting it again" not in err, err
+    err = run("--overlap", "0.6", "--contour")
+    assert f"removed {out / 'ct_probabilities.npy'}, an earlier run's output not made now" in err
+    assert {p.name for p in out.glob("ct_*.npy")} == {"ct_mask.npy", "ct_contour.npy"}
+    assert np.array_equal(np.load(out / "ct_mask.npy"), client.segment(volume, overlap=0.6).mask)
+    err = run("--overlap", "0.6")
+    assert "removed" in err and {p.name for p in out.glob("ct_*.npy")} == {"ct_mask.npy"}
+    np.save(out / "ct_probabilities.npy", np.zeros(3))  # the user's own: the record names no probabilities
+    assert "removed" not in run("--overlap", "0.6") and (out / "ct_probabilities.npy").exists()
+
+
 def test_volumes_the_network_cannot_take_are_refused_once_named_with_what_to_do(server, client, rng, tmp_path, capsys):
     """A 4D NIfTI of 3 time points was sent, then refused as "takes 1 channel(s), IMAGE has 3";
     an HDF5 dataset of one slice was named twice ("tomo.h5:/entry/flat: tomo.h5:/entry/flat: ...")."""
