@@ -120,6 +120,24 @@ def check_volume_settings(chunks, inflight: int, retries: int | None, progress) 
         raise TypeError(f"progress must be a callable (done, total) or None, got {progress!r}")
 
 
+def check_finite(image: np.ndarray) -> None:
+    """Refuse a float volume ``[C, D, H, W]`` holding NaN or Inf before any chunk is sent: the
+    server refuses them chunk by chunk, so a NaN in the last chunk came after all the others.
+
+    Raises:
+        ValueError: how many voxels, the first one's position, what to do.
+    """
+    if not np.issubdtype(image.dtype, np.floating):
+        return
+    bad = [np.count_nonzero(~np.isfinite(image[:, z])) for z in range(image.shape[1])]  # a slice at a time
+    if not any(bad):
+        return
+    z = next(i for i, count in enumerate(bad) if count)
+    _, y, x = np.argwhere(~np.isfinite(image[:, z]))[0]
+    raise ValueError(f"{sum(bad)} NaN or Inf voxel(s), the first at [z={z}, y={y}, x={x}]; the server refuses them: "
+                     "replace them first, e.g. numpy.nan_to_num(volume, nan=0.0, posinf=0.0, neginf=0.0)")
+
+
 def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), inflight: int = 2,
                    retries: int | None = None, patience_s: float = DEFAULT_PATIENCE_S,
                    progress: ProgressCallback | None = None, **options):
@@ -129,12 +147,14 @@ def segment_volume(client, volume, *, chunks: ChunkSettings = ChunkSettings(), i
     ``SegmentationResult`` whose ``chunks`` says how many requests it took.
 
     Raises:
+        ValueError: a float volume holding NaN or Inf.
         ChunkingError: chunk settings that cannot give exact seams.
         SegmentationError: a chunk failed after its retries (named by its voxel range).
     """
     check_volume_settings(chunks, inflight, retries, progress)
     info = client.network_info()
     image = as_channel_first(np.asarray(volume), info.spatial_dims)
+    check_finite(image)
     spatial_shape = tuple(image.shape[1:])
     overlap = effective_overlap(options.get("overlap"))
     plan = plan_chunks(spatial_shape, info.tile, overlap, chunks.shape, chunks.max_voxels, chunks.min_shared)

@@ -5,6 +5,7 @@ and HDF5 files."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -122,6 +123,25 @@ def test_a_sparse_volume_is_segmented_alike_at_any_scale_and_chunked_as_whole(cl
         assert chunked.chunks == 4 and np.array_equal(chunked.mask, whole)
         masks.append(whole)
     assert np.array_equal(masks[0], masks[1])
+
+
+def test_a_volume_with_nan_voxels_is_refused_before_any_chunk_is_sent(server, client, rng, tmp_path, capsys):
+    """The server refused NaN chunk by chunk: one NaN in the last of 8 chunks came after 7
+    chunks of compute, saying neither how many nor what to do."""
+    volume = ct_volume(CHUNKED_SHAPE, rng).astype(np.float32)
+    volume[190, 3, 44], volume[196, 170, 0] = np.nan, np.inf
+    calls = []
+    with pytest.raises(ValueError, match=re.escape("2 NaN or Inf voxel(s), the first at [z=190, y=3, x=44]; "
+                                                   "the server refuses them: replace them first, e.g. numpy.nan_to_num")):
+        client.segment_volume(volume, chunks=ChunkSettings(shape=CHUNK_SHAPE), progress=lambda *call: calls.append(call))
+    assert calls == []  # not even planned
+    np.save(tmp_path / "nan.npy", volume)
+    np.save(tmp_path / "fine.npy", np.nan_to_num(volume[:40, :50, :30], posinf=0.0))
+    code = client_main(["segment-volume", str(tmp_path / "nan.npy"), str(tmp_path / "fine.npy"), "--out", str(tmp_path / "out"),
+                        "--url", server.grpc_url, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"client: error: {tmp_path / 'nan.npy'}: 2 NaN or Inf voxel(s), the first at [z=190" in err, err
+    assert not (tmp_path / "out" / "nan_mask.npy").exists() and (tmp_path / "out" / "fine_mask.npy").exists()
 
 
 def test_small_volume_goes_whole_and_a_limit_it_cannot_meet_is_refused(client, rng):
