@@ -37,8 +37,8 @@ from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
 from client.cli_options import connected_client, segment_options
 from client.stacks import check_distinct_targets, stack_outputs
-from client.volume_files import (earlier_outputs_not_made, output_targets, outputs_written, read_volume, record_differences,
-                                 volume_location, write_record, write_volume_outputs)
+from client.volume_files import (check_output_file_readable, earlier_outputs_not_made, output_targets, outputs_written,
+                                 read_volume, record_differences, volume_location, write_record, write_volume_outputs)
 from client.volumes import ChunkSettings
 
 
@@ -181,6 +181,7 @@ def check_distinct_volume_outputs(args: argparse.Namespace) -> None:
 
 
 def segment_one(client: SegmentationClient, argument: str, args: argparse.Namespace, settings: dict) -> None:
+    check_output_file_readable(argument, args.out)
     volume = read_volume(argument)
     check_channels(volume, client.network_info())
     start = time.perf_counter()

@@ -406,6 +406,29 @@ def save_npy(path: pathlib.Path, array: np.ndarray) -> None:
         np.lib.format.write_array(types.SimpleNamespace(write=file.write), np.asarray(array), allow_pickle=False)
 
 
+def check_output_file_readable(argument: str, out_dir: pathlib.Path) -> None:
+    """Refuse, before the volume is read or sent, an HDF5 output file in ``out_dir`` that exists
+    but cannot be read: a rerun keeps its other groups, so it is read when the outputs are
+    written (after the whole compute, in words that named the input).
+
+    Raises:
+        OSError: naming the output file and h5py's reason.
+    """
+    try:
+        target = output_targets(argument, ["mask"], out_dir)[0]
+    except ValueError:  # names no volume: it fails on its own
+        return
+    if not target.place or not target.path.exists():
+        return
+    import h5py
+
+    try:
+        h5py.File(target.path, "r").close()
+    except OSError as error:
+        raise OSError(f"{target.path}: the output file there is not readable HDF5 ({str(error).splitlines()[0]}); "
+                      "its other groups would be kept, so it is read: move it away or choose another --out") from None
+
+
 def write_hdf5_group(target: pathlib.Path, group_name: str, outputs: dict[str, np.ndarray]) -> None:
     """``outputs`` as the datasets of ``group_name`` in ``target``, replacing that group and
     keeping everything else in the file. A new file is written and renamed over it, so the file

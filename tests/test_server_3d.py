@@ -144,6 +144,24 @@ def test_a_volume_with_nan_voxels_is_refused_before_any_chunk_is_sent(server, cl
     assert not (tmp_path / "out" / "nan_mask.npy").exists() and (tmp_path / "out" / "fine_mask.npy").exists()
 
 
+def test_an_unreadable_hdf5_output_file_is_refused_before_the_volume_is_segmented(server, rng, tmp_path, capsys):
+    """A NAME_segmentation.h5 in --out that is no HDF5 failed after the whole compute, in
+    h5py's words and under the input's name ("tomo.h5:/entry/data: Unable to synchronously
+    open file (file signature not found)")."""
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "tomo.h5", "w") as handle:
+        handle["entry/data"] = ct_volume((30, 41, 37), rng)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tomo_segmentation.h5").write_bytes(b"not HDF5")
+    code = client_main(["segment-volume", f"{tmp_path / 'tomo.h5'}:/entry/data", "--out", str(tmp_path / "out"),
+                        "--url", server.grpc_url, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "request(s)" not in err, err
+    assert (f"{tmp_path / 'out' / 'tomo_segmentation.h5'}: the output file there is not readable HDF5 "
+            "(Unable to" in err), err
+    assert (tmp_path / "out" / "tomo_segmentation.h5").read_bytes() == b"not HDF5"
+
+
 def test_small_volume_goes_whole_and_a_limit_it_cannot_meet_is_refused(client, rng):
     volume = ct_volume((40, 50, 60), rng)
     calls = []
