@@ -244,7 +244,10 @@ def write_nifti(path: pathlib.Path, array: np.ndarray, source, output: str = "ma
     data = np.moveaxis(array, 0, -1) if array.ndim == 4 else array
     header = source.header.copy()
     header.set_data_dtype(data.dtype)
-    image = nibabel.Nifti1Image(data, source.affine, header)
+    # A NIfTI-2 scan's header in a NIfTI-1 image was logged as fixed ("sizeof_hdr should be 348")
+    # once per output, and its outputs were NIfTI-1.
+    kind = nibabel.Nifti2Image if isinstance(source, nibabel.Nifti2Image) else nibabel.Nifti1Image
+    image = kind(data, source.affine, header)
     image.header.set_slope_inter(1.0, 0.0)  # labels and probabilities are stored unscaled
     labels = output != "probabilities"
     image.header.set_intent("label" if labels else "none")

@@ -1,6 +1,7 @@
 """Outputs when the disk refuses them. Volumes: written whole or not at all (a file-size limit
 stands in for a full disk: the writes fail alike, EFBIG for ENOSPC, and it needs no mount).
-HDF5 stacks: refused frame by frame on a real small file system, with the file still closable."""
+HDF5 stacks: refused frame by frame on a real small file system, with the file still closable.
+NIfTI-2 scans give NIfTI-2 outputs."""
 
 from __future__ import annotations
 
@@ -129,3 +130,23 @@ def test_an_hdf5_volume_output_the_disk_has_no_room_for_is_refused_and_none_is_p
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("refused: [Errno 28] no space left on device"), run.stdout
     assert sorted(path.name for path in small_file_system.iterdir()) == []
+
+
+def test_a_nifti2_scan_gives_nifti2_outputs_without_a_word_on_its_header(tmp_path, caplog):
+    """Its header went into NIfTI-1 images: nibabel logged "sizeof_hdr should be 348; set
+    sizeof_hdr to 348" once per output, and the outputs were NIfTI-1."""
+    import logging
+
+    from client.volume_files import read_volume, write_volume_outputs
+
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nibabel.save(nibabel.Nifti2Image(np.arange(6 * 7 * 5, dtype=np.int16).reshape(6, 7, 5), affine), tmp_path / "scan.nii.gz")
+    volume = read_volume(str(tmp_path / "scan.nii.gz"))
+    mask = np.zeros(volume.image.shape[1:], np.uint8)
+    with caplog.at_level(logging.DEBUG, logger="nibabel"):
+        written = write_volume_outputs(volume, {"mask": mask, "probabilities": np.zeros((3, *mask.shape), np.float32)},
+                                       tmp_path / "out")
+    assert caplog.records == []
+    for path in written:
+        output = nibabel.load(path)
+        assert type(output) is nibabel.Nifti2Image and np.array_equal(output.affine, affine)
