@@ -302,7 +302,7 @@ def print_run_summary(client: SegmentationClient, plans: list[Plan], tally: Tall
 
 
 def raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,13 +319,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"client: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if args.command == "segment-volume":  # a volume is written whole or not at all
             print("client: interrupted; the volumes reported written are complete, the one in progress was not "
                   "written; rerun with --resume to skip the written ones", file=sys.stderr)
         else:
             print("client: interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
+        # 128 + the signal's number, as shells report it and as serve and export exit: 143 for SIGTERM.
+        signum = interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], int) else signal.SIGINT
+        return 128 + signum
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -597,7 +597,7 @@ def test_tasks_the_cluster_cancels_are_reported_and_resumed(server, cluster, sta
 
 
 def test_an_interrupted_run_leaves_no_task_queued_and_its_input_writable(server, cluster, stack, reference, tmp_path):
-    """SIGTERM (Ctrl-C's path) mid-run: exit 130, the queued tasks are cancelled, the HDF5
+    """SIGTERM (Ctrl-C's path) mid-run: exit 143 (128 + SIGTERM), the queued tasks are cancelled, the HDF5
     input is closed on every worker (it can be rewritten), and --resume finishes the rest."""
     import h5py
 
@@ -611,7 +611,7 @@ def test_an_interrupted_run_leaves_no_task_queued_and_its_input_writable(server,
     wait_for_done(out, 3, process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "interrupted; rerun with --resume" in err, err
+    assert process.returncode == 128 + signal.SIGTERM and "interrupted; rerun with --resume" in err, err
     wait_until_no_dataset_task_runs(dask_client, 30)  # one running when the command stopped may still finish
     assert not dask_client.run_on_scheduler(dataset_tasks), "tasks of the interrupted run still queued"
     with h5py.File(path, "r+") as file:  # raises while a worker holds the file open

@@ -61,15 +61,17 @@ def test_killed_client_is_cleaned_up_by_the_next_run_which_resumes(server, tmp_p
     assert our_dev_shm_entries() == [] and registered_regions(server) == []
 
 
-def test_sigint_mid_stream_unregisters_and_keeps_what_was_written(server, tmp_path, rng):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_stream_unregisters_and_keeps_what_was_written(server, tmp_path, rng, signum):
+    """Exit code 128 + the signal's number (SIGTERM exited 130, as Ctrl-C)."""
     stack = make_stack(rng, 40, (200, 230))
     tifffile.imwrite(tmp_path / "scan.tif", stack, photometric="minisblack")
     out, record = tmp_path / "out", tmp_path / "out" / "scan.segment.json"
     args = cli(server, str(tmp_path / "scan.tif"), "--out", str(out), "--inflight", "3", "--no-progress", transport="shm")
     interrupted = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     wait_for_record(record, 4, interrupted)
-    interrupted.send_signal(signal.SIGINT)
-    assert interrupted.wait(timeout=60) == 130
+    interrupted.send_signal(signum)
+    assert interrupted.wait(timeout=60) == 128 + signum
     assert "--resume" in interrupted.stderr.read()
     assert our_dev_shm_entries() == [] and registered_regions(server) == []
     done = json.loads(record.read_text())["done"]
