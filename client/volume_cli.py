@@ -150,8 +150,12 @@ def check_channels(volume, info) -> None:
         return
     where = ("its 4th axis (NIfTI: time points, or channels)" if volume.kind == "nifti"
              else f"the first axis of shape {list(volume.image.shape)}")
-    advice = ("; segment one at a time: split them, e.g. with nibabel.funcs.four_to_three"
-              if info.in_channels == 1 else "")
+    if info.in_channels != 1:
+        advice = ""
+    elif volume.kind == "nifti":
+        advice = "; segment one at a time: split them, e.g. with nibabel.funcs.four_to_three"
+    else:  # nibabel's advice for a TIFF's colour or an array's first axis was none
+        advice = "; segment one at a time: save each channel as a volume of its own (colour slices: make them grey first)"
     raise ValueError(f"{volume.label}: {channels} volumes along {where}; network {info.name!r} takes "
                      f"{info.in_channels} channel(s){advice}")
 

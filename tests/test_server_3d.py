@@ -407,15 +407,19 @@ def test_volumes_the_network_cannot_take_are_refused_once_named_with_what_to_do(
     nibabel.save(series, tmp_path / "t3.nii.gz")
     with h5py.File(tmp_path / "tomo.h5", "w") as handle:
         handle["entry/flat"] = np.zeros((31, 61), np.uint16)
+    np.save(tmp_path / "two.npy", np.zeros((2, 20, 30, 25), np.uint16))
     network = client.network_info().name
     code = client_main(["segment-volume", str(tmp_path / "t3.nii.gz"), f"{tmp_path / 'tomo.h5'}:/entry/flat",
-                        "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--no-progress"])
+                        str(tmp_path / "two.npy"), "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1
     assert (f"client: error: {tmp_path / 't3.nii.gz'}: 3 volumes along its 4th axis (NIfTI: time points, or channels); "
             f"network {network!r} takes 1 channel(s); segment one at a time: split them, e.g. with "
             "nibabel.funcs.four_to_three\n") in err
     assert f"client: error: {tmp_path / 'tomo.h5'}:/entry/flat: expected a 3D volume, got shape [31, 61]; one image" in err
+    # Not nibabel's advice for an array (it was given for every kind)
+    assert (f"client: error: {tmp_path / 'two.npy'}: 2 volumes along the first axis of shape [2, 20, 30, 25]; network "
+            f"{network!r} takes 1 channel(s); segment one at a time: save each channel as a volume of its own") in err
 
 
 def test_an_output_directory_that_cannot_be_written_is_refused_before_any_volume_is_read(server, rng, tmp_path, capsys):
