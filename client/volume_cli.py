@@ -205,7 +205,7 @@ def segment_one(client: SegmentationClient, argument: str, args: argparse.Namesp
         path.unlink(missing_ok=True)
         print(f"client: {volume.label}: removed {path}, an earlier run's output not made now "
               "(it would disagree with the new mask)", file=sys.stderr)
-    write_record(argument, args.out, settings)
+    write_record(argument, args.out, settings, written)
     shape = "x".join(str(n) for n in volume.image.shape[1:])
     print(f"client: {volume.label} ({shape}) in {result.chunks} request(s), {time.perf_counter() - start:.1f} s -> "
           f"{', '.join(str(p) for p in written)}", file=sys.stderr)

@@ -332,10 +332,37 @@ def volume_settings(argument: str, settings: dict) -> dict:
     return {"location": str(path.resolve()) + (f":{dataset}" if dataset else ""), **settings}
 
 
-def write_record(argument: str, out_dir: pathlib.Path, settings: dict) -> None:
-    """Record, once its outputs are in place, what they were made from (``--resume``)."""
+def write_record(argument: str, out_dir: pathlib.Path, settings: dict, written: list[pathlib.Path]) -> None:
+    """Record, once its outputs are in place, what they were made from (``--resume``), and the
+    size and modification time of each file ``written`` (HDF5: none, the file holds other
+    datasets' groups too)."""
     target = record_path(argument, out_dir)
-    atomic_write(target, lambda partial: partial.write_text(json.dumps(volume_settings(argument, settings), indent=1)))
+    record = volume_settings(argument, settings)
+    if volume_kind(volume_location(argument)[0]) != "hdf5":
+        record["files"] = {path.name: file_identity(path) for path in written}
+    atomic_write(target, lambda partial: partial.write_text(json.dumps(record, indent=1)))
+
+
+def file_identity(path: pathlib.Path) -> list[int]:
+    """[size, mtime in ns]: a file written since differs."""
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def files_replaced(recorded: dict, out_dir: pathlib.Path, names: set[str]) -> list[str]:
+    """Of the output files ``names``, those the record lists that are not the files it was
+    written after: another input of the same name (``scan.nii`` beside ``scan.nii.gz``) wrote
+    over them since."""
+    replaced = []
+    for name, identity in recorded.get("files", {}).items():
+        if name not in names:
+            continue
+        try:
+            if file_identity(out_dir / name) != identity:
+                replaced.append(name)
+        except OSError:  # gone: outputs_written says so
+            continue
+    return replaced
 
 
 def record_differences(argument: str, out_dir: pathlib.Path, settings: dict) -> list[str] | None:
@@ -350,9 +377,13 @@ def record_differences(argument: str, out_dir: pathlib.Path, settings: dict) -> 
     missing = [name for name in wanted.get("outputs", []) if name not in recorded.get("outputs", [])]
     # The outputs asked for are compared as outputs alone (fewer asked for: done), not again as
     # the options that ask for them ("contour True there, False now" segmented it again).
-    compared = sorted({*recorded, *wanted} - {"outputs", *OPTIONAL_OUTPUTS})
+    compared = {*recorded, *wanted} - {"outputs", *OPTIONAL_OUTPUTS}
     differences = [f"{key} {recorded.get(key)!r} there, {wanted.get(key)!r} now"
-                   for key in compared if recorded.get(key) != wanted.get(key)]
+                   for key in sorted(compared - {"files"}) if recorded.get(key) != wanted.get(key)]
+    path, _ = volume_location(argument)
+    asked = {target.name for target in output_paths(path, volume_kind(path), wanted.get("outputs", []), out_dir).values()}
+    replaced = files_replaced(recorded, out_dir, asked)
+    differences += [f"{', '.join(replaced)} written since by another run"] if replaced else []
     return differences + ([f"no {', '.join(missing)} there"] if missing else [])
 
 

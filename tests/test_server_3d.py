@@ -397,6 +397,30 @@ def test_a_rerun_with_fewer_outputs_removes_the_earlier_ones_and_resume_takes_fe
     assert "removed" not in run("--overlap", "0.6") and (out / "ct_probabilities.npy").exists()
 
 
+def test_resume_segments_again_a_volume_whose_outputs_another_input_wrote_over(server, client, rng, tmp_path, capsys):
+    """scan.nii.gz, then scan.nii (another scan) into one --out: both write scan_mask.nii.gz.
+    --resume of the first skipped it, its record intact, though the mask was the second's."""
+    nibabel = pytest.importorskip("nibabel")
+    first, second = ct_volume((30, 41, 37), rng), ct_volume((30, 41, 37), rng)
+    nibabel.save(nibabel.Nifti1Image(first, np.eye(4)), tmp_path / "scan.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(second, np.eye(4)), tmp_path / "scan.nii")
+    out = tmp_path / "out"
+
+    def run(name: str, *options: str) -> str:
+        code = client_main(["segment-volume", str(tmp_path / name), "--out", str(out), "--url", server.grpc_url,
+                            "--no-progress", *options])
+        assert code == 0
+        return capsys.readouterr().err
+
+    run("scan.nii.gz")
+    assert "1 volume(s) skipped" in run("scan.nii.gz", "--resume")
+    run("scan.nii")
+    err = run("scan.nii.gz", "--resume")
+    assert "skipped" not in err and "(scan_mask.nii.gz written since by another run)" in err, err
+    mask = np.asanyarray(nibabel.load(out / "scan_mask.nii.gz").dataobj)
+    assert np.array_equal(mask, client.segment(first).mask)
+
+
 def test_volumes_the_network_cannot_take_are_refused_once_named_with_what_to_do(server, client, rng, tmp_path, capsys):
     """A 4D NIfTI of 3 time points was sent, then refused as "takes 1 channel(s), IMAGE has 3";
     an HDF5 dataset of one slice was named twice ("tomo.h5:/entry/flat: tomo.h5:/entry/flat: ...")."""
