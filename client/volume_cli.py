@@ -37,8 +37,8 @@ from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
 from client.cli_options import connected_client, segment_options
 from client.stacks import check_distinct_targets, stack_outputs
-from client.volume_files import (check_output_file_readable, earlier_outputs_not_made, output_targets, outputs_written,
-                                 read_volume, record_differences, volume_location, write_record, write_volume_outputs)
+from client.volume_files import (check_output_file_readable, earlier_outputs_not_made, frames_record, output_targets,
+                                 outputs_written, read_volume, record_differences, volume_location, write_record, write_volume_outputs)
 from client.volumes import ChunkSettings
 
 
@@ -79,8 +79,8 @@ def segment_volumes(args: argparse.Namespace) -> int:
         settings = run_settings(args, info.name)
         todo = [argument for argument in args.volumes if not (args.resume and already_done(argument, args, settings))]
         if len(todo) < len(args.volumes):
-            print(f"client: {len(args.volumes) - len(todo)} volume(s) skipped: their outputs are in {args.out}, "
-                  "made from them with these settings (--resume)", file=sys.stderr)
+            print(f"client: {len(args.volumes) - len(todo)} volume(s) skipped: their outputs are in {args.out} "
+                  "(--resume)", file=sys.stderr)
         for argument in todo:
             try:
                 segment_one(client, argument, args, settings)
@@ -120,6 +120,10 @@ def already_done(argument: str, args: argparse.Namespace, settings: dict) -> boo
     if not outputs_written(argument, requested_outputs(args), args.out):
         return False
     differences = record_differences(argument, args.out, settings)
+    if differences is None and (by_frames := frames_record(argument, args.out)) is not None:
+        print(f"client: {argument}: its outputs in {args.out} were made frame by frame by `segment` ({by_frames.name}); "
+              "segmenting it as a volume, replacing them", file=sys.stderr)
+        return False
     if differences is None:  # outputs of a version that kept no record: taken as done, as it did
         print(f"client: {argument}: its outputs in {args.out} have no record of what they were made from (an "
               "earlier version's); skipped, as then: rerun without --resume to replace them", file=sys.stderr)

@@ -325,6 +325,17 @@ def record_path(argument: str, out_dir: pathlib.Path) -> pathlib.Path:
     return out_dir / f"{name}{VOLUME_RECORD_SUFFIX}"
 
 
+def frames_record(argument: str, out_dir: pathlib.Path) -> pathlib.Path | None:
+    """The run record ``python -m client segment`` keeps in ``out_dir`` when it segmented this
+    input frame by frame (``NAME.segment.json``): its outputs there have the names a volume's
+    would have (``NAME_mask.tif``, an HDF5 group), and are not a volume's. None when absent."""
+    path, dataset = volume_location(argument)
+    if path.is_dir() or volume_kind(path) == "nifti":  # not a stack `segment` reads
+        return None
+    record = out_dir / (f"{image_stem(path)}_{safe_name(dataset)}.segment.json" if dataset else f"{image_stem(path)}.segment.json")
+    return record if record.exists() else None
+
+
 def volume_settings(argument: str, settings: dict) -> dict:
     """``settings`` (model, network, outputs, options) with the input's absolute location: a
     scan of the same name elsewhere writes the same outputs, and must not be taken for it."""

@@ -421,6 +421,24 @@ def test_resume_segments_again_a_volume_whose_outputs_another_input_wrote_over(s
     assert np.array_equal(mask, client.segment(first).mask)
 
 
+def test_resume_takes_the_outputs_of_segment_frame_by_frame_for_no_volumes(server, client, rng, tmp_path, capsys):
+    """`segment ct.tif` (the 2D network, frame by frame) writes ct_mask.tif, a volume's name:
+    `segment-volume ct.tif --resume` took it for an earlier version's volume output and kept it."""
+    import tifffile
+
+    volume = ct_volume((30, 41, 37), rng)
+    tifffile.imwrite(tmp_path / "ct.tif", volume)
+    out = tmp_path / "out"
+    assert client_main(["segment", str(tmp_path / "ct.tif"), "--out", str(out), "--url", server.grpc_url, "--no-progress"]) == 0
+    assert (out / "ct_mask.tif").exists() and (out / "ct.segment.json").exists()
+    capsys.readouterr()
+    code = client_main(["segment-volume", str(tmp_path / "ct.tif"), "--resume", "--out", str(out), "--url", server.grpc_url,
+                        "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0 and "skipped" not in err and "were made frame by frame by `segment` (ct.segment.json)" in err, err
+    assert np.array_equal(tifffile.imread(out / "ct_mask.tif"), client.segment(volume).mask)
+
+
 def test_volumes_the_network_cannot_take_are_refused_once_named_with_what_to_do(server, client, rng, tmp_path, capsys):
     """A 4D NIfTI of 3 time points was sent, then refused as "takes 1 channel(s), IMAGE has 3";
     an HDF5 dataset of one slice was named twice ("tomo.h5:/entry/flat: tomo.h5:/entry/flat: ...")."""
