@@ -81,9 +81,9 @@ def segment_volumes(args: argparse.Namespace) -> int:
         if len(todo) < len(args.volumes):
             print(f"client: {len(args.volumes) - len(todo)} volume(s) skipped: their outputs are in {args.out} "
                   "(--resume)", file=sys.stderr)
-        for argument in todo:
+        for number, argument in enumerate(todo, 1):
             try:
-                segment_one(client, argument, args, settings)
+                segment_one(client, argument, args, settings, f"{number}/{len(todo)} " if len(todo) > 1 else "")
             except (OSError, ValueError, SegmentationError) as error:
                 failed.append(naming(argument, error))
                 print(f"client: error: {failed[-1]}", file=sys.stderr)
@@ -188,19 +188,27 @@ def check_distinct_volume_outputs(args: argparse.Namespace) -> None:
     check_distinct_targets(targets, inputs)
 
 
-def segment_one(client: SegmentationClient, argument: str, args: argparse.Namespace, settings: dict) -> None:
+def segment_one(client: SegmentationClient, argument: str, args: argparse.Namespace, settings: dict,
+                position: str = "") -> None:
+    """``position``: where the volume is in the batch ("2/5 "), shown on its progress bar."""
     check_output_file_readable(argument, args.out)
     volume = read_volume(argument)
     check_channels(volume, client.network_info())
     start = time.perf_counter()
-    with tqdm(total=None, unit="chunk", desc=volume.label[-30:], disable=args.no_progress, dynamic_ncols=True,
-              leave=False) as progress:
-        def advance(done: int, total: int) -> None:
-            progress.total = total  # known from the first call, (0, total): "0/1 chunk", not "0chunk"
-            progress.update(done - progress.n)
+    bars: list[tqdm] = []  # made at the first call, (0, total): a bar made before showed "0chunk [00:00, ?chunk/s]"
 
+    def advance(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="chunk", desc=f"{position}{volume.label[-30:]}", disable=args.no_progress,
+                             dynamic_ncols=True, leave=False))
+        bars[0].update(done - bars[0].n)
+
+    try:
         result = client.segment_volume(volume.image, chunks=chunk_settings(args), inflight=args.inflight,
                                        retries=args.retries, patience_s=args.patience, progress=advance, **segment_options(args))
+    finally:
+        for bar in bars:
+            bar.close()
     outputs = {"mask": result.mask, "probabilities": result.probabilities, "contour": result.contour}
     made = {k: v for k, v in outputs.items() if v is not None}
     stale = earlier_outputs_not_made(argument, args.out, list(made))  # before the record is replaced

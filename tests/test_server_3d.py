@@ -439,6 +439,17 @@ def test_resume_takes_the_outputs_of_segment_frame_by_frame_for_no_volumes(serve
     assert np.array_equal(tifffile.imread(out / "ct_mask.tif"), client.segment(volume).mask)
 
 
+def test_the_progress_bar_counts_chunks_from_its_total_and_volumes_of_the_batch(server, rng, tmp_path, capsys):
+    """It showed "0chunk [00:00, ?chunk/s]" until the total was known, and no volume count."""
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", ct_volume((20, 30, 25), rng))
+    code = client_main(["segment-volume", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--out", str(tmp_path / "out"),
+                        "--url", server.grpc_url])
+    err = capsys.readouterr().err
+    assert code == 0 and "0chunk" not in err, err
+    assert "1/2 a.npy:   0%|" in err and "| 0/1 [" in err and "2/2 b.npy: " in err, err
+
+
 def test_volumes_the_network_cannot_take_are_refused_once_named_with_what_to_do(server, client, rng, tmp_path, capsys):
     """A 4D NIfTI of 3 time points was sent, then refused as "takes 1 channel(s), IMAGE has 3";
     an HDF5 dataset of one slice was named twice ("tomo.h5:/entry/flat: tomo.h5:/entry/flat: ...")."""
