@@ -217,6 +217,8 @@ def read_volume(argument: str) -> Volume:
             data = np.asanyarray(nifti.dataobj)
         except (nibabel.filebasedimages.ImageFileError, EOFError, zlib.error, OSError) as error:  # empty; cut; corrupt
             raise ValueError(f"{path}: not a readable NIfTI file ({error})") from error
+        if data.ndim == 5 and data.shape[3] == 1:  # NIfTI: time on the 4th axis, components on the 5th; one time point
+            data = data[:, :, :, 0]
         image = channel_first(data, path.name, channel_axis_last=True)
         return Volume(path.name, kind, image, path, nifti=nifti)
     if kind == "tiff":

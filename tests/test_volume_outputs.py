@@ -1,7 +1,7 @@
 """Outputs when the disk refuses them. Volumes: written whole or not at all (a file-size limit
 stands in for a full disk: the writes fail alike, EFBIG for ENOSPC, and it needs no mount).
 HDF5 stacks: refused frame by frame on a real small file system, with the file still closable.
-NIfTI-2 scans give NIfTI-2 outputs."""
+NIfTI-2 scans give NIfTI-2 outputs; a 5D NIfTI of one time point is read as a volume."""
 
 from __future__ import annotations
 
@@ -150,3 +150,18 @@ def test_a_nifti2_scan_gives_nifti2_outputs_without_a_word_on_its_header(tmp_pat
     for path in written:
         output = nibabel.load(path)
         assert type(output) is nibabel.Nifti2Image and np.array_equal(output.affine, affine)
+
+
+def test_a_five_dimensional_nifti_of_one_time_point_is_a_volume(tmp_path):
+    """[X, Y, Z, 1, C] (NIfTI's time on the 4th axis, components on the 5th) was refused as
+    "expected a 3D volume"; one component is one channel, several are channels."""
+    from client.volume_files import read_volume, write_volume_outputs
+
+    data = np.arange(6 * 7 * 5, dtype=np.int16).reshape(6, 7, 5)
+    nibabel.save(nibabel.Nifti1Image(data[..., None, None], np.eye(4)), tmp_path / "one.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(np.stack([data, -data], -1)[..., None, :], np.eye(4)), tmp_path / "two.nii.gz")
+    volume = read_volume(str(tmp_path / "one.nii.gz"))
+    assert np.array_equal(volume.image, data[None])
+    assert np.array_equal(read_volume(str(tmp_path / "two.nii.gz")).image, np.stack([data, -data]))
+    [mask] = write_volume_outputs(volume, {"mask": np.ones(data.shape, np.uint8)}, tmp_path / "out")
+    assert nibabel.load(mask).shape == data.shape
