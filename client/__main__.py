@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     volume.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"), help="output directory (default: %(default)s)")
     volume.add_argument("--resume", action="store_true",
                         help="skip volumes whose outputs are in --out already (an interrupted run's finished ones)")
+    volume.add_argument("--overwrite", action="store_true",
+                        help="replace files at the outputs' names that segment-volume did not write (refused otherwise)")
     add_server_options(volume, "segment_3d", 2, "chunks")
     add_pipeline_options(volume)
     volume_cli.add_chunk_options(volume)

@@ -14,7 +14,8 @@ NAME_probabilities and NAME_contour on request. Volumes that would write one out
 Each volume's outputs are written whole once it is done (under a temporary name, then renamed),
 with NAME.segment-volume.json beside them saying what they were made from (the input's path,
 the network and the options), so --resume skips the volumes whose requested outputs are there,
-made from the same input with the same settings, and segments the others again.
+made from the same input with the same settings, and segments the others again. A file at an
+output's name that no such record names (one of your own) is not replaced without --overwrite.
 
 A volume above --max-chunk-voxels (default 512x512x256) is sent as overlapping chunks shaped
 to send the fewest voxels in all, --inflight at a time, cut on the network's tile grid so that the stitched
@@ -37,8 +38,9 @@ from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
 from client.cli_options import connected_client, segment_options
 from client.stacks import check_distinct_targets, stack_outputs
-from client.volume_files import (check_output_file_readable, earlier_outputs_not_made, frames_record, output_targets,
-                                 outputs_written, read_volume, record_differences, volume_location, write_record, write_volume_outputs)
+from client.volume_files import (check_output_file_readable, earlier_outputs_not_made, files_not_ours, files_of_records,
+                                 frames_record, output_targets, outputs_written, read_volume, record_differences,
+                                 volume_location, write_record, write_volume_outputs)
 from client.volumes import ChunkSettings
 
 
@@ -78,6 +80,8 @@ def segment_volumes(args: argparse.Namespace) -> int:
                                     "use `python -m client segment` for frames")
         settings = run_settings(args, info.name)
         todo = [argument for argument in args.volumes if not (args.resume and already_done(argument, args, settings))]
+        if not args.overwrite:
+            refuse_files_not_ours(todo, args)
         if len(todo) < len(args.volumes):
             print(f"client: {len(args.volumes) - len(todo)} volume(s) skipped: their outputs are in {args.out} "
                   "(--resume)", file=sys.stderr)
@@ -90,6 +94,22 @@ def segment_volumes(args: argparse.Namespace) -> int:
     if failed and len(args.volumes) > 1:
         print("client: failed volumes:\n  " + "\n  ".join(failed), file=sys.stderr)
     return 1 if failed else 0
+
+
+def refuse_files_not_ours(arguments: list[str], args: argparse.Namespace) -> None:
+    """Refuse, before any volume is read, to replace files at the outputs' names that this
+    tool did not write (a ground-truth ``a_mask.nii.gz`` in --out was replaced without a word).
+
+    Raises:
+        ValueError: naming them, and what to do.
+    """
+    ours = files_of_records(args.out)
+    foreign = [path for argument in arguments for path in files_not_ours(argument, requested_outputs(args), args.out, ours)]
+    if foreign:
+        listed = ", ".join(str(path) for path in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ValueError(f"{listed}: in --out at an output's name, and no record there says segment-volume wrote it "
+                         "(a file of your own? an earlier version's output?); move it away, choose another --out, "
+                         "or add --overwrite to replace it")
 
 
 def check_writable(out: pathlib.Path) -> None:

@@ -327,6 +327,37 @@ def record_path(argument: str, out_dir: pathlib.Path) -> pathlib.Path:
     return out_dir / f"{name}{VOLUME_RECORD_SUFFIX}"
 
 
+def files_of_records(out_dir: pathlib.Path) -> set[str]:
+    """Names of the files in ``out_dir`` that a volume's record says segment-volume wrote
+    (records without a file list, an earlier version's: their location's outputs)."""
+    names = set()
+    for record_file in out_dir.glob(f"*{VOLUME_RECORD_SUFFIX}"):
+        try:
+            record = json.loads(record_file.read_text())
+            if "files" in record:
+                names.update(record["files"])
+                continue
+            location = pathlib.Path(record["location"])
+            names.update(target.name for target in output_paths(location, volume_kind(location), record["outputs"], out_dir).values())
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable, or of a kind without files (HDF5)
+            continue
+    return names
+
+
+def files_not_ours(argument: str, names: list[str], out_dir: pathlib.Path, ours: set[str]) -> list[pathlib.Path]:
+    """Files at the names of the volume's outputs ``names`` in ``out_dir`` that no record says
+    this tool wrote (``ours``: ``files_of_records``) and that ``segment`` did not write: a
+    user's own (a ground-truth ``a_mask.nii.gz``), which a run would replace. HDF5: none (only
+    the dataset's group is replaced)."""
+    try:
+        targets = output_targets(argument, names, out_dir)
+    except ValueError:  # names no volume: it fails on its own
+        return []
+    if targets[0].place or frames_record(argument, out_dir) is not None:
+        return []
+    return [target.path for target in targets if target.path.exists() and target.path.name not in ours]
+
+
 def frames_record(argument: str, out_dir: pathlib.Path) -> pathlib.Path | None:
     """The run record ``python -m client segment`` keeps in ``out_dir`` when it segmented this
     input frame by frame (``NAME.segment.json``): its outputs there have the names a volume's

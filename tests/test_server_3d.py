@@ -450,6 +450,31 @@ def test_the_progress_bar_counts_chunks_from_its_total_and_volumes_of_the_batch(
     assert "1/2 a.npy:   0%|" in err and "| 0/1 [" in err and "2/2 b.npy: " in err, err
 
 
+def test_a_file_at_an_outputs_name_that_segment_volume_did_not_write_is_replaced_only_with_overwrite(server, client, rng,
+                                                                                                    tmp_path, capsys):
+    """A ground-truth a_mask.nii.gz beside a.nii.gz, with --out the scans' own directory, was
+    replaced without a word. Outputs this tool wrote are replaced by a rerun, as before."""
+    nibabel = pytest.importorskip("nibabel")
+    volume = ct_volume((30, 41, 37), rng)
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), tmp_path / "a.nii.gz")
+    truth = tmp_path / "a_mask.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.ones((30, 41, 37), np.uint8), np.eye(4)), truth)
+    before = truth.read_bytes()
+
+    def run(*options: str) -> tuple[int, str]:
+        code = client_main(["segment-volume", str(tmp_path / "a.nii.gz"), "--out", str(tmp_path), "--url", server.grpc_url,
+                            "--no-progress", *options])
+        return code, capsys.readouterr().err
+
+    code, err = run()
+    assert code == 1 and f"client: error: {truth}: in --out at an output's name, and no record there says" in err, err
+    assert "add --overwrite to replace it" in err and "request(s)" not in err and truth.read_bytes() == before
+    assert run("--overwrite")[0] == 0
+    assert np.array_equal(np.asanyarray(nibabel.load(truth).dataobj), client.segment(volume).mask)
+    code, err = run("--overlap", "0.5", "--probabilities")  # its own outputs: replaced as before
+    assert code == 0 and (tmp_path / "a_probabilities.nii.gz").exists(), err
+
+
 def test_volumes_the_network_cannot_take_are_refused_once_named_with_what_to_do(server, client, rng, tmp_path, capsys):
     """A 4D NIfTI of 3 time points was sent, then refused as "takes 1 channel(s), IMAGE has 3";
     an HDF5 dataset of one slice was named twice ("tomo.h5:/entry/flat: tomo.h5:/entry/flat: ...")."""
