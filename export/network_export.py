@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import inspect
 import itertools
 import json
 import os
@@ -93,7 +94,11 @@ class ExportSettings:
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ExportError(f"architecture {self.architecture!r} not supported; choose one of {', '.join(SUPPORTED_ARCHITECTURES)}")
-        spatial_dims = self.arguments.get("spatial_dims", 3)
+        if not isinstance(self.arguments, dict):
+            raise ExportError(f"--arguments must be a JSON object of the network's arguments, got {type(self.arguments).__name__}")
+        spatial_dims = network_spatial_dims(self.architecture, self.arguments)
+        if spatial_dims not in (2, 3):
+            raise ExportError(f"spatial_dims must be 2 (segment_2d) or 3 (segment_3d), got {spatial_dims!r}")
         if len(self.tile) != spatial_dims:
             raise ExportError(f"tile {list(self.tile)} has {len(self.tile)} dims but the network has spatial_dims={spatial_dims}")
         if any(size < 1 for size in self.tile):
@@ -106,6 +111,26 @@ class ExportSettings:
             raise ExportError(f"instances_per_gpu must be >= 1, got {self.instances_per_gpu}")
         if not self.name or "/" in self.name or self.name.startswith("."):  # "..", ".": outside; ".x": staging names
             raise ExportError(f"model name must be a plain directory name (no '/', not starting with '.'), got {self.name!r}")
+        if not MODEL_NAME.fullmatch(self.name):  # Triton 2.51 never loads "my net", nor says so: the start hung
+            raise ExportError(f"model name may hold letters, digits, '_', '-' and '.' only, got {self.name!r}")
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def network_spatial_dims(architecture: str, arguments: dict) -> int:
+    """``spatial_dims`` as the network will be built: given, else the constructor's default
+    (FlexibleUNet's is 2, BasicUNet's 3).
+
+    Raises:
+        ExportError: the architecture needs it and ``arguments`` lack it.
+    """
+    if "spatial_dims" in arguments:
+        return arguments["spatial_dims"]
+    default = inspect.signature(getattr(nets, architecture)).parameters.get("spatial_dims")
+    if default is None or default.default is inspect.Parameter.empty:
+        raise ExportError(f"{architecture} needs spatial_dims in --arguments (2 or 3)")
+    return default.default
 
 
 def settings_from_spec(spec_path: pathlib.Path, checkpoint: pathlib.Path | None, name: str) -> ExportSettings:
@@ -266,7 +291,7 @@ def output_classes(network: torch.nn.Module, in_channels: int, tile: tuple[int, 
     try:
         with torch.no_grad():
             output = network(torch.zeros((1, in_channels, *tile), dtype=torch.float32))
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # ValueError: a norm layer left with one pixel per channel
         raise ExportError(f"the network cannot take a tile of {list(tile)} ({first_line(error)}); {advice}") from None
     if list(output.shape[2:]) != list(tile):
         raise ExportError(f"network changes the spatial size of a tile: {list(tile)} -> {list(output.shape[2:])}; {advice}")
@@ -659,6 +684,9 @@ def write_beside(path: pathlib.Path, text: str) -> pathlib.Path:
     return pathlib.Path(temporary)
 
 
+MAX_CLASSES = 256  # MASK is uint8
+
+
 def export_network(settings: ExportSettings, repository: pathlib.Path, log=print, overwrite: bool = False) -> pathlib.Path:
     """The whole export: build, ONNX export, checker, onnxruntime-vs-torch check, write.
 
@@ -672,6 +700,9 @@ def export_network(settings: ExportSettings, repository: pathlib.Path, log=print
     network = build_network(settings)
     in_channels = settings.arguments.get("in_channels", 1)
     num_classes = output_classes(network, in_channels, settings.tile)
+    if num_classes > MAX_CLASSES:  # every request failed with "value cannot be converted to type uint8_t"
+        raise ExportError(f"the network has {num_classes} output channels; MASK holds a class per pixel as uint8: "
+                          f"at most {MAX_CLASSES} classes")
     if num_classes == 1:
         network, num_classes = OneChannelAsTwoClasses(network), 2
         log("one output channel: served as classes [background, foreground], "

@@ -63,6 +63,10 @@ def test_export_writes_model_and_config(tmp_path):
         (dict(architecture="ResNet", arguments={}, tile=(8, 8)), "not supported"),
         (dict(architecture="UNet", arguments={"spatial_dims": 2}, tile=(8, 8, 8)), "spatial_dims"),
         (dict(architecture="UNet", arguments={"spatial_dims": 2, "bogus": 1}, tile=(8, 8)), "bad arguments"),
+        (dict(architecture="UNet", arguments={"in_channels": 1, "out_channels": 2}, tile=(8, 8)),
+         r"UNet needs spatial_dims in --arguments \(2 or 3\)"),
+        (dict(architecture="BasicUNet", arguments={"spatial_dims": 1}, tile=(8,)), "spatial_dims must be 2 .* or 3 .*, got 1"),
+        (dict(architecture="UNet", arguments=[2, 3, 4], tile=(8, 8)), "--arguments must be a JSON object .*, got list"),
     ],
 )
 def test_export_refuses_bad_settings(tmp_path, settings, message):
@@ -189,6 +193,22 @@ def test_export_checks_set_default_before_exporting(tmp_path, capsys):
 def test_export_refuses_names_outside_the_repository_or_hidden(name):
     with pytest.raises(ExportError, match="plain directory name"):
         ExportSettings("UNet", TINY_ARGUMENTS, None, (32, 32), name)
+
+
+@pytest.mark.parametrize("name", ["my net", "a:b", "net\n", "-x"])
+def test_export_refuses_names_triton_cannot_serve(name):
+    """The export of "my net" succeeded; the server then never became ready, nor said why."""
+    with pytest.raises(ExportError, match="model name may hold letters, digits, '_', '-' and '.' only"):
+        ExportSettings("UNet", TINY_ARGUMENTS, None, (32, 32), name)
+
+
+def test_a_network_of_more_classes_than_a_uint8_mask_holds_is_refused(tmp_path, capsys):
+    """300 classes exported and loaded; every request then failed with "value cannot be
+    converted to type uint8_t without overflow"."""
+    assert export_tiny(tmp_path, "many", out_channels=300) == 1
+    error = capsys.readouterr().err
+    assert error == "export: error: the network has 300 output channels; MASK holds a class per pixel as uint8: at most 256 classes\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("text, reason", [("{", "Expecting property name"), ("[1, 2]", "expected a JSON object, got list")])
@@ -344,7 +364,8 @@ def test_set_default_changes_only_the_default_network_value(tmp_path, capsys):
      "the network cannot take a tile of [100, 100] ("),
     ({**TINY_ARGUMENTS, "channels": [4, 8, 16], "strides": [2, 2]}, ["99", "99"],
      "network changes the spatial size of a tile: [99, 99] -> [100, 100]; "),
-], ids=["cannot-take", "changes-size"])
+    (TINY_ARGUMENTS, ["2", "2"], "the network cannot take a tile of [2, 2] (Expected more than 1 spatial element"),
+], ids=["cannot-take", "changes-size", "too-small-to-normalise"])
 def test_a_tile_the_network_cannot_take_is_refused_saying_what_tiles_work(tmp_path, capsys, arguments, tile, message):
     code = export_main(["--architecture", "UNet", "--arguments", json.dumps(arguments), "--tile", *tile,
                         "--name", "x", "--repository", str(tmp_path)])
@@ -357,7 +378,7 @@ def test_a_tile_the_network_cannot_take_is_refused_saying_what_tiles_work(tmp_pa
 def test_flexible_unet_exports_with_backbones_that_take_any_batch(tmp_path, capsys, backbone):
     """efficientnet's graph declares no output size (it was refused as changing the tile to
     [0, 0]); resnet's fixes the traced batch inside, which the check batch of 3 shows."""
-    arguments = {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "backbone": backbone}
+    arguments = {"in_channels": 1, "out_channels": 3, "backbone": backbone}  # spatial_dims: FlexibleUNet's default, 2
     code = export_main(["--architecture", "FlexibleUNet", "--arguments", json.dumps(arguments), "--tile", "64", "64",
                         "--name", "flex", "--repository", str(tmp_path)])
     error = capsys.readouterr().err
