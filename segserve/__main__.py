@@ -112,6 +112,7 @@ def run_until_stopped(server: TritonServer, signals: StopSignals, args: argparse
         raise StartCancelledError("stopped before it was started")
     token_file = write_token_file(config.token, args.token_file)
     server.start(args.startup_timeout)
+    warn_networks_not_loaded(server)
     print(f"segserve ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {config.host}:{config.metrics_port}", flush=True)
     print(f"restricted endpoints ({', '.join(config.restricted_endpoints)}) need the header {TOKEN_HEADER} (gRPC: {header_name('grpc')}); "
           f"token in {token_file}", flush=True)
@@ -161,7 +162,15 @@ def recover(server: TritonServer, problem: str, timeout_s: float) -> None:
     else:
         print(f"segserve: {problem}; restarting the server (clients wait and retry)", file=sys.stderr, flush=True)
     server.restart(timeout_s, stop_timeout_s=stop_timeout_s)
+    warn_networks_not_loaded(server)
     print(f"segserve ready again: gRPC {server.grpc_url}  HTTP {server.http_url}", flush=True)
+
+
+def warn_networks_not_loaded(server: TritonServer) -> None:
+    """Name each network that failed to load, and why: the others serve without it."""
+    for name, reason in server.networks_not_loaded.items():
+        print(f"segserve: warning: network {name} failed to load and is not served (requests for it fail; the others "
+              f"serve): {reason}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

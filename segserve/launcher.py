@@ -315,6 +315,16 @@ def python_backend_region_users() -> dict[str, set[int]]:
     return users
 
 
+def first_line_of(text: str | None) -> str:
+    """A Python traceback's reason as Triton passes it on: its first line (at most LOG_LINE_CHARS)."""
+    return (text or "").strip().split("\n", 1)[0][:LOG_LINE_CHARS]
+
+
+def is_network(model_directory: pathlib.Path) -> bool:
+    """Whether a model directory holds an exported network (its ONNX file), not a pipeline step."""
+    return (model_directory / "1" / "model.onnx").is_file()
+
+
 def repository_models(repository: pathlib.Path) -> list[str]:
     """The model directories of ``repository``. Hidden ones are not models (an export's staging
     directory, ``.ipynb_checkpoints``), but ``--load-model=*`` would load them and fail the start."""
@@ -347,6 +357,7 @@ class TritonServer:
         self._log_file = None
         self._log_start = 0  # where this start's output begins in the appended log
         self._loaded: tempfile.TemporaryDirectory | None = None  # the repository as the server loaded it
+        self.networks_not_loaded: dict[str, str] = {}  # network -> why, at the last start
 
     @property
     def http_url(self) -> str:
@@ -400,7 +411,11 @@ class TritonServer:
             # (``reload_models``); the repository API stays restricted to token holders.
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in repository_models(self.loaded_repository)),
-            "--strict-readiness=true",
+            # A network that fails to load is left out and the rest serve (one user's broken
+            # export stopped every pipeline); a pipeline that fails fails the start
+            # (``_check_models_loaded``). Strict readiness would wait for the left-out one forever.
+            "--exit-on-error=false",
+            "--strict-readiness=false",
             "--exit-timeout-secs=30",
             f"--log-verbose={c.log_verbose}",
             f"--backend-config=python,shm-default-byte-size={c.python_shm_bytes}",
@@ -533,8 +548,40 @@ class TritonServer:
             stdout=output, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True, cwd=REPO_ROOT,
         )
         self.wait_ready(timeout_s)
+        self._check_models_loaded()
         self._stubs_at_start = self.stub_processes()
         return self
+
+    def _check_models_loaded(self) -> None:
+        """Set ``networks_not_loaded`` to the networks of the repository that failed to load.
+
+        Raises:
+            ServerError: a pipeline model failed to load, naming it and why.
+        """
+        not_ready = self.models_not_ready()
+        pipelines = [name for name in not_ready if not is_network(self.loaded_repository / name)]
+        if pipelines:
+            reasons = "".join(f"\n  {name}: {not_ready[name]}" for name in pipelines)
+            raise ServerError(f"tritonserver could not load {', '.join(pipelines)}{self._log_hint(name_failed=False)}{reasons}")
+        self.networks_not_loaded = not_ready
+
+    def models_not_ready(self) -> dict[str, str]:
+        """``{model: why}`` for the repository's models that are not ready, from Triton's
+        repository index (``POST /v2/repository/index``, with the token)."""
+        headers = {"Content-Type": "application/json", **token_headers(self.config.token, "http")}
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", headers=headers,
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                index = {entry["name"]: entry for entry in json.loads(response.read())}
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError) as error:
+            raise ServerError(f"the model repository index did not answer: {error}") from None
+        return {name: self._unlocated(first_line_of(index.get(name, {}).get("reason")) or "not loaded, see the server log")
+                for name in repository_models(self.loaded_repository) if index.get(name, {}).get("state") != "READY"}
+
+    def _unlocated(self, text: str) -> str:
+        """``text`` naming the model repository the user gave, not the copy the server loaded."""
+        return text.replace(str(self.loaded_repository), str(self.config.model_repository))
 
     def stub_processes(self) -> dict[int, str]:
         """Python-backend stub processes of this server: pid -> the model.py it runs."""
@@ -650,13 +697,14 @@ class TritonServer:
             return True
         return any(s.status == psutil.CONN_LISTEN and s.laddr.port == self.config.http_port for s in sockets)
 
-    def _log_hint(self) -> str:
+    def _log_hint(self, name_failed: bool = True) -> str:
         """Where to read why the server failed, with this start's error lines when in a log file
-        (CI shows the exception, not the log)."""
+        (CI shows the exception, not the log); with ``name_failed``, the models they say failed."""
         if self.log_path is None:
             return "; see the server output above"
-        errors = log_errors(self.log_path, self._log_start, ignore=NO_GPU_NOISE if visible_gpu_count() == 0 else None)
-        failed = failed_models(errors)
+        errors = [self._unlocated(line) for line in
+                  log_errors(self.log_path, self._log_start, ignore=NO_GPU_NOISE if visible_gpu_count() == 0 else None)]
+        failed = failed_models(errors) if name_failed else []
         named = f"; failed to load: {', '.join(failed)}" if failed else ""
         return f"{named}; see {self.log_path}" + "".join(f"\n  {line}" for line in errors)
 

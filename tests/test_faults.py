@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +23,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import SegmentationClient
+from client.api import SegmentationError
 from segserve.launcher import REPO_ROOT, free_ports, python_backend_regions, python_backend_stubs
-from tests.conftest import copy_2d_repository
+from tests.conftest import DEFAULT_NETWORK, copy_2d_repository
 from tests.helpers import environment_without_token, make_stack, reference_masks, regions_left_since, wait_for_record
 
 pytestmark = pytest.mark.server  # starts its own server
@@ -104,7 +106,7 @@ def assert_nothing_left(serve: Serve, tritonserver: psutil.Process, scratch: set
     assert scratch and not any(path.exists() for path in scratch), scratch
 
 
-# These three run before the module's server starts (the `serve` fixture): one server at a time.
+# These four run before the module's server starts (the `serve` fixture): one server at a time.
 def test_ctrl_c_while_the_models_load_stops_the_start_within_seconds_and_leaves_nothing(tmp_path):
     """Ctrl-C during the start was held until every model had loaded (minutes on a big
     repository), then the server was started and stopped."""
@@ -198,6 +200,33 @@ def test_ctrl_c_during_a_reload_drains_the_server_and_restarts_nothing(tmp_path)
     assert "restarting" not in running.text() and "ready again" not in running.text(), running.text()
     tritonserver.wait(timeout=30)
     assert_nothing_left(running, tritonserver, scratch)
+
+
+def test_a_network_that_fails_to_load_is_named_and_the_others_serve(tmp_path, rng):
+    """One user's broken export (its model files cut short) stopped the whole server from
+    starting: every pipeline and network down, the error naming paths in the server's copy."""
+    repository = copy_2d_repository(tmp_path / "model_repository", sliding_window_instances=2)
+    broken = repository / "broken_net"
+    shutil.copytree(repository / DEFAULT_NETWORK, broken)
+    config = broken / "config.pbtxt"
+    config.write_text(config.read_text().replace(f'name: "{DEFAULT_NETWORK}"', 'name: "broken_net"'))
+    for name in ("model.onnx", "model.ts"):
+        (broken / "1" / name).write_bytes((broken / "1" / name).read_bytes()[:1000])
+    running = Serve(tmp_path, repository)
+    running.start()
+    try:
+        [warning] = [line for line in running.text().splitlines() if line.startswith("segserve: warning: ")]
+        assert warning.startswith("segserve: warning: network broken_net failed to load and is not served (requests for it "
+                                  "fail; the others serve): "), warning
+        assert "segserve-loaded-" not in running.text()
+        frame = make_stack(rng, 1, (150, 170))[0]
+        with running.client() as client:
+            assert np.array_equal(client.segment(frame).mask, reference_masks(running, [frame])[0])
+        with running.client(network="broken_net") as client, pytest.raises(SegmentationError, match="broken_net"):
+            client.segment(frame)
+    finally:
+        running.process.send_signal(signal.SIGINT)
+        assert running.process.wait(timeout=120) == 0, running.text()
 
 
 @pytest.fixture(scope="module")
