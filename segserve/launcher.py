@@ -576,8 +576,15 @@ class TritonServer:
                 index = {entry["name"]: entry for entry in json.loads(response.read())}
         except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError) as error:
             raise ServerError(f"the model repository index did not answer: {error}") from None
-        return {name: self._unlocated(first_line_of(index.get(name, {}).get("reason")) or "not loaded, see the server log")
+        return {name: self._unlocated(first_line_of(index.get(name, {}).get("reason")) or self._log_reason(name))
                 for name in repository_models(self.loaded_repository) if index.get(name, {}).get("state") != "READY"}
+
+    def _log_reason(self, model: str) -> str:
+        """This start's first error line naming ``model`` (a config that does not parse is in
+        no index, only in the log), else where to look."""
+        errors = log_errors(self.log_path, self._log_start, fallback=False) if self.log_path else []
+        named = [line for line in errors if f"'{model}'" in line]
+        return named[0] if named else "not loaded, see the server log"
 
     def _unlocated(self, text: str) -> str:
         """``text`` naming the model repository the user gave, not the copy the server loaded."""

@@ -212,12 +212,19 @@ def test_a_network_that_fails_to_load_is_named_and_the_others_serve(tmp_path, rn
     config.write_text(config.read_text().replace(f'name: "{DEFAULT_NETWORK}"', 'name: "broken_net"'))
     for name in ("model.onnx", "model.ts"):
         (broken / "1" / name).write_bytes((broken / "1" / name).read_bytes()[:1000])
+    misedited = repository / "misedited_net"  # a config that does not parse: in no index, only in the log
+    shutil.copytree(repository / DEFAULT_NETWORK, misedited)
+    (misedited / "config.pbtxt").write_text(config.read_text().replace('name: "broken_net"', 'name: "misedited_net"') + "}\n")
     running = Serve(tmp_path, repository)
     running.start()
     try:
-        [warning] = [line for line in running.text().splitlines() if line.startswith("segserve: warning: ")]
-        assert warning.startswith("segserve: warning: network broken_net failed to load and is not served (requests for it "
-                                  "fail; the others serve): "), warning
+        warnings = [line for line in running.text().splitlines() if line.startswith("segserve: warning: ")]
+        assert [line.split(" (requests")[0] for line in warnings] == [
+            "segserve: warning: network broken_net failed to load and is not served",
+            "segserve: warning: network misedited_net failed to load and is not served"], warnings
+        assert warnings[0].startswith("segserve: warning: network broken_net failed to load and is not served (requests "
+                                      "for it fail; the others serve): "), warnings
+        assert str(misedited / "config.pbtxt") in warnings[1], warnings  # the repository given, not the server's copy
         assert "segserve-loaded-" not in running.text()
         frame = make_stack(rng, 1, (150, 170))[0]
         with running.client() as client:
