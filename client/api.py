@@ -412,9 +412,11 @@ class SegmentationClient:
                 raise
             loaded = [model for model in self._control.loaded_models()
                       if is_network_of(self._control.model_metadata(model), self.spatial_dims())]
-            raise SegmentationError(f"network {name!r} is not loaded on {self._control.url} ({error}); loaded "
+            which = f"network {name!r}" if self.network else f"the pipeline's default network {name!r}"
+            raise SegmentationError(f"{which} is not loaded on {self._control.url} ({error}); loaded "
                                     f"{self.spatial_dims()}D networks: {', '.join(loaded) or 'none'}. A network "
-                                    "exported since the server started is loaded when it restarts") from None
+                                    "exported since the server started is loaded when it restarts; one that failed to "
+                                    "load is named in the server's warnings") from None
         image_shape = [int(d) for d in metadata["inputs"][0]["shape"]]
         return NetworkInfo(name, image_shape[1], int(metadata["outputs"][0]["shape"][1]), tuple(image_shape[2:]))
 

@@ -168,9 +168,12 @@ def recover(server: TritonServer, problem: str, timeout_s: float) -> None:
 
 def warn_networks_not_loaded(server: TritonServer) -> None:
     """Name each network that failed to load, and why: the others serve without it."""
+    defaults = server.default_networks() if server.networks_not_loaded else {}
     for name, reason in server.networks_not_loaded.items():
+        pipelines = [pipeline for pipeline, network in defaults.items() if network == name]
+        default = f"; it is the default network of {', '.join(pipelines)}: requests naming no network fail" if pipelines else ""
         print(f"segserve: warning: network {name} failed to load and is not served (requests for it fail; the others "
-              f"serve): {reason}", file=sys.stderr, flush=True)
+              f"serve{default}): {reason}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -579,6 +579,20 @@ class TritonServer:
         return {name: self._unlocated(first_line_of(index.get(name, {}).get("reason")) or self._log_reason(name))
                 for name in repository_models(self.loaded_repository) if index.get(name, {}).get("state") != "READY"}
 
+    def default_networks(self) -> dict[str, str]:
+        """``{pipeline: its default_network}`` of the loaded repository's pipeline models."""
+        from segserve.network_spec import read_model_config
+
+        defaults = {}
+        for name in repository_models(self.loaded_repository):
+            try:
+                config = read_model_config(self.loaded_repository / name / "config.pbtxt")
+            except Exception:  # noqa: BLE001 - no config, or one that does not parse: no default named
+                continue
+            if "default_network" in config.parameters:
+                defaults[name] = config.parameters["default_network"].string_value
+        return defaults
+
     def _log_reason(self, model: str) -> str:
         """This start's first error line naming ``model`` (a config that does not parse is in
         no index, only in the log), else where to look."""

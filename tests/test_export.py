@@ -436,7 +436,8 @@ def test_exports_while_the_server_runs_take_effect_when_it_restarts(tmp_path):
     assert "(network 'late' was exported after the server started: restart the server to load it)" in str(by_server.value)
     assert str(by_client.value).startswith(f"network 'late' is not loaded on {server.grpc_url} (")
     assert str(by_client.value).endswith("loaded 2D networks: tiny, unet2d_particles. "
-                                         "A network exported since the server started is loaded when it restarts")
+                                         "A network exported since the server started is loaded when it restarts; "
+                                         "one that failed to load is named in the server's warnings")
 
 
 @pytest.mark.server  # starts its own server, three times

@@ -24,9 +24,10 @@ from tritonclient.utils import InferenceServerException
 
 from client import SegmentationClient
 from client.api import SegmentationError
+from segserve.options import PipelineOptions
 from segserve.launcher import REPO_ROOT, free_ports, python_backend_regions, python_backend_stubs
 from tests.conftest import DEFAULT_NETWORK, copy_2d_repository
-from tests.helpers import environment_without_token, make_stack, reference_masks, regions_left_since, wait_for_record
+from tests.helpers import assert_matches_reference, environment_without_token, make_stack, reference_masks, regions_left_since, wait_for_record
 
 pytestmark = pytest.mark.server  # starts its own server
 
@@ -202,7 +203,7 @@ def test_ctrl_c_during_a_reload_drains_the_server_and_restarts_nothing(tmp_path)
     assert_nothing_left(running, tritonserver, scratch)
 
 
-def test_a_network_that_fails_to_load_is_named_and_the_others_serve(tmp_path, rng):
+def test_a_network_that_fails_to_load_is_named_and_the_others_serve(tmp_path, rng, default_network):
     """One user's broken export (its model files cut short) stopped the whole server from
     starting: every pipeline and network down, the error naming paths in the server's copy."""
     repository = copy_2d_repository(tmp_path / "model_repository", sliding_window_instances=2)
@@ -212,6 +213,8 @@ def test_a_network_that_fails_to_load_is_named_and_the_others_serve(tmp_path, rn
     config.write_text(config.read_text().replace(f'name: "{DEFAULT_NETWORK}"', 'name: "broken_net"'))
     for name in ("model.onnx", "model.ts"):
         (broken / "1" / name).write_bytes((broken / "1" / name).read_bytes()[:1000])
+    pipeline = repository / "segment_2d" / "config.pbtxt"  # broken_net is its default
+    pipeline.write_text(pipeline.read_text().replace(f'string_value: "{DEFAULT_NETWORK}"', 'string_value: "broken_net"'))
     misedited = repository / "misedited_net"  # a config that does not parse: in no index, only in the log
     shutil.copytree(repository / DEFAULT_NETWORK, misedited)
     (misedited / "config.pbtxt").write_text(config.read_text().replace('name: "broken_net"', 'name: "misedited_net"') + "}\n")
@@ -223,14 +226,17 @@ def test_a_network_that_fails_to_load_is_named_and_the_others_serve(tmp_path, rn
             "segserve: warning: network broken_net failed to load and is not served",
             "segserve: warning: network misedited_net failed to load and is not served"], warnings
         assert warnings[0].startswith("segserve: warning: network broken_net failed to load and is not served (requests "
-                                      "for it fail; the others serve): "), warnings
+                                      "for it fail; the others serve; it is the default network of segment_2d: requests "
+                                      "naming no network fail): "), warnings
         assert str(misedited / "config.pbtxt") in warnings[1], warnings  # the repository given, not the server's copy
         assert "segserve-loaded-" not in running.text()
         frame = make_stack(rng, 1, (150, 170))[0]
-        with running.client() as client:
-            assert np.array_equal(client.segment(frame).mask, reference_masks(running, [frame])[0])
-        with running.client(network="broken_net") as client, pytest.raises(SegmentationError, match="broken_net"):
-            client.segment(frame)
+        with running.client(network=DEFAULT_NETWORK) as client:
+            assert_matches_reference(client.segment(frame, probabilities=True), frame[None], default_network, PipelineOptions())
+        for network in (None, "broken_net"):  # the default, or named
+            with running.client(network=network) as client, pytest.raises(SegmentationError,
+                                                                           match="'broken_net'.* is not ready"):
+                client.segment(frame)
     finally:
         running.process.send_signal(signal.SIGINT)
         assert running.process.wait(timeout=120) == 0, running.text()
