@@ -34,8 +34,8 @@ from tqdm import tqdm
 from client import dataset_cli, volume_cli
 from client.cli_options import add_pipeline_options, add_server_options, connected_client, segment_options
 from client.api import SegmentationClient, SegmentationError
-from client.stacks import (FileWriter, RunRecord, Source, StackWriter, Target, check_distinct_targets, open_sources,
-                           stack_outputs)
+from client.stacks import (FileWriter, RunRecord, Source, StackWriter, Target, check_distinct_targets, file_identity,
+                           open_sources, stack_outputs)
 
 MAX_INFLIGHT = 256  # requests in flight per client (one thread each); 100000 exhausts the threads
 
@@ -197,16 +197,18 @@ def plan_stack_outputs(source: Source, args: argparse.Namespace, outputs: list[s
     settings = {"network": network, "model": args.model, "source": source.label,
                 "location": str(source.path.resolve()), **segment_options(args)}
     record_path = StackWriter.record_path_for(source, args.out)
+    input_file = file_identity(source.path)
     record = None
     if record_path.exists():
         if args.resume:
-            record = RunRecord.load(record_path, source.count, settings)
+            record = RunRecord.load(record_path, source.count, settings, input_file)
         elif not args.overwrite and not RunRecord.is_complete_file(record_path):
             raise ValueError(f"{record_path}: an earlier run stopped before the end; add --resume to continue it "
                              "or --overwrite to start again")
-    writer = StackWriter(source, args.out, outputs, num_classes, resume=record is not None)
+    writer = StackWriter(source, args.out, outputs, num_classes, resume=record is not None,
+                         finished=record is not None and record.is_finished())
     if record is None:
-        record = RunRecord(record_path, source.count, settings)
+        record = RunRecord(record_path, source.count, settings, input_file)
         record.save()
     return Plan(source, writer, record.remaining(), record)
 

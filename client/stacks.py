@@ -213,14 +213,19 @@ class RunRecord:
     """``<stem>.segment.json``: frames done (a prefix, in order), failures, and the settings,
     so ``--resume`` continues exactly where an interrupted run stopped."""
 
-    def __init__(self, path: pathlib.Path, frames: int, settings: dict):
-        self.path, self.frames, self.settings = path, frames, settings
+    def __init__(self, path: pathlib.Path, frames: int, settings: dict, input_file: list[int] | None = None):
+        """``input_file``: ``file_identity`` of the input (a file re-acquired under its name since
+        is not continued)."""
+        self.path, self.frames, self.settings, self.input_file = path, frames, settings, input_file
         self.done = 0
         self.failed: dict[int, str] = {}
 
     @classmethod
-    def load(cls, path: pathlib.Path, frames: int, settings: dict) -> "RunRecord":
+    def load(cls, path: pathlib.Path, frames: int, settings: dict, input_file: list[int] | None = None) -> "RunRecord":
         saved = json.loads(path.read_text())
+        if saved.get("input_file") is not None and input_file is not None and saved["input_file"] != input_file:
+            raise ValueError(f"{path}: the input was written since the run it continues (another acquisition under "
+                             f"its name?); add --overwrite (instead of --resume) to start again")
         if saved.get("frames") != frames:
             raise ValueError(f"{path}: the interrupted run had {saved.get('frames')} frames, this input {frames}; "
                              "add --overwrite (instead of --resume) to start again")
@@ -234,7 +239,7 @@ class RunRecord:
             given = ", ".join(f"{k} {previous.get(k)!r} there, {settings.get(k)!r} now" for k in differing)
             raise ValueError(f"{path}: the run it continues had other settings ({given}); resume with its settings, "
                              "or add --overwrite (instead of --resume) to start again")
-        record = cls(path, frames, settings)
+        record = cls(path, frames, settings, input_file)
         record.done = int(saved["done"])
         record.failed = {int(k): v for k, v in saved.get("failed", {}).items()}
         return record
@@ -257,7 +262,8 @@ class RunRecord:
 
     def save(self) -> None:
         body = {"version": RECORD_VERSION, "frames": self.frames, "done": self.done,
-                "failed": {str(k): v for k, v in sorted(self.failed.items())}, "settings": self.settings}
+                "failed": {str(k): v for k, v in sorted(self.failed.items())}, "settings": self.settings,
+                "input_file": self.input_file}
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_text(json.dumps(body, indent=1))
         os.replace(temporary, self.path)
@@ -274,6 +280,12 @@ class RunRecord:
 
 PARTIAL = ".partial"  # marks a stack output whose run has not finished
 HDF5_CLOSE_RESERVE_BYTES = 32 << 20  # room kept on the disk for HDF5 to flush its metadata and close
+
+
+def file_identity(path: pathlib.Path) -> list[int]:
+    """[size, mtime in ns] of a file: one written since differs."""
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
 
 
 def partial_name(path: pathlib.Path) -> pathlib.Path:
@@ -298,7 +310,16 @@ class StackWriter:
     later run has finished (a mistyped option failing every frame replaces nothing).
     """
 
-    def __init__(self, source: Source, out_dir: pathlib.Path, outputs: list[str], num_classes: int, resume: bool):
+    def __init__(self, source: Source, out_dir: pathlib.Path, outputs: list[str], num_classes: int, resume: bool,
+                 finished: bool = False):
+        """``resume``: continue the outputs of the run a record describes: a ``finished`` one's,
+        under their own names, else the interrupted one's partial outputs.
+
+        Raises:
+            ValueError: resuming, those outputs are gone (an HDF5 output made anew was published
+                all 0, a class, as if segmented; another run's file under the own name was
+                continued in, mixing two runs' settings).
+        """
         self.source, self.outputs = source, outputs
         height_width = source.frame_shape[-2:]
         stack = () if source.one_frame else (source.count,)
@@ -310,13 +331,22 @@ class StackWriter:
         if source.kind == "hdf5":
             self.group = source.dataset
             self.partial_group = f"{source.dataset.rstrip('/')}{PARTIAL}"
+            self.published = resume and finished
+            if resume and not self.paths["mask"].exists():
+                raise self._gone(f"{self.paths['mask']}")
             self.arrays = self._open_hdf5(self.paths["mask"], resume)
         else:
             self.partial_paths = {name: partial_name(path) for name, path in self.paths.items()}
-            # Resuming a run whose outputs were published (or written in place, before partial
-            # names) continues in them.
-            self.published = resume and not any(p.exists() for p in self.partial_paths.values())
+            self.published = resume and finished
+            missing = [str(path) for path in (self.paths if self.published else self.partial_paths).values() if not path.exists()]
+            if resume and missing:
+                raise self._gone(", ".join(missing))
             self.arrays = {name: self._open_array(name, resume) for name in outputs}
+
+    @staticmethod
+    def _gone(what: str) -> ValueError:
+        return ValueError(f"--resume: the outputs of the run it continues are gone ({what}: moved or deleted?); "
+                          "add --overwrite (instead of --resume) to start again")
 
     @staticmethod
     def paths_for(source: Source, out_dir: pathlib.Path, outputs: list[str]) -> dict[str, pathlib.Path]:
@@ -372,9 +402,10 @@ class StackWriter:
         import h5py
 
         self._h5 = h5py.File(path, "a")
-        if resume and self.partial_group not in self._h5 and self.group in self._h5:
-            self.published = True  # a published run (or one from before partial names): continue in it
         group_path = self.group if self.published else self.partial_group
+        if resume and group_path not in self._h5:
+            self._h5.close()
+            raise self._gone(f"{path}:/{group_path.strip('/')}")
         if not resume and group_path in self._h5:
             del self._h5[group_path]
         group = self._h5.require_group(group_path)
@@ -479,15 +510,20 @@ class FileWriter:
         return all(path.exists() for path in self.paths(index).values())
 
     def is_done(self, index: int) -> bool:
-        """Written, every output from this input with these settings (outputs of a version
-        without the log count as done)."""
+        """Written, every output from this input as it is now (a file re-acquired under its name
+        since is not) with these settings (outputs of a version without the log count as done)."""
         if not self.is_written(index):
             return False
         log = self.written_with()
-        return log is None or all(log.get(path.name) == self.entry(index) for path in self.paths(index).values())
+        if log is None:
+            return True
+        entry = self.entry(index)
+        return all(logged is not None and logged == {key: entry[key] for key in logged}  # older lines hold no "file"
+                   for logged in (log.get(path.name) for path in self.paths(index).values()))
 
     def entry(self, index: int) -> dict:
-        return {"input": str(self.source.files[index].resolve()), "settings": self.settings}
+        path = self.source.files[index]
+        return {"input": str(path.resolve()), "file": file_identity(path), "settings": self.settings}
 
     def written_with(self) -> dict[str, dict | None] | None:
         """``{output file name: {"input", "settings"}}`` of each file's last write, from the
@@ -502,6 +538,8 @@ class FileWriter:
                 try:
                     record = json.loads(line)
                     written = None if record.get("writing") else {"input": record["input"], "settings": record["settings"]}
+                    if written is not None and "file" in record:  # lines before inputs' identities were kept hold none
+                        written["file"] = record["file"]
                     self._log.update(dict.fromkeys(record["outputs"], written))
                 except (ValueError, KeyError, TypeError):
                     continue

@@ -19,8 +19,8 @@ import numpy as np
 import tifffile
 
 from client.frames import image_stem, load_npy
-from client.stacks import (HDF5_SUFFIXES, Target, atomic_write, atomic_write_all, check_hdf5_room, open_hdf5_dataset, safe_name,
-                           split_hdf5_argument)
+from client.stacks import (HDF5_SUFFIXES, Target, atomic_write, atomic_write_all, check_hdf5_room, file_identity,
+                           open_hdf5_dataset, safe_name, split_hdf5_argument)
 from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff, refuse_cut_short
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -385,12 +385,6 @@ def write_record(argument: str, out_dir: pathlib.Path, settings: dict, written: 
     if volume_kind(volume_location(argument)[0]) != "hdf5":
         record["files"] = {path.name: file_identity(path) for path in written}
     atomic_write(target, lambda partial: partial.write_text(json.dumps(record, indent=1)))
-
-
-def file_identity(path: pathlib.Path) -> list[int]:
-    """[size, mtime in ns]: a file written since differs."""
-    status = path.stat()
-    return [status.st_size, status.st_mtime_ns]
 
 
 def files_replaced(recorded: dict, out_dir: pathlib.Path, names: set[str]) -> list[str]:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -115,6 +116,65 @@ def test_a_rerun_failing_every_frame_leaves_the_earlier_result_as_it_was(contain
     assert np.array_equal(masks(partial=False), expected)
     with pytest.raises((FileNotFoundError, KeyError)):
         masks(partial=True)
+
+
+@pytest.mark.parametrize("container", ["tiff", "hdf5"])
+def test_resume_refuses_when_the_outputs_it_would_continue_are_gone(container, server, tmp_path, rng, capsys):
+    """A finished HDF5 run's output file moved away: --resume made a new one, skipped every
+    frame and published an all-0 mask (0 is a class) as done. An interrupted run's partial
+    output deleted: --resume continued in the earlier run's file under the own name, mixing two
+    runs' settings in one finished-looking stack."""
+    h5py = pytest.importorskip("h5py")
+    stack = make_stack(rng, 4, (60, 50))
+    if container == "tiff":
+        tifffile.imwrite(tmp_path / "scan.tif", stack)
+        argument, output, record = str(tmp_path / "scan.tif"), "scan_mask.tif", "scan.segment.json"
+    else:
+        with h5py.File(tmp_path / "scan.h5", "w") as h5:
+            h5.create_dataset("entry/data", data=stack)
+        argument, output, record = f"{tmp_path / 'scan.h5'}:/entry/data", "scan_segmentation.h5", "scan_entry_data.segment.json"
+    out = tmp_path / "out"
+    common = ["segment", argument, "--out", str(out), "--url", server.grpc_url, "--no-progress"]
+    assert client_main(common) == 0
+    kept = (out / output).read_bytes()
+    saved = json.loads((out / record).read_text())
+    (out / record).write_text(json.dumps({**saved, "done": 2}))  # as an interrupted later run left it
+    capsys.readouterr()
+    assert client_main([*common, "--resume"]) == 1  # its partial outputs are not there
+    err = capsys.readouterr().err
+    assert "client: error: --resume: the outputs of the run it continues are gone (" in err, err
+    assert "add --overwrite (instead of --resume) to start again" in err and (out / output).read_bytes() == kept
+    (out / record).write_text(json.dumps(saved))  # finished, and its output moved away
+    (out / output).rename(tmp_path / "archived")
+    assert client_main([*common, "--resume"]) == 1
+    assert f"are gone ({out / output}" in capsys.readouterr().err and not (out / output).exists()
+
+
+def test_resume_does_not_continue_an_input_written_since(server, tmp_path, rng, capsys):
+    """Beamlines reuse file names: a stack re-acquired under its name (same shape) was
+    continued, its first frames the old acquisition's masks; a re-acquired image was skipped."""
+    first, second = make_stack(rng, 3, (60, 50)), make_stack(rng, 3, (60, 50))
+    tifffile.imwrite(tmp_path / "scan.tif", first)
+    tifffile.imwrite(tmp_path / "frame.tif", first[0])
+    out = tmp_path / "out"
+
+    def run(*options: str) -> tuple[int, str]:
+        code = client_main(["segment", str(tmp_path / "scan.tif"), str(tmp_path / "frame.tif"), "--out", str(out), "--url",
+                            server.grpc_url, "--no-progress", "--no-overlay", *options])
+        return code, capsys.readouterr().err
+
+    assert run()[0] == 0
+    assert "4 skipped" in run("--resume")[1]  # the stack's 3 frames and the image
+    time.sleep(0.01)  # a later modification time, on any file system clock
+    tifffile.imwrite(tmp_path / "scan.tif", second)
+    tifffile.imwrite(tmp_path / "frame.tif", second[1])
+    code, err = run("--resume")
+    assert code == 1 and f"{out / 'scan.segment.json'}: the input was written since the run it continues" in err, err
+    frame_only = client_main(["segment", str(tmp_path / "frame.tif"), "--out", str(out), "--url", server.grpc_url,
+                              "--no-progress", "--no-overlay", "--resume"])
+    err = capsys.readouterr().err
+    assert frame_only == 0 and "1 image(s) of files written from another input or with other settings are segmented again" in err, err
+    assert np.array_equal(tifffile.imread(out / "frame_mask.tif"), reference_masks(server, second[1:2])[0])
 
 
 def test_a_stack_run_record_names_the_network_the_default_resolved_to(server, tmp_path, rng, capsys):
