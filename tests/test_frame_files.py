@@ -91,7 +91,7 @@ def test_writing_stack_outputs_leaves_resident_memory_at_a_few_frames_and_files_
     assert masks.shape == (count, height, width) and probabilities.shape == (count, 2, height, width)
     assert (masks[3] == 255).all() and np.isnan(probabilities[3]).all()
     assert all((masks[i] == i % 2).all() and (probabilities[i] == i).all() for i in range(count) if i != 3)
-    resumed = StackWriter(source, tmp_path, ["mask", "probabilities"], num_classes=2, resume=True)
+    resumed = StackWriter(source, tmp_path, ["mask", "probabilities"], num_classes=2, resume=True, finished=True)
     resumed.write(3, types.SimpleNamespace(mask=np.ones((height, width), np.uint8),
                                            probabilities=np.zeros((2, height, width), np.float32)))
     resumed.close(publish=True)
