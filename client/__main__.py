@@ -34,8 +34,8 @@ from tqdm import tqdm
 from client import dataset_cli, volume_cli
 from client.cli_options import add_pipeline_options, add_server_options, connected_client, segment_options
 from client.api import SegmentationClient, SegmentationError
-from client.stacks import (FileWriter, RunRecord, Source, StackWriter, Target, check_distinct_targets, file_identity,
-                           open_sources, stack_outputs)
+from client.stacks import (FileWriter, RunRecord, Source, StackWriter, Target, check_distinct_targets, open_sources,
+                           stack_outputs)
 
 MAX_INFLIGHT = 256  # requests in flight per client (one thread each); 100000 exhausts the threads
 
@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     segment.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"), help="output directory (default: %(default)s)")
     add_server_options(segment, "segment_2d", 4, "frames")
     segment.add_argument("--resume", action="store_true", help="skip frames an interrupted run already wrote")
-    segment.add_argument("--overwrite", action="store_true", help="start over even where an interrupted run left a record")
+    segment.add_argument("--overwrite", action="store_true",
+                         help="start over even where an interrupted run left a record, and replace files at the outputs' "
+                         "names that this command did not write (refused otherwise)")
     add_pipeline_options(segment)
     segment.add_argument("--format", choices=("tif", "npy"), default="tif",
                          help="file format of per-image outputs (default: %(default)s; stacks keep their container)")
@@ -197,20 +199,52 @@ def plan_stack_outputs(source: Source, args: argparse.Namespace, outputs: list[s
     settings = {"network": network, "model": args.model, "source": source.label,
                 "location": str(source.path.resolve()), **segment_options(args)}
     record_path = StackWriter.record_path_for(source, args.out)
-    input_file = file_identity(source.path)
     record = None
     if record_path.exists():
         if args.resume:
-            record = RunRecord.load(record_path, source.count, settings, input_file)
+            record = RunRecord.load(record_path, source.count, settings)
         elif not args.overwrite and not RunRecord.is_complete_file(record_path):
             raise ValueError(f"{record_path}: an earlier run stopped before the end; add --resume to continue it "
                              "or --overwrite to start again")
     writer = StackWriter(source, args.out, outputs, num_classes, resume=record is not None,
                          finished=record is not None and record.is_finished())
     if record is None:
-        record = RunRecord(record_path, source.count, settings, input_file)
+        record = RunRecord(record_path, source.count, settings)
         record.save()
     return Plan(source, writer, record.remaining(), record)
+
+
+def files_not_ours(source: Source, args: argparse.Namespace) -> list[pathlib.Path]:
+    """Files at ``source``'s output names that this command did not write: an image's that its
+    ``segment-log.jsonl`` does not name (with no log at all, an earlier version's outputs count
+    as ours under --resume), a stack's final outputs without the stack's run record. HDF5: none
+    (only the dataset's group is replaced)."""
+    outputs = stack_outputs(args.probabilities, args.contour)
+    if source.kind in ("files", "directory"):
+        writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size)
+        logged = writer.written_with()
+        if logged is None and args.resume:
+            return []
+        existing = [path for index in range(source.count) for path in writer.paths(index).values() if path.exists()]
+        return [path for path in existing if logged is None or path.name not in logged]
+    if source.kind == "hdf5" or StackWriter.record_path_for(source, args.out).exists():
+        return []
+    return [path for path in StackWriter.paths_for(source, args.out, outputs).values() if path.exists()]
+
+
+def refuse_files_not_ours(sources: list[Source], args: argparse.Namespace) -> None:
+    """Refuse, before anything is written, to replace files this command did not write (a
+    hand-drawn ``frame_mask.tif`` in --out was replaced without a word).
+
+    Raises:
+        ValueError: naming them, and what to do.
+    """
+    foreign = [path for source in sources for path in files_not_ours(source, args)]
+    if foreign:
+        listed = ", ".join(str(path) for path in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ValueError(f"{listed}: in --out at an output's name, and neither {FileWriter.LOG_NAME} nor a run record "
+                         "there says this command wrote it (a file of your own? an earlier version's output?); move it "
+                         "away, choose another --out, or add --overwrite to replace it")
 
 
 def planned_targets(sources: list[Source], args: argparse.Namespace) -> tuple[list[Target], list[pathlib.Path]]:
@@ -275,6 +309,8 @@ def segment_inputs(args: argparse.Namespace) -> int:
         for note in (source.note for source in sources if source.note):
             print(f"client: warning: {note}", file=sys.stderr)
         check_distinct_targets(*planned_targets(sources, args))  # before any writer opens (and truncates) a file
+        if not args.overwrite:
+            refuse_files_not_ours(sources, args)
         plans = [plan_source(source, args, num_classes, info.name) for source in sources]
         tally = Tally(skipped=sum(p.source.count - len(p.todo) for p in plans))
         remaining = sum(len(p.todo) for p in plans)

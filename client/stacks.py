@@ -213,19 +213,14 @@ class RunRecord:
     """``<stem>.segment.json``: frames done (a prefix, in order), failures, and the settings,
     so ``--resume`` continues exactly where an interrupted run stopped."""
 
-    def __init__(self, path: pathlib.Path, frames: int, settings: dict, input_file: list[int] | None = None):
-        """``input_file``: ``file_identity`` of the input (a file re-acquired under its name since
-        is not continued)."""
-        self.path, self.frames, self.settings, self.input_file = path, frames, settings, input_file
+    def __init__(self, path: pathlib.Path, frames: int, settings: dict):
+        self.path, self.frames, self.settings = path, frames, settings
         self.done = 0
         self.failed: dict[int, str] = {}
 
     @classmethod
-    def load(cls, path: pathlib.Path, frames: int, settings: dict, input_file: list[int] | None = None) -> "RunRecord":
+    def load(cls, path: pathlib.Path, frames: int, settings: dict) -> "RunRecord":
         saved = json.loads(path.read_text())
-        if saved.get("input_file") is not None and input_file is not None and saved["input_file"] != input_file:
-            raise ValueError(f"{path}: the input was written since the run it continues (another acquisition under "
-                             f"its name?); add --overwrite (instead of --resume) to start again")
         if saved.get("frames") != frames:
             raise ValueError(f"{path}: the interrupted run had {saved.get('frames')} frames, this input {frames}; "
                              "add --overwrite (instead of --resume) to start again")
@@ -239,7 +234,7 @@ class RunRecord:
             given = ", ".join(f"{k} {previous.get(k)!r} there, {settings.get(k)!r} now" for k in differing)
             raise ValueError(f"{path}: the run it continues had other settings ({given}); resume with its settings, "
                              "or add --overwrite (instead of --resume) to start again")
-        record = cls(path, frames, settings, input_file)
+        record = cls(path, frames, settings)
         record.done = int(saved["done"])
         record.failed = {int(k): v for k, v in saved.get("failed", {}).items()}
         return record
@@ -262,8 +257,7 @@ class RunRecord:
 
     def save(self) -> None:
         body = {"version": RECORD_VERSION, "frames": self.frames, "done": self.done,
-                "failed": {str(k): v for k, v in sorted(self.failed.items())}, "settings": self.settings,
-                "input_file": self.input_file}
+                "failed": {str(k): v for k, v in sorted(self.failed.items())}, "settings": self.settings}
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_text(json.dumps(body, indent=1))
         os.replace(temporary, self.path)

@@ -150,31 +150,49 @@ def test_resume_refuses_when_the_outputs_it_would_continue_are_gone(container, s
     assert f"are gone ({out / output}" in capsys.readouterr().err and not (out / output).exists()
 
 
-def test_resume_does_not_continue_an_input_written_since(server, tmp_path, rng, capsys):
-    """Beamlines reuse file names: a stack re-acquired under its name (same shape) was
-    continued, its first frames the old acquisition's masks; a re-acquired image was skipped."""
-    first, second = make_stack(rng, 3, (60, 50)), make_stack(rng, 3, (60, 50))
-    tifffile.imwrite(tmp_path / "scan.tif", first)
-    tifffile.imwrite(tmp_path / "frame.tif", first[0])
+def test_resume_segments_again_an_image_written_since(server, tmp_path, rng, capsys):
+    """Beamlines reuse file names: an image re-acquired under its name was skipped by --resume,
+    its mask the old acquisition's."""
+    first, second = make_stack(rng, 2, (60, 50))
+    tifffile.imwrite(tmp_path / "frame.tif", first)
     out = tmp_path / "out"
+    command = ["segment", str(tmp_path / "frame.tif"), "--out", str(out), "--url", server.grpc_url, "--no-progress",
+               "--no-overlay"]
+    assert client_main(command) == 0
+    assert client_main([*command, "--resume"]) == 0 and "1 skipped" in capsys.readouterr().err
+    time.sleep(0.01)  # a later modification time, on any file system clock
+    tifffile.imwrite(tmp_path / "frame.tif", second)
+    assert client_main([*command, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "1 image(s) of files written from another input or with other settings are segmented again" in err, err
+    assert np.array_equal(tifffile.imread(out / "frame_mask.tif"), reference_masks(server, [second])[0])
+
+
+def test_files_at_output_names_that_segment_did_not_write_are_replaced_only_with_overwrite(server, tmp_path, rng, capsys):
+    """A hand-drawn frame_mask.tif (or scan_mask.tif) in --out was replaced by the new mask
+    without a word. The command's own outputs are replaced by a rerun, as before."""
+    stack = make_stack(rng, 3, (60, 50))
+    tifffile.imwrite(tmp_path / "scan.tif", stack)
+    tifffile.imwrite(tmp_path / "frame.tif", stack[0])
+    truths = {name: np.full((60, 50), 7, np.uint16) for name in ("frame_mask.tif", "scan_mask.tif")}
+    for name, truth in truths.items():
+        tifffile.imwrite(tmp_path / name, truth)
 
     def run(*options: str) -> tuple[int, str]:
-        code = client_main(["segment", str(tmp_path / "scan.tif"), str(tmp_path / "frame.tif"), "--out", str(out), "--url",
-                            server.grpc_url, "--no-progress", "--no-overlay", *options])
+        code = client_main(["segment", str(tmp_path / "scan.tif"), str(tmp_path / "frame.tif"), "--out", str(tmp_path),
+                            "--url", server.grpc_url, "--no-progress", "--no-overlay", *options])
         return code, capsys.readouterr().err
 
-    assert run()[0] == 0
-    assert "4 skipped" in run("--resume")[1]  # the stack's 3 frames and the image
-    time.sleep(0.01)  # a later modification time, on any file system clock
-    tifffile.imwrite(tmp_path / "scan.tif", second)
-    tifffile.imwrite(tmp_path / "frame.tif", second[1])
-    code, err = run("--resume")
-    assert code == 1 and f"{out / 'scan.segment.json'}: the input was written since the run it continues" in err, err
-    frame_only = client_main(["segment", str(tmp_path / "frame.tif"), "--out", str(out), "--url", server.grpc_url,
-                              "--no-progress", "--no-overlay", "--resume"])
-    err = capsys.readouterr().err
-    assert frame_only == 0 and "1 image(s) of files written from another input or with other settings are segmented again" in err, err
-    assert np.array_equal(tifffile.imread(out / "frame_mask.tif"), reference_masks(server, second[1:2])[0])
+    code, err = run()
+    assert code == 1 and f"client: error: {tmp_path / 'scan_mask.tif'}, {tmp_path / 'frame_mask.tif'}: in --out at an " \
+        "output's name, and neither segment-log.jsonl nor a run record there says this command wrote it" in err, err
+    assert all(np.array_equal(tifffile.imread(tmp_path / name), truth) for name, truth in truths.items())
+    assert not (tmp_path / "scan.segment.json").exists()
+    assert run("--overwrite")[0] == 0
+    expected = reference_masks(server, stack)
+    assert np.array_equal(tifffile.imread(tmp_path / "scan_mask.tif"), expected)
+    assert np.array_equal(tifffile.imread(tmp_path / "frame_mask.tif"), expected[0])
+    assert run("--overlap", "0.5")[0] == 0  # its own outputs now
 
 
 def test_a_stack_run_record_names_the_network_the_default_resolved_to(server, tmp_path, rng, capsys):
