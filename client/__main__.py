@@ -34,6 +34,7 @@ from tqdm import tqdm
 from client import dataset_cli, volume_cli
 from client.cli_options import add_pipeline_options, add_server_options, connected_client, segment_options
 from client.api import SegmentationClient, SegmentationError
+from client.volume_files import VOLUME_RECORD_SUFFIX
 from client.stacks import (FileWriter, RunRecord, Source, StackWriter, Target, check_distinct_targets, open_sources,
                            stack_outputs)
 
@@ -217,8 +218,8 @@ def plan_stack_outputs(source: Source, args: argparse.Namespace, outputs: list[s
 def files_not_ours(source: Source, args: argparse.Namespace) -> list[pathlib.Path]:
     """Files at ``source``'s output names that this command did not write: an image's that its
     ``segment-log.jsonl`` does not name (with no log at all, an earlier version's outputs count
-    as ours under --resume), a stack's final outputs without the stack's run record. HDF5: none
-    (only the dataset's group is replaced)."""
+    as ours under --resume), a stack's final outputs without the stack's run record or
+    segment-volume's record of the same input. HDF5: none (only the dataset's group is replaced)."""
     outputs = stack_outputs(args.probabilities, args.contour)
     if source.kind in ("files", "directory"):
         writer = FileWriter(source, args.out, outputs, args.format, None if args.no_overlay else args.overlay_max_size)
@@ -228,6 +229,8 @@ def files_not_ours(source: Source, args: argparse.Namespace) -> list[pathlib.Pat
         existing = [path for index in range(source.count) for path in writer.paths(index).values() if path.exists()]
         return [path for path in existing if logged is None or path.name not in logged]
     if source.kind == "hdf5" or StackWriter.record_path_for(source, args.out).exists():
+        return []
+    if (args.out / f"{source.path.name}{VOLUME_RECORD_SUFFIX}").exists():  # segment-volume's outputs of this input
         return []
     return [path for path in StackWriter.paths_for(source, args.out, outputs).values() if path.exists()]
 

@@ -325,13 +325,14 @@ class StackWriter:
         if source.kind == "hdf5":
             self.group = source.dataset
             self.partial_group = f"{source.dataset.rstrip('/')}{PARTIAL}"
-            self.published = resume and finished
             if resume and not self.paths["mask"].exists():
                 raise self._gone(f"{self.paths['mask']}")
-            self.arrays = self._open_hdf5(self.paths["mask"], resume)
+            self.arrays = self._open_hdf5(self.paths["mask"], resume, finished)
         else:
             self.partial_paths = {name: partial_name(path) for name, path in self.paths.items()}
-            self.published = resume and finished
+            # The interrupted run's partial outputs, while they are there (also a finished run's
+            # killed before it renamed them); else a finished run's, under their own names.
+            self.published = resume and finished and not all(path.exists() for path in self.partial_paths.values())
             missing = [str(path) for path in (self.paths if self.published else self.partial_paths).values() if not path.exists()]
             if resume and missing:
                 raise self._gone(", ".join(missing))
@@ -339,8 +340,9 @@ class StackWriter:
 
     @staticmethod
     def _gone(what: str) -> ValueError:
-        return ValueError(f"--resume: the outputs of the run it continues are gone ({what}: moved or deleted?); "
-                          "add --overwrite (instead of --resume) to start again")
+        return ValueError(f"--resume: the outputs of the run it continues are gone ({what}: moved or deleted? or "
+                          "written in place by a version before partial names); add --overwrite (instead of --resume) "
+                          "to start again")
 
     @staticmethod
     def paths_for(source: Source, out_dir: pathlib.Path, outputs: list[str]) -> dict[str, pathlib.Path]:
@@ -392,10 +394,11 @@ class StackWriter:
                              "to start again")
         return frames
 
-    def _open_hdf5(self, path: pathlib.Path, resume: bool) -> dict:
+    def _open_hdf5(self, path: pathlib.Path, resume: bool, finished: bool) -> dict:
         import h5py
 
         self._h5 = h5py.File(path, "a")
+        self.published = resume and finished and self.partial_group not in self._h5  # as for files, above
         group_path = self.group if self.published else self.partial_group
         if resume and group_path not in self._h5:
             self._h5.close()

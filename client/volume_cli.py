@@ -146,7 +146,7 @@ def already_done(argument: str, args: argparse.Namespace, settings: dict) -> boo
         return False
     if differences is None:  # outputs of a version that kept no record: taken as done, as it did
         print(f"client: {argument}: its outputs in {args.out} have no record of what they were made from (an "
-              "earlier version's); skipped, as then: rerun without --resume to replace them", file=sys.stderr)
+              "earlier version's); skipped, as then: rerun with --overwrite instead of --resume to replace them", file=sys.stderr)
         return True
     if differences:
         print(f"client: {argument}: segmenting it again, replacing its outputs in {args.out} "

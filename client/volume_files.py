@@ -434,15 +434,20 @@ def earlier_outputs_not_made(argument: str, out_dir: pathlib.Path, made: list[st
     overlap sat beside the new mask, disagreeing with it. Files no record names (a user's own,
     an earlier version's) are not listed. HDF5: none (a rerun replaces the dataset's group)."""
     try:
-        recorded = json.loads(record_path(argument, out_dir).read_text()).get("outputs", [])
+        record = json.loads(record_path(argument, out_dir).read_text())
         path, _ = volume_location(argument)
         kind = volume_kind(path)
     except (OSError, ValueError):
         return []
-    earlier = [name for name in recorded if name in OPTIONAL_OUTPUTS and name not in made]
+    earlier = [name for name in record.get("outputs", []) if name in OPTIONAL_OUTPUTS and name not in made]
     if kind == "hdf5" or not earlier:
         return []
-    return [target for target in output_paths(path, kind, earlier, out_dir).values() if target.exists()]
+    files = record.get("files")  # a file put there since the record (a user's own) stays
+
+    def recorded(target: pathlib.Path) -> bool:
+        return files is None or files.get(target.name) == file_identity(target)
+
+    return [target for target in output_paths(path, kind, earlier, out_dir).values() if target.exists() and recorded(target)]
 
 
 def write_volume_outputs(volume: Volume, outputs: dict[str, np.ndarray], out_dir: pathlib.Path) -> list[pathlib.Path]:

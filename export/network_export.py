@@ -112,7 +112,8 @@ class ExportSettings:
         if not self.name or "/" in self.name or self.name.startswith("."):  # "..", ".": outside; ".x": staging names
             raise ExportError(f"model name must be a plain directory name (no '/', not starting with '.'), got {self.name!r}")
         if not MODEL_NAME.fullmatch(self.name):  # Triton 2.51 never loads "my net", nor says so: the start hung
-            raise ExportError(f"model name may hold letters, digits, '_', '-' and '.' only, got {self.name!r}")
+            raise ExportError(f"model name may hold letters, digits, '_', '-' and '.' only, and begin with a letter, "
+                              f"digit or '_', got {self.name!r}")
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -684,7 +685,7 @@ def write_beside(path: pathlib.Path, text: str) -> pathlib.Path:
     return pathlib.Path(temporary)
 
 
-MAX_CLASSES = 256  # MASK is uint8
+MAX_CLASSES = 255  # MASK is uint8, and 255 marks a failed frame in stack outputs (client.stacks.FAILED_VALUE)
 
 
 def export_network(settings: ExportSettings, repository: pathlib.Path, log=print, overwrite: bool = False) -> pathlib.Path:
@@ -701,8 +702,8 @@ def export_network(settings: ExportSettings, repository: pathlib.Path, log=print
     in_channels = settings.arguments.get("in_channels", 1)
     num_classes = output_classes(network, in_channels, settings.tile)
     if num_classes > MAX_CLASSES:  # every request failed with "value cannot be converted to type uint8_t"
-        raise ExportError(f"the network has {num_classes} output channels; MASK holds a class per pixel as uint8: "
-                          f"at most {MAX_CLASSES} classes")
+        raise ExportError(f"the network has {num_classes} output channels; MASK holds a class per pixel as uint8, "
+                          f"255 marking a failed frame: at most {MAX_CLASSES} classes")
     if num_classes == 1:
         network, num_classes = OneChannelAsTwoClasses(network), 2
         log("one output channel: served as classes [background, foreground], "

@@ -320,9 +320,18 @@ def first_line_of(text: str | None) -> str:
     return (text or "").strip().split("\n", 1)[0][:LOG_LINE_CHARS]
 
 
+NETWORK_RUNNER = "segserve.backend.onnx_runner"  # what an exported network's model.py imports
+
+
 def is_network(model_directory: pathlib.Path) -> bool:
-    """Whether a model directory holds an exported network (its ONNX file), not a pipeline step."""
-    return (model_directory / "1" / "model.onnx").is_file()
+    """Whether a model directory holds an exported network, not a pipeline step: its ONNX file,
+    or a model.py running one (a network whose ONNX file is missing is a network too)."""
+    if (model_directory / "1" / "model.onnx").is_file():
+        return True
+    try:
+        return NETWORK_RUNNER in (model_directory / "1" / "model.py").read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def repository_models(repository: pathlib.Path) -> list[str]:
@@ -630,8 +639,8 @@ class TritonServer:
         return sorted(_stubs_per_model({pid: self._stubs_at_start[pid] for pid in missing}))
 
     def reload_models(self, models: list[str], timeout_s: float = START_TIMEOUT_S) -> None:
-        """Unload then load ``models`` through the repository API (new stubs), then wait for
-        readiness. Much faster than a restart: the other models stay loaded. A plain load of
+        """Unload then load ``models`` through the repository API (new stubs; a load returns once
+        the model is loaded or failed). Much faster than a restart: the other models stay loaded. A plain load of
         an unchanged model is a no-op in Triton 2.51 (it keeps the dead instance), hence the
         unload first; meanwhile requests get "no available versions", which clients retry.
 

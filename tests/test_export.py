@@ -207,7 +207,8 @@ def test_a_network_of_more_classes_than_a_uint8_mask_holds_is_refused(tmp_path, 
     converted to type uint8_t without overflow"."""
     assert export_tiny(tmp_path, "many", out_channels=300) == 1
     error = capsys.readouterr().err
-    assert error == "export: error: the network has 300 output channels; MASK holds a class per pixel as uint8: at most 256 classes\n"
+    assert error == ("export: error: the network has 300 output channels; MASK holds a class per pixel as uint8, 255 "
+                     "marking a failed frame: at most 255 classes\n")
     assert list(tmp_path.iterdir()) == []
 
 

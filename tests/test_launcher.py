@@ -5,6 +5,7 @@ own shared memory, never another's."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import pathlib
 import signal
@@ -32,20 +33,22 @@ def broken_repository(root: pathlib.Path, model: str) -> pathlib.Path:
     return root
 
 
-def copies_of(repository: pathlib.Path) -> set[pathlib.Path]:
-    """The launcher's copies of ``repository``'s models in the temporary directory."""
-    models = {path.name for path in repository.iterdir()}
-    return {copy for copy in pathlib.Path(tempfile.gettempdir()).glob("segserve-loaded-*")
-            if {path.name for path in copy.iterdir()} == models}
+def loaded_copies() -> set[pathlib.Path]:
+    """The launcher's copies of repositories in the temporary directory (other servers' too)."""
+    return set(pathlib.Path(tempfile.gettempdir()).glob("segserve-loaded-*"))
 
 
 def start_error(repository: pathlib.Path, log: pathlib.Path) -> str:
     """The error of a start that fails; it leaves no copy of the repository behind (one stayed
     until the process ended)."""
     config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
+    before = loaded_copies()
     with pytest.raises(ServerError, match="could not load ") as raised:
         TritonServer(config, log_path=log).start()
-    assert copies_of(repository) == set()
+    models = {path.name for path in repository.iterdir()}
+    for copy in loaded_copies() - before:  # another server's, made meanwhile, holds other models
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile by its server
+            assert {path.name for path in copy.iterdir()} != models, copy
     return str(raised.value)
 
 
@@ -63,6 +66,21 @@ def test_a_failed_start_says_which_model_failed_and_only_from_its_own_log_lines(
     assert "failed to load model 'second_broken'" in second
     assert "first_broken" not in second  # the same log, appended: the earlier start's lines stay out
     assert "first_broken" in log.read_text()
+
+
+def test_a_network_is_told_from_a_pipeline_by_its_files_or_its_runner():
+    """A network whose ONNX file is missing (an export cut short) was taken for a pipeline, and
+    its failure stopped the whole server."""
+    shipped = pathlib.Path(launcher.REPO_ROOT) / "model_repository"
+    assert launcher.is_network(shipped / "unet2d_particles") and not launcher.is_network(shipped / "segment_2d")
+    assert not launcher.is_network(shipped / "segment_2d_uint16")  # an ensemble: no version files at all
+
+
+def test_a_network_without_its_onnx_file_is_still_a_network(tmp_path):
+    (tmp_path / "net" / "1").mkdir(parents=True)
+    (tmp_path / "net" / "1" / "model.py").write_text(
+        (pathlib.Path(launcher.REPO_ROOT) / "model_repository" / "unet2d_particles" / "1" / "model.py").read_text())
+    assert launcher.is_network(tmp_path / "net")
 
 
 def test_a_missing_repository_is_named_before_the_server_starts(tmp_path):

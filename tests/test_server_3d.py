@@ -437,6 +437,8 @@ def test_resume_takes_the_outputs_of_segment_frame_by_frame_for_no_volumes(serve
     err = capsys.readouterr().err
     assert code == 0 and "skipped" not in err and "were made frame by frame by `segment` (ct.segment.json)" in err, err
     assert np.array_equal(tifffile.imread(out / "ct_mask.tif"), client.segment(volume).mask)
+    (out / "ct.segment.json").unlink()  # and back: segment takes segment-volume's outputs for its own
+    assert client_main(["segment", str(tmp_path / "ct.tif"), "--out", str(out), "--url", server.grpc_url, "--no-progress"]) == 0
 
 
 def test_the_progress_bar_counts_chunks_from_its_total_and_volumes_of_the_batch(server, rng, tmp_path, capsys):
