@@ -577,14 +577,11 @@ class TritonServer:
     def models_not_ready(self) -> dict[str, str]:
         """``{model: why}`` for the repository's models that are not ready, from Triton's
         repository index (``POST /v2/repository/index``, with the token)."""
-        headers = {"Content-Type": "application/json", **token_headers(self.config.token, "http")}
-        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", headers=headers,
-                                         method="POST")
+        answer = self._repository_post("index", "the model repository index did not answer", 30)
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                index = {entry["name"]: entry for entry in json.loads(response.read())}
-        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError) as error:
-            raise ServerError(f"the model repository index did not answer: {error}") from None
+            index = {entry["name"]: entry for entry in json.loads(answer)}
+        except (ValueError, KeyError, TypeError) as error:
+            raise ServerError(f"the model repository index did not parse: {error}") from None
         return {name: self._unlocated(first_line_of(index.get(name, {}).get("reason")) or self._log_reason(name))
                 for name in repository_models(self.loaded_repository) if index.get(name, {}).get("state") != "READY"}
 
@@ -671,14 +668,22 @@ class TritonServer:
 
     def _repository_call(self, model: str, action: str, timeout_s: float) -> None:
         """``POST /v2/repository/models/<model>/<action>`` (load, unload) with the token."""
+        self._repository_post(f"models/{model}/{action}", f"{action} of {model} failed", timeout_s)
+
+    def _repository_post(self, path: str, failure: str, timeout_s: float) -> bytes:
+        """The answer to ``POST /v2/repository/<path>`` with the token.
+
+        Raises:
+            ServerError: ``failure``, with the reason, when the call fails.
+        """
         headers = {"Content-Type": "application/json", **token_headers(self.config.token, "http")}
-        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}",
-                                         headers=headers, method="POST")
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/{path}", data=b"{}", headers=headers,
+                                         method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s):
-                pass
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return response.read()
         except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
-            raise ServerError(f"{action} of {model} failed: {error}") from None
+            raise ServerError(f"{failure}: {error}") from None
 
     def restart(self, timeout_s: float = START_TIMEOUT_S, stop_timeout_s: float = 40.0) -> "TritonServer":
         """Stop (killing what has not stopped after ``stop_timeout_s``) and start again on the
