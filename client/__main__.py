@@ -34,9 +34,9 @@ from tqdm import tqdm
 from client import dataset_cli, volume_cli
 from client.cli_options import add_pipeline_options, add_server_options, connected_client, segment_options
 from client.api import SegmentationClient, SegmentationError
-from client.volume_files import VOLUME_RECORD_SUFFIX
+from client.volume_files import record_path as volume_record_path
 from client.stacks import (FileWriter, RunRecord, Source, StackWriter, Target, check_distinct_targets, open_sources,
-                           stack_outputs)
+                           refuse_files_not_written_here, stack_outputs)
 
 MAX_INFLIGHT = 256  # requests in flight per client (one thread each); 100000 exhausts the threads
 
@@ -230,7 +230,7 @@ def files_not_ours(source: Source, args: argparse.Namespace) -> list[pathlib.Pat
         return [path for path in existing if logged is None or path.name not in logged]
     if source.kind == "hdf5" or StackWriter.record_path_for(source, args.out).exists():
         return []
-    if (args.out / f"{source.path.name}{VOLUME_RECORD_SUFFIX}").exists():  # segment-volume's outputs of this input
+    if volume_record_path(str(source.path), args.out).exists():  # segment-volume's outputs of this input
         return []
     return [path for path in StackWriter.paths_for(source, args.out, outputs).values() if path.exists()]
 
@@ -242,12 +242,8 @@ def refuse_files_not_ours(sources: list[Source], args: argparse.Namespace) -> No
     Raises:
         ValueError: naming them, and what to do.
     """
-    foreign = [path for source in sources for path in files_not_ours(source, args)]
-    if foreign:
-        listed = ", ".join(str(path) for path in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise ValueError(f"{listed}: in --out at an output's name, and neither {FileWriter.LOG_NAME} nor a run record "
-                         "there says this command wrote it (a file of your own? an earlier version's output?); move it "
-                         "away, choose another --out, or add --overwrite to replace it")
+    refuse_files_not_written_here([path for source in sources for path in files_not_ours(source, args)],
+                                  f"neither {FileWriter.LOG_NAME} nor a run record there says this command wrote it")
 
 
 def planned_targets(sources: list[Source], args: argparse.Namespace) -> tuple[list[Target], list[pathlib.Path]]:

@@ -364,9 +364,14 @@ class StackWriter:
     @staticmethod
     def record_path_for(source: Source, out_dir: pathlib.Path) -> pathlib.Path:
         """Where the run record of ``source``'s outputs lives."""
-        if source.kind == "hdf5":
-            return out_dir / f"{image_stem(source.path)}_{safe_name(source.dataset)}.segment.json"
-        return out_dir / f"{image_stem(source.path)}.segment.json"
+        return StackWriter.record_path_at(source.path, source.dataset if source.kind == "hdf5" else None, out_dir)
+
+    @staticmethod
+    def record_path_at(path: pathlib.Path, dataset: str | None, out_dir: pathlib.Path) -> pathlib.Path:
+        """The run record of the stack in file ``path`` (HDF5: its ``dataset``) in ``out_dir``."""
+        if dataset:
+            return out_dir / f"{image_stem(path)}_{safe_name(dataset)}.segment.json"
+        return out_dir / f"{image_stem(path)}.segment.json"
 
     def describe(self) -> str:
         if self.source.kind == "hdf5":
@@ -567,6 +572,19 @@ class Target:
     owner: str  # the input, as the user named it
     path: pathlib.Path
     place: str = ""
+
+
+def refuse_files_not_written_here(paths: list[pathlib.Path], unvouched: str) -> None:
+    """Refuse to replace ``paths``, files at outputs' names that the command did not write
+    (``unvouched``: what does not say it did), naming the first three.
+
+    Raises:
+        ValueError: when there are any, saying what to do.
+    """
+    if paths:
+        listed = ", ".join(str(path) for path in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        raise ValueError(f"{listed}: in --out at an output's name, and {unvouched} (a file of your own? an earlier "
+                         "version's output?); move it away, choose another --out, or add --overwrite to replace it")
 
 
 def check_distinct_targets(targets: list[Target], inputs: list[pathlib.Path]) -> None:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from client.api import SegmentationClient, SegmentationError
 from client.chunks import DEFAULT_MAX_CHUNK_VOXELS
 from client.cli_options import connected_client, segment_options
-from client.stacks import check_distinct_targets, stack_outputs
+from client.stacks import check_distinct_targets, refuse_files_not_written_here, stack_outputs
 from client.volume_files import (check_output_file_readable, earlier_outputs_not_made, files_not_ours, files_of_records,
                                  frames_record, output_targets, outputs_written, read_volume, record_differences,
                                  volume_location, write_record, write_volume_outputs)
@@ -104,12 +104,9 @@ def refuse_files_not_ours(arguments: list[str], args: argparse.Namespace) -> Non
         ValueError: naming them, and what to do.
     """
     ours = files_of_records(args.out)
-    foreign = [path for argument in arguments for path in files_not_ours(argument, requested_outputs(args), args.out, ours)]
-    if foreign:
-        listed = ", ".join(str(path) for path in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise ValueError(f"{listed}: in --out at an output's name, and no record there says segment-volume wrote it "
-                         "(a file of your own? an earlier version's output?); move it away, choose another --out, "
-                         "or add --overwrite to replace it")
+    refuse_files_not_written_here(
+        [path for argument in arguments for path in files_not_ours(argument, requested_outputs(args), args.out, ours)],
+        "no record there says segment-volume wrote it")
 
 
 def check_writable(out: pathlib.Path) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import tifffile
 
 from client.frames import image_stem, load_npy
-from client.stacks import (HDF5_SUFFIXES, Target, atomic_write, atomic_write_all, check_hdf5_room, file_identity,
+from client.stacks import (HDF5_SUFFIXES, StackWriter, Target, atomic_write, atomic_write_all, check_hdf5_room, file_identity,
                            open_hdf5_dataset, safe_name, split_hdf5_argument)
 from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff, refuse_cut_short
 
@@ -365,7 +365,7 @@ def frames_record(argument: str, out_dir: pathlib.Path) -> pathlib.Path | None:
     path, dataset = volume_location(argument)
     if path.is_dir() or volume_kind(path) == "nifti":  # not a stack `segment` reads
         return None
-    record = out_dir / (f"{image_stem(path)}_{safe_name(dataset)}.segment.json" if dataset else f"{image_stem(path)}.segment.json")
+    record = StackWriter.record_path_at(path, dataset, out_dir)
     return record if record.exists() else None
 
 
