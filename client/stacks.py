@@ -130,10 +130,13 @@ def open_stack(argument: str, in_channels: int) -> Source | None:
         return hdf5_source(*hdf5, in_channels)
     path = pathlib.Path(argument)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
+        # "._scan.tif" is macOS's AppleDouble metadata beside scan.tif on a network share, not a frame.
+        files = sorted(p for p in path.iterdir()
+                       if p.suffix.lower() in FRAME_SUFFIXES and p.is_file() and not p.name.startswith("."))
         if not files:
             raise ValueError(f"{path}: no frames ({', '.join(FRAME_SUFFIXES)}) in this directory")
-        return file_source(files, path.name, in_channels, kind="directory")
+        # The resolved name: "." and ".." have none of their own, and ".." put the outputs beside --out.
+        return file_source(files, path.resolve().name or "root", in_channels, kind="directory")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()

@@ -166,6 +166,29 @@ def test_inputs_that_would_write_the_same_output_are_refused_before_anything_is_
     assert sorted(p.name for p in frames.iterdir()) == ["a.npy", "a.tif"] and [p.name for p in scans.iterdir()] == ["b.npy"]
 
 
+def test_a_directory_named_dot_or_dotdot_is_written_under_its_own_name_and_its_appledouble_files_skipped(
+        server, tmp_path, rng, monkeypatch, capsys):
+    """``segment ..`` wrote its masks beside --out (``out/../f00_mask.tif``), ``segment .`` into
+    --out itself; ``._f00.tif``, macOS's metadata beside f00.tif on a share, failed as a frame."""
+    run = tmp_path / "run1"
+    (run / "notes").mkdir(parents=True)
+    frames = rng.random((2, 40, 44), dtype=np.float32)
+    for index, frame in enumerate(frames):
+        tifffile.imwrite(run / f"f{index:02d}.tif", frame)
+    (run / "._f00.tif").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    common = ["--url", server.grpc_url, "--no-progress", "--no-overlay"]
+    with SegmentationClient(server.grpc_url) as client:
+        expected = [client.segment(frame).mask for frame in frames]
+    for working_directory, argument, out in ((run / "notes", "..", tmp_path / "out_dotdot"),
+                                              (run, ".", tmp_path / "out_dot")):
+        monkeypatch.chdir(working_directory)
+        assert client_main(["segment", argument, "--out", str(out), *common]) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in (out / "run1").iterdir()) == ["f00_mask.tif", "f01_mask.tif", "segment-log.jsonl"]
+        for index in range(2):
+            assert np.array_equal(tifffile.imread(out / "run1" / f"f{index:02d}_mask.tif"), expected[index])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out_dot", "out_dotdot", "run1"]
+
+
 def test_cli_without_server_says_so(tmp_path, capsys):
     np.save(tmp_path / "f.npy", np.zeros((8, 8), np.float32))
     assert client_main(["segment", str(tmp_path / "f.npy"), "--url", "127.0.0.1:1"]) == 1
