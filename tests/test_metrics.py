@@ -183,6 +183,31 @@ def test_refused_requests_count_by_step_and_reason(server, grpc_endpoint, case, 
     assert moved == expected
 
 
+def test_a_request_whose_client_gave_up_stops_at_its_next_tile_batch(server, grpc_endpoint):
+    """A client's deadline shorter than the frame's compute: the server stops the frame at its
+    next tile batch (it computed every tile for nobody, and each retry another frame's worth)."""
+    frame = np.random.default_rng(6).integers(0, 60000, size=(1, 2048, 2048), dtype=np.uint16)
+    sw_batch_size = 4
+    tiles, _ = monai_tiles_and_batches(frame.shape[1:], sw_batch_size)
+    exposed_names_after_a_frame(server, grpc_endpoint)
+    before = scrape(server)
+    image = grpc_endpoint.tensor("IMAGE_UINT16", frame)
+    try:
+        grpc_endpoint.client.infer("segment_2d", [image], parameters={"sw_batch_size": sw_batch_size},
+                                   client_timeout=1.0)
+        pytest.skip(f"this machine segments a 2048² frame ({tiles} tiles) within the 1 s deadline")
+    except grpcclient.InferenceServerException as error:
+        assert "Deadline" in str(error), error
+    cancelled = key("segserve_refused_requests_total", step="segment_2d", reason="request_cancelled")
+    frame_tiles = key("segserve_tiles_per_frame_sum", pipeline="segment_2d")
+    # The frame's tile count follows its step time (none when it stopped before its first batch).
+    after = scrape_until(server, before, {cancelled: 1, key("segserve_step_seconds_count", step="segment_2d"): 1},
+                         timeout_s=300)
+    moved = changes(before, after)
+    assert moved.get(cancelled) == 1, moved
+    assert 0 <= moved.get(frame_tiles, 0) < tiles, (moved.get(frame_tiles), tiles)
+
+
 def test_refusal_reasons_and_a_missing_metrics_api():
     """Outside Triton (no pb_utils) every method is a no-op; reasons are bounded class names."""
     class NetworkCallError(RuntimeError):

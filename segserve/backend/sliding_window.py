@@ -57,6 +57,13 @@ class NetworkCallError(RuntimeError):
     """The network model answered a tile batch with an error."""
 
 
+class RequestCancelled(RuntimeError):
+    """The client gave up on the request (its deadline passed, or it cancelled it): the frame's
+    remaining tile batches are not computed. A client whose ``--timeout`` is shorter than a
+    frame's compute left every retry running to the end on the server, several frames' work at
+    once for nobody."""
+
+
 class TritonPythonModel:
     def initialize(self, args):
         METRICS.bind(args["model_name"])
@@ -99,6 +106,7 @@ class TritonPythonModel:
         try:
             options = parse_options(request.parameters())
             network = self._network_spec(options.network or self.default_network)
+            stop_if_cancelled(request, "before it started")
             logits = self._blended_logits(request, network, options)
             # The float frame and the count map are freed: their pages go back before the
             # outputs are copied (a large frame's; the allocator keeps a small frame's).
@@ -121,8 +129,16 @@ class TritonPythonModel:
         if image is None:
             image = self.prepare(request, options)
         batch_size = resolve_sw_batch_size(options, network, self.default_sw_batch_size)
-        return blended_logits(image, network, lambda tiles: self._predict(network, tiles, batch_size), options,
-                              batch_size, window_limit(self.prepare.max_pixels, network.tile_size))
+        batches_done = 0
+
+        def predict(tiles: torch.Tensor) -> torch.Tensor:
+            nonlocal batches_done
+            stop_if_cancelled(request, f"after {batches_done} tile batch(es) of {batch_size}")
+            batches_done += 1
+            return self._predict(network, tiles, batch_size)
+
+        return blended_logits(image, network, predict, options, batch_size,
+                              window_limit(self.prepare.max_pixels, network.tile_size))
 
     def _network_spec(self, name: str) -> NetworkSpec:
         if name not in self._specs:  # exported since the start: served once loaded (a restart)
@@ -180,6 +196,13 @@ class TritonPythonModel:
         if image.is_cuda:
             torch.cuda.synchronize(image.device)
         pb_utils.Logger.log_info(stamped(f"{self.name}: warm-up done in {time.perf_counter() - start:.2f} s"))
+
+
+def stop_if_cancelled(request, progress: str) -> None:
+    """Raise RequestCancelled when Triton says the request is cancelled (one message to the
+    server process, as a metrics update costs: once per tile batch)."""
+    if request.is_cancelled():
+        raise RequestCancelled(f"the client gave up on this request (deadline passed or cancelled); stopped {progress}")
 
 
 async def exec_all(requests: list) -> list:
