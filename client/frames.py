@@ -56,8 +56,17 @@ def read_frame(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray
 
 def read_png(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:
     """``[H, W]``, or ``[3, H, W]`` RGB for a three-channel network: colour, palette and grey
-    with alpha made grey (or RGB), as PIL converts them."""
+    with alpha made grey (or RGB), as PIL converts them.
+
+    Raises:
+        ValueError: a 16-bit colour or grey-with-alpha PNG, of which PIL reads only the high
+            8 bits of each sample.
+    """
     with Image.open(path) as image:
+        stored_as = image.tile[0][3] if image.tile else ""
+        if image.mode != "I;16" and isinstance(stored_as, str) and stored_as.endswith(";16B"):
+            raise ValueError(f"{path}: a 16-bit {stored_as[:-4]} PNG, of which the PNG reader (Pillow) keeps only "
+                             "the high 8 bits of each sample; save it as a 16-bit TIFF, or as a 16-bit grey PNG")
         if in_channels == 3 and image.mode in ("RGB", "RGBA", "P", "LA", "L"):
             return np.moveaxis(np.asarray(image.convert("RGB")), -1, 0)
         if image.mode in ("RGB", "RGBA", "P", "LA"):

@@ -78,6 +78,37 @@ def test_a_colour_png_is_rgb_for_a_three_channel_network_and_grey_otherwise(tmp_
     assert np.array_equal(frames_of(tmp_path / "p.png")[0], np.asarray(Image.fromarray(picture).convert("L")))
 
 
+def write_16_bit_png(path, samples: np.ndarray, colour_type: int) -> None:
+    """``[H, W, S]`` uint16 as a 16-bit PNG of PNG colour type 2 (RGB) or 4 (grey + alpha),
+    which Pillow cannot write."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)  # filter 0 on every row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_colour_png_is_refused_and_a_16_bit_grey_one_read_whole(tmp_path):
+    """Pillow reads a 16-bit RGB or grey+alpha PNG as 8 bits a sample: its low bytes were lost."""
+    from PIL import Image
+
+    samples = RNG.integers(0, 65536, size=(20, 30, 3), dtype=np.uint16)
+    write_16_bit_png(tmp_path / "rgb.png", samples, 2)
+    write_16_bit_png(tmp_path / "grey_alpha.png", samples[..., :2], 4)
+    for name, kind in (("rgb.png", "RGB"), ("grey_alpha.png", "LA")):
+        for in_channels in (1, 3):
+            with pytest.raises(ValueError, match=f"a 16-bit {kind} PNG, of which .* only the high 8 bits"):
+                read_frame(tmp_path / name, in_channels)
+    Image.fromarray(samples[..., 0]).save(tmp_path / "grey.png")
+    read = read_frame(tmp_path / "grey.png", 1)
+    assert read.dtype == np.uint16 and np.array_equal(read, samples[..., 0])
+
+
 @pytest.mark.parametrize("case", ["imagej CYX", "imagej ZCYX", "ome CZYX", "no metadata NCHW"])
 def test_channels_named_by_imagej_or_ome_are_channels_not_frames(tmp_path, case):
     """A two-channel ImageJ image was two frames; a ZCYX stack put Z where channels go."""
