@@ -5,10 +5,9 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
-import tifffile
 from PIL import Image
 
-from client.tiffs import TiffFrames
+from client.tiffs import TiffFrames, write_tiff
 from segproto import looks_channels_last
 
 FRAME_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
@@ -106,13 +105,15 @@ def load_npy(path, mmap_mode: str | None = None) -> np.ndarray:
         raise ValueError(f"{path}: empty or truncated .npy file ({error})") from error
 
 
-def write_array(path: pathlib.Path, array: np.ndarray) -> pathlib.Path:
-    """Write ``array`` as TIFF (zlib-compressed) or NPY, by ``path``'s suffix."""
+def write_array(path: pathlib.Path, array: np.ndarray, calibration: dict | None = None) -> pathlib.Path:
+    """Write a frame's output ``array`` (``[H, W]`` or ``[K, H, W]``) as TIFF (zlib-compressed,
+    sized as its input by ``calibration``: :func:`client.tiffs.tiff_calibration`) or NPY, by
+    ``path``'s suffix."""
     path = pathlib.Path(path)
     if path.suffix == ".npy":
         np.save(path, array)
     else:
-        tifffile.imwrite(path, array, compression="zlib", photometric="minisblack")
+        write_tiff(path, array, calibration, "YX" if array.ndim == 2 else "CYX")
     return path
 
 

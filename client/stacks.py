@@ -28,7 +28,7 @@ import tifffile
 
 from client.frame_files import FrameFile
 from client.frames import FRAME_SUFFIXES, check_not_channels_last, image_stem, load_npy, overlay, read_frame, write_array
-from client.tiffs import TiffFrames
+from client.tiffs import TiffFrames, tiff_calibration, tiff_keywords
 
 FAILED_VALUE = 255  # mask/contour value of a frame that failed: never a class of our networks
 RECORD_VERSION = 1
@@ -393,7 +393,7 @@ class StackWriter:
                 raise ValueError(f"{path}: shape {list(array.shape)} {array.dtype} does not match this run "
                                  f"({list(shape)} {np.dtype(dtype)}); add --overwrite (instead of --resume) to start again")
         elif path.suffix == ".tif":
-            array = tifffile.memmap(path, shape=shape, dtype=dtype, photometric="minisblack")
+            array = tifffile.memmap(path, shape=shape, dtype=dtype, **self._tiff_keywords(len(shape)))
         else:
             array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         frames = FrameFile.of_memmap(array, writable=True)
@@ -401,6 +401,13 @@ class StackWriter:
             raise ValueError(f"{path}: its frames are not stored in one piece; add --overwrite (instead of --resume) "
                              "to start again")
         return frames
+
+    def _tiff_keywords(self, rank: int) -> dict:
+        """The input stack's pixel size for an output of ``rank`` (``[N, H, W]`` or
+        ``[N, K, H, W]``); its frames are Z slices where it has a Z spacing, else times."""
+        calibration = tiff_calibration(self.source.path)
+        frames = "Z" if "spacing" in calibration.get("imagej", {}) else "T"
+        return tiff_keywords(calibration, f"{frames}YX" if rank == 3 else f"{frames}CYX")
 
     def _open_hdf5(self, path: pathlib.Path, resume: bool, finished: bool) -> dict:
         import h5py
@@ -555,13 +562,20 @@ class FileWriter:
         names = [path.name for path in paths.values()]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log({"outputs": names, "writing": True})  # a kill in between leaves them unvouched for
+        calibration = self.calibration(index)
         for name in self.outputs:
-            atomic_write(paths[name], lambda tmp, name=name: write_array(tmp, getattr(result, name)))
+            atomic_write(paths[name], lambda tmp, name=name: write_array(tmp, getattr(result, name), calibration))
         if "overlay" in paths:
             picture = overlay(self.source.load(index), result.mask, max_size=self.overlay_max_size)
             atomic_write(paths["overlay"], lambda tmp: picture.save(tmp, format="PNG"))
         self.log({"outputs": names, **self.entry(index)})
         return list(paths.values())
+
+    def calibration(self, index: int) -> dict | None:
+        """The pixel size of a TIFF input, for its TIFF outputs (a mask measured in Fiji is
+        measured in the image's unit); None for the others."""
+        image = self.source.files[index]
+        return tiff_calibration(image) if self.format == "tif" and image.suffix.lower() in (".tif", ".tiff") else None
 
     def log(self, record: dict) -> None:
         with open(self.out_dir / self.LOG_NAME, "a") as log:

@@ -374,3 +374,86 @@ def as_grey(rgb: np.ndarray) -> np.ndarray:
 
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def tiff_calibration(path: pathlib.Path) -> dict:
+    """What sizes a TIFF's pixels (voxels), as ``tifffile.imwrite`` takes it, so that its masks
+    overlay it at its scale in Fiji or napari: ``resolution`` (pixels per unit in X and Y) and
+    ``resolutionunit`` from its first page, and ``spacing`` (Z) and ``unit`` from its ImageJ
+    description or, for an OME-TIFF, its physical sizes. {} when it has none."""
+    with open_tiff(path) as tiff:
+        page, calibration = tiff.pages.first, {}
+        x, y, unit = (page.tags.get(name) for name in ("XResolution", "YResolution", "ResolutionUnit"))
+        if x is not None and y is not None and all(part > 0 for value in (x.value, y.value) for part in value):
+            calibration["resolution"] = (x.value, y.value)  # a 0/0 rational is no size (and tifffile cannot write it)
+        if unit is not None:
+            calibration["resolutionunit"] = unit.value
+        imagej = {key: value for key, value in (tiff.imagej_metadata or {}).items() if key in ("spacing", "unit")}
+        if not imagej and tiff.is_ome:
+            imagej = ome_calibration(tiff, calibration)
+    return {**calibration, "imagej": imagej} if imagej else calibration
+
+
+# OME's length units (the common ones) in metres: ImageJ has one unit for X, Y and Z.
+OME_LENGTH_UNITS = {"m": 1.0, "dm": 1e-1, "cm": 1e-2, "mm": 1e-3, "\u00b5m": 1e-6, "\u03bcm": 1e-6, "um": 1e-6,
+                    "nm": 1e-9, "pm": 1e-12, "\u00c5": 1e-10}
+
+
+def ome_calibration(tiff: tifffile.TiffFile, calibration: dict) -> dict:
+    """An OME-TIFF's physical voxel sizes as ImageJ's ``spacing`` and ``unit`` (X and Y into
+    ``calibration["resolution"]``), all in X's unit (Z in µm beside X in nm was written as nm,
+    1000 times too thin); {} when its metadata gives none. A size in a unit not convertible to
+    X's is left out."""
+    try:
+        image = tifffile.xml2dict(tiff.ome_metadata)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return {}
+    units = {axis: str(pixels.get(f"PhysicalSize{axis}Unit", "\u00b5m")) for axis in "XYZ"}  # OME's default: µm
+    unit = units["X"] if pixels.get("PhysicalSizeX") else units["Z"]
+
+    def size_in_unit(axis: str) -> float | None:
+        size = pixels.get(f"PhysicalSize{axis}")
+        if not size:
+            return None
+        if units[axis] == unit:
+            return float(size)
+        ratio = [OME_LENGTH_UNITS.get(name) for name in (units[axis], unit)]
+        return float(f"{float(size) * ratio[0] / ratio[1]:.12g}") if all(ratio) else None  # 2.5 µm: 2500 nm, not 2499.9999999999995
+
+    x, y, z = (size_in_unit(axis) for axis in "XYZ")
+    if x and y:
+        calibration["resolution"] = (1 / x, 1 / y)
+        calibration.pop("resolutionunit", None)  # ImageJ's unit says what they are in
+    imagej = {"spacing": z} if z else {}
+    if x or z:
+        # ImageJ's description is ASCII, and it reads "um" as micron.
+        imagej["unit"] = unit.replace("\u00b5", "u").replace("\u03bc", "u")
+    return imagej
+
+
+def tiff_keywords(calibration: dict | None, axes: str) -> dict:
+    """``tifffile.imwrite``'s keywords that give an output of ``axes`` the input's pixel sizes
+    (``calibration``, as :func:`tiff_calibration` reads it), so that it overlays the input at
+    its scale in Fiji or napari, and Fiji measures in its unit: with an ImageJ unit or Z
+    spacing, an ImageJ image where ImageJ has the axes' order (``YX``, ``CYX``, ``ZYX``,
+    ``TYX``, ``TCYX``, ``ZCYX``; what Fiji reads its scale from), else the X and Y resolution
+    only (in no unit, when the unit was ImageJ's)."""
+    calibration = dict(calibration or {})
+    imagej = calibration.pop("imagej", None)
+    if imagej and axes in IMAGEJ_AXES:
+        calibration.pop("resolutionunit", None)  # ImageJ's own unit
+        metadata = {key: value for key, value in imagej.items() if key != "spacing" or "Z" in axes}
+        return {"imagej": True, "metadata": {**metadata, "axes": axes}, **calibration}
+    if imagej and "resolution" in calibration:  # pixels per ImageJ unit (an OME-TIFF's µm): none TIFF names
+        calibration["resolutionunit"] = tifffile.RESUNIT.NONE
+    return {"photometric": "minisblack", **calibration}
+
+
+IMAGEJ_AXES = ("YX", "CYX", "ZYX", "TYX", "TCYX", "ZCYX")
+
+
+def write_tiff(path: pathlib.Path, array: np.ndarray, calibration: dict | None, axes: str) -> None:
+    """``array`` of ``axes`` as a zlib-compressed TIFF with the input's pixel sizes
+    (:func:`tiff_keywords`)."""
+    tifffile.imwrite(path, array, compression="zlib", **tiff_keywords(calibration, axes))

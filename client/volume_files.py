@@ -21,7 +21,7 @@ import tifffile
 from client.frames import image_stem, load_npy
 from client.stacks import (HDF5_SUFFIXES, StackWriter, Target, atomic_write, atomic_write_all, check_hdf5_room, file_identity,
                            open_hdf5_dataset, safe_name, split_hdf5_argument)
-from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff, refuse_cut_short
+from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff, refuse_cut_short, tiff_calibration, write_tiff
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".tif", ".tiff", ".npy", *HDF5_SUFFIXES)
@@ -126,77 +126,6 @@ def read_tiff_volume(path: pathlib.Path) -> np.ndarray:
             return channel_first(series.asarray(), path.name, False)
     with TiffFrames(path) as frames:
         return np.moveaxis(frames.read_all(), 1, 0)
-
-
-def tiff_calibration(path: pathlib.Path) -> dict:
-    """What sizes a TIFF volume's voxels, as ``tifffile.imwrite`` takes it, so that its masks
-    overlay it at its scale in Fiji or napari: ``resolution`` (pixels per unit in X and Y) and
-    ``resolutionunit`` from its first page, and ``spacing`` (Z) and ``unit`` from its ImageJ
-    description or, for an OME-TIFF, its physical sizes. {} when it has none."""
-    with open_tiff(path) as tiff:
-        page, calibration = tiff.pages.first, {}
-        x, y, unit = (page.tags.get(name) for name in ("XResolution", "YResolution", "ResolutionUnit"))
-        if x is not None and y is not None and all(part > 0 for value in (x.value, y.value) for part in value):
-            calibration["resolution"] = (x.value, y.value)  # a 0/0 rational is no size (and tifffile cannot write it)
-        if unit is not None:
-            calibration["resolutionunit"] = unit.value
-        imagej = {key: value for key, value in (tiff.imagej_metadata or {}).items() if key in ("spacing", "unit")}
-        if not imagej and tiff.is_ome:
-            imagej = ome_calibration(tiff, calibration)
-    return {**calibration, "imagej": imagej} if imagej else calibration
-
-
-# OME's length units (the common ones) in metres: ImageJ has one unit for X, Y and Z.
-OME_LENGTH_UNITS = {"m": 1.0, "dm": 1e-1, "cm": 1e-2, "mm": 1e-3, "\u00b5m": 1e-6, "\u03bcm": 1e-6, "um": 1e-6,
-                    "nm": 1e-9, "pm": 1e-12, "\u00c5": 1e-10}
-
-
-def ome_calibration(tiff: tifffile.TiffFile, calibration: dict) -> dict:
-    """An OME-TIFF's physical voxel sizes as ImageJ's ``spacing`` and ``unit`` (X and Y into
-    ``calibration["resolution"]``), all in X's unit (Z in µm beside X in nm was written as nm,
-    1000 times too thin); {} when its metadata gives none. A size in a unit not convertible to
-    X's is left out."""
-    try:
-        image = tifffile.xml2dict(tiff.ome_metadata)["OME"]["Image"]
-        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
-    except (KeyError, IndexError, TypeError, ValueError):
-        return {}
-    units = {axis: str(pixels.get(f"PhysicalSize{axis}Unit", "\u00b5m")) for axis in "XYZ"}  # OME's default: µm
-    unit = units["X"] if pixels.get("PhysicalSizeX") else units["Z"]
-
-    def size_in_unit(axis: str) -> float | None:
-        size = pixels.get(f"PhysicalSize{axis}")
-        if not size:
-            return None
-        if units[axis] == unit:
-            return float(size)
-        ratio = [OME_LENGTH_UNITS.get(name) for name in (units[axis], unit)]
-        return float(f"{float(size) * ratio[0] / ratio[1]:.12g}") if all(ratio) else None  # 2.5 µm: 2500 nm, not 2499.9999999999995
-
-    x, y, z = (size_in_unit(axis) for axis in "XYZ")
-    if x and y:
-        calibration["resolution"] = (1 / x, 1 / y)
-        calibration.pop("resolutionunit", None)  # ImageJ's unit says what they are in
-    imagej = {"spacing": z} if z else {}
-    if x or z:
-        # ImageJ's description is ASCII, and it reads "um" as micron.
-        imagej["unit"] = unit.replace("\u00b5", "u").replace("\u03bc", "u")
-    return imagej
-
-
-def write_tiff(path: pathlib.Path, array: np.ndarray, calibration: dict | None) -> None:
-    """``array`` as a zlib-compressed TIFF with the input's voxel sizes: a ``[D, H, W]`` output
-    as an ImageJ stack when they include a Z spacing or unit (what Fiji reads its scale from),
-    ``[K, D, H, W]`` probabilities with the X and Y resolution only."""
-    calibration = dict(calibration or {})
-    imagej = calibration.pop("imagej", None)
-    if imagej and array.ndim == 3:
-        calibration.pop("resolutionunit", None)  # ImageJ's own unit
-        tifffile.imwrite(path, array, compression="zlib", imagej=True, metadata={**imagej, "axes": "ZYX"}, **calibration)
-    else:
-        if imagej and "resolution" in calibration:  # pixels per ImageJ unit (an OME-TIFF's µm): none TIFF names
-            calibration["resolutionunit"] = tifffile.RESUNIT.NONE
-        tifffile.imwrite(path, array, compression="zlib", photometric="minisblack", **calibration)
 
 
 def read_volume(argument: str) -> Volume:
@@ -472,7 +401,7 @@ def array_writer(array: np.ndarray, volume: Volume, output: str) -> Callable[[pa
     if volume.kind == "nifti":
         return lambda path: write_nifti(path, array, volume.nifti, output)
     if volume.kind == "tiff":
-        return lambda path: write_tiff(path, array, volume.calibration)
+        return lambda path: write_tiff(path, array, volume.calibration, "ZYX" if array.ndim == 3 else "CZYX")
     return lambda path: save_npy(path, array)
 
 

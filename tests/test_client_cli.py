@@ -189,6 +189,42 @@ def test_a_directory_named_dot_or_dotdot_is_written_under_its_own_name_and_its_a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out_dot", "out_dotdot", "run1"]
 
 
+def test_tiff_outputs_of_frames_and_stacks_keep_the_pixel_sizes_of_their_inputs(server, tmp_path, rng, capsys):
+    """2D masks had no pixel size (segment-volume's kept it): particles measured on a mask in
+    Fiji came out in pixels, not in the image's µm."""
+    frame = rng.integers(0, 4000, (60, 70), dtype=np.uint16)
+    stack = rng.integers(0, 4000, (3, 60, 70), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "cells.tif", frame, imagej=True, resolution=(10 / 7, 10 / 7), metadata={"unit": "um"})
+    tifffile.imwrite(tmp_path / "plain.tif", frame, resolution=(300, 300), resolutionunit=tifffile.RESUNIT.CENTIMETER)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, resolution=(2, 2),
+                     metadata={"spacing": 2.5, "unit": "um", "axes": "ZYX"})
+    out = tmp_path / "out"
+    assert client_main(["segment", *(str(tmp_path / n) for n in ("cells.tif", "plain.tif", "stack.tif")), "--out", str(out),
+                        "--probabilities", "--contour", "--url", server.grpc_url, "--no-progress", "--no-overlay"]) == 0, \
+        capsys.readouterr().err
+    with SegmentationClient(server.grpc_url) as client:
+        expected = client.segment(frame, probabilities=True)
+        expected_stack = np.stack([client.segment(f).mask for f in stack])
+
+    def pixels_per_unit(tiff: tifffile.TiffFile) -> float:
+        numerator, denominator = tiff.pages.first.tags["XResolution"].value
+        return numerator / denominator
+
+    for output in ("mask", "probabilities", "contour"):
+        with tifffile.TiffFile(out / f"cells_{output}.tif") as tiff:
+            assert tiff.imagej_metadata["unit"] == "um" and pixels_per_unit(tiff) == pytest.approx(10 / 7, rel=1e-6)
+            if output != "contour":
+                assert np.allclose(tiff.asarray(), getattr(expected, output), atol=1e-6)
+        with tifffile.TiffFile(out / f"plain_{output}.tif") as tiff:
+            assert pixels_per_unit(tiff) == pytest.approx(300, rel=1e-6)
+            assert tiff.pages.first.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+    for output, shape in (("mask", stack.shape), ("probabilities", (3, 3, 60, 70))):
+        with tifffile.TiffFile(out / f"stack_{output}.tif") as tiff:
+            assert tiff.series[0].shape == shape and pixels_per_unit(tiff) == pytest.approx(2, rel=1e-6)
+            assert tiff.imagej_metadata["spacing"] == 2.5 and tiff.imagej_metadata["unit"] == "um"
+    assert np.array_equal(tifffile.imread(out / "stack_mask.tif"), expected_stack)
+
+
 def test_cli_without_server_says_so(tmp_path, capsys):
     np.save(tmp_path / "f.npy", np.zeros((8, 8), np.float32))
     assert client_main(["segment", str(tmp_path / "f.npy"), "--url", "127.0.0.1:1"]) == 1
