@@ -204,6 +204,7 @@ def plan_stack_outputs(source: Source, args: argparse.Namespace, outputs: list[s
     if record_path.exists():
         if args.resume:
             record = RunRecord.load(record_path, source.count, settings)
+            record.check_witness(source.load, source.label)
         elif not args.overwrite and not RunRecord.is_complete_file(record_path):
             raise ValueError(f"{record_path}: an earlier run stopped before the end; add --resume to continue it "
                              "or --overwrite to start again")
@@ -275,6 +276,8 @@ def run_plan(client: SegmentationClient, plan: Plan, args: argparse.Namespace, p
         for outcome in stream:
             if outcome.ok:
                 written = writer.write(outcome.index, outcome.result)
+                if plan.record is not None and plan.record.witness is None:
+                    plan.record.witness_written(outcome.index, source.load(outcome.index))
                 tally.written += 1
                 if source.kind in ("files", "directory"):
                     progress.write(f"{source.frame_label(outcome.index)} -> {', '.join(str(p) for p in written)}")

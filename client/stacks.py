@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -214,12 +215,16 @@ def stack_outputs(probabilities: bool, contour: bool) -> list[str]:
 
 class RunRecord:
     """``<stem>.segment.json``: frames done (a prefix, in order), failures, and the settings,
-    so ``--resume`` continues exactly where an interrupted run stopped."""
+    so ``--resume`` continues exactly where an interrupted run stopped; and a digest of the
+    first frame it wrote (the ``witness``), so that a stack acquired again under its name is
+    not continued (its first frames would keep the earlier acquisition's masks), while a
+    failed frame fixed in place still is."""
 
     def __init__(self, path: pathlib.Path, frames: int, settings: dict):
         self.path, self.frames, self.settings = path, frames, settings
         self.done = 0
         self.failed: dict[int, str] = {}
+        self.witness: dict | None = None  # {"frame": index, "digest": frame_digest(...)}
 
     @classmethod
     def load(cls, path: pathlib.Path, frames: int, settings: dict) -> "RunRecord":
@@ -240,7 +245,20 @@ class RunRecord:
         record = cls(path, frames, settings)
         record.done = int(saved["done"])
         record.failed = {int(k): v for k, v in saved.get("failed", {}).items()}
+        record.witness = saved.get("witness")
         return record
+
+    def witness_written(self, index: int, frame: np.ndarray) -> None:
+        """Keep ``frame``, frame ``index`` just written, as the witness (the first one's)."""
+        self.witness = {"frame": index, "digest": frame_digest(frame)}
+
+    def check_witness(self, load: Callable[[int], np.ndarray], label: str) -> None:
+        """Raises ValueError when the witness frame of the input (``load(index)``) is no
+        longer the frame the run wrote its outputs of."""
+        if self.witness is not None and frame_digest(load(self.witness["frame"])) != self.witness["digest"]:
+            raise ValueError(f"{label}: frame {self.witness['frame']} is not the one the run it continues segmented "
+                             "(acquired again under this name? written over?); add --overwrite (instead of --resume) "
+                             "to segment it again")
 
     def is_finished(self) -> bool:
         """Every frame processed, and not every one failed (a run that wrote nothing, say with
@@ -260,7 +278,8 @@ class RunRecord:
 
     def save(self) -> None:
         body = {"version": RECORD_VERSION, "frames": self.frames, "done": self.done,
-                "failed": {str(k): v for k, v in sorted(self.failed.items())}, "settings": self.settings}
+                "failed": {str(k): v for k, v in sorted(self.failed.items())}, "settings": self.settings,
+                **({"witness": self.witness} if self.witness else {})}
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_text(json.dumps(body, indent=1))
         os.replace(temporary, self.path)
@@ -277,6 +296,14 @@ class RunRecord:
 
 PARTIAL = ".partial"  # marks a stack output whose run has not finished
 HDF5_CLOSE_RESERVE_BYTES = 32 << 20  # room kept on the disk for HDF5 to flush its metadata and close
+
+
+def frame_digest(frame: np.ndarray) -> str:
+    """A digest of a frame's pixels, their type and shape."""
+    frame = np.ascontiguousarray(frame)
+    digest = hashlib.blake2b(f"{frame.dtype.str}{frame.shape}".encode(), digest_size=16)
+    digest.update(memoryview(frame).cast("B"))
+    return digest.hexdigest()
 
 
 def file_identity(path: pathlib.Path) -> list[int]:

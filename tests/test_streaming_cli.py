@@ -179,6 +179,31 @@ def test_resume_segments_again_an_image_written_since(server, tmp_path, rng, cap
     assert np.array_equal(tifffile.imread(out / "frame_mask.tif"), reference_masks(server, [second])[0])
 
 
+def test_resume_refuses_to_continue_a_stack_acquired_again_under_its_name(server, tmp_path, rng, capsys):
+    """A stack re-acquired under its name was continued by --resume: its first frames kept the
+    earlier acquisition's masks. (A failed frame fixed in place is still continued:
+    test_a_stack_run_record_names_the_network_the_default_resolved_to.)"""
+    first, second = make_stack(rng, 4, (60, 50)), make_stack(rng, 4, (60, 50))
+    tifffile.imwrite(tmp_path / "scan.tif", first)
+    out = tmp_path / "out"
+    command = ["segment", str(tmp_path / "scan.tif"), "--out", str(out), "--url", server.grpc_url, "--no-progress"]
+    assert client_main(command) == 0
+    record = json.loads((out / "scan.segment.json").read_text())
+    assert record["witness"]["frame"] == 0
+    (out / "scan.segment.json").write_text(json.dumps({**record, "done": 2}))  # as an interrupted run left it
+    (out / "scan_mask.tif").rename(out / "scan_mask.partial.tif")
+    kept = (out / "scan_mask.partial.tif").read_bytes()
+    tifffile.imwrite(tmp_path / "scan.tif", second)
+    capsys.readouterr()
+    assert client_main([*command, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "scan.tif: frame 0 is not the one the run it continues segmented (acquired again under this name? written " \
+        "over?); add --overwrite (instead of --resume) to segment it again" in err, err
+    assert (out / "scan_mask.partial.tif").read_bytes() == kept
+    assert client_main([*command, "--overwrite"]) == 0
+    assert np.array_equal(tifffile.imread(out / "scan_mask.tif"), reference_masks(server, second))
+
+
 def test_files_at_output_names_that_segment_did_not_write_are_replaced_only_with_overwrite(server, tmp_path, rng, capsys):
     """A hand-drawn frame_mask.tif (or scan_mask.tif) in --out was replaced by the new mask
     without a word. The command's own outputs are replaced by a rerun, as before."""
