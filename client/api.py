@@ -405,20 +405,27 @@ class SegmentationClient:
 
     def _fetch_network_info(self) -> NetworkInfo:
         name = self.network or self._default_network()
+        which = f"network {name!r}" if self.network else f"the pipeline's default network {name!r}"
         try:
             metadata = self._control.model_metadata(name)
         except SegmentationError as error:
             if error.retryable:  # being reloaded: "no available versions"
                 raise
-            loaded = [model for model in self._control.loaded_models()
-                      if is_network_of(self._control.model_metadata(model), self.spatial_dims())]
-            which = f"network {name!r}" if self.network else f"the pipeline's default network {name!r}"
             raise SegmentationError(f"{which} is not loaded on {self._control.url} ({error}); loaded "
-                                    f"{self.spatial_dims()}D networks: {', '.join(loaded) or 'none'}. A network "
-                                    "exported since the server started is loaded when it restarts; one that failed to "
-                                    "load is named in the server's warnings") from None
+                                    f"{self._loaded_networks()}. A network exported since the server started is "
+                                    "loaded when it restarts; one that failed to load is named in the server's "
+                                    "warnings") from None
+        if not is_network_of(metadata, self.spatial_dims()):  # --network segment_3d: a pipeline
+            raise SegmentationError(f"{which} on {self._control.url} is not a {self.spatial_dims()}D network (a "
+                                    f"pipeline? a network of other dimensions?); loaded {self._loaded_networks()}")
         image_shape = [int(d) for d in metadata["inputs"][0]["shape"]]
         return NetworkInfo(name, image_shape[1], int(metadata["outputs"][0]["shape"][1]), tuple(image_shape[2:]))
+
+    def _loaded_networks(self) -> str:
+        """"2D networks: a, b": the loaded networks of this client's pipeline's dimensions."""
+        loaded = [model for model in self._control.loaded_models()
+                  if is_network_of(self._control.model_metadata(model), self.spatial_dims())]
+        return f"{self.spatial_dims()}D networks: {', '.join(loaded) or 'none'}"
 
     def spatial_dims(self, patience_s: float = 0.0) -> int:
         """2 for ``segment_2d``, 3 for ``segment_3d``: from the pipeline's metadata (open to

@@ -47,7 +47,8 @@ def network_spec_from_config(config: model_config_pb2.ModelConfig, name: str | N
     """
     name = name or config.name
     if len(config.input) != 1 or len(config.output) != 1:
-        raise NetworkConfigError(f"network {name!r} must have one input and one output")
+        raise NetworkConfigError(f"model {name!r} is not a network (a network has one input and one output, it has "
+                                 f"{len(config.input)} and {len(config.output)}: a pipeline?)")
     image_dims = list(config.input[0].dims)
     logits_dims = list(config.output[0].dims)
     if len(image_dims) < 3 or len(image_dims) != len(logits_dims):

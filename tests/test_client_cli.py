@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from client.__main__ import main as client_main
 from client.api import NetworkInfo, SegmentationClient, SegmentationError
 from segserve.launcher import REPO_ROOT
-from tests.conftest import DEFAULT_NETWORK, DEFAULT_NETWORK_3D, SECOND_NETWORK
+from tests.conftest import DEFAULT_NETWORK, DEFAULT_NETWORK_3D, SECOND_NETWORK, Endpoint
 from tests.helpers import environment_without_token, without_token
 from training.synthetic import synthetic_slice, to_detector_counts
 
@@ -223,6 +224,22 @@ def test_tiff_outputs_of_frames_and_stacks_keep_the_pixel_sizes_of_their_inputs(
             assert tiff.series[0].shape == shape and pixels_per_unit(tiff) == pytest.approx(2, rel=1e-6)
             assert tiff.imagej_metadata["spacing"] == 2.5 and tiff.imagej_metadata["unit"] == "um"
     assert np.array_equal(tifffile.imread(out / "stack_mask.tif"), expected_stack)
+
+
+def test_a_pipeline_or_a_3d_network_given_as_the_network_is_named_as_not_a_2d_network(server, tmp_path, capsys):
+    """``--network segment_3d`` got "network 'segment_3d' must have one input and one output"."""
+    np.save(tmp_path / "f.npy", np.zeros((40, 40), np.float32))
+    for network in ("segment_3d", DEFAULT_NETWORK_3D):
+        code = client_main(["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path / "out"), "--network", network,
+                            "--url", server.grpc_url])
+        err = capsys.readouterr().err
+        assert code == 1 and f"network {network!r} on {server.grpc_url} is not a 2D network (a pipeline? a network " \
+            f"of other dimensions?); loaded 2D networks: " in err and DEFAULT_NETWORK in err, err
+    endpoint = Endpoint("grpc", server)  # a request of one's own: the server says so too
+    with pytest.raises(InferenceServerException, match="model 'segment_3d' is not a network .* the networks here: .*"
+                       + DEFAULT_NETWORK):
+        endpoint.infer({"IMAGE": np.zeros((1, 40, 40), np.float32)}, parameters={"network": "segment_3d"})
+    endpoint.client.close()
 
 
 def test_cli_without_server_says_so(tmp_path, capsys):

@@ -142,7 +142,10 @@ class TritonPythonModel:
 
     def _network_spec(self, name: str) -> NetworkSpec:
         if name not in self._specs:  # exported since the start: served once loaded (a restart)
-            self._specs[name] = load_network_spec(self.source_repository, name, self.network_config)
+            try:
+                self._specs[name] = load_network_spec(self.source_repository, name, self.network_config)
+            except NetworkConfigError as error:
+                raise NetworkConfigError(f"{error}; the networks here: {', '.join(sorted(self._specs))}") from None
             self._exported_since_start.add(name)
         return self._specs[name]
 
