@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from client import SegmentationClient
-from client.shared_memory import DEV_SHM, REGION_PREFIX
+from client.shared_memory import DEV_SHM, REGION_PREFIX, is_stale, owner_pid
 from segproto import TOKEN_ENV, TOKEN_FILE_ENV
 from segserve.launcher import python_backend_region_users, python_backend_regions
 from segserve.reference import reference_probabilities
@@ -74,7 +74,10 @@ def wait_for_record(path: pathlib.Path, frames_done: int, process: subprocess.Po
 
 
 def our_dev_shm_entries() -> list[str]:
-    return sorted(p.name for p in DEV_SHM.glob(f"{REGION_PREFIX}_*"))
+    """The client's ``/dev/shm`` files of this process or of dead ones (clients the tests ran
+    and leaked), not those a live client of someone else on this machine holds now."""
+    return sorted(p.name for p in DEV_SHM.glob(f"{REGION_PREFIX}_*")
+                  if owner_pid(p.name) == os.getpid() or is_stale(p.name))
 
 
 def registered_regions(server, kind: str = "system") -> list[str]:
