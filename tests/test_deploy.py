@@ -116,6 +116,24 @@ def test_dockerfile_pins_a_fixed_triton_release_and_runs_as_non_root():
     assert user and user[-1] not in ("0", "root")
 
 
+def test_the_image_copies_every_module_the_package_is_made_of():
+    """segproto.py, imported by the server's steps, the export and the client, was neither in the
+    build context nor copied: the image's export stage failed on ``import segproto``."""
+    import tomllib
+
+    setuptools = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    modules = setuptools["py-modules"]
+    packages = [pattern.rstrip("*") for pattern in setuptools["packages"]["find"]["include"]]
+    assert sorted(modules) == sorted(p.stem for p in REPO_ROOT.glob("*.py")), "a top-level module outside the package"
+    allowed = {line.strip()[1:] for line in (REPO_ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.strip().startswith("!")}
+    copied = {source.rstrip("/") for line in DOCKERFILE.read_text().splitlines()
+              if line.startswith("COPY ") and "--from" not in line for source in line.split()[1:-1]}
+    for name in [f"{module}.py" for module in modules] + packages:
+        assert name in allowed or f"{name}/" in allowed, f"{name} is not in the build context (Dockerfile.dockerignore)"
+        assert name in copied, f"{name} is not copied into the image (docker/Dockerfile)"
+
+
 def run_entrypoint(env: dict[str, str], *args: str, dry_run: bool = True) -> subprocess.CompletedProcess:
     environment = {"PATH": os.environ["PATH"], "HOME": env.pop("HOME", "/nonexistent"),
                    "SEGSERVE_DRY_RUN": "1" if dry_run else "0", **env}
