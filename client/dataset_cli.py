@@ -330,7 +330,8 @@ class Summary:
         unit = "frame" if layout == "stack" else "block"
         rate = f"{items / seconds:.2f} {unit}s/s" if seconds > 0 and items else "-"
         read, written = sum(r.bytes_read for r in self.reports), sum(r.bytes_written for r in self.reports)
-        return (f"{items} {unit}(s) in {len(self.reports)} task(s), {seconds:.1f} s ({rate}), "
+        done = sum(report.error is None for report in self.reports)
+        return (f"{items} {unit}(s) in {done} task(s), {seconds:.1f} s ({rate}), "
                 f"{read / 2**20:.1f} MiB read, {written / 2**20:.1f} MiB written, "
                 f"{sum(r.retried for r in self.reports)} retried, {len(self.failed)} task(s) failed"
                 + (f", {self.skipped} already done" if self.skipped else ""))
@@ -368,13 +369,12 @@ def collect(futures: list, task_of: dict, outage, progress, summary: Summary) ->
         task = task_of[future.key]
         try:
             report = future.result()
-            error = report.error  # a frame the server refused
+            error = report.error  # a frame the server refused: the task's others are written
             outage.update(report.outage)
+            summary.reports.append(report)
         except Exception as raised:  # noqa: BLE001 - the task's own error, or its loss by the cluster
             error = task_failure(raised)
-        if error is None:
-            summary.reports.append(report)
-        else:
+        if error is not None:
             summary.failed.append(f"task {task.index} {task.describe()}: {error}")
             progress.write(f"client: error: {summary.failed[-1]}", file=sys.stderr)
         progress.update(1)

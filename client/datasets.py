@@ -31,6 +31,7 @@ import numpy as np
 from client import dataset_outages
 from client.chunks import DEFAULT_OVERLAP, Chunk, window_starts
 from client.dataset_sources import DatasetSource
+from client.stacks import FAILED_VALUE, OUTPUT_DTYPES
 
 LOCAL_URL_ENV = "SEGSERVE_LOCAL_URL"  # a worker's own node server, tried before the URL list
 DONE_ARRAY = "done"
@@ -183,20 +184,21 @@ def answered_counts(clients) -> dict[str, int]:
     return {s.url: s.answered for c in clients for s in c.servers.servers}
 
 
-def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[int, object], int]:
+def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[int, object], int, dict[int, str]]:
     """Results of ``items`` (index, image) on the first client that answers them all (a
-    client whose servers all fail hands the rest to the next: the URL list), and how many
-    items took more than one attempt.
+    client whose servers all fail hands the rest to the next: the URL list), how many items
+    took more than one attempt, and the errors of the items the server refused (NaN pixels:
+    a rerun would fail alike), by index.
 
     Raises:
-        SegmentationError: an item failed on every client after its retries.
+        SegmentationError: an item failed for a passing reason on every client after its retries.
     """
     from client.connection import SegmentationError
 
-    results, retried, clients = {}, set(), worker_clients(job)
+    results, retried, refused, clients = {}, set(), {}, worker_clients(job)
     for position, client in enumerate(clients):
         last = position == len(clients) - 1
-        todo = [(i, lambda image=image: image) for i, image in items if i not in results]
+        todo = [(i, lambda image=image: image) for i, image in items if i not in results and i not in refused]
         # The node's own server, when the URL list follows it, hands over at its first failure:
         # the list's patience, not a wait on one server, rides out a restart.
         patience = dict(retries=job.retries, patience_s=job.patience_s) if last else dict(retries=0, patience_s=0.0)
@@ -206,21 +208,32 @@ def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[i
                     retried.add(outcome.index)
                 if outcome.ok:
                     results[outcome.index] = outcome.result
+                elif not outcome.retryable:
+                    refused[outcome.index] = outcome.error
                 elif last:
-                    raise SegmentationError(f"item {outcome.index} failed: {outcome.error}", retryable=outcome.retryable)
+                    raise SegmentationError(f"item {outcome.index} failed: {outcome.error}", retryable=True)
         except SegmentationError as error:
             if last or not error.retryable:
                 raise
             continue  # e.g. its server is down: its first question failed
-        if len(results) == len(items):
+        if len(results) + len(refused) == len(items):
             break
-    return results, len(retried)
+    return results, len(retried), refused
+
+
+def failed_fill(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """What an output holds where its item failed, as ``segment`` writes a failed frame:
+    ``FAILED_VALUE`` (never a class) in a mask or contour, NaN in probabilities; the fill
+    value, 0, is a class, and a region left at it read as background."""
+    return np.full(shape, np.nan if name == "probabilities" else FAILED_VALUE, dtype=OUTPUT_DTYPES[name])
 
 
 def run_task(job: Job, task: Task) -> TaskReport:
     """Read the task's input, segment it, write its chunk of every output, then mark it done.
     Raises on a passing failure (Dask reruns the task; its chunk is then rewritten whole); an
-    item the server refused is reported in ``error``, not raised: a rerun would fail alike."""
+    item the server refused is reported in ``error``, not raised (a rerun would fail alike):
+    the task's other items are written, the refused ones filled (``failed_fill``), and the
+    task is left not done, for ``--resume`` once the input is mended."""
     from client.connection import SegmentationError
 
     start = time.perf_counter()
@@ -246,24 +259,45 @@ def write_task(job: Job, task: Task, start: float) -> TaskReport:
     if job.layout == "stack":
         image = job.source.read(task.sent)
         items = list(enumerate(image, start=task.sent[0].start))
-        results, retried = segment_items(job, items)
-        outputs = {name: np.stack([getattr(results[i], name) for i, _ in items]) for name in job.outputs}
+        results, retried, refused = segment_items(job, items)
+        outputs = {name: np.stack([getattr(results[i], name) if i in results else failed_fill(name, group[name].shape[1:])
+                                   for i, _ in items]) for name in job.outputs}
+        what_failed = f"frame(s) {', '.join(str(i) for i in sorted(refused))}"
     else:
         region = ((slice(None),) if job.channels else ()) + task.sent
         image = job.source.read(region)
-        results, retried = segment_items(job, [(task.index, image)])
-        result, inner = results[task.index], task.sent_kept
-        outputs = {"mask": result.mask[inner]}
-        if "probabilities" in job.outputs:
-            outputs["probabilities"] = result.probabilities[(slice(None), *inner)]
-        if "contour" in job.outputs:  # one block covering the volume: a whole-volume request
-            outputs["contour"] = result.contour[inner]
+        results, retried, refused = segment_items(job, [(task.index, image)])
+        outputs = volume_outputs(job, task, results.get(task.index), group)
+        what_failed = "its block"
+    segmented = len(results) if job.layout == "stack" else int(bool(results))
     written = 0
     for name, data in outputs.items():
         target = task.kept if name != "probabilities" or job.layout == "stack" else (slice(None), *task.kept)
         group[name][target] = data
         written += data.nbytes
-    group[DONE_ARRAY][task.index] = 1  # after the data: a task marked done is on disk
+    error = None
+    if refused:
+        error = (f"{what_failed} refused by the server, written as {FAILED_VALUE} in the mask; mend the input and "
+                 f"--resume: {next(iter(refused.values()))}")
+    else:
+        group[DONE_ARRAY][task.index] = 1  # after the data: a task marked done is on disk
     after = answered_counts(clients)
-    return TaskReport(task.index, len(items) if job.layout == "stack" else 1, time.perf_counter() - start,
-                      int(image.nbytes), written, retried, {u: after[u] - before.get(u, 0) for u in after})
+    return TaskReport(task.index, segmented, time.perf_counter() - start, int(image.nbytes), written, retried,
+                      {u: after[u] - before.get(u, 0) for u in after}, error=error)
+
+
+def volume_outputs(job: Job, task: Task, result, group) -> dict[str, np.ndarray]:
+    """A volume block's kept part of each output: of ``result``, or ``failed_fill`` when the
+    server refused the block (``result`` None)."""
+    inner = task.sent_kept
+    kept_shape = tuple(s.stop - s.start for s in task.kept)
+    outputs = {}
+    for name in job.outputs:
+        if result is None:
+            shape = (group[name].shape[0], *kept_shape) if name == "probabilities" else kept_shape
+            outputs[name] = failed_fill(name, shape)
+        elif name == "probabilities":
+            outputs[name] = result.probabilities[(slice(None), *inner)]
+        else:  # contour: with one block covering the volume only (a whole-volume request)
+            outputs[name] = getattr(result, name)[inner]
+    return outputs

@@ -283,14 +283,17 @@ def test_a_pixel_type_no_request_takes_is_refused_before_any_task(server, tmp_pa
     assert not out.exists()
 
 
-def test_a_frame_the_server_refuses_fails_its_task_once_not_per_task_retry(server, cluster, stack, tmp_path, capsys):
+def test_a_frame_the_server_refuses_fails_its_task_once_and_the_tasks_other_frames_are_written(
+        server, cluster, stack, reference, tmp_path, capsys):
     """NaN pixels: refused by the server, so a rerun of the task would fail alike; the task is
-    listed failed after one try (was: rerun --task-retries times, each with a traceback)."""
+    listed failed after one try (was: rerun --task-retries times, each with a traceback). Its
+    other frames are written and the refused one is 255, as ``segment`` writes it: the whole
+    task was left at the fill value 0, a class, so its good frames read as background."""
     import tritonclient.grpc as grpcclient
 
     _, dask_client = cluster
     frames = stack[0][:4].astype(np.float32)
-    frames[0, 5, 5] = np.nan
+    frames[1, 5, 5] = np.nan
     np.save(tmp_path / "frames.npy", frames)
 
     def answered() -> int:  # the pipeline's answers, its refusals (marked errors) included
@@ -300,16 +303,29 @@ def test_a_frame_the_server_refuses_fails_its_task_once_not_per_task_retry(serve
 
     before = answered()
     out = tmp_path / "out.zarr"
-    code = client_main(["segment-dataset", str(tmp_path / "frames.npy"), "--out", str(out), "--url", server.grpc_url,
-                        "--scheduler", dask_client.scheduler.address, "--frames-per-task", "2", "--task-retries", "3",
-                        "--no-progress"])
+    command = ["segment-dataset", str(tmp_path / "frames.npy"), "--out", str(out), "--url", server.grpc_url,
+               "--scheduler", dask_client.scheduler.address, "--frames-per-task", "2", "--task-retries", "3",
+               "--probabilities", "--no-progress"]
+    code = client_main(command)
     err = capsys.readouterr().err
-    assert code == 1 and "task 0 [0:2]: item 0 failed: " in err and "NaN" in err and "1 task(s) failed" in err, err
-    # Task 0 tried once sends frame 0, and frame 1 if its request had started when 0 was refused
-    # (a request not started by then is dropped); task 1 frames 2 and 3: 3 or 4 answers (1 + 3
-    # reruns of task 0: 10, measured on the code before).
-    assert answered() - before in (3, 4), err
+    assert code == 1 and "task 0 [0:2]: frame(s) 1 refused by the server, written as 255 in the mask; mend the input " \
+        "and --resume: " in err and "NaN" in err and "1 task(s) failed" in err, err
+    assert "3 frame(s) in 1 task(s)" in err, err
+    # Each frame once (1 + 3 reruns of task 0: 10 answers, measured on the code before this test's first version).
+    assert answered() - before == 4, err
     assert done_count(out) == 1
+    masks, probabilities = reference
+    written = zarr.open_group(out, mode="r")
+    assert (written["mask"][1] == 255).all() and np.isnan(written["probabilities"][1]).all()
+    good = [0, 2, 3]
+    assert np.array_equal(written["mask"][good], masks[good])
+    np.testing.assert_allclose(written["probabilities"][good], probabilities[good], atol=1e-6)
+    frames[1, 5, 5] = 0  # mended
+    np.save(tmp_path / "frames.npy", frames)
+    assert client_main([*command, "--resume"]) == 0, capsys.readouterr().err
+    with SegmentationClient(server.grpc_url) as client:
+        assert np.array_equal(zarr.open_group(out, mode="r")["mask"][1], client.segment(frames[1]).mask)
+    assert done_count(out) == 2
 
 
 def test_server_killed_mid_run(server, second_server, cluster, stack, reference, tmp_path):
@@ -625,7 +641,7 @@ def test_an_interrupted_run_leaves_no_task_queued_and_its_input_writable(server,
 def _mask_in_forked_process(job, frame: np.ndarray) -> np.ndarray:
     from client import datasets
 
-    results, _ = datasets.segment_items(job, [(0, frame)])
+    results, _, _ = datasets.segment_items(job, [(0, frame)])
     return results[0].mask
 
 
