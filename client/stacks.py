@@ -60,6 +60,27 @@ class Source:
     note: str | None = None
 
 
+def refuse_missing_filters(dataset) -> None:
+    """Refuse, before any frame is read, an h5py dataset compressed with a filter HDF5 cannot
+    apply here (every read failed with HDF5's "can't open directory (/usr/local/lib/plugin)"),
+    closing its file.
+
+    Raises:
+        ValueError: naming the dataset and the filter.
+    """
+    import h5py
+
+    plist = dataset.id.get_create_plist()
+    for position in range(plist.get_nfilters()):
+        code, _, _, name = plist.get_filter(position)
+        if not h5py.h5z.filter_avail(code):
+            where = f"{dataset.file.filename}:{dataset.name}"
+            dataset.file.close()
+            raise ValueError(f"{where}: compressed with HDF5 filter {code} ({name.decode(errors='replace')}), which "
+                             "this HDF5 library cannot read; hdf5plugin (pip install hdf5plugin) has the common "
+                             "ones, or decompress it with h5repack")
+
+
 def split_hdf5_argument(argument: str) -> tuple[pathlib.Path, str] | None:
     """``file.h5:/path/to/data`` -> (file, dataset path); None for anything else. The file
     ends at the first ``:`` after an HDF5 suffix (directories may have ``:`` in their names,
@@ -75,11 +96,15 @@ def open_hdf5_dataset(path: pathlib.Path, dataset_path: str):
     """The h5py dataset at ``dataset_path``, its file open for reading (close it with
     ``dataset.file.close()``).
 
+    Datasets compressed as detectors write them (Dectris Eiger's bitshuffle/LZ4, Blosc, zstd,
+    LZ4...) are read through ``hdf5plugin``'s filters.
+
     Raises:
-        ValueError: naming the file: not readable as HDF5, or no dataset there (a group's
-            datasets are listed).
+        ValueError: naming the file: not readable as HDF5, no dataset there (a group's
+            datasets are listed), or compressed with a filter this HDF5 library lacks.
     """
     import h5py
+    import hdf5plugin  # noqa: F401 - registers its compression filters with h5py's HDF5
 
     try:
         handle = h5py.File(path, "r")
@@ -87,6 +112,7 @@ def open_hdf5_dataset(path: pathlib.Path, dataset_path: str):
         raise ValueError(f"{path}: not a readable HDF5 file ({error})") from None
     item = handle.get(dataset_path)
     if isinstance(item, h5py.Dataset):
+        refuse_missing_filters(item)
         return item
     if isinstance(item, h5py.Group):
         inside = [name for name, child in item.items() if isinstance(child, h5py.Dataset)]

@@ -296,6 +296,37 @@ def test_an_hdf5_input_that_cannot_be_read_is_named(tmp_path, case, message):
         assert str(refused.value).startswith(f"{tmp_path}/{message}"), refused.value
 
 
+def test_an_eiger_hdf5_stack_compressed_with_bitshuffle_lz4_is_read_and_an_unknown_filter_named(tmp_path):
+    """Dectris Eiger writes bitshuffle/LZ4 chunks: every frame failed with HDF5's "can't open
+    directory (/usr/local/lib/plugin)", and the run ended saying --resume would help."""
+    import h5py
+    import hdf5plugin
+
+    path = tmp_path / "eiger_master.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("entry/data/data", data=FRAMES, chunks=(1, *FRAMES.shape[1:]),
+                          **hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
+        unknown = h5.create_dataset("entry/data/odd", shape=FRAMES.shape, dtype=FRAMES.dtype,
+                                    chunks=(1, *FRAMES.shape[1:]), compression=31999, allow_unknown_filter=True)
+        for index, frame in enumerate(FRAMES):  # chunks as some writer's filter 31999 left them
+            unknown.id.write_direct_chunk((index, 0, 0), frame.tobytes())
+    argument = f"{path}:/entry/data/data"
+    # In a process of its own: this one registered the filters when it imported hdf5plugin.
+    read = ("import sys, numpy; from client.stacks import open_sources; from client.volume_files import read_volume; "
+            "from client.dataset_sources import open_source; [source] = open_sources([sys.argv[1]], 1); "
+            "numpy.save(sys.argv[2], numpy.stack([source.load(3), read_volume(sys.argv[1]).image[0][3], "
+            "open_source(sys.argv[1], rank=2).read((slice(3, 4),))[0]]))")
+    done = subprocess.run([sys.executable, "-c", read, argument, str(tmp_path / "read.npy")], capture_output=True,
+                          text=True, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert all(np.array_equal(frame, FRAMES[3]) for frame in np.load(tmp_path / "read.npy"))
+    odd = f"{path}:/entry/data/odd"
+    for read in (lambda: open_sources([odd], 1), lambda: read_volume(odd), lambda: open_source(odd, rank=2)):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:/entry/data/odd: compressed with HDF5 filter "
+                           "31999 .*, which this HDF5 library cannot read; hdf5plugin"):
+            read()
+
+
 def test_segment_volume_names_each_failed_volume_once(server, tmp_path):
     (tmp_path / "scans").mkdir()
     tifffile.imwrite(tmp_path / "scans" / "flat.tif", FRAMES[0])  # one frame: no volume
