@@ -716,9 +716,10 @@ class TritonServer:
             if self.is_ready() and self._listens_on_http_port():
                 return
             time.sleep(0.25)
+        hint = self._log_hint()  # before the stop removes the copy its lines are told apart from
         if stop_on_timeout:
             self.stop()
-        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{hint}")
 
     def _listens_on_http_port(self) -> bool:
         """Whether this server's process holds the HTTP port. Another server on that port

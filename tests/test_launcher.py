@@ -68,6 +68,37 @@ def test_a_failed_start_says_which_model_failed_and_only_from_its_own_log_lines(
     assert "first_broken" in log.read_text()
 
 
+SLOW_MODEL = '''import time
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(120)
+
+    def execute(self, requests):
+        return []
+'''
+
+
+@pytest.mark.server  # starts its own server
+def test_a_start_that_times_out_says_so_with_the_logs_reasons(tmp_path):
+    """With an error line in the log (a model that failed), a start past its timeout said "the
+    server is not prepared: start() it": the reason was built after the stop removed the copy."""
+    repository = broken_repository(tmp_path / "repository", "broken")
+    (repository / "slow" / "1").mkdir(parents=True)
+    (repository / "slow" / "config.pbtxt").write_text(
+        'name: "slow"\nbackend: "python"\nmax_batch_size: 0\n'
+        'input [{ name: "X" data_type: TYPE_FP32 dims: [1] }]\noutput [{ name: "Y" data_type: TYPE_FP32 dims: [1] }]\n')
+    (repository / "slow" / "1" / "model.py").write_text(SLOW_MODEL)
+    log = tmp_path / "server.log"
+    config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
+    with pytest.raises(ServerError) as raised:
+        TritonServer(config, log_path=log).start(timeout_s=45)  # broken fails at once, slow takes 120 s
+    message = str(raised.value)
+    assert message.startswith(f"tritonserver not ready after 45 s; failed to load: broken; see {log}"), message
+    assert "failed to load model 'broken'" in message
+
+
 def test_a_network_is_told_from_a_pipeline_by_its_files_or_its_runner():
     """A network whose ONNX file is missing (an export cut short) was taken for a pipeline, and
     its failure stopped the whole server."""
