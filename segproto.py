@@ -111,9 +111,18 @@ def token_in_file(path: pathlib.Path | None = None) -> str | None:
         token = (path or default_token_file()).read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
-    # Only what new_token makes (and a user's of the same letters): it goes into Triton's
-    # restriction rule, where ",", ":" or "=" would break it.
-    return token if re.fullmatch(r"[A-Za-z0-9_-]{16,}", token) else None
+    return token if is_token(token) else None
+
+
+TOKEN_LETTERS = "letters, digits and . _ ~ -"
+
+
+def is_token(text: str) -> bool:
+    """Whether ``text`` may be a token: of ``TOKEN_LETTERS`` only (new_token's, and the
+    container entrypoint's rule). It goes into Triton's restriction rule, where ",", ":" or
+    "=" would break it; the same rule for ``serve --token`` and the token file, so a second
+    server shares any token a first one took (one of other letters was replaced)."""
+    return re.fullmatch(r"[A-Za-z0-9._~-]+", text) is not None
 
 
 def write_token_file(token: str, path: pathlib.Path | None = None) -> pathlib.Path:

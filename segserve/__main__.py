@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import pathlib
 import signal
@@ -11,7 +12,8 @@ import threading
 import time
 import traceback
 
-from segproto import TOKEN_ENV, TOKEN_HEADER, header_name, new_token, token_in_file, write_token_file
+from segproto import (TOKEN_ENV, TOKEN_HEADER, TOKEN_LETTERS, header_name, is_token, new_token, token_in_file,
+                      write_token_file)
 from segserve.launcher import (DEFAULT_REPOSITORY, STUCK_STOP_S, ServerConfig, ServerError, StartCancelledError,
                                StuckRequestsError, TritonServer, token_is_served)
 
@@ -44,7 +46,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="on Ctrl-C / SIGTERM / SIGHUP, seconds to let requests in flight finish before stopping; a second Ctrl-C stops at once (default: %(default)s)")
     serve.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness (default: %(default)s)")
     serve.add_argument("--debug", action="store_true", help="print tracebacks")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    refuse_bad_settings(serve, args)
+    return args
+
+
+def refuse_bad_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 with one line for settings Triton would refuse with its usage text or Python
+    with a traceback: a port out of range, one port for two endpoints, a timeout <= 0, a token
+    Triton's restriction rule cannot hold."""
+    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    for option, port in ports.items():
+        if not 0 <= port <= 65535:
+            parser.error(f"{option} must be a port, 0 to 65535 (0 picks a free one), got {port}")
+    given = [(option, port) for option, port in ports.items() if port]
+    for (first, port), (second, other) in itertools.combinations(given, 2):
+        if port == other:
+            parser.error(f"{first} and {second} are both {port}: each endpoint needs its own port")
+    if args.startup_timeout <= 0:
+        parser.error(f"--startup-timeout must be > 0 seconds, got {args.startup_timeout}")
+    if args.drain_timeout < 0:
+        parser.error(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+    for where, token in (("--token", args.token), (f"${TOKEN_ENV}", os.environ.get(TOKEN_ENV))):
+        if token is not None and (where == "--token" or token) and not is_token(token):
+            parser.error(f"{where} may hold only {TOKEN_LETTERS}" + (", and not be empty" if not token else ""))
 
 
 class StopSignals:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
 import pathlib
 import signal
 import socket
@@ -209,6 +210,27 @@ def test_serve_refuses_what_it_cannot_start_with_in_one_line_and_leaves_the_toke
     assert token_file.read_text() == "token-of-the-running-server\n"
 
 
+@pytest.mark.parametrize("options, environment, message", [
+    (["--http-port", "70000"], {}, "--http-port must be a port, 0 to 65535 (0 picks a free one), got 70000"),
+    (["--grpc-port", "-1"], {}, "--grpc-port must be a port, 0 to 65535 (0 picks a free one), got -1"),
+    (["--http-port", "9000", "--metrics-port", "9000"], {},
+     "--http-port and --metrics-port are both 9000: each endpoint needs its own port"),
+    (["--startup-timeout", "0"], {}, "--startup-timeout must be > 0 seconds, got 0.0"),
+    (["--drain-timeout", "-1"], {}, "--drain-timeout must be >= 0 seconds, got -1.0"),
+    (["--token", "abc:def"], {}, "--token may hold only letters, digits and . _ ~ -"),
+    (["--token="], {}, "--token may hold only letters, digits and . _ ~ -, and not be empty"),
+    ([], {"SEGSERVE_TOKEN": "a b"}, "$SEGSERVE_TOKEN may hold only letters, digits and . _ ~ -"),
+])
+def test_serve_refuses_settings_triton_cannot_take_in_one_line(tmp_path, options, environment, message):
+    """A port out of range gave a traceback, one port for two endpoints Triton's usage text, an
+    empty --token a random one, and "abc:def" a token a second server replaced."""
+    result = subprocess.run([sys.executable, "-m", "segserve", "serve", "--token-file", str(tmp_path / "token"), *options],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, **environment})
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == f"python -m segserve serve: error: {message}", \
+        result.stderr
+    assert not (tmp_path / "token").exists()
+
+
 class ReadyHandler(http.server.BaseHTTPRequestHandler):
     """Answers every GET as a ready server would."""
 
@@ -297,14 +319,15 @@ def test_a_killed_server_removes_its_regions_and_leaves_a_later_servers_alone(tm
             assert echo(second, 41) == 41
 
 
-def serve_echo(tmp_path: pathlib.Path, name: str, token_file: pathlib.Path) -> tuple[subprocess.Popen, pathlib.Path]:
+def serve_echo(tmp_path: pathlib.Path, name: str, token_file: pathlib.Path,
+               *options: str) -> tuple[subprocess.Popen, pathlib.Path]:
     """``python -m segserve serve`` of the echo repository on free ports, once it is ready."""
     output = tmp_path / f"{name}.out"
     ports = launcher.free_ports(3)
     process = subprocess.Popen([sys.executable, "-m", "segserve", "serve", "--model-repository",
                                 str(echo_repository(tmp_path / name)), "--http-port", str(ports[0]), "--grpc-port",
                                 str(ports[1]), "--metrics-port", str(ports[2]), "--token-file", str(token_file),
-                                "--log-file", str(tmp_path / f"{name}.log")],
+                                "--log-file", str(tmp_path / f"{name}.log"), *options],
                                stdout=open(output, "w"), stderr=subprocess.STDOUT, env=environment_without_token(tmp_path))
     deadline = time.monotonic() + 600
     while "segserve ready" not in output.read_text():
@@ -316,11 +339,13 @@ def serve_echo(tmp_path: pathlib.Path, name: str, token_file: pathlib.Path) -> t
 @pytest.mark.server
 def test_a_second_server_on_the_machine_shares_the_token_in_the_file(tmp_path):
     """A second ``serve`` wrote a new token over the first one's, whose shared-memory clients
-    (reading the file) were refused from then on, even after the second one stopped."""
+    (reading the file) were refused from then on, even after the second one stopped. A token of
+    the first one's own choosing too (one with a dot, shorter than new_token's was replaced)."""
     token_file = tmp_path / "token"
-    first, first_url = serve_echo(tmp_path, "first", token_file)
+    first, first_url = serve_echo(tmp_path, "first", token_file, "--token", "beamline.7~a")
     try:
         token = token_file.read_text().strip()
+        assert token == "beamline.7~a"
         second, second_url = serve_echo(tmp_path, "second", token_file)
         try:
             assert token_file.read_text().strip() == token
