@@ -132,7 +132,8 @@ def run_all(args: argparse.Namespace, url: str) -> int:
         for concurrency in levels:
             stem = args.out / f"{run.name}-c{concurrency}"
             command = perf_analyzer_command(run, url, data, shape, args, concurrency, stem.with_suffix(".csv"))
-            print(f"[{run.name} c={concurrency}] {' '.join(command)}", flush=True)
+            shown = " ".join(command).replace(args.token, "$SEGSERVE_TOKEN") if args.token else " ".join(command)
+            print(f"[{run.name} c={concurrency}] {shown}", flush=True)  # the token kept out of CI logs
             completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
             stem.with_suffix(".txt").write_text(completed.stdout + completed.stderr)
             if completed.returncode != 0 or not stem.with_suffix(".csv").exists():
