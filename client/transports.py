@@ -101,6 +101,26 @@ def check_pixel_type(dtype, label: str = "", numpy_cast: bool = True) -> None:
         raise ValueError(f"{label}pixel type {dtype} is not supported; use one of {supported_pixel_types()}")
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def as_float32(frame: np.ndarray) -> np.ndarray:
+    """``frame`` cast to float32.
+
+    Raises:
+        ValueError: a float64 frame with finite values beyond float32's range (their cast is
+            Inf, which the server refused as "NaN or Inf pixels" the frame did not have).
+    """
+    if frame.dtype == np.float64:
+        finite = np.isfinite(frame)
+        beyond = np.abs(frame, where=finite, out=np.zeros_like(frame)) > FLOAT32_MAX
+        if beyond.any():
+            raise ValueError(f"{int(beyond.sum())} pixel(s) beyond float32's range (|value| > {FLOAT32_MAX:.3g}, the "
+                             "network computes in float32), such as "
+                             f"{frame[tuple(np.argwhere(beyond)[0])]:.3g}; scale the frame first")
+    return frame.astype(np.float32)
+
+
 def as_channel_first(frame, spatial_dims: int = 2):
     """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` unchanged (one more axis each for a 3D
     network: ``[D, H, W]`` or ``[C, D, H, W]``); numpy frames (and CPU tensors) of
@@ -118,7 +138,7 @@ def as_channel_first(frame, spatial_dims: int = 2):
     if isinstance(frame, np.ndarray) and not frame.dtype.isnative:  # big-endian (FITS, some TIFFs)
         frame = frame.astype(frame.dtype.newbyteorder("="))
     if isinstance(frame, np.ndarray) and frame.dtype in NUMPY_CAST_TO_FLOAT32:
-        frame = frame.astype(np.float32)
+        frame = as_float32(frame)
     if frame.ndim == spatial_dims:
         frame = frame[None]
     if frame.ndim != spatial_dims + 1:

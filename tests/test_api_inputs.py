@@ -66,8 +66,11 @@ def test_numpy_scalars_are_taken_as_options(server, frames, transport):
     (lambda c, f: c.segment(torch.from_numpy(f.astype(np.float32)).bfloat16()), ValueError,
      "pixel type bfloat16 is not supported"),
     (lambda c, f: c.segment(f[:0]), ValueError, "frame is empty: shape [1, 0, 80]"),
+    # Finite, but Inf once float32: the server refused "NaN or Inf pixels" the frame did not have.
+    (lambda c, f: c.segment(f.astype(np.float64) * 1e300), ValueError,
+     "pixel(s) beyond float32's range (|value| > 3.4e+38, the network computes in float32), such as "),
 ], ids=["string-boolean", "string-number", "float-integer", "misspelt-keyword", "network-per-call", "inflight-0", "bfloat16",
-        "empty"])
+        "empty", "float64-beyond-float32"])
 def test_bad_calls_are_refused_before_anything_is_sent(server, frames, call, error, message):
     """Raised by the call itself (a stream too, not at its first ``next()``); ``probabilities=
     "false"`` used to ask for the output the server then left out."""
