@@ -8,7 +8,7 @@
 
     with SegmentationClient(transport="shm") as seg:        # frames through /dev/shm
         for outcome in seg.segment_stream(frames, inflight=4):
-            outcome.index, outcome.result.mask, outcome.error
+            if outcome.ok: outcome.index, outcome.result.mask   # else outcome.error: one line
 
     with SegmentationClient(model="segment_3d") as seg:     # volumes [D, H, W] of any size:
         seg.segment_volume(volume, inflight=2).mask          # chunked beyond 512x512x256 voxels
@@ -555,7 +555,12 @@ class SegmentationClient:
     def _stream(self, frames: Iterable, inflight: int, policy: RetryPolicy, settings: SegmentOptions) -> Iterator[Outcome]:
         # Its first question (a new client's: a Dask worker's) rides out an outage as its frames do;
         # asked once, its failure failed every task a worker began during a server restart.
-        spatial_dims = self._pipeline_dims(policy, self.outage)
+        try:
+            spatial_dims = self._pipeline_dims(policy, self.outage)
+        except SegmentationError as error:  # no server answered it within the patience: each item fails so
+            for index, _ in _as_items(frames):
+                yield Outcome(index, error=str(error), attempts=1, retryable=error.retryable)
+            return
         slots = [self._take_slot() for _ in range(inflight)]  # this stream's own, returned at its end
         # Workers still in a request when the stream stopped waiting for them (a break out of
         # a slow stream): their slots are closed by the worker once its request ends, never reused.

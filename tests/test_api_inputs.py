@@ -163,3 +163,16 @@ def test_a_channels_last_picture_is_not_taken_for_a_volume(server, rng):
     with client_for(server, "grpc") as client, pytest.raises(SegmentationError, match="channels-last") as refused:
         client.segment(rng.random((96, 80, 3), dtype=np.float32))
     assert "segment_3d" not in str(refused.value)
+
+
+def test_a_stream_to_servers_that_never_answer_yields_a_failed_outcome_per_frame(rng):
+    """Its first question (the pipeline's dimensions) failing raised out of the first next(),
+    where a client that had asked it before yielded failed outcomes: "failures become outcomes"."""
+    from segserve.launcher import free_ports
+
+    frames = [rng.random((40, 40), dtype=np.float32) for _ in range(3)]
+    with SegmentationClient(f"127.0.0.1:{free_ports(1)[0]}") as client:
+        outcomes = list(client.segment_stream([frames[0], (7, lambda: frames[1]), frames[2]], patience_s=0))
+    assert [outcome.index for outcome in outcomes] == [0, 7, 2]
+    assert all(not outcome.ok and outcome.retryable and outcome.result is None for outcome in outcomes)
+    assert all("127.0.0.1" in outcome.error for outcome in outcomes), outcomes[0].error
