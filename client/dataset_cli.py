@@ -244,14 +244,29 @@ def create_output(plan: DatasetPlan, settings: dict, args: argparse.Namespace):
     import zarr
 
     group = zarr.open_group(args.out, mode="w", zarr_format=3)
+    label = ome_label_metadata(plan, args.out) if plan.source.ome is not None else None
     for name, (shape, chunks, dtype) in plan.arrays.items():
-        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
-    group.create_array(DONE_ARRAY, shape=(len(plan.tasks),), chunks=(1,), dtype="uint8", fill_value=0)
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                           dimension_names=dimension_names(plan, name, label))
+    group.create_array(DONE_ARRAY, shape=(len(plan.tasks),), chunks=(1,), dtype="uint8", fill_value=0,
+                       dimension_names=("task",))
     attributes = {ATTRIBUTE: {"settings": settings, "complete": False}}
-    if plan.source.ome is not None:
-        attributes["ome"] = ome_label_metadata(plan, args.out)
+    if label is not None:
+        attributes["ome"] = label
     group.attrs.update(attributes)
     return group
+
+
+def dimension_names(plan: DatasetPlan, name: str, label: dict | None) -> tuple[str, ...]:
+    """The names of output ``name``'s axes (zarr 3 ``dimension_names``; NGFF 0.5 requires them,
+    equal to its axes): the label image's axes, else ``frame``/``z``, ``y``, ``x``; probabilities
+    with ``class`` where the classes are (after the frame axis of a stack, first in a volume)."""
+    names = ["frame" if plan.layout == "stack" else "z", "y", "x"]
+    if label is not None and len(label["multiscales"][0]["axes"]) == len(names):
+        names = [axis["name"] for axis in label["multiscales"][0]["axes"]]
+    if name == "probabilities":
+        names.insert(1 if plan.layout == "stack" else 0, "class")
+    return tuple(names)
 
 
 def ome_label_metadata(plan: DatasetPlan, out: pathlib.Path) -> dict:

@@ -173,6 +173,8 @@ def test_ome_zarr_image_gets_a_label_image(server, cluster, stack, reference, tm
     assert_complete(out, reference[0][:5], 2)
     ome = zarr.open_group(out, mode="r").attrs["ome"]
     assert ome["multiscales"][0]["axes"] == axes[2:]
+    # NGFF 0.5: an array's dimension names are its axes' (ome-zarr-models refused the label image).
+    assert zarr.open_array(out, path="mask", mode="r").metadata.dimension_names == ("z", "y", "x")
     assert ome["multiscales"][0]["datasets"] == [{"path": "mask", "coordinateTransformations": [
         {"type": "scale", "scale": [2.0, 0.5, 0.5]}]}]
     assert (out / ome["image-label"]["source"]["image"]).resolve() == (tmp_path / "image.ome.zarr").resolve()
