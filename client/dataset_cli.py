@@ -461,6 +461,9 @@ def run_dataset(args: argparse.Namespace) -> tuple[int, Summary, float]:
     start = time.perf_counter()
     try:
         print(f"client: Dask dashboard {dask_client.dashboard_link}", file=sys.stderr)
+        if cluster is None and not dask_client.scheduler_info().get("workers"):  # the bar alone sat at 0 silently
+            print(f"client: the cluster at {args.scheduler} has no workers yet; the tasks wait until one joins "
+                  "(its batch jobs still queued?), Ctrl-C stops", file=sys.stderr)
         print(f"client: {source.argument} {list(source.shape)} {source.dtype} as a {plan.layout}: {len(plan.tasks)} "
               f"task(s) of {list(plan.arrays['mask'][1])}, {summary.skipped} already done, {len(todo)} to do -> "
               f"{args.out}", file=sys.stderr)

@@ -665,3 +665,18 @@ def test_a_process_forked_after_the_dataset_clients_were_made_makes_its_own(serv
     finally:
         close_worker_clients()
     assert np.array_equal(forked, expected)
+
+
+def test_a_cluster_without_workers_is_said_to_have_none(server, stack, tmp_path):
+    """Its batch jobs still queued: the bar sat at 0/1 and nothing said why."""
+    with LocalCluster(n_workers=0, dashboard_address=":0") as empty:
+        command = dataset_cli(str(stack[1]), "--out", str(tmp_path / "out.zarr"), "--url", server.grpc_url,
+                              "--scheduler", empty.scheduler_address)
+        with running_with_stderr(command) as (process, lines):
+            deadline = time.monotonic() + 120
+            notice = f"client: the cluster at {empty.scheduler_address} has no workers yet; the tasks wait until one joins"
+            while not any(notice in line for line in lines):
+                assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+                time.sleep(0.1)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 130, "".join(lines)
