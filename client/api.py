@@ -409,6 +409,10 @@ class SegmentationClient:
         try:
             metadata = self._control.model_metadata(name)
         except SegmentationError as error:
+            failure = self._control.load_failure(name) if error.retryable else None
+            if failure is not None:  # not worth the patience: it will not load until it is mended
+                raise SegmentationError(f"{which} failed to load on {self._control.url}: {failure}; loaded "
+                                        f"{self._loaded_networks()}") from None
             if error.retryable:  # being reloaded: "no available versions"
                 raise
             raise SegmentationError(f"{which} is not loaded on {self._control.url} ({error}); loaded "

@@ -177,6 +177,20 @@ class Connection:
             return self.call("get_model_metadata", model, as_json=True)
         return self.call("get_model_metadata", model)
 
+    def load_failure(self, model: str) -> str | None:
+        """Why ``model`` failed to load, from the repository index (restricted: None without the
+        token, or when the index says it is loading, unloaded for a reload, or ready)."""
+        try:
+            index = self.call("get_model_repository_index", **({"as_json": True} if self.protocol == "grpc" else {}))
+        except SegmentationError:
+            return None
+        entries = index.get("models", []) if isinstance(index, dict) else index  # gRPC's JSON, HTTP's list
+        for entry in entries:
+            reason = (entry.get("reason") or "").strip()
+            if entry.get("name") == model and entry.get("state") == "UNAVAILABLE" and reason and reason != "unloaded":
+                return reason.splitlines()[0]
+        return None
+
     def loaded_models(self) -> list[str]:
         """Names of the models the server has loaded (the statistics endpoint: open to all)."""
         statistics = self.call("get_inference_statistics", as_json=True) if self.protocol == "grpc" \

@@ -237,6 +237,16 @@ def test_a_network_that_fails_to_load_is_named_and_the_others_serve(tmp_path, rn
             with running.client(network=network) as client, pytest.raises(SegmentationError,
                                                                            match="'broken_net'.* is not ready"):
                 client.segment(frame)
+        # Asked with a patience, the question failed only at its end: "no available versions" is
+        # also what a network reloading says; the index (with the token) tells the two apart.
+        for protocol in ("grpc", "http"):
+            url = running.grpc_url if protocol == "grpc" else f"127.0.0.1:{running.ports['http']}"
+            with SegmentationClient(url, transport=protocol, token=running.token, network="broken_net") as client:
+                started = time.monotonic()
+                with pytest.raises(SegmentationError, match=f"network 'broken_net' failed to load on {url}: .*; loaded 2D "
+                                   f"networks: {DEFAULT_NETWORK}"):
+                    client.network_info(patience_s=600)
+                assert time.monotonic() - started < 300  # not the patience
     finally:
         running.process.send_signal(signal.SIGINT)
         assert running.process.wait(timeout=120) == 0, running.text()
