@@ -200,6 +200,33 @@ def failed_models(error_lines: list[str]) -> list[str]:
     return list(dict.fromkeys(match for line in error_lines for match in FAILED_MODEL.findall(line)))
 
 
+def address_family(host: str) -> socket.AddressFamily:
+    """AF_INET or AF_INET6: the family of ``host`` (a name or an address).
+
+    Raises:
+        ServerError: not a host name or address.
+    """
+    try:
+        return socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise ServerError(f"--host {host}: not a host name or address ({error})") from None
+
+
+def check_bindable_host(host: str) -> None:
+    """Refuse a ``host`` the server could not listen on (a mistyped or another machine's
+    address was told as "port ... in use by another process").
+
+    Raises:
+        ServerError: not a host name or address, or not one of this machine's.
+    """
+    with socket.socket(address_family(host), socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError as error:
+            raise ServerError(f"--host {host}: cannot listen there ({error.strerror}: not an address of this "
+                              "machine?); give one of its addresses, 127.0.0.1 (local only) or 0.0.0.0 (all)") from None
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` distinct ports free on ``host`` now (the probes are held open together: picked
     one at a time, the same port can come back twice). Another process may still take one
@@ -207,7 +234,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     with contextlib.ExitStack() as probes:
         ports = []
         for _ in range(count):
-            probe = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe = probes.enter_context(socket.socket(address_family(host), socket.SOCK_STREAM))
             probe.bind((host, 0))
             ports.append(probe.getsockname()[1])
         return ports
@@ -216,7 +243,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server could listen on ``port`` now (a closed connection's TIME_WAIT does not
     count: Triton binds with SO_REUSEADDR too)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    with socket.socket(address_family(host), socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
@@ -387,8 +414,10 @@ class TritonServer:
 
         Raises:
             PortInUseError: a port given is in use.
-            ServerError: the repository is not a directory, the log file cannot be written.
+            ServerError: the host is none of this machine's, the repository is not a directory,
+                the log file cannot be written.
         """
+        check_bindable_host(self.config.host)
         self.refuse_ports_in_use(wait_s=port_wait_s)
         if self.log_path is not None:
             try:

@@ -188,22 +188,28 @@ def test_serve_on_a_port_in_use_is_refused_at_once_and_leaves_the_running_server
     assert token_file.read_text() == "token-of-the-running-server\n"
 
 
-@pytest.mark.parametrize("case", ["repository", "log-file", "token-file"])
+@pytest.mark.parametrize("case", ["repository", "log-file", "token-file", "foreign-host", "no-host"])
 def test_serve_refuses_what_it_cannot_start_with_in_one_line_and_leaves_the_token_file(tmp_path, case):
     """A mistyped repository replaced the running server's token before being refused; a log
-    file or token file that cannot be written gave a traceback."""
+    file or token file that cannot be written gave a traceback; an address not of this machine,
+    or none at all, was told as "port ... in use by another process"."""
     token_file = tmp_path / "token"
     token_file.write_text("token-of-the-running-server\n")
     options = {"repository": ["--model-repository", str(tmp_path / "missing")],
                "log-file": ["--log-file", str(tmp_path / "no-such-directory" / "server.log")],
-               "token-file": ["--token-file", str(tmp_path / "token" / "token")]}[case]
+               "token-file": ["--token-file", str(tmp_path / "token" / "token")],
+               "foreign-host": ["--host", "192.0.2.1"],  # TEST-NET-1: documentation's, no machine's
+               "no-host": ["--host", "127.0.0.999"]}[case]
     command = [sys.executable, "-m", "segserve", "serve", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
                "--token-file", str(token_file), *options]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     expected = {"repository": f"model repository {tmp_path / 'missing'} is not a directory",
                 "log-file": f"cannot write the log file {tmp_path / 'no-such-directory' / 'server.log'}: "
                             "No such file or directory",
-                "token-file": f"{tmp_path / 'token'}"}[case]
+                "token-file": f"{tmp_path / 'token'}",
+                "foreign-host": "--host 192.0.2.1: cannot listen there (Cannot assign requested address: not an address "
+                                "of this machine?)",
+                "no-host": "--host 127.0.0.999: not a host name or address ("}[case]
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
     assert line.startswith("segserve: error: ") and expected in line, line
