@@ -95,7 +95,10 @@ def check_servers(client, model: str, patience_s: float = 0.0) -> None:
     if len(unready) == len(client.urls):
         where = ", ".join(client.urls)
         if not client.live_servers():
-            raise SegmentationError(f"model {model!r} is not ready at {where} (is the server running? `make serve`)")
+            protocol = "HTTP" if client.protocol == "http" else "gRPC"
+            raise SegmentationError(f"model {model!r} is not ready at {where} (is the server running? `make serve`; is "
+                                    f"that its {protocol} port? `serve` prints each endpoint's, by default gRPC 8001 "
+                                    "for --transport grpc and shm, HTTP 8000 for --transport http)")
         ride_out(client.spatial_dims, f"model {model!r}", where, patience_s)
         unready = client.unready_servers()
     for url in unready:

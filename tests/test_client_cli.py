@@ -248,6 +248,14 @@ def test_cli_without_server_says_so(tmp_path, capsys):
     assert "not ready" in capsys.readouterr().err
 
 
+def test_http_to_the_grpc_port_is_pointed_to_the_ports(server, tmp_path, capsys):
+    """It said only "is the server running?", with the server running on the next port."""
+    np.save(tmp_path / "f.npy", np.zeros((8, 8), np.float32))
+    assert client_main(["segment", str(tmp_path / "f.npy"), "--url", server.grpc_url, "--transport", "http"]) == 1
+    assert f"is not ready at {server.grpc_url} (is the server running? `make serve`; is that its HTTP port? " \
+        in capsys.readouterr().err
+
+
 def test_cli_help_documents_every_option():
     help_text = subprocess.run([sys.executable, "-m", "client", "segment", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--url", "--network", "--overlap", "--blend", "--sw-batch-size", "--intensity-min", "--intensity-max",
