@@ -18,7 +18,7 @@
 #   SEGSERVE_DRY_RUN=1         print the command instead of running it
 set -euo pipefail
 
-# Kept equal to client.auth.RESTRICTED_ENDPOINTS (tests/test_docker.py checks).
+# Kept equal to client.auth.RESTRICTED_ENDPOINTS (tests/test_deploy.py checks).
 readonly RESTRICTED="shared-memory,model-config,model-repository,trace,logging"
 
 die() { echo "segserve: $*" >&2; exit 2; }
