@@ -187,8 +187,9 @@ def answered_counts(clients) -> dict[str, int]:
 def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[int, object], int, dict[int, str]]:
     """Results of ``items`` (index, image) on the first client that answers them all (a
     client whose servers all fail hands the rest to the next: the URL list), how many items
-    took more than one attempt, and the errors of the items the server refused (NaN pixels:
-    a rerun would fail alike), by index.
+    took more than one attempt, and the errors of the items the URL list's servers refused
+    (NaN pixels: a rerun would fail alike), by index. What the node's own server fails, for
+    any reason (it may lack the network), goes to the URL list.
 
     Raises:
         SegmentationError: an item failed for a passing reason on every client after its retries.
@@ -198,7 +199,7 @@ def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[i
     results, retried, refused, clients = {}, set(), {}, worker_clients(job)
     for position, client in enumerate(clients):
         last = position == len(clients) - 1
-        todo = [(i, lambda image=image: image) for i, image in items if i not in results and i not in refused]
+        todo = [(i, lambda image=image: image) for i, image in items if i not in results]
         # The node's own server, when the URL list follows it, hands over at its first failure:
         # the list's patience, not a wait on one server, rides out a restart.
         patience = dict(retries=job.retries, patience_s=job.patience_s) if last else dict(retries=0, patience_s=0.0)
@@ -208,7 +209,7 @@ def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[i
                     retried.add(outcome.index)
                 if outcome.ok:
                     results[outcome.index] = outcome.result
-                elif not outcome.retryable:
+                elif last and not outcome.retryable:
                     refused[outcome.index] = outcome.error
                 elif last:
                     raise SegmentationError(f"item {outcome.index} failed: {outcome.error}", retryable=True)
@@ -216,7 +217,7 @@ def segment_items(job: Job, items: list[tuple[int, np.ndarray]]) -> tuple[dict[i
             if last or not error.retryable:
                 raise
             continue  # e.g. its server is down: its first question failed
-        if len(results) + len(refused) == len(items):
+        if len(results) == len(items):
             break
     return results, len(retried), refused
 

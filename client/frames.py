@@ -63,7 +63,7 @@ def read_png(path: pathlib.Path, in_channels: int | None = None) -> np.ndarray:
     """
     with Image.open(path) as image:
         stored_as = image.tile[0][3] if image.tile else ""
-        if image.mode != "I;16" and isinstance(stored_as, str) and stored_as.endswith(";16B"):
+        if stored_as in ("RGB;16B", "RGBA;16B", "LA;16B"):  # PNG's colour and grey+alpha types at 16 bits
             raise ValueError(f"{path}: a 16-bit {stored_as[:-4]} PNG, of which the PNG reader (Pillow) keeps only "
                              "the high 8 bits of each sample; save it as a 16-bit TIFF, or as a 16-bit grey PNG")
         if in_channels == 3 and image.mode in ("RGB", "RGBA", "P", "LA", "L"):

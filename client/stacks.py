@@ -14,6 +14,7 @@ outputs take their own names. A frame that failed is filled with ``FAILED_VALUE`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -22,6 +23,7 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -76,9 +78,10 @@ def refuse_missing_filters(dataset) -> None:
         if not h5py.h5z.filter_avail(code):
             where = f"{dataset.file.filename}:{dataset.name}"
             dataset.file.close()
+            advice = ("decompress it with h5repack where its filter is installed" if "hdf5plugin" in sys.modules
+                      else "install hdf5plugin (pip install hdf5plugin), which has the common ones")
             raise ValueError(f"{where}: compressed with HDF5 filter {code} ({name.decode(errors='replace')}), which "
-                             "this HDF5 library cannot read; hdf5plugin (pip install hdf5plugin) has the common "
-                             "ones, or decompress it with h5repack")
+                             f"this HDF5 library cannot read; {advice}")
 
 
 def split_hdf5_argument(argument: str) -> tuple[pathlib.Path, str] | None:
@@ -104,7 +107,9 @@ def open_hdf5_dataset(path: pathlib.Path, dataset_path: str):
             datasets are listed), or compressed with a filter this HDF5 library lacks.
     """
     import h5py
-    import hdf5plugin  # noqa: F401 - registers its compression filters with h5py's HDF5
+
+    with contextlib.suppress(ImportError):  # a dependency; without it, refuse_missing_filters says so
+        import hdf5plugin  # noqa: F401 - registers its compression filters with h5py's HDF5
 
     try:
         handle = h5py.File(path, "r")
@@ -162,8 +167,9 @@ def open_stack(argument: str, in_channels: int) -> Source | None:
                        if p.suffix.lower() in FRAME_SUFFIXES and p.is_file() and not p.name.startswith("."))
         if not files:
             raise ValueError(f"{path}: no frames ({', '.join(FRAME_SUFFIXES)}) in this directory")
-        # The resolved name: "." and ".." have none of their own, and ".." put the outputs beside --out.
-        return file_source(files, path.resolve().name or "root", in_channels, kind="directory")
+        # The absolute name ("." and ".." have none of their own, and ".." put the outputs beside
+        # --out), symbolic links not followed (a link's outputs go under its own name, as before).
+        return file_source(files, pathlib.Path(os.path.abspath(path)).name or "root", in_channels, kind="directory")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
@@ -321,6 +327,7 @@ class RunRecord:
 
 
 PARTIAL = ".partial"  # marks a stack output whose run has not finished
+IMAGEJ_LIMIT_BYTES = 2**32 - 2**25  # tifffile's BigTIFF threshold: an ImageJ TIFF cannot be one
 HDF5_CLOSE_RESERVE_BYTES = 32 << 20  # room kept on the disk for HDF5 to flush its metadata and close
 
 
@@ -446,7 +453,7 @@ class StackWriter:
                 raise ValueError(f"{path}: shape {list(array.shape)} {array.dtype} does not match this run "
                                  f"({list(shape)} {np.dtype(dtype)}); add --overwrite (instead of --resume) to start again")
         elif path.suffix == ".tif":
-            array = tifffile.memmap(path, shape=shape, dtype=dtype, **self._tiff_keywords(len(shape)))
+            array = tifffile.memmap(path, shape=shape, dtype=dtype, **self._tiff_keywords(shape, dtype))
         else:
             array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         frames = FrameFile.of_memmap(array, writable=True)
@@ -455,12 +462,16 @@ class StackWriter:
                              "to start again")
         return frames
 
-    def _tiff_keywords(self, rank: int) -> dict:
-        """The input stack's pixel size for an output of ``rank`` (``[N, H, W]`` or
-        ``[N, K, H, W]``); its frames are Z slices where it has a Z spacing, else times."""
+    def _tiff_keywords(self, shape: tuple[int, ...], dtype) -> dict:
+        """The input stack's pixel size for an output of ``shape`` (``[N, H, W]`` or
+        ``[N, K, H, W]``); its frames are Z slices where it has a Z spacing, else times. An
+        output beyond 4 GiB keeps X and Y only: an ImageJ file cannot be a BigTIFF, and other
+        readers see one page of a larger one."""
         calibration = tiff_calibration(self.source.path)
+        if math.prod(shape) * np.dtype(dtype).itemsize > IMAGEJ_LIMIT_BYTES:
+            calibration.pop("imagej", None)
         frames = "Z" if "spacing" in calibration.get("imagej", {}) else "T"
-        return tiff_keywords(calibration, f"{frames}YX" if rank == 3 else f"{frames}CYX")
+        return tiff_keywords(calibration, f"{frames}YX" if len(shape) == 3 else f"{frames}CYX")
 
     def _open_hdf5(self, path: pathlib.Path, resume: bool, finished: bool) -> dict:
         import h5py

@@ -390,7 +390,10 @@ def tiff_calibration(path: pathlib.Path) -> dict:
             calibration["resolutionunit"] = unit.value
         imagej = {key: value for key, value in (tiff.imagej_metadata or {}).items() if key in ("spacing", "unit")}
         if not imagej and tiff.is_ome:
-            imagej = ome_calibration(tiff, calibration)
+            try:
+                imagej = ome_calibration(tiff, calibration)
+            except (ValueError, TypeError, SyntaxError):  # malformed XML (ParseError), a size not a number
+                imagej = {}
     return {**calibration, "imagej": imagej} if imagej else calibration
 
 

@@ -67,9 +67,10 @@ def refuse_bad_settings(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--startup-timeout must be > 0 seconds, got {args.startup_timeout}")
     if args.drain_timeout < 0:
         parser.error(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
-    for where, token in (("--token", args.token), (f"${TOKEN_ENV}", os.environ.get(TOKEN_ENV))):
-        if token is not None and (where == "--token" or token) and not is_token(token):
-            parser.error(f"{where} may hold only {TOKEN_LETTERS}" + (", and not be empty" if not token else ""))
+    if args.token is not None and not is_token(args.token):
+        parser.error(f"--token may hold only {TOKEN_LETTERS}" + (", and not be empty" if not args.token else ""))
+    if args.token is None and os.environ.get(TOKEN_ENV, "").strip() and not is_token(os.environ[TOKEN_ENV].strip()):
+        parser.error(f"${TOKEN_ENV} may hold only {TOKEN_LETTERS}")
 
 
 class StopSignals:
@@ -107,7 +108,7 @@ def serve(args: argparse.Namespace) -> int:
     # the file were refused from then on. With none running, a start makes a new one.
     in_file = token_in_file(args.token_file)
     shared = in_file if in_file and token_is_served(in_file) else None
-    token = args.token or os.environ.get(TOKEN_ENV) or shared or new_token()
+    token = args.token or os.environ.get(TOKEN_ENV, "").strip() or shared or new_token()  # a secret's newline dropped
     config = ServerConfig(args.model_repository, args.host, args.http_port, args.grpc_port, args.metrics_port, args.log_verbose,
                           allocator=args.allocator, token=token)
     signals = StopSignals()

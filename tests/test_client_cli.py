@@ -188,6 +188,10 @@ def test_a_directory_named_dot_or_dotdot_is_written_under_its_own_name_and_its_a
         for index in range(2):
             assert np.array_equal(tifffile.imread(out / "run1" / f"f{index:02d}_mask.tif"), expected[index])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out_dot", "out_dotdot", "run1"]
+    (tmp_path / "scans").symlink_to(run)  # a link's outputs keep the link's name (resolving it renamed them)
+    monkeypatch.chdir(tmp_path)
+    assert client_main(["segment", "scans", "--out", str(tmp_path / "out_link"), *common]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out_link" / "scans" / "f00_mask.tif").exists()
 
 
 def test_tiff_outputs_of_frames_and_stacks_keep_the_pixel_sizes_of_their_inputs(server, tmp_path, rng, capsys):

@@ -312,18 +312,21 @@ def test_an_eiger_hdf5_stack_compressed_with_bitshuffle_lz4_is_read_and_an_unkno
             unknown.id.write_direct_chunk((index, 0, 0), frame.tobytes())
     argument = f"{path}:/entry/data/data"
     # In a process of its own: this one registered the filters when it imported hdf5plugin.
-    read = ("import sys, numpy; from client.stacks import open_sources; from client.volume_files import read_volume; "
-            "from client.dataset_sources import open_source; [source] = open_sources([sys.argv[1]], 1); "
-            "numpy.save(sys.argv[2], numpy.stack([source.load(3), read_volume(sys.argv[1]).image[0][3], "
-            "open_source(sys.argv[1], rank=2).read((slice(3, 4),))[0]]))")
-    done = subprocess.run([sys.executable, "-c", read, argument, str(tmp_path / "read.npy")], capture_output=True,
-                          text=True, cwd=REPO_ROOT)
-    assert done.returncode == 0, done.stderr
-    assert all(np.array_equal(frame, FRAMES[3]) for frame in np.load(tmp_path / "read.npy"))
+    # Each in a process of its own: this one registered the filters when it imported hdf5plugin.
+    reads = {"segment": "from client.stacks import open_sources; [source] = open_sources([argument], 1); "
+                        "frame = source.load(3)",
+             "segment-volume": "from client.volume_files import read_volume; frame = read_volume(argument).image[0][3]",
+             "segment-dataset": "from client.dataset_sources import open_source; "
+                                "frame = open_source(argument, rank=2).read((slice(3, 4),))[0]"}
+    for command, read in reads.items():
+        code = f"import sys, numpy; argument = sys.argv[1]; {read}; numpy.save(sys.argv[2], frame)"
+        done = subprocess.run([sys.executable, "-c", code, argument, str(tmp_path / "read.npy")], capture_output=True,
+                              text=True, cwd=REPO_ROOT)
+        assert done.returncode == 0 and np.array_equal(np.load(tmp_path / "read.npy"), FRAMES[3]), (command, done.stderr)
     odd = f"{path}:/entry/data/odd"
     for read in (lambda: open_sources([odd], 1), lambda: read_volume(odd), lambda: open_source(odd, rank=2)):
         with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:/entry/data/odd: compressed with HDF5 filter "
-                           "31999 .*, which this HDF5 library cannot read; hdf5plugin"):
+                           "31999 .*, which this HDF5 library cannot read; decompress it with h5repack"):
             read()
 
 
@@ -520,3 +523,17 @@ def test_tifffiles_own_warnings_of_a_cut_are_left_to_our_note(tmp_path, caplog, 
         with contextlib.suppress(ValueError):
             source.load(0)
     assert [record.getMessage() for record in caplog.records if record.name == "tifffile"] == []
+
+
+def test_a_stack_output_beyond_4_gib_keeps_its_x_and_y_size_without_imagej(tmp_path):
+    """An ImageJ TIFF is never a BigTIFF: a calibrated output beyond 4 GiB was written as one
+    page that other readers took for the whole file."""
+    import types
+
+    tifffile.imwrite(tmp_path / "stack.tif", FRAMES, imagej=True, resolution=(2, 2),
+                     metadata={"spacing": 2.5, "unit": "um", "axes": "ZYX"})
+    writer = types.SimpleNamespace(source=types.SimpleNamespace(path=tmp_path / "stack.tif"))
+    small = StackWriter._tiff_keywords(writer, (5, 40, 56), np.uint8)
+    assert small["imagej"] and small["metadata"] == {"spacing": 2.5, "unit": "um", "axes": "ZYX"}
+    large = StackWriter._tiff_keywords(writer, (1100, 2048, 2048), np.uint8)
+    assert "imagej" not in large and large["resolution"] == ((2, 1), (2, 1))
