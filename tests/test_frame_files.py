@@ -71,7 +71,10 @@ def test_writing_stack_outputs_leaves_resident_memory_at_a_few_frames_and_files_
     it resident by the end of the run."""
     count, height, width = 48, 1024, 1024
     image = tmp_path / f"scan{suffix}"
-    image.write_bytes(b"")  # the writer only names its outputs after it
+    if suffix == ".tif":  # the writer names its outputs after the input and gives them its pixel size
+        tifffile.imwrite(image, np.zeros((2, 8, 8), np.uint16), resolution=(4.0, 4.0), resolutionunit="CENTIMETER")
+    else:
+        image.write_bytes(b"")
     source = types.SimpleNamespace(path=image, kind=suffix.strip(".").replace("tif", "tiff"), count=count,
                                    frame_shape=(height, width), one_frame=False, dataset=None)
     writer = StackWriter(source, tmp_path, ["mask", "probabilities"], num_classes=2, resume=False)
@@ -90,6 +93,9 @@ def test_writing_stack_outputs_leaves_resident_memory_at_a_few_frames_and_files_
     masks, probabilities = read(tmp_path / f"scan_mask{suffix}"), read(tmp_path / f"scan_probabilities{suffix}")
     assert masks.shape == (count, height, width) and probabilities.shape == (count, 2, height, width)
     assert (masks[3] == 255).all() and np.isnan(probabilities[3]).all()
+    if suffix == ".tif":
+        with tifffile.TiffFile(tmp_path / "scan_mask.tif") as tiff:
+            assert tiff.pages.first.tags["XResolution"].value == (4, 1)
     assert all((masks[i] == i % 2).all() and (probabilities[i] == i).all() for i in range(count) if i != 3)
     resumed = StackWriter(source, tmp_path, ["mask", "probabilities"], num_classes=2, resume=True, finished=True)
     resumed.write(3, types.SimpleNamespace(mask=np.ones((height, width), np.uint8),
