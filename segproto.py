@@ -34,6 +34,8 @@ DEFAULT_NETWORK_PARAMETER = "default_network"
 # Sliding-window overlap when a request names none. The client plans volume chunks on the
 # server's window grid, so both must place windows alike.
 DEFAULT_OVERLAP = 0.25
+BLEND_MODES = ("gaussian", "constant")  # tile weighting; the first is the default
+DEFAULT_BLEND = BLEND_MODES[0]
 
 
 def scan_interval(tile: int, overlap: float) -> int:

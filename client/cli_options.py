@@ -17,6 +17,7 @@ from client.connection import SegmentationError
 from client.results import NetworkInfo
 from client.stream import DEFAULT_PATIENCE_S
 from client.transports import TRANSPORTS
+from segproto import BLEND_MODES, DEFAULT_BLEND, DEFAULT_OVERLAP
 
 T = TypeVar("T")
 
@@ -49,8 +50,8 @@ def add_server_options(parser: argparse.ArgumentParser, default_model: str, defa
 
 
 def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overlap", type=float, help="tile overlap fraction in [0, 1) (server default 0.25)")
-    parser.add_argument("--blend", choices=("gaussian", "constant"), help="tile blending (server default gaussian)")
+    parser.add_argument("--overlap", type=float, help=f"tile overlap fraction in [0, 1) (server default {DEFAULT_OVERLAP})")
+    parser.add_argument("--blend", choices=BLEND_MODES, help=f"tile blending (server default {DEFAULT_BLEND})")
     parser.add_argument("--sw-batch-size", type=int, help="tiles per network batch (server default 8)")
     parser.add_argument("--intensity-min", type=float, help="fixed intensity mapped to 0 (with --intensity-max)")
     parser.add_argument("--intensity-max", type=float,

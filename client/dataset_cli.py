@@ -42,6 +42,7 @@ from client.cli_options import (add_pipeline_options, add_server_options, connec
 from client.dataset_ranges import intensity_range
 from client.dataset_sources import DatasetSource, open_source, release_handles
 from client.datasets import DONE_ARRAY, Job, Task, TaskReport, default_block, plan_stack, plan_volume, run_task
+from client.stacks import comparable_settings
 from client.transports import check_pixel_type
 
 ATTRIBUTE = "segment_dataset"
@@ -204,8 +205,11 @@ def run_settings(plan: DatasetPlan, info, args: argparse.Namespace) -> dict:
 def differing_settings(previous: dict, settings: dict) -> list[str]:
     """This run's settings that differ from those of the run it resumes. The input counts by
     its location (absolute path; a relative name means another file from another directory),
-    or as it was spelled where the earlier run recorded no location."""
+    or as it was spelled where the earlier run recorded no location; the options as
+    ``comparable_settings`` takes them (an option named at its default is the same run)."""
     ignored = "input" if "input_location" in previous else "input_location"
+    previous = {**previous, "options": comparable_settings(previous.get("options") or {})}
+    settings = {**settings, "options": comparable_settings(settings.get("options") or {})}
     return sorted(k for k in settings if k != ignored and previous.get(k) != settings[k])
 
 

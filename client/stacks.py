@@ -32,6 +32,7 @@ import tifffile
 from client.frame_files import FrameFile
 from client.frames import FRAME_SUFFIXES, check_not_channels_last, image_stem, load_npy, overlay, read_frame, write_array
 from client.tiffs import TiffFrames, tiff_calibration, tiff_keywords
+from segproto import DEFAULT_BLEND, DEFAULT_OVERLAP
 
 FAILED_VALUE = 255  # mask/contour value of a frame that failed: never a class of our networks
 RECORD_VERSION = 1
@@ -245,6 +246,18 @@ def stack_outputs(probabilities: bool, contour: bool) -> list[str]:
     return ["mask"] + (["probabilities"] if probabilities else []) + (["contour"] if contour else [])
 
 
+def comparable_settings(settings: dict) -> dict:
+    """A run's settings (a record's, or this run's) as ``--resume`` compares them: an option
+    left to the server is the server's fixed default (``--overlap 0.25`` is the run that named
+    no overlap, and a record of either continues the other), keep_largest off is False, and
+    the tiles per network call are left out: they change the speed, not the outputs."""
+    comparable = {key: value for key, value in settings.items() if key != "sw_batch_size"}
+    comparable["overlap"] = DEFAULT_OVERLAP if settings.get("overlap") is None else settings["overlap"]
+    comparable["blend"] = settings.get("blend") or DEFAULT_BLEND
+    comparable["keep_largest"] = bool(settings.get("keep_largest"))
+    return comparable
+
+
 class RunRecord:
     """``<stem>.segment.json``: frames done (a prefix, in order), failures, and the settings,
     so ``--resume`` continues exactly where an interrupted run stopped; and a digest of the
@@ -264,14 +277,15 @@ class RunRecord:
         if saved.get("frames") != frames:
             raise ValueError(f"{path}: the interrupted run had {saved.get('frames')} frames, this input {frames}; "
                              "add --overwrite (instead of --resume) to start again")
-        previous = saved.get("settings") or {}
+        previous = comparable_settings(saved.get("settings") or {})
+        current = comparable_settings(settings)
         if "location" not in previous:  # a record from before locations were kept: the name alone
-            settings = {k: v for k, v in settings.items() if k != "location"}
+            current.pop("location", None)
         if previous.get("network", "") is None:  # from before the default network was resolved: unknown
-            settings = {k: v for k, v in settings.items() if k != "network"}
-        differing = sorted(k for k in {*previous, *settings} if previous.get(k) != settings.get(k))
+            current.pop("network", None)
+        differing = sorted(k for k in {*previous, *current} if previous.get(k) != current.get(k))
         if differing:
-            given = ", ".join(f"{k} {previous.get(k)!r} there, {settings.get(k)!r} now" for k in differing)
+            given = ", ".join(f"{k} {previous.get(k)!r} there, {current.get(k)!r} now" for k in differing)
             raise ValueError(f"{path}: the run it continues had other settings ({given}); resume with its settings, "
                              "or add --overwrite (instead of --resume) to start again")
         record = cls(path, frames, settings)
@@ -594,8 +608,15 @@ class FileWriter:
         if log is None:
             return True
         entry = self.entry(index)
-        return all(logged is not None and logged == {key: entry[key] for key in logged}  # older lines hold no "file"
+        return all(logged is not None and self._same_write(logged, entry)
                    for logged in (log.get(path.name) for path in self.paths(index).values()))
+
+    @staticmethod
+    def _same_write(logged: dict, entry: dict) -> bool:
+        """Whether a logged write (its input, file identity, settings) is ``entry``'s; older
+        lines hold no "file"."""
+        return all(comparable_settings(logged[key] or {}) == comparable_settings(entry[key] or {}) if key == "settings"
+                   else logged[key] == entry[key] for key in logged)
 
     def entry(self, index: int) -> dict:
         path = self.source.files[index]

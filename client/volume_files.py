@@ -19,8 +19,8 @@ import numpy as np
 import tifffile
 
 from client.frames import image_stem, load_npy
-from client.stacks import (HDF5_SUFFIXES, StackWriter, Target, atomic_write, atomic_write_all, check_hdf5_room, file_identity,
-                           open_hdf5_dataset, safe_name, split_hdf5_argument)
+from client.stacks import (HDF5_SUFFIXES, StackWriter, Target, atomic_write, atomic_write_all, check_hdf5_room,
+                           comparable_settings, file_identity, open_hdf5_dataset, safe_name, split_hdf5_argument)
 from client.tiffs import GENERIC_AXES, TiffFrames, open_tiff, refuse_cut_short, tiff_calibration, write_tiff
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -344,9 +344,10 @@ def record_differences(argument: str, out_dir: pathlib.Path, settings: dict) -> 
     missing = [name for name in wanted.get("outputs", []) if name not in recorded.get("outputs", [])]
     # The outputs asked for are compared as outputs alone (fewer asked for: done), not again as
     # the options that ask for them ("contour True there, False now" segmented it again).
-    compared = {*recorded, *wanted} - {"outputs", *OPTIONAL_OUTPUTS}
-    differences = [f"{key} {recorded.get(key)!r} there, {wanted.get(key)!r} now"
-                   for key in sorted(compared - {"files"}) if recorded.get(key) != wanted.get(key)]
+    then, now = comparable_settings(recorded), comparable_settings(wanted)
+    compared = {*then, *now} - {"outputs", "files", *OPTIONAL_OUTPUTS}
+    differences = [f"{key} {then.get(key)!r} there, {now.get(key)!r} now"
+                   for key in sorted(compared) if then.get(key) != now.get(key)]
     path, _ = volume_location(argument)
     asked = {target.name for target in output_paths(path, volume_kind(path), wanted.get("outputs", []), out_dir).values()}
     replaced = files_replaced(recorded, out_dir, asked)

@@ -12,9 +12,7 @@ import json
 import math
 from typing import Any, Mapping
 
-from segproto import DEFAULT_OVERLAP
-
-BLEND_MODES = ("gaussian", "constant")
+from segproto import BLEND_MODES, DEFAULT_BLEND, DEFAULT_OVERLAP
 
 
 class InputError(ValueError):
@@ -47,7 +45,7 @@ class PipelineOptions:
     intensity_min: float | None = None
     intensity_max: float | None = None
     overlap: float = DEFAULT_OVERLAP
-    blend: str = "gaussian"
+    blend: str = DEFAULT_BLEND
     sw_batch_size: int | None = None
     network: str | None = None
     probabilities: bool = False

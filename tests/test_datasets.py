@@ -252,6 +252,10 @@ def test_resume_keeps_the_task_extent_of_the_run_it_continues(layout, server, cl
     err = capsys.readouterr().err
     assert code == 0 and f"{tasks - 2} already done, 2 to do" in err, err
     assert_complete(out, expected, tasks)
+    named_defaults = ["--overlap", "0.25", "--blend", "gaussian", "--sw-batch-size", "3"]  # the same run
+    code = client_main(["segment-dataset", source, *common, "--resume", *named_defaults])
+    err = capsys.readouterr().err
+    assert code == 0 and f"{tasks} already done, 0 to do" in err, err
     other = ["--frames-per-task", "4"] if layout == "stack" else ["--block", "45", "0", "0"]
     assert client_main(["segment-dataset", source, *common, "--resume", *other]) == 1
     assert "written with other settings (task_extent, tasks" in capsys.readouterr().err

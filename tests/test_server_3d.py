@@ -359,8 +359,9 @@ def test_resume_segments_again_outputs_made_from_another_scan_or_with_other_sett
     assert "skipped" not in err and f"segmenting it again, replacing its outputs in {out} (location" in err
     assert np.array_equal(np.load(out / "ct_mask.npy"), client.segment(second).mask)
     assert "1 volume(s) skipped" in run("b", "--resume")
+    assert "1 volume(s) skipped" in run("b", "--resume", "--overlap", "0.25", "--blend", "gaussian")  # the defaults
     err = run("b", "--resume", "--overlap", "0.6")
-    assert "skipped" not in err and "overlap None there, 0.6 now" in err
+    assert "skipped" not in err and "overlap 0.25 there, 0.6 now" in err
     assert np.array_equal(np.load(out / "ct_mask.npy"), client.segment(second, overlap=0.6).mask)
     (out / "ct.npy.segment-volume.json").unlink()  # as an earlier version left its outputs: skipped, as it did
     err = run("b", "--resume", "--overlap", "0.6")

@@ -281,6 +281,18 @@ def test_run_record_resumes_after_the_done_prefix_and_retries_failures(tmp_path)
     assert RunRecord(tmp_path / "empty.segment.json", 0, settings).is_finished()  # a stack of no frames
 
 
+def test_a_run_record_takes_the_servers_defaults_named_for_the_run_that_named_none(tmp_path):
+    """A record of options left to the server (None) was refused when --resume named their
+    defaults ("overlap None there, 0.25 now"); the tiles per network call are speed only."""
+    left = {"network": "unet", "overlap": None, "blend": None, "keep_largest": None, "sw_batch_size": None}
+    RunRecord(tmp_path / "x.segment.json", 4, left).save()
+    named = {"network": "unet", "overlap": 0.25, "blend": "gaussian", "keep_largest": False, "sw_batch_size": 3}
+    assert RunRecord.load(tmp_path / "x.segment.json", 4, named).remaining() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"other settings \(blend 'gaussian' there, 'constant' now, overlap 0.25 there, "
+                                         r"0.5 now\)"):
+        RunRecord.load(tmp_path / "x.segment.json", 4, {**named, "overlap": 0.5, "blend": "constant"})
+
+
 def test_a_run_record_from_before_networks_were_resolved_resumes_with_any_network(tmp_path):
     """Records once kept ``network: None`` for the server's default; which network that was
     is unknown, so it is not held against the resume (as before)."""

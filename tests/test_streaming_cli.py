@@ -204,6 +204,31 @@ def test_resume_refuses_to_continue_a_stack_acquired_again_under_its_name(server
     assert np.array_equal(tifffile.imread(out / "scan_mask.tif"), reference_masks(server, second))
 
 
+def test_resume_naming_the_servers_defaults_continues_the_run_that_named_none(server, tmp_path, rng, capsys):
+    """``--resume --overlap 0.25 --blend gaussian`` (the server's defaults, named) was refused
+    for a stack ("overlap None there, 0.25 now") and segmented every image of a directory
+    again; the tiles per network call change the speed only, and are not compared either."""
+    stack = make_stack(rng, 3, (60, 50))
+    tifffile.imwrite(tmp_path / "scan.tif", stack, photometric="minisblack")
+    (tmp_path / "frames").mkdir()
+    for i, frame in enumerate(stack):
+        tifffile.imwrite(tmp_path / "frames" / f"f{i}.tif", frame)
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--url", server.grpc_url, "--no-progress", "--no-overlay"]
+    assert client_main(["segment", str(tmp_path / "scan.tif"), str(tmp_path / "frames"), *common]) == 0
+    record = json.loads((out / "scan.segment.json").read_text())
+    (out / "scan.segment.json").write_text(json.dumps({**record, "done": 1}))  # as an interrupted run left it
+    (out / "scan_mask.tif").rename(out / "scan_mask.partial.tif")
+    capsys.readouterr()
+    named = ["--overlap", "0.25", "--blend", "gaussian", "--sw-batch-size", "3"]
+    assert client_main(["segment", str(tmp_path / "scan.tif"), str(tmp_path / "frames"), *common, "--resume", *named]) == 0
+    err = capsys.readouterr().err
+    assert "other settings" not in err and "segmented again" not in err, err
+    assert np.array_equal(tifffile.imread(out / "scan_mask.tif"), reference_masks(server, stack))
+    assert client_main(["segment", str(tmp_path / "frames"), *common, "--resume", "--overlap", "0.5"]) == 0
+    assert "3 image(s) of frames written from another input or with other settings" in capsys.readouterr().err
+
+
 def test_files_at_output_names_that_segment_did_not_write_are_replaced_only_with_overwrite(server, tmp_path, rng, capsys):
     """A hand-drawn frame_mask.tif (or scan_mask.tif) in --out was replaced by the new mask
     without a word. The command's own outputs are replaced by a rerun, as before."""
